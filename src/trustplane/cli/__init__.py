@@ -1,0 +1,1 @@
+"""The `trustplane` command line: one module per command group."""

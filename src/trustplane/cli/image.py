@@ -1,0 +1,225 @@
+"""`trustplane image encrypt | decrypt | inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from trustplane.cli.common import (
+    AsJson,
+    AuthFile,
+    ChunkSize,
+    DestCaCert,
+    DestCreds,
+    DestTlsVerify,
+    Platform,
+    Quiet,
+    SrcCaCert,
+    SrcCreds,
+    SrcTlsVerify,
+    emit_json,
+    endpoint,
+    load_keys,
+    stderr,
+    stdout,
+)
+from trustplane.images.decrypt import DecryptRequest, decrypt_image
+from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.inspect import inspect_image
+from trustplane.images.recipients import parse_recipient
+from trustplane.images.selection import LayerSelector
+from trustplane.oci import reference
+from trustplane.progress import Reporter
+
+app = typer.Typer(help="Encrypt, decrypt and inspect container images.", no_args_is_help=True)
+
+Source = Annotated[
+    str, typer.Argument(help="docker://HOST/REPO:TAG, oci:DIR[:TAG] or docker-daemon:NAME:TAG")
+]
+Destination = Annotated[str, typer.Argument(help="Same forms as the source.")]
+Keys = Annotated[
+    list[Path], typer.Option("--key", "-k", help="Private key (PEM) that may unwrap layer keys.")
+]
+Passphrase = Annotated[
+    Path | None, typer.Option(help="File holding the passphrase of encrypted private keys.")
+]
+
+
+@app.command()
+def encrypt(
+    source: Source,
+    destination: Destination,
+    recipient: Annotated[
+        list[str],
+        typer.Option("--recipient", "-r", help="jwe:PUBKEY.pem[:tier=N]; repeat for several."),
+    ],
+    layers: Annotated[
+        list[str] | None,
+        typer.Option(help="all (default), indexes like 0,2,-1, or path:GLOB; repeatable."),
+    ] = None,
+    protect_config: Annotated[
+        bool, typer.Option(help="Hide the history of encrypted layers from the public config.")
+    ] = False,
+    platform: Platform = None,
+    authfile: AuthFile = None,
+    src_tls_verify: SrcTlsVerify = True,
+    src_cacert: SrcCaCert = None,
+    src_creds: SrcCreds = None,
+    dest_tls_verify: DestTlsVerify = True,
+    dest_cacert: DestCaCert = None,
+    dest_creds: DestCreds = None,
+    dest_chunk_size: ChunkSize = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Encrypt the sensitive layers of an image for the given recipients (ocicrypt format)."""
+    request = EncryptRequest(
+        source=reference.parse(source),
+        destination=reference.parse(destination),
+        recipients=[parse_recipient(spec) for spec in recipient],
+        selector=LayerSelector.parse(layers or []),
+        protect_config=protect_config,
+        platform=platform,
+        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
+        destination_endpoint=endpoint(
+            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
+        ),
+    )
+    with Reporter(enabled=not quiet) as reporter:
+        result = encrypt_image(request, reporter)
+    if as_json:
+        emit_json(
+            {
+                "manifestDigest": result.manifest_digest,
+                "encryptedLayers": list(result.encrypted_layers),
+                "layerCount": result.layer_count,
+                "convertedFromDocker": result.converted_from_docker,
+            }
+        )
+        return
+    if result.converted_from_docker:
+        stderr.print(
+            "converted the Docker schema-2 image to OCI (encrypted layers exist only in OCI)"
+        )
+    stdout.print(
+        f"encrypted layers {list(result.encrypted_layers)} of {result.layer_count} "
+        f"into {destination} ({result.manifest_digest})"
+    )
+
+
+@app.command()
+def decrypt(
+    source: Source,
+    destination: Destination,
+    key: Keys,
+    key_passphrase_file: Passphrase = None,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            help="With keys of a lower tier, give the image cut below the first layer they "
+            "cannot open (--no-truncate: fail instead)."
+        ),
+    ] = True,
+    platform: Platform = None,
+    authfile: AuthFile = None,
+    src_tls_verify: SrcTlsVerify = True,
+    src_cacert: SrcCaCert = None,
+    src_creds: SrcCreds = None,
+    dest_tls_verify: DestTlsVerify = True,
+    dest_cacert: DestCaCert = None,
+    dest_creds: DestCreds = None,
+    dest_chunk_size: ChunkSize = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Decrypt an image; every layer is verified before any byte is written."""
+    request = DecryptRequest(
+        source=reference.parse(source),
+        destination=reference.parse(destination),
+        keys=load_keys(key, key_passphrase_file),
+        truncate=truncate,
+        platform=platform,
+        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
+        destination_endpoint=endpoint(
+            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
+        ),
+    )
+    with Reporter(enabled=not quiet) as reporter:
+        result = decrypt_image(request, reporter)
+    if as_json:
+        emit_json(
+            {
+                "manifestDigest": result.manifest_digest,
+                "layerCount": result.layer_count,
+                "sourceLayerCount": result.source_layer_count,
+                "decryptedLayers": list(result.decrypted_layers),
+                "restoredConfig": result.restored_config,
+            }
+        )
+        return
+    if result.layer_count < result.source_layer_count:
+        stderr.print(
+            f"the keys open layers up to {result.layer_count - 1}: the image is cut to "
+            f"{result.layer_count} of {result.source_layer_count} layers"
+        )
+    stdout.print(
+        f"decrypted layers {list(result.decrypted_layers)} into {destination} "
+        f"({result.layer_count} layers, {result.manifest_digest})"
+    )
+
+
+@app.command()
+def inspect(
+    ref: Annotated[str, typer.Argument(help="The image to describe.")],
+    key: Annotated[
+        list[Path] | None, typer.Option("--key", "-k", help="Also say which layers this key opens.")
+    ] = None,
+    key_passphrase_file: Passphrase = None,
+    authfile: AuthFile = None,
+    tls_verify: Annotated[bool, typer.Option("--tls-verify/--no-tls-verify")] = True,
+    cacert: SrcCaCert = None,
+    creds: SrcCreds = None,
+    as_json: AsJson = False,
+) -> None:
+    """Layers, media types, sizes, and which layers are encrypted for whom."""
+    info = inspect_image(
+        reference.parse(ref),
+        endpoint(tls_verify, cacert, creds, authfile),
+        load_keys(key or [], key_passphrase_file),
+    )
+    if as_json:
+        emit_json(info)
+        return
+    _print_inspection(info)
+
+
+def _print_inspection(info: dict[str, Any]) -> None:
+    stdout.print(f"[bold]{info['reference']}[/bold]  manifest {info['manifestDigest']}")
+    config = info["config"]
+    protection = "protected (history hidden)" if config["protected"] else "public"
+    stdout.print(f"config {config['digest']} ({config['size']} B, {protection})")
+    table = Table("#", "media type", "size", "digest", "encrypted for")
+    for layer in info["layers"]:
+        who = ""
+        if layer["encrypted"]:
+            who = ", ".join(
+                f"{r['alg']}{'/' + r['curve'] if r['curve'] else ''} {r['keyID'] or '(no key id)'}"
+                for r in layer["recipients"]
+            )
+            if "opensWithGivenKeys" in layer:
+                who += (
+                    "  [green]opens[/green]"
+                    if layer["opensWithGivenKeys"]
+                    else "  [red]locked[/red]"
+                )
+        table.add_row(
+            str(layer["index"]),
+            layer["mediaType"],
+            f"{layer['size']:,}",
+            layer["digest"][:19],
+            who or "-",
+        )
+    stdout.print(table)

@@ -1,0 +1,56 @@
+"""The `trustplane` entry point and its error contract.
+
+Every expected failure is a TrustplaneError: one line on stderr, and the exit
+code of its class (see errors.ExitCode and the README). Anything else is a
+bug: one line too, and a traceback only with TRUSTPLANE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from trustplane import __version__
+from trustplane.cli import demo, image, key
+from trustplane.errors import ExitCode, TrustplaneError
+
+app = typer.Typer(
+    help="Confidential, trustworthy container images from build machine to edge host.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(image.app, name="image")
+app.add_typer(key.app, name="key")
+app.command("demo")(demo.demo)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def run() -> None:
+    """Typer handles usage errors and --help (exit 2 and 0); we handle the rest."""
+    try:
+        app()
+    except TrustplaneError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if os.environ.get("TRUSTPLANE_DEBUG"):
+            traceback.print_exc()
+        _fail(
+            f"internal error: {type(exc).__name__}: {exc} (a bug; TRUSTPLANE_DEBUG=1 shows where)",
+            ExitCode.INTERNAL,
+        )
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"trustplane: error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,2 @@
+"""Image workflows: encrypt, decrypt, inspect; which layers are sensitive;
+tiers of access."""

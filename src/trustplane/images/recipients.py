@@ -1,0 +1,50 @@
+"""Who may open an encrypted image, and how far: `jwe:KEY.pem[:tier=N]`.
+
+A recipient with `tier=N` gets the layers up to index N (0-based); without a
+tier it gets every layer. Each encrypted layer's JWE names exactly the
+recipients whose tier reaches it, so any ocicrypt tool given a tier-N key
+opens exactly those layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustplane.crypto.keys import RecipientKey, load_recipient_key
+from trustplane.errors import NotFoundError, UsageError
+
+_TIER = re.compile(r"^(?P<path>.+):tier=(?P<tier>\d+)$")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    key: RecipientKey
+    tier: int | None
+    """Highest layer index this recipient may open; None: all of them."""
+
+    def reaches(self, layer: int) -> bool:
+        return self.tier is None or layer <= self.tier
+
+
+def parse_recipient(spec: str) -> Recipient:
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme != "jwe" or not rest:
+        raise UsageError(f"--recipient {spec!r}: expected jwe:PUBKEY.pem[:tier=N]")
+    tier = None
+    if match := _TIER.match(rest):
+        rest, tier = match["path"], int(match["tier"])
+    path = Path(rest)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"--recipient {spec!r}: {path} does not exist") from None
+    except OSError as exc:
+        raise NotFoundError(f"--recipient {spec!r}: cannot read {path}: {exc.strerror}") from None
+    return Recipient(key=load_recipient_key(data, str(path)), tier=tier)
+
+
+def for_layer(recipients: Sequence[Recipient], layer: int) -> list[RecipientKey]:
+    return [r.key for r in recipients if r.reaches(layer)]

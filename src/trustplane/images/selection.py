@@ -1,0 +1,140 @@
+"""Which layers are sensitive: `--layers all | 0,2,-1 | path:GLOB`.
+
+`path:GLOB` names files instead of layer numbers: a layer is selected when it
+adds or changes a file (anything but a directory or a whiteout) whose
+absolute path matches GLOB (`**` crosses directories, `*` and `?` do not,
+`{a,b}` alternates, and dotfiles match). Reading a layer to list its files
+also checks its digest, so the choice rests on the layer that will be
+encrypted, not on whatever a registry sent the first time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import zstandard
+from wcmatch import glob
+
+from trustplane.errors import IntegrityError, UsageError
+from trustplane.oci import mediatypes
+from trustplane.oci.model import Descriptor
+from trustplane.oci.transport import ImageSource
+from trustplane.streaming import Readable, ReadableFile
+
+GLOB_FLAGS = glob.GLOBSTAR | glob.DOTGLOB | glob.BRACE
+WHITEOUT = ".wh."
+
+
+@dataclass(frozen=True)
+class LayerSelector:
+    everything: bool = False
+    indexes: tuple[int, ...] = ()
+    patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, specs: Sequence[str]) -> LayerSelector:
+        """Union of the given `--layers` values; none means all."""
+        everything, indexes, patterns = not specs, [], []
+        for spec in specs:
+            if spec == "all":
+                everything = True
+            elif spec.startswith("path:"):
+                pattern = spec[5:]
+                if not pattern:
+                    raise UsageError("--layers path: needs a glob, e.g. path:/secrets/**")
+                patterns.append(pattern if pattern.startswith("/") else "/" + pattern)
+            else:
+                try:
+                    indexes += [int(part) for part in spec.split(",")]
+                except ValueError:
+                    raise UsageError(
+                        f"--layers {spec!r}: use all, indexes like 0,2,-1, or path:GLOB"
+                    ) from None
+        return cls(everything, tuple(indexes), tuple(patterns))
+
+    def select(
+        self,
+        layers: Sequence[Descriptor],
+        source: ImageSource,
+        progress: Callable[[int], object] | None = None,
+    ) -> set[int]:
+        count = len(layers)
+        if self.everything:
+            return set(range(count))
+        chosen = set()
+        for index in self.indexes:
+            if not -count <= index < count:
+                raise UsageError(f"--layers: index {index} is out of range for {count} layers")
+            chosen.add(index % count)
+        if self.patterns:
+            for index, layer in enumerate(layers):
+                if index not in chosen and not layer.is_encrypted:
+                    files = layer_files(source, layer, progress)
+                    if any(glob.globmatch(f, self.patterns, flags=GLOB_FLAGS) for f in files):
+                        chosen.add(index)
+        return chosen
+
+
+def layer_files(
+    source: ImageSource, layer: Descriptor, progress: Callable[[int], object] | None = None
+) -> list[str]:
+    """Absolute paths of the non-directory, non-whiteout entries of a layer."""
+    algorithm = layer.digest.partition(":")[0]
+    digest = hashlib.new(algorithm)
+    with source.open_blob(layer) as raw:
+        counted = _Hashing(raw, digest, progress)
+        stream = _decompressed(counted, layer.media_type)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                files = list(_paths(archive))
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise IntegrityError(
+                f"layer {layer.digest} is not a valid tar archive: {exc}"
+            ) from None
+        while counted.readinto(memoryview(bytearray(1 << 20))):
+            pass  # the tar end may come before the blob's end; hash it all
+    if f"{algorithm}:{digest.hexdigest()}" != layer.digest:
+        raise IntegrityError(f"{source.ref}: layer {layer.digest} does not match its digest")
+    return files
+
+
+def _paths(archive: tarfile.TarFile) -> Iterable[str]:
+    for member in archive:
+        name = posixpath.normpath("/" + member.name)
+        if member.isdir() or posixpath.basename(name).startswith(WHITEOUT):
+            continue
+        yield name
+
+
+def _decompressed(stream: Readable, media_type: str) -> io.BufferedIOBase:
+    kind = mediatypes.compression(media_type)
+    raw = io.BufferedReader(ReadableFile(stream), buffer_size=1 << 20)
+    if kind is None:
+        return raw
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+
+
+class _Hashing:
+    """Hashes what passes through, and reports progress."""
+
+    def __init__(
+        self, inner: Readable, digest: hashlib._Hash, progress: Callable[[int], object] | None
+    ) -> None:
+        self.inner = inner
+        self.digest = digest
+        self.progress = progress
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = self.inner.readinto(buffer) or 0
+        self.digest.update(buffer[:n])
+        if self.progress is not None and n:
+            self.progress(n)
+        return n

@@ -1,0 +1,440 @@
+"""A client for the OCI distribution API, streaming in both directions.
+
+We evaluated oras-py first. It does not fit: its monolithic upload reads the
+whole blob into memory (`data=fd.read()`), uploads take only file paths (no
+streaming from another registry or from an encryptor), it has no
+cross-repository mount, no resumption of a failed chunk, and it retries every
+request, including non-idempotent ones. This client is small on purpose:
+httpx does HTTP, TLS and redirects; we do the protocol.
+
+* blobs: HEAD, streamed GET, monolithic PUT and chunked PATCH uploads
+  (a failed chunk resumes from the offset the registry reports), and
+  cross-repository mount;
+* manifests: GET with the right Accept list and digest check, PUT;
+* auth: Basic over TLS and the Bearer token flow (see auth.py);
+* retries with backoff on transient failures (connection errors, 429, 5xx)
+  where the request can be replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+
+from trustplane.errors import (
+    AuthError,
+    IntegrityError,
+    MalformedError,
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+)
+from trustplane.oci import mediatypes
+from trustplane.oci.auth import Authenticator, Credentials
+from trustplane.oci.model import MAX_MANIFEST_SIZE, verify_digest
+from trustplane.streaming import ChunkReader, Readable, iter_chunks, read_upto
+
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+ATTEMPTS = 4
+BACKOFF = 0.25
+MAX_RETRY_AFTER = 10.0
+DEFAULT_CHUNK = 16 << 20
+Body = bytes | Callable[[], Iterator[bytes]]
+"""A request body: bytes, or a factory giving a fresh stream for each attempt."""
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    credentials: Credentials | None = None
+    chunk_size: int | None = None
+    """Upload in PATCH chunks of this size; None: one streamed PUT per blob."""
+    timeout: float = 60.0
+
+
+def _body(response: httpx.Response) -> Iterator[bytes]:
+    try:
+        yield from response.iter_bytes(1 << 20)
+    except httpx.TransportError as exc:
+        raise UnavailableError(f"registry connection lost while reading: {exc}") from None
+
+
+class RegistryClient:
+    """One registry host; thread-compatible, not thread-safe."""
+
+    def __init__(self, host: str, options: RegistryOptions | None = None) -> None:
+        self.host = host
+        self.options = options or RegistryOptions()
+        verify: ssl.SSLContext | bool = self.options.tls_verify
+        if self.options.tls_verify:
+            verify = ssl.create_default_context(
+                cafile=str(self.options.ca_file) if self.options.ca_file else None
+            )
+        self._http = httpx.Client(verify=verify, timeout=self.options.timeout)
+        self._auth = Authenticator(host, self.options.credentials)
+        self._base: str | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- discovery ---------------------------------------------------------
+
+    @property
+    def base(self) -> str:
+        """https://HOST, or http://HOST where plain HTTP is allowed and spoken."""
+        if self._base is None:
+            self._base = self._probe()
+        return self._base
+
+    def _probe(self) -> str:
+        schemes = ["https"]
+        if not self.options.tls_verify or _is_loopback(self.host):
+            schemes.append("http")  # Docker's rule: loopback registries may be plain HTTP
+        failure: Exception | None = None
+        for scheme in schemes:
+            try:
+                response = self._http.get(f"{scheme}://{self.host}/v2/")
+            except httpx.TransportError as exc:
+                failure = exc
+                continue
+            if response.status_code == 401:
+                self._auth.learn(response)
+            elif response.status_code != 200:
+                raise UnavailableError(
+                    f"{self.host} is not an OCI registry (GET /v2/ gave {response.status_code})"
+                )
+            return f"{scheme}://{self.host}"
+        raise UnavailableError(f"registry {self.host} unreachable: {failure}")
+
+    # -- manifests ---------------------------------------------------------
+
+    def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str]:
+        """(bytes, media type); checked against `reference` when it is a digest."""
+        response = self._request(
+            "GET",
+            f"/v2/{repository}/manifests/{reference}",
+            scopes=(_scope(repository, "pull"),),
+            headers={"Accept": mediatypes.ACCEPT},
+            what=f"manifest {repository}:{reference}",
+        )
+        data = response.content
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise MalformedError(f"manifest {repository}:{reference} is larger than 4 MiB")
+        if reference.startswith("sha256:"):
+            verify_digest(data, reference, f"manifest {repository}@{reference}")
+        else:
+            sent = response.headers.get("Docker-Content-Digest", "")
+            if sent.startswith("sha256:") and sent != _sha256(data):
+                raise IntegrityError(
+                    f"manifest {repository}:{reference} does not match the digest the registry sent"
+                )
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        return data, media_type
+
+    def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
+        self._request(
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            scopes=(_scope(repository, "pull,push"),),
+            headers={"Content-Type": media_type},
+            body=data,
+            expect=(201,),
+            what=f"manifest {repository}:{reference}",
+        )
+        return _sha256(data)
+
+    # -- blobs -------------------------------------------------------------
+
+    def has_blob(self, repository: str, digest: str) -> bool:
+        response = self._request(
+            "HEAD",
+            f"/v2/{repository}/blobs/{digest}",
+            scopes=(_scope(repository, "pull"),),
+            expect=(200, 404),
+            what=f"blob {digest}",
+        )
+        return response.status_code == 200
+
+    @contextlib.contextmanager
+    def open_blob(self, repository: str, digest: str) -> Iterator[ChunkReader]:
+        """Stream a blob. The caller verifies its digest as it reads."""
+        response = self._request(
+            "GET",
+            f"/v2/{repository}/blobs/{digest}",
+            scopes=(_scope(repository, "pull"),),
+            stream=True,
+            what=f"blob {digest} in {repository}",
+        )
+        try:
+            yield ChunkReader(_body(response))
+        finally:
+            response.close()
+
+    def mount_blob(self, repository: str, digest: str, source_repository: str) -> bool:
+        """Link a blob from another repository of this registry; True if done."""
+        response = self._request(
+            "POST",
+            f"/v2/{repository}/blobs/uploads/",
+            scopes=(_scope(repository, "pull,push"), _scope(source_repository, "pull")),
+            params={"mount": digest, "from": source_repository},
+            expect=(201, 202),
+            what=f"mount of {digest}",
+        )
+        if response.status_code == 202:  # not mounted; an upload session was opened instead
+            self._cancel(repository, response)
+            return False
+        return True
+
+    def upload_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        opener: Callable[[], AbstractContextManager[Readable]],
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Upload `size` bytes from `opener()`, which is called again to retry.
+
+        The registry checks the digest when the upload is finished, so a
+        corrupt or truncated stream never becomes a blob.
+        """
+        scopes = (_scope(repository, "pull,push"),)
+        start = self._request(
+            "POST",
+            f"/v2/{repository}/blobs/uploads/",
+            scopes=scopes,
+            expect=(202,),
+            what=f"upload of {digest}",
+        )
+        location = self._location(start)
+        try:
+            if self.options.chunk_size and size > 0:
+                location = self._patch_chunks(repository, location, size, opener, progress)
+                body: Body | None = None
+                headers = {"Content-Length": "0"}
+            else:
+
+                def body() -> Iterator[bytes]:
+                    with opener() as stream:
+                        yield from _exactly(stream, size, progress)
+
+                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            self._request(
+                "PUT",
+                location,
+                scopes=scopes,
+                params={"digest": digest},
+                headers=headers,
+                body=body,
+                expect=(201,),
+                what=f"upload of {digest}",
+            )
+        except BaseException:
+            with contextlib.suppress(TrustplaneError, httpx.HTTPError):
+                self._http.delete(urljoin(self.base, location), headers=self._auth_header(scopes))
+            raise
+
+    def _patch_chunks(
+        self,
+        repository: str,
+        location: str,
+        size: int,
+        opener: Callable[[], AbstractContextManager[Readable]],
+        progress: Callable[[int], object] | None,
+    ) -> str:
+        """PATCH the blob in chunks; after a failure, ask where the upload
+        stands and go on from there with a fresh stream."""
+        chunk_size = self.options.chunk_size or DEFAULT_CHUNK
+        scopes = (_scope(repository, "pull,push"),)
+        offset = 0
+        failures = 0
+        while offset < size:
+            with opener() as stream:
+                for _ in _exactly(stream, offset, None):
+                    pass  # skip what the registry already holds
+                while offset < size:
+                    data = read_upto(stream, min(chunk_size, size - offset))
+                    if not data:
+                        raise IntegrityError(f"blob source ended at {offset} of {size} bytes")
+                    end = offset + len(data) - 1
+                    try:
+                        response = self._request(
+                            "PATCH",
+                            location,
+                            scopes=scopes,
+                            headers={
+                                "Content-Type": "application/octet-stream",
+                                "Content-Range": f"{offset}-{end}",
+                                "Content-Length": str(len(data)),
+                            },
+                            body=data,
+                            expect=(202,),
+                            what="chunk upload",
+                            attempts=1,
+                        )
+                    except UnavailableError:
+                        failures += 1
+                        if failures >= ATTEMPTS:
+                            raise
+                        time.sleep(BACKOFF * 2**failures)
+                        offset = self._resume_offset(repository, location)
+                        break
+                    location = self._location(response)
+                    offset = end + 1
+                    if progress is not None:
+                        progress(len(data))
+        return location
+
+    def _resume_offset(self, repository: str, location: str) -> int:
+        """Where the registry says an interrupted upload stands (Range: 0-N)."""
+        response = self._request(
+            "GET",
+            location,
+            scopes=(_scope(repository, "pull,push"),),
+            expect=(204,),
+            what="upload status",
+        )
+        _, _, last = response.headers.get("Range", "0--1").partition("-")
+        return int(last) + 1
+
+    def _cancel(self, repository: str, response: httpx.Response) -> None:
+        with contextlib.suppress(TrustplaneError, httpx.HTTPError):
+            self._http.delete(
+                urljoin(self.base, self._location(response)),
+                headers=self._auth_header((_scope(repository, "pull,push"),)),
+            )
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _auth_header(self, scopes: tuple[str, ...]) -> dict[str, str]:
+        return self._auth.header(self._http, scopes)
+
+    def _location(self, response: httpx.Response) -> str:
+        location: str = response.headers.get("Location", "")
+        if not location:
+            raise MalformedError(f"registry {self.host} gave no upload location")
+        return location
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scopes: tuple[str, ...],
+        what: str,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        body: Body | None = None,
+        expect: tuple[int, ...] = (200,),
+        stream: bool = False,
+        attempts: int = ATTEMPTS,
+    ) -> httpx.Response:
+        url = urljoin(self.base + "/", path)  # paths, and Locations relative or absolute
+        replayable = body is None or isinstance(body, bytes) or callable(body)
+        last_error = ""
+        auth_retried = False
+        attempt = 0
+        while attempt < attempts:
+            attempt += 1
+            content = body() if callable(body) else body
+            request = self._http.build_request(
+                method,
+                # Merge, never replace: upload Locations carry their own state query.
+                httpx.URL(url).copy_merge_params(params or {}),
+                headers={**(headers or {}), **self._auth_header(scopes)},
+                content=content,
+            )
+            try:
+                response = self._http.send(request, stream=stream, follow_redirects=True)
+            except httpx.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                if not replayable or attempt >= attempts:
+                    break
+                time.sleep(BACKOFF * 2**attempt)
+                continue
+            if response.status_code in expect:
+                return response
+            if stream:
+                response.read()
+            response.close()
+            if response.status_code == 401 and not auth_retried and self._auth.learn(response):
+                auth_retried = True
+                attempt -= 1  # learning the auth scheme is not a failure
+                continue
+            if response.status_code in TRANSIENT_STATUS and attempt < attempts:
+                time.sleep(_retry_after(response, attempt))
+                last_error = f"HTTP {response.status_code}"
+                continue
+            raise _error_for(response, self.host, what)
+        raise UnavailableError(
+            f"registry {self.host}: {what} failed after {attempt} tries ({last_error})"
+        )
+
+
+def _retry_after(response: httpx.Response, attempt: int) -> float:
+    header = response.headers.get("Retry-After", "")
+    if header.isdigit():
+        return min(float(header), MAX_RETRY_AFTER)
+    return float(BACKOFF * 2**attempt)
+
+
+def _error_for(response: httpx.Response, host: str, what: str) -> TrustplaneError:
+    detail = ""
+    with contextlib.suppress(ValueError, AttributeError, IndexError, TypeError):
+        first = response.json()["errors"][0]
+        detail = f": {first.get('code', '')} {first.get('message', '')}".rstrip()
+    status = response.status_code
+    message = f"registry {host}: {what}: HTTP {status}{detail}"
+    if status in (401, 403):
+        return AuthError(message)
+    if status == 404:
+        return NotFoundError(message)
+    if status == 400 and "DIGEST_INVALID" in detail:
+        return IntegrityError(message)
+    if status in (400, 413, 415):
+        return MalformedError(message)
+    return UnavailableError(message)
+
+
+def _exactly(
+    stream: Readable, size: int, progress: Callable[[int], object] | None
+) -> Iterator[bytes]:
+    try:
+        yield from iter_chunks(stream, size, progress)
+    except EOFError as exc:
+        raise IntegrityError(f"blob source is shorter than its descriptor: {exc}") from None
+
+
+def _scope(repository: str, actions: str) -> str:
+    return f"repository:{repository}:{actions}"
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _is_loopback(host: str) -> bool:
+    name = httpx.URL(f"https://{host}/").host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,146 @@
+"""Session fixtures that start the real components on 127.0.0.1.
+
+Every fixture starts (or finds) the real program once per test session and
+stops what it started at the end. A component that cannot be had fails the
+test: this project never skips (CI=true makes that explicit in the message).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import docker
+import pytest
+from token_server import TokenServer
+
+from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
+from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
+from trustplane.embedded.sample_images import import_busybox_base
+from trustplane.embedded.tls import (
+    CertificateAuthority,
+    create_ca,
+    create_token_signing_key,
+    issue_server_cert,
+)
+from trustplane.errors import TrustplaneError
+
+BUSYBOX_TAG = "trustplane/busybox:test-base"
+TOKEN_SERVICE = "trustplane-test-registry"
+TOKEN_ISSUER = "trustplane-test-token-issuer"
+TOKEN_USER = "tokenuser"
+
+_HERE = Path(__file__).resolve().parent
+
+
+def component_missing(name: str, why: str) -> NoReturn:
+    """Fail the test for a missing component; never skip, in CI or on a laptop."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} unavailable in CI (a missing component fails CI): {why}")
+    pytest.fail(f"{name} unavailable: {why} (trustplane tests never skip; install or start it)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration needs real components: mark it `integration`."""
+    for item in items:
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory for the session's components: configs, logs, storage, keys."""
+    return tmp_path_factory.mktemp("embedded")
+
+
+@pytest.fixture(scope="session")
+def test_ca(work_dir: Path) -> CertificateAuthority:
+    return create_ca(work_dir / "ca", "trustplane integration test CA")
+
+
+@pytest.fixture(scope="session")
+def docker_daemon(work_dir: Path) -> Iterator[DockerDaemon]:
+    try:
+        daemon = ensure_dockerd(work_dir / "dockerd")
+    except TrustplaneError as exc:
+        component_missing("dockerd", str(exc))
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_daemon: DockerDaemon) -> Iterator[docker.DockerClient]:
+    client = docker_daemon.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def busybox_base(docker_client: docker.DockerClient) -> str:
+    """Tag of a BusyBox image imported from busybox-static (there is no internet)."""
+    try:
+        import_busybox_base(docker_client, BUSYBOX_TAG)
+    except TrustplaneError as exc:
+        component_missing("busybox base image", str(exc))
+    return BUSYBOX_TAG
+
+
+@pytest.fixture(scope="session")
+def registry_plain(work_dir: Path) -> Iterator[RunningRegistry]:
+    try:
+        registry = start_registry(work_dir / "registry-plain", "plain")
+    except TrustplaneError as exc:
+        component_missing("docker-registry (plain)", str(exc))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_tls(work_dir: Path, test_ca: CertificateAuthority) -> Iterator[RunningRegistry]:
+    """TLS + htpasswd (bcrypt); `username`/`password` are the one valid login."""
+    cert = issue_server_cert(test_ca, work_dir / "registry-tls" / "tls", "registry")
+    try:
+        registry = start_registry(work_dir / "registry-tls", "tls-basic", tls=cert)
+    except TrustplaneError as exc:
+        component_missing("docker-registry (tls-basic)", str(exc))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def token_server(work_dir: Path, test_ca: CertificateAuthority) -> Iterator[TokenServer]:
+    directory = work_dir / "token-server"
+    server = TokenServer(
+        signer=create_token_signing_key(directory),
+        tls=issue_server_cert(test_ca, directory, "token-server"),
+        service=TOKEN_SERVICE,
+        issuer=TOKEN_ISSUER,
+        username=TOKEN_USER,
+        password=secrets.token_urlsafe(18),
+        log_file=directory / "token-server.log",
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def registry_token(
+    work_dir: Path, test_ca: CertificateAuthority, token_server: TokenServer
+) -> Iterator[RunningRegistry]:
+    """TLS + bearer tokens from `token_server` (same CA for both servers)."""
+    cert = issue_server_cert(test_ca, work_dir / "registry-token" / "tls", "registry")
+    auth = TokenAuth(
+        realm=token_server.realm,
+        service=token_server.service,
+        issuer=token_server.issuer,
+        signing_cert=token_server.signer.cert_file,
+    )
+    try:
+        registry = start_registry(work_dir / "registry-token", "token", tls=cert, token=auth)
+    except TrustplaneError as exc:
+        component_missing("docker-registry (token)", str(exc))
+    yield registry
+    registry.stop()
