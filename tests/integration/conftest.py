@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -19,7 +22,8 @@ from token_server import TokenServer
 
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
 from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
-from trustplane.embedded.sample_images import import_busybox_base
+from trustplane.crypto.keys import generate_key_pair
+from trustplane.embedded.sample_images import build_app_image, import_busybox_base
 from trustplane.embedded.tls import (
     CertificateAuthority,
     create_ca,
@@ -144,3 +148,67 @@ def registry_token(
         component_missing("docker-registry (token)", str(exc))
     yield registry
     registry.stop()
+
+
+# -- images and keys for the encryption tests ----------------------------------
+
+APP_TAG = "trustplane/app:test"
+APP_SECRET = b"s3cr3t-token-for-tests-0123456789\n"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Path
+    public: Path
+    kind: str
+
+
+@pytest.fixture(scope="session")
+def skopeo() -> str:
+    path = shutil.which("skopeo")
+    if path is None:
+        component_missing("skopeo", "install the Debian package skopeo")
+    return path
+
+
+@pytest.fixture(scope="session")
+def app_image(docker_client: docker.DockerClient, busybox_base: str) -> str:
+    """Layers: 0 busybox base, 1 /app (public), 2 /secrets/token (secret)."""
+    try:
+        build_app_image(docker_client, busybox_base, APP_TAG, APP_SECRET)
+    except TrustplaneError as exc:
+        component_missing("docker build", str(exc))
+    return APP_TAG
+
+
+@pytest.fixture(scope="session")
+def app_layout(app_image: str, skopeo: str, work_dir: Path) -> Path:
+    """The app image as skopeo writes it to an OCI layout: the reference original."""
+    layout = work_dir / "app-oci"
+    run_skopeo("copy", f"docker-daemon:{app_image}", f"oci:{layout}:v1")
+    return layout
+
+
+@pytest.fixture(scope="session")
+def keys(work_dir: Path) -> dict[str, KeyPair]:
+    """One recipient key pair of each kind ocicrypt supports (PKCS#8, as skopeo needs)."""
+    directory = work_dir / "keys"
+    directory.mkdir()
+    pairs = {}
+    for kind in ("rsa", "ec-p256", "ec-p384", "ec-p521", "tier-low", "outsider"):
+        key_type = kind if kind in ("rsa", "ec-p256", "ec-p384", "ec-p521") else "ec-p256"
+        private_pem, public_pem = generate_key_pair(key_type)  # type: ignore[arg-type]
+        pair = KeyPair(directory / f"{kind}.pem", directory / f"{kind}.pub", kind)
+        pair.private.write_bytes(private_pem)
+        pair.public.write_bytes(public_pem)
+        pairs[kind] = pair
+    return pairs
+
+
+def run_skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"skopeo {' '.join(args)} failed: {result.stderr.strip()}")
+    return result

@@ -161,9 +161,10 @@ def decrypt(
         )
         return
     if result.layer_count < result.source_layer_count:
+        opened = "none of the encrypted layers" if not result.decrypted_layers else "layers"
         stderr.print(
-            f"the keys open layers up to {result.layer_count - 1}: the image is cut to "
-            f"{result.layer_count} of {result.source_layer_count} layers"
+            f"the keys open {opened} below layer {result.layer_count}: the image is cut to "
+            f"its first {result.layer_count} of {result.source_layer_count} layers"
         )
     stdout.print(
         f"decrypted layers {list(result.decrypted_layers)} into {destination} "

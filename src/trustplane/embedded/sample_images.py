@@ -227,3 +227,31 @@ def _from_images(dockerfile: str) -> list[str]:
         if image.lower() != "scratch" and image.lower() not in stages:
             images.append(image)
     return images
+
+
+APP_SECRET_PATH = "/secrets/token"
+APP_CONFIG_PATH = "/app/config.txt"
+_APP_DOCKERFILE = """FROM {base}
+COPY app/ /app/
+ENV APP_MODE=demo
+COPY secrets/ /secrets/
+CMD ["/bin/sh", "/app/run.sh"]
+"""
+_APP_RUN = b"""#!/bin/sh
+echo "config: $(cat /app/config.txt)"
+if [ -r /secrets/token ]; then echo "secret: $(cat /secrets/token)"; else echo "secret: none"; fi
+"""
+
+
+def build_app_image(client: docker.DockerClient, base: str, tag: str, secret: bytes) -> str:
+    """Three layers: the public base (0), a public app (1), a secret (2).
+
+    The layer order is the point: a lower-tier key sees the app but not the
+    secret, and `path:/secrets/**` selects exactly layer 2.
+    """
+    files = {
+        "app/run.sh": _APP_RUN,
+        "app/config.txt": b"greeting=hello from the public app layer\n",
+        "secrets/token": secret,
+    }
+    return build_image(client, tag, _APP_DOCKERFILE.format(base=base), files)

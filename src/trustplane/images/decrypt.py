@@ -129,11 +129,8 @@ def _unwrap_all(
     for index in encrypted:
         state = unwrap_layer(layers[index], keys, f"{name}: layer {index}")
         if state is None:
-            if not opened:
-                raise DecryptionKeyError(
-                    f"{name}: none of the given keys can open layer {index}, "
-                    "the first encrypted layer"
-                )
+            if index == 0:
+                raise DecryptionKeyError(f"{name}: none of the given keys can open layer 0")
             return opened, index
         opened[index] = state
     return opened, len(layers)

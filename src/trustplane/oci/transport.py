@@ -28,7 +28,7 @@ from trustplane.errors import IntegrityError, UnsupportedError
 from trustplane.oci import daemon, docker_archive, mediatypes
 from trustplane.oci.auth import Credentials, auth_files, lookup_credentials
 from trustplane.oci.layout import Layout, LayoutWriter
-from trustplane.oci.model import Descriptor, parse_manifest, verify_digest
+from trustplane.oci.model import MAX_MANIFEST_SIZE, Descriptor, parse_manifest, verify_digest
 from trustplane.oci.reference import DaemonRef, ImageRef, LayoutRef, RegistryRef
 from trustplane.oci.registry import RegistryClient, RegistryOptions
 from trustplane.streaming import INPUT, Readable, pump, read_upto
@@ -149,12 +149,14 @@ class LayoutSource(ImageSource):
 
     def top_manifest(self) -> tuple[bytes, str]:
         entry = self.layout.find(self.tag)
-        data = self.layout.read_blob(entry.digest, entry.size)
+        # Read up to the format's limit, not the index's size: a manifest
+        # altered behind the index is then reported as a digest mismatch.
+        data = self.layout.read_blob(entry.digest, MAX_MANIFEST_SIZE)
         verify_digest(data, entry.digest, f"{self.ref}: manifest")
         return data, entry.media_type
 
     def manifest_by_digest(self, digest: str) -> bytes:
-        data = self.layout.read_blob(digest, 4 << 20)
+        data = self.layout.read_blob(digest, MAX_MANIFEST_SIZE)
         verify_digest(data, digest, f"{self.ref}: manifest")
         return data
 

@@ -1,0 +1,85 @@
+"""The distribution path end to end: Docker → encrypted in a registry → Docker.
+
+Publish from the local engine to a TLS registry with basic auth, encrypting
+only the secret layer; the registry's storage then holds no plaintext of the
+secret in any form (raw or gzip-decompressed), the public layers are shared
+by digest with the plain image, and a pull through trustplane decrypts into
+Docker, where the secret is readable again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import docker
+from conftest import APP_SECRET, KeyPair
+
+from trustplane.crypto.keys import load_unwrap_key
+from trustplane.embedded.registry import RunningRegistry
+from trustplane.images.decrypt import DecryptRequest, decrypt_image
+from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.inspect import inspect_image
+from trustplane.images.recipients import parse_recipient
+from trustplane.images.selection import LayerSelector
+from trustplane.oci import reference
+from trustplane.oci.auth import Credentials
+from trustplane.oci.transport import Endpoint
+
+
+def contents(path: Path) -> bytes:
+    data = path.read_bytes()
+    try:
+        return data + gzip.decompress(data)
+    except (OSError, EOFError, zlib.error):
+        return data
+
+
+def test_publish_encrypted_and_pull_into_docker(
+    app_image: str,
+    keys: dict[str, KeyPair],
+    registry_tls: RunningRegistry,
+    docker_client: docker.DockerClient,
+) -> None:
+    assert registry_tls.ca_file is not None and registry_tls.username and registry_tls.password
+    endpoint = Endpoint(
+        ca_file=registry_tls.ca_file,
+        credentials=Credentials(registry_tls.username, registry_tls.password),
+    )
+    target = f"docker://{registry_tls.host}/shop/app:1.0"
+    result = encrypt_image(
+        EncryptRequest(
+            source=reference.parse(f"docker-daemon:{app_image}"),
+            destination=reference.parse(target),
+            recipients=[parse_recipient(f"jwe:{keys['rsa'].public}")],
+            selector=LayerSelector.parse(["path:/secrets/**"]),
+            destination_endpoint=endpoint,
+        )
+    )
+    assert result.encrypted_layers == (2,)
+
+    blobs = list((registry_tls.storage_dir).rglob("data"))
+    assert blobs, "the registry stored the blobs on disk"
+    secret = APP_SECRET.strip()
+    assert not any(secret in contents(path) for path in blobs)
+
+    info = inspect_image(reference.parse(target), endpoint)
+    assert [layer["encrypted"] for layer in info["layers"]] == [False, False, True]
+    original = docker_client.images.get(app_image).attrs["RootFS"]["Layers"]
+    assert [layer["diffID"] for layer in info["layers"]] == original
+
+    decrypt_image(
+        DecryptRequest(
+            source=reference.parse(target),
+            destination=reference.parse("docker-daemon:trustplane/app:from-registry"),
+            keys=[load_unwrap_key(keys["rsa"].private.read_bytes(), "rsa")],
+            source_endpoint=endpoint,
+        )
+    )
+    output = docker_client.containers.run(
+        "trustplane/app:from-registry", ["cat", "/secrets/token"], remove=True
+    )
+    assert output == APP_SECRET
+    pulled = docker_client.images.get("trustplane/app:from-registry")
+    assert pulled.id == docker_client.images.get(app_image).id  # the very same image id
