@@ -20,9 +20,9 @@ import docker
 import pytest
 from token_server import TokenServer
 
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
 from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
-from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.sample_images import build_app_image, import_busybox_base
 from trustplane.embedded.tls import (
     CertificateAuthority,

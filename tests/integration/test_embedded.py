@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import shutil
 import socket
 import ssl
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -280,7 +284,17 @@ def test_built_image_shows_added_file(
     assert build_image(docker_client, tag, dockerfile, {"greeting.txt": content}) == image_id
 
 
-def test_dockerd_starts_over_stale_socket_and_pidfile(tmp_path: Path) -> None:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: containerd's sockets live under the
+    state dir, and a unix socket path may not exceed 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tpd-", dir="/tmp"))
+    yield path
+    subprocess.run(["umount", "-R", str(path / "state" / "data")], capture_output=True, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_dockerd_starts_over_stale_socket_and_pidfile(short_tmp: Path) -> None:
     """The start path, exercised even when a daemon already runs on the default socket.
 
     A second daemon on a private socket and state dir, in its own network
@@ -288,6 +302,7 @@ def test_dockerd_starts_over_stale_socket_and_pidfile(tmp_path: Path) -> None:
     first; the socket file and the pidfile of a killed predecessor are in
     its way.
     """
+    tmp_path = short_tmp
     sock = tmp_path / "d.sock"
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(str(sock))  # leaves a socket file nobody listens on

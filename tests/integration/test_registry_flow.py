@@ -42,7 +42,9 @@ def test_publish_encrypted_and_pull_into_docker(
     registry_tls: RunningRegistry,
     docker_client: docker.DockerClient,
 ) -> None:
-    assert registry_tls.ca_file is not None and registry_tls.username and registry_tls.password
+    assert registry_tls.ca_file is not None
+    assert registry_tls.username
+    assert registry_tls.password
     endpoint = Endpoint(
         ca_file=registry_tls.ca_file,
         credentials=Credentials(registry_tls.username, registry_tls.password),

@@ -7,15 +7,16 @@ same digest), whichever tool encrypted and whichever decrypted.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
+import docker
 import pytest
-from conftest import KeyPair, run_skopeo
+from conftest import APP_SECRET, KeyPair, run_skopeo
 from oci_helpers import config, index_entry, manifest, manifest_bytes, write_manifest
 
 from trustplane.crypto.keys import load_unwrap_key
+from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.recipients import parse_recipient
@@ -211,3 +212,41 @@ def test_tiered_jwe_names_exactly_the_reaching_recipients_for_skopeo(
             check=False,
         )
         assert (result.returncode == 0) == (top <= 1), result.stderr
+
+
+def test_trustplane_decrypts_layers_skopeo_compressed_while_encrypting(
+    app_image: str, keys: dict[str, KeyPair], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """skopeo gzips uncompressed layers as it encrypts them but records the
+    digest of the uncompressed original; trustplane accepts such a layer only
+    because its decompressed content matches that digest."""
+    plain = tmp_path / "plain"
+    copy_image(
+        CopyRequest(
+            reference.parse(f"docker-daemon:{app_image}"), reference.parse(f"oci:{plain}:v1")
+        )
+    )
+    assert all(layer["mediaType"].endswith(".tar") for layer in manifest(plain, "v1")["layers"])
+    run_skopeo(
+        "copy",
+        "--encryption-key",
+        f"jwe:{keys['rsa'].public}",
+        f"oci:{plain}:v1",
+        f"oci:{tmp_path / 'enc'}:v1",
+    )
+    assert all(
+        layer["mediaType"].endswith("tar+gzip+encrypted")
+        for layer in manifest(tmp_path / "enc", "v1")["layers"]
+    )
+
+    decrypt_image(
+        DecryptRequest(
+            source=reference.parse(f"oci:{tmp_path / 'enc'}:v1"),
+            destination=reference.parse("docker-daemon:trustplane/app:skopeo-gzip"),
+            keys=[load_unwrap_key(keys["rsa"].private.read_bytes(), "rsa")],
+        )
+    )
+    output = docker_client.containers.run(
+        "trustplane/app:skopeo-gzip", ["cat", "/secrets/token"], remove=True
+    )
+    assert output == APP_SECRET

@@ -244,7 +244,8 @@ def test_cli_reports_one_line_and_the_integrity_exit_code(
     assert result.returncode == ExitCode.INTEGRITY
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("trustplane: error: ") and "HMAC mismatch" in lines[0]
+    assert lines[0].startswith("trustplane: error: ")
+    assert "HMAC mismatch" in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

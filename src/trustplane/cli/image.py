@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from trustplane.cli.common import (
     AsJson,
@@ -26,6 +25,7 @@ from trustplane.cli.common import (
     stderr,
     stdout,
 )
+from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.inspect import inspect_image
@@ -173,6 +173,36 @@ def decrypt(
 
 
 @app.command()
+def copy(
+    source: Source,
+    destination: Destination,
+    platform: Platform = None,
+    authfile: AuthFile = None,
+    src_tls_verify: SrcTlsVerify = True,
+    src_cacert: SrcCaCert = None,
+    src_creds: SrcCreds = None,
+    dest_tls_verify: DestTlsVerify = True,
+    dest_cacert: DestCaCert = None,
+    dest_creds: DestCreds = None,
+    dest_chunk_size: ChunkSize = None,
+    quiet: Quiet = False,
+) -> None:
+    """Copy an image as it is, encrypted or not, verifying every blob (no keys needed)."""
+    request = CopyRequest(
+        source=reference.parse(source),
+        destination=reference.parse(destination),
+        platform=platform,
+        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
+        destination_endpoint=endpoint(
+            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
+        ),
+    )
+    with Reporter(enabled=not quiet) as reporter:
+        digest = copy_image(request, reporter)
+    stdout.print(f"copied {source} to {destination} ({digest})")
+
+
+@app.command()
 def inspect(
     ref: Annotated[str, typer.Argument(help="The image to describe.")],
     key: Annotated[
@@ -198,29 +228,24 @@ def inspect(
 
 
 def _print_inspection(info: dict[str, Any]) -> None:
-    stdout.print(f"[bold]{info['reference']}[/bold]  manifest {info['manifestDigest']}")
+    stdout.print(f"[bold]{info['reference']}[/bold]")
+    stdout.print(f"  manifest {info['manifestDigest']}")
     config = info["config"]
-    protection = "protected (history hidden)" if config["protected"] else "public"
-    stdout.print(f"config {config['digest']} ({config['size']} B, {protection})")
-    table = Table("#", "media type", "size", "digest", "encrypted for")
+    protection = "history of encrypted layers hidden" if config["protected"] else "public"
+    stdout.print(f"  config   {config['digest']} ({config['size']:,} B, {protection})")
     for layer in info["layers"]:
-        who = ""
-        if layer["encrypted"]:
-            who = ", ".join(
-                f"{r['alg']}{'/' + r['curve'] if r['curve'] else ''} {r['keyID'] or '(no key id)'}"
-                for r in layer["recipients"]
-            )
-            if "opensWithGivenKeys" in layer:
-                who += (
-                    "  [green]opens[/green]"
-                    if layer["opensWithGivenKeys"]
-                    else "  [red]locked[/red]"
-                )
-        table.add_row(
-            str(layer["index"]),
-            layer["mediaType"],
-            f"{layer['size']:,}",
-            layer["digest"][:19],
-            who or "-",
+        kind = layer["mediaType"].rsplit("/", 1)[-1].removeprefix("vnd.oci.image.layer.v1.")
+        kind = kind.removeprefix("vnd.docker.image.rootfs.")
+        state = "[yellow]encrypted[/yellow]" if layer["encrypted"] else "plain"
+        stdout.print(
+            f"  layer {layer['index']}  {kind:<20} {layer['size']:>14,} B  "
+            f"{layer['digest'][:19]}  {state}"
         )
-    stdout.print(table)
+        for recipient in layer.get("recipients", []):
+            algorithm = recipient["alg"] + (f" {recipient['curve']}" if recipient["curve"] else "")
+            stdout.print(f"      for {algorithm:<20} {recipient['keyID'] or '(no key id)'}")
+        if "opensWithGivenKeys" in layer:
+            verdict = (
+                "[green]opens[/green]" if layer["opensWithGivenKeys"] else "[red]stays locked[/red]"
+            )
+            stdout.print(f"      with the given keys: {verdict}")

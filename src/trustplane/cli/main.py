@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from trustplane import __version__
-from trustplane.cli import demo, image, key
+from trustplane.cli import image, key
 from trustplane.errors import ExitCode, TrustplaneError
 
 app = typer.Typer(
@@ -25,7 +27,21 @@ app = typer.Typer(
 )
 app.add_typer(image.app, name="image")
 app.add_typer(key.app, name="key")
-app.command("demo")(demo.demo)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Keep keys, certificates and logs here (default: temporary)."),
+    ] = None,
+) -> None:
+    """Run the end-to-end demonstration on loopback and say what each step proved."""
+    # Imported here: the demo pulls in the embedded components, which no other
+    # command needs, and start-up time counts for every command.
+    from trustplane.cli.demo import run_demo
+
+    run_demo(workdir)
 
 
 @app.command()

@@ -229,7 +229,7 @@ def _from_images(dockerfile: str) -> list[str]:
     return images
 
 
-APP_SECRET_PATH = "/secrets/token"
+APP_SECRET_PATH = "/secrets/token"  # noqa: S105 - a path, not a password
 APP_CONFIG_PATH = "/app/config.txt"
 _APP_DOCKERFILE = """FROM {base}
 COPY app/ /app/

@@ -77,7 +77,7 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
             for index, state in opened.items():
                 layer = layers[index]
                 staged = destination.staging / f"layer-{index}"
-                size = decrypt_blob(
+                plain = decrypt_blob(
                     source,
                     layer,
                     state.private,
@@ -85,7 +85,7 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
                     staged,
                     reporter.bar(f"decrypt layer {index}", layer.size),
                 )
-                new_layers[index] = _plain_descriptor(layer, state.private.digest, size)
+                new_layers[index] = _plain_descriptor(layer, plain.digest, plain.size)
             visible = protected_config.reveal(image.manifest.config, request.keys)
             config_desc, config = _config(image.manifest, image.config, limit, visible)
             _check_diff_ids(new_layers, config, str(request.source))

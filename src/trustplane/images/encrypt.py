@@ -34,7 +34,7 @@ class EncryptRequest:
     source: ImageRef
     destination: ImageRef
     recipients: Sequence[Recipient]
-    selector: LayerSelector = field(default_factory=LayerSelector)
+    selector: LayerSelector = field(default_factory=LayerSelector.all)
     protect_config: bool = False
     platform: str | None = None
     source_endpoint: Endpoint = field(default_factory=Endpoint)

@@ -23,10 +23,12 @@ from trustplane.crypto.layer_cipher import (
     new_nonce,
 )
 from trustplane.errors import IntegrityError
+from trustplane.oci import mediatypes
+from trustplane.oci.compression import DECOMPRESSION_ERRORS, decompressed
 from trustplane.oci.model import Descriptor
 from trustplane.oci.transport import ImageSource
 from trustplane.progress import Advance
-from trustplane.streaming import INPUT, OUTPUT, pump
+from trustplane.streaming import INPUT, OUTPUT, DurableSink, pump
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def encrypt_blob(
                     (INPUT, plain_digest.update),
                     (OUTPUT, mac.update),
                     (OUTPUT, cipher_digest.update),
-                    (OUTPUT, sink.write),
+                    (OUTPUT, DurableSink(sink).write),
                 ],
                 transform=Keystream(symkey, nonce),
                 limit=layer.size + 1,
@@ -71,6 +73,12 @@ def encrypt_blob(
     )
 
 
+@dataclass(frozen=True)
+class DecryptedBlob:
+    digest: str
+    size: int
+
+
 def decrypt_blob(
     source: ImageSource,
     layer: Descriptor,
@@ -78,8 +86,8 @@ def decrypt_blob(
     public: PublicOptions,
     out: Path,
     progress: Advance | None,
-) -> int:
-    """Decrypt into `out`; returns the plaintext size once everything checks."""
+) -> DecryptedBlob:
+    """Decrypt into `out`; returns the plaintext's digest once everything checks."""
     mac = new_mac(private.symkey)
     plain_digest = _hasher(private.digest)
     what = f"{source.ref}: layer {layer.digest}"
@@ -87,7 +95,11 @@ def decrypt_blob(
         with source.open_blob(layer) as stream, out.open("wb") as sink:
             size = pump(
                 stream,
-                [(INPUT, mac.update), (OUTPUT, plain_digest.update), (OUTPUT, sink.write)],
+                [
+                    (INPUT, mac.update),
+                    (OUTPUT, plain_digest.update),
+                    (OUTPUT, DurableSink(sink).write),
+                ],
                 transform=Keystream(private.symkey, private.nonce),
                 limit=layer.size + 1,
                 progress=progress,
@@ -95,12 +107,31 @@ def decrypt_blob(
         if size != layer.size:
             raise IntegrityError(f"{what}: {size} bytes where the manifest says {layer.size}")
         check_mac(public.hmac, mac, what)
-        if _name(plain_digest) != private.digest:
+        actual = _name(plain_digest)
+        if actual != private.digest and not _recompressed_by_skopeo(out, layer, private.digest):
             raise IntegrityError(f"{what}: decrypted content does not match its digest")
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    return size
+    return DecryptedBlob(digest=actual, size=size)
+
+
+def _recompressed_by_skopeo(path: Path, layer: Descriptor, digest: str) -> bool:
+    """skopeo compresses an uncompressed layer while encrypting it, yet records
+    the digest of the uncompressed original (ocicrypt takes it from the source
+    descriptor). Such a layer is genuine when its decompressed content matches
+    that digest; checking costs a second pass, only in this case."""
+    kind = mediatypes.compression(layer.media_type)
+    if kind is None:
+        return False
+    hasher = _hasher(digest)
+    try:
+        with path.open("rb") as raw, decompressed(raw, kind) as stream:
+            while chunk := stream.read(1 << 20):
+                hasher.update(chunk)
+    except DECOMPRESSION_ERRORS:
+        return False  # not even valid compressed data: simply not genuine
+    return _name(hasher) == digest
 
 
 def _hasher(digest: str) -> hashlib._Hash:

@@ -10,7 +10,6 @@ encrypted, not on whatever a registry sent the first time.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import posixpath
@@ -18,11 +17,11 @@ import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import zstandard
 from wcmatch import glob
 
 from trustplane.errors import IntegrityError, UsageError
 from trustplane.oci import mediatypes
+from trustplane.oci.compression import decompressed
 from trustplane.oci.model import Descriptor
 from trustplane.oci.transport import ImageSource
 from trustplane.streaming import Readable, ReadableFile
@@ -36,6 +35,10 @@ class LayerSelector:
     everything: bool = False
     indexes: tuple[int, ...] = ()
     patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def all(cls) -> LayerSelector:
+        return cls(everything=True)
 
     @classmethod
     def parse(cls, specs: Sequence[str]) -> LayerSelector:
@@ -89,7 +92,8 @@ def layer_files(
     digest = hashlib.new(algorithm)
     with source.open_blob(layer) as raw:
         counted = _Hashing(raw, digest, progress)
-        stream = _decompressed(counted, layer.media_type)
+        kind = mediatypes.compression(layer.media_type)
+        stream = decompressed(io.BufferedReader(ReadableFile(counted), 1 << 20), kind)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as archive:
                 files = list(_paths(archive))
@@ -110,16 +114,6 @@ def _paths(archive: tarfile.TarFile) -> Iterable[str]:
         if member.isdir() or posixpath.basename(name).startswith(WHITEOUT):
             continue
         yield name
-
-
-def _decompressed(stream: Readable, media_type: str) -> io.BufferedIOBase:
-    kind = mediatypes.compression(media_type)
-    raw = io.BufferedReader(ReadableFile(stream), buffer_size=1 << 20)
-    if kind is None:
-        return raw
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
 
 
 class _Hashing:

@@ -2,7 +2,9 @@
 
 Through the Engine API (the `docker` SDK), never the CLI: `GET /images/NAME/get`
 streams a `docker save` archive, `POST /images/load` takes one. Both are
-streamed, so image size does not change memory use.
+streamed, so image size does not change memory use. The SDK (and the
+`requests` stack under it) is imported on first use: only docker-daemon:
+references need it, and every command pays for what it imports at start.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ import io
 import os
 from collections.abc import Iterable
 from typing import Any, cast
-
-import docker
-import docker.errors
 
 from trustplane.errors import MalformedError, NotFoundError, UnavailableError
 from trustplane.streaming import ChunkReader
@@ -27,6 +26,8 @@ def docker_host() -> str:
 
 def api_client() -> Any:
     """A low-level client (docker.APIClient) with the server's API version."""
+    import docker
+
     try:
         client = docker.APIClient(base_url=docker_host(), version="auto", timeout=600)
     except docker.errors.DockerException as exc:
@@ -36,6 +37,8 @@ def api_client() -> Any:
 
 def save(name: str) -> io.BufferedReader:
     """A stream of `docker save NAME`."""
+    import docker.errors
+
     client = api_client()
     try:
         client.inspect_image(name)
@@ -49,6 +52,8 @@ def save(name: str) -> io.BufferedReader:
 
 def load(archive: Iterable[bytes]) -> list[str]:
     """Feed a `docker load` archive; returns the engine's messages."""
+    import docker.errors
+
     client = api_client()
     messages: list[str] = []
     try:

@@ -116,6 +116,11 @@ class LayoutWriter:
         empty_dir = root.is_dir() and not any(root.iterdir())
         if not self._created_root and not (root / LAYOUT_FILE).is_file() and not empty_dir:
             raise UsageError(f"{root}: exists and is not an OCI image layout")
+        # The outermost directory this writer creates (the root, or a missing
+        # parent of it): removed again when nothing is committed.
+        self._created_top = root
+        while not self._created_top.parent.exists():
+            self._created_top = self._created_top.parent
         root.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(dir=root, prefix=STAGING_PREFIX))
         self._staged: dict[str, Path] = {}
@@ -187,7 +192,7 @@ class LayoutWriter:
     def close(self, committed: bool) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
         if not committed and self._created_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+            shutil.rmtree(self._created_top, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ httpx does HTTP, TLS and redirects; we do the protocol.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import ssl
@@ -70,6 +71,13 @@ def _body(response: httpx.Response) -> Iterator[bytes]:
         raise UnavailableError(f"registry connection lost while reading: {exc}") from None
 
 
+@dataclass
+class _Upload:
+    """An upload session: its Location changes with every chunk."""
+
+    location: str
+
+
 class RegistryClient:
     """One registry host; thread-compatible, not thread-safe."""
 
@@ -108,19 +116,27 @@ class RegistryClient:
         if not self.options.tls_verify or _is_loopback(self.host):
             schemes.append("http")  # Docker's rule: loopback registries may be plain HTTP
         failure: Exception | None = None
+        tls_failure: ssl.SSLError | None = None
         for scheme in schemes:
             try:
                 response = self._http.get(f"{scheme}://{self.host}/v2/")
             except httpx.TransportError as exc:
                 failure = exc
+                tls_failure = tls_failure or _ssl_error(exc)
                 continue
             if response.status_code == 401:
                 self._auth.learn(response)
             elif response.status_code != 200:
+                # A TLS registry answers plain HTTP with 400: the real problem
+                # is the certificate that HTTPS could not verify.
+                if tls_failure is not None:
+                    raise _tls_error(self.host, tls_failure)
                 raise UnavailableError(
                     f"{self.host} is not an OCI registry (GET /v2/ gave {response.status_code})"
                 )
             return f"{scheme}://{self.host}"
+        if tls_failure is not None:
+            raise _tls_error(self.host, tls_failure)
         raise UnavailableError(f"registry {self.host} unreachable: {failure}")
 
     # -- manifests ---------------------------------------------------------
@@ -214,53 +230,81 @@ class RegistryClient:
 
         The registry checks the digest when the upload is finished, so a
         corrupt or truncated stream never becomes a blob.
+
+        A failed monolithic PUT is retried in a new upload session: the
+        distribution registry keeps whatever part of a broken request body
+        reached it, and then refuses the session whose state (offset) no
+        longer matches (BLOB_UPLOAD_INVALID), so the old one cannot be reused.
         """
         scopes = (_scope(repository, "pull,push"),)
+        chunked = bool(self.options.chunk_size) and size > 0
+        failures = 0
+        while True:
+            upload = _Upload(self._start_upload(repository, digest))
+            try:
+                if chunked:
+                    self._patch_chunks(repository, digest, upload, size, opener, progress)
+                    body: Body | None = None
+                    headers = {"Content-Length": "0"}
+                else:
+
+                    def body() -> Iterator[bytes]:
+                        with opener() as stream:
+                            yield from _exactly(stream, size, progress)
+
+                    headers = {
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(size),
+                    }
+                self._request(
+                    "PUT",
+                    upload.location,
+                    scopes=scopes,
+                    params={"digest": digest},
+                    headers=headers,
+                    body=body,
+                    expect=(201,),
+                    what=f"upload of {digest}",
+                    attempts=ATTEMPTS if chunked else 1,
+                )
+                return
+            except UnavailableError:
+                self._discard(upload.location, scopes)
+                failures += 1
+                if chunked or failures >= ATTEMPTS:
+                    raise
+                time.sleep(BACKOFF * 2**failures)
+            except BaseException:
+                self._discard(upload.location, scopes)
+                raise
+
+    def _start_upload(self, repository: str, digest: str) -> str:
         start = self._request(
             "POST",
             f"/v2/{repository}/blobs/uploads/",
-            scopes=scopes,
+            scopes=(_scope(repository, "pull,push"),),
             expect=(202,),
             what=f"upload of {digest}",
         )
-        location = self._location(start)
-        try:
-            if self.options.chunk_size and size > 0:
-                location = self._patch_chunks(repository, location, size, opener, progress)
-                body: Body | None = None
-                headers = {"Content-Length": "0"}
-            else:
+        return self._location(start)
 
-                def body() -> Iterator[bytes]:
-                    with opener() as stream:
-                        yield from _exactly(stream, size, progress)
-
-                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-            self._request(
-                "PUT",
-                location,
-                scopes=scopes,
-                params={"digest": digest},
-                headers=headers,
-                body=body,
-                expect=(201,),
-                what=f"upload of {digest}",
-            )
-        except BaseException:
-            with contextlib.suppress(TrustplaneError, httpx.HTTPError):
-                self._http.delete(urljoin(self.base, location), headers=self._auth_header(scopes))
-            raise
+    def _discard(self, location: str, scopes: tuple[str, ...]) -> None:
+        with contextlib.suppress(TrustplaneError, httpx.HTTPError):
+            self._http.delete(urljoin(self.base, location), headers=self._auth_header(scopes))
 
     def _patch_chunks(
         self,
         repository: str,
-        location: str,
+        digest: str,
+        upload: _Upload,
         size: int,
         opener: Callable[[], AbstractContextManager[Readable]],
         progress: Callable[[int], object] | None,
-    ) -> str:
+    ) -> None:
         """PATCH the blob in chunks; after a failure, ask where the upload
-        stands and go on from there with a fresh stream."""
+        stands and go on from there with a fresh stream. When the registry
+        has dropped the session (a broken chunk reached it in part, which
+        distribution answers with BLOB_UPLOAD_INVALID), start a new one."""
         chunk_size = self.options.chunk_size or DEFAULT_CHUNK
         scopes = (_scope(repository, "pull,push"),)
         offset = 0
@@ -277,33 +321,48 @@ class RegistryClient:
                     try:
                         response = self._request(
                             "PATCH",
-                            location,
+                            upload.location,
                             scopes=scopes,
                             headers={
                                 "Content-Type": "application/octet-stream",
                                 "Content-Range": f"{offset}-{end}",
                                 "Content-Length": str(len(data)),
                             },
-                            body=data,
+                            # A one-shot stream, not the bytes themselves: httpx's
+                            # Response <-> stream reference cycle keeps each Request,
+                            # and a bytes body with it, alive until the cyclic GC
+                            # runs, which big buffers do not trigger.
+                            body=functools.partial(iter, (data,)),
                             expect=(202,),
-                            what="chunk upload",
+                            what=f"chunk at byte {offset}",
                             attempts=1,
                         )
-                    except UnavailableError:
+                    except UnavailableError as exc:
                         failures += 1
                         if failures >= ATTEMPTS:
-                            raise
+                            last = str(exc).removeprefix(f"registry {self.host}: ")
+                            raise UnavailableError(
+                                f"registry {self.host}: chunked upload of {digest} failed "
+                                f"{failures} times; the last one: {last}"
+                            ) from None
                         time.sleep(BACKOFF * 2**failures)
-                        offset = self._resume_offset(repository, location)
+                        try:
+                            offset, upload.location = self._upload_status(
+                                repository, upload.location
+                            )
+                        except NotFoundError:
+                            self._discard(upload.location, scopes)
+                            upload.location = self._start_upload(repository, digest)
+                            offset = 0
                         break
-                    location = self._location(response)
+                    upload.location = self._location(response)
                     offset = end + 1
                     if progress is not None:
                         progress(len(data))
-        return location
 
-    def _resume_offset(self, repository: str, location: str) -> int:
-        """Where the registry says an interrupted upload stands (Range: 0-N)."""
+    def _upload_status(self, repository: str, location: str) -> tuple[int, str]:
+        """Where the registry says an interrupted upload stands (Range: 0-N),
+        and the Location to go on with."""
         response = self._request(
             "GET",
             location,
@@ -311,8 +370,15 @@ class RegistryClient:
             expect=(204,),
             what="upload status",
         )
-        _, _, last = response.headers.get("Range", "0--1").partition("-")
-        return int(last) + 1
+        header = response.headers.get("Range", "0-0")
+        first, _, last = header.partition("-")
+        if first != "0" or not last.isdigit():
+            raise MalformedError(f"registry {self.host} sent an invalid upload Range {header!r}")
+        # Inclusive range, but distribution clamps the end at 0, so an empty
+        # upload reads "0-0" as well: take that as nothing received (one
+        # stray byte would have invalidated the session's state instead).
+        end = int(last)
+        return end + 1 if end > 0 else 0, response.headers.get("Location") or location
 
     def _cancel(self, repository: str, response: httpx.Response) -> None:
         with contextlib.suppress(TrustplaneError, httpx.HTTPError):
@@ -428,6 +494,24 @@ def _scope(repository: str, actions: str) -> str:
 
 def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind a transport error, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_error(host: str, failure: ssl.SSLError) -> UnavailableError:
+    reason = getattr(failure, "verify_message", None) or failure.reason or str(failure)
+    return UnavailableError(
+        f"registry {host}: TLS handshake failed ({reason}); give the registry's CA "
+        "bundle, or turn TLS verification off for it"
+    )
 
 
 def _is_loopback(host: str) -> bool:
