@@ -226,7 +226,8 @@ def main() -> None:
         ours, theirs = results[f"trustplane {operation}"], results[f"skopeo {operation}"]
         ours_rate, theirs_rate = size / ours.seconds, size / theirs.seconds
         print(
-            f"{operation}: trustplane {ours_rate / 1e6:6.0f} MB/s (peak RSS {ours.peak_rss_mib:4.0f} MiB)"
+            f"{operation}: trustplane {ours_rate / 1e6:6.0f} MB/s "
+            f"(peak RSS {ours.peak_rss_mib:4.0f} MiB)"
             f" | skopeo {theirs_rate / 1e6:6.0f} MB/s (peak RSS {theirs.peak_rss_mib:4.0f} MiB)"
             f" | ratio {ours_rate / theirs_rate:4.1f}x | {100 * ours_rate / bound:3.0f}% of bound"
         )

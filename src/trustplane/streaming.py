@@ -12,13 +12,9 @@ whatever the size of the layer.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import io
-import mmap
-import os
 import queue
-import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,12 +52,9 @@ OUTPUT = 1
 @dataclass
 class _Slot:
     own: bytearray
-    """The slot's input buffer, used unless the input is a mapped file."""
     output: bytearray | None
     data: memoryview = field(default_factory=lambda: memoryview(b""))
-    """This chunk's input: a view of `own`, or of the mapped source file."""
-    offset: int = -1
-    """Where `data` starts in the mapping, when it is mapped."""
+    """This chunk's input: the filled part of `own`."""
     pending: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,7 +86,6 @@ class _Worker(threading.Thread):
 class _Pipeline:
     def __init__(self, consumers: Sequence[tuple[int, Consumer]], two_sided: bool, depth: int):
         self.error: BaseException | None = None
-        self.mapping: mmap.mmap | None = None
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         for _ in range(depth):
             output = bytearray(CHUNK_SIZE + TRANSFORM_SLACK) if two_sided else None
@@ -110,12 +102,7 @@ class _Pipeline:
         return self._free.get()
 
     def give_back(self, slot: _Slot) -> None:
-        if self.mapping is not None and slot.offset >= 0 and len(slot.data):
-            # Done with these pages: drop them from our RSS (not from the page
-            # cache), so memory stays flat however large the mapped file is.
-            self.mapping.madvise(mmap.MADV_DONTNEED, slot.offset, len(slot.data))
         slot.data = memoryview(b"")
-        slot.offset = -1
         self._free.put(slot)
 
     def publish(self, slot: _Slot) -> None:
@@ -151,29 +138,18 @@ def pump(
     Each consumer is `(INPUT, fn)` or `(OUTPUT, fn)`; OUTPUT needs a transform.
     Consumers see the chunks in order, each on its own thread. Returns the
     number of bytes read. The first exception from a consumer or the source
-    is re-raised here after every thread has stopped. A regular file is
-    mapped rather than read, which saves copying every byte once.
+    is re-raised here after every thread has stopped.
     """
     if transform is None and any(side == OUTPUT for side, _ in consumers):
         raise ValueError("an OUTPUT consumer needs a transform")
     pipeline = _Pipeline(consumers, transform is not None, depth)
-    mapping = _map(source)
-    mapped: memoryview | None = None
-    start = 0
-    if mapping is not None:
-        pipeline.mapping, start, mapped = mapping
     total = 0
     try:
         while pipeline.error is None:
             slot = pipeline.acquire()
             want = CHUNK_SIZE if limit is None else min(CHUNK_SIZE, limit - total)
-            if mapped is not None:
-                slot.data = mapped[total : total + want]
-                slot.offset = start + total
-            else:
-                n = _read_full(source, memoryview(slot.own)[:want]) if want else 0
-                slot.data = memoryview(slot.own)[:n]
-            n = len(slot.data)
+            n = _read_full(source, memoryview(slot.own)[:want]) if want else 0
+            slot.data = memoryview(slot.own)[:n]
             if n == 0:
                 pipeline.give_back(slot)
                 break
@@ -186,36 +162,9 @@ def pump(
                 progress(n)
     finally:
         pipeline.close()
-        if pipeline.mapping is not None:
-            _unmap(pipeline.mapping, mapped)
-    if mapped is not None and hasattr(source, "seek"):
-        source.seek(total, io.SEEK_CUR)  # leave the file where reading would have
     if pipeline.error is not None:
         raise pipeline.error
     return total
-
-
-def _map(source: Readable) -> tuple[mmap.mmap, int, memoryview] | None:
-    """The rest of `source` as a read-only mapping, when it is a regular file:
-    (mapping, offset of the current position in it, view from there)."""
-    try:
-        fd = source.fileno()  # type: ignore[attr-defined]
-        position = source.tell()  # type: ignore[attr-defined]
-        length = os.fstat(fd).st_size - position
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or length <= 0 or position % mmap.PAGESIZE:
-            return None
-        mapping = mmap.mmap(fd, length + position, access=mmap.ACCESS_READ)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-    mapping.madvise(mmap.MADV_WILLNEED)
-    return mapping, position, memoryview(mapping)[position:]
-
-
-def _unmap(mapping: mmap.mmap, view: memoryview | None) -> None:
-    if view is not None:
-        view.release()
-    with contextlib.suppress(BufferError):  # a consumer kept a view: GC unmaps later
-        mapping.close()
 
 
 class DurableSink:

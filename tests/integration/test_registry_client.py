@@ -36,7 +36,7 @@ from trustplane.errors import (
     UnavailableError,
 )
 from trustplane.oci import mediatypes
-from trustplane.oci.auth import Credentials
+from trustplane.oci.credentials import Credentials
 from trustplane.oci.registry import ATTEMPTS, RegistryClient, RegistryOptions
 from trustplane.oci.transport import Endpoint
 from trustplane.streaming import Readable

@@ -24,7 +24,7 @@ from trustplane.images.inspect import inspect_image
 from trustplane.images.recipients import parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.oci import reference
-from trustplane.oci.auth import Credentials
+from trustplane.oci.credentials import Credentials
 from trustplane.oci.transport import Endpoint
 
 

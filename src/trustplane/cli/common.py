@@ -13,7 +13,7 @@ from rich.console import Console
 
 from trustplane.crypto.keys import UnwrapKey, load_unwrap_key
 from trustplane.errors import NotFoundError, UsageError
-from trustplane.oci.auth import Credentials
+from trustplane.oci.credentials import Credentials
 from trustplane.oci.transport import Endpoint
 
 stdout = Console(highlight=False, soft_wrap=True)

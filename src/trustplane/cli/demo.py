@@ -41,7 +41,7 @@ from trustplane.images.inspect import inspect_image
 from trustplane.images.recipients import Recipient, parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.oci import reference
-from trustplane.oci.auth import Credentials
+from trustplane.oci.credentials import Credentials
 from trustplane.oci.layout import Layout, blob_path
 from trustplane.oci.model import parse_manifest
 from trustplane.oci.transport import Endpoint

@@ -1,8 +1,5 @@
-"""Registry credentials and the distribution auth flows (Basic, Bearer token).
+"""The distribution auth flows: Basic, and Bearer tokens.
 
-Credentials come from, in order: what the command line gives, the auth file
-named by `--authfile` or `$REGISTRY_AUTH_FILE`, containers' `auth.json`, and
-Docker's `~/.docker/config.json` (`auths.HOST.auth` = base64 "user:pass").
 Bearer tokens follow docs/spec/auth/token.md of the distribution project:
 on a 401 with `WWW-Authenticate: Bearer realm=...,service=...,scope=...`,
 GET the realm with service and scope (Basic credentials if we have them)
@@ -11,71 +8,18 @@ and retry with the token, cached per scope until it expires.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import os
 import re
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
-from trustplane.errors import AuthError, MalformedError, UnavailableError
+from trustplane.errors import AuthError, UnavailableError
+from trustplane.oci.credentials import Credentials
 
 _PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 MIN_TOKEN_LIFETIME = 60
 """Seconds; the token spec says clients should assume this when none is given."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
-
-    @classmethod
-    def parse(cls, text: str) -> Credentials:
-        username, sep, password = text.partition(":")
-        if not sep or not username:
-            raise MalformedError("credentials must be USER:PASSWORD")
-        return cls(username, password)
-
-    def basic_header(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-
-def auth_files(explicit: Path | None = None) -> list[Path]:
-    candidates = []
-    if explicit is not None:
-        candidates.append(explicit)
-    if env := os.environ.get("REGISTRY_AUTH_FILE"):
-        candidates.append(Path(env))
-    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
-        candidates.append(Path(runtime) / "containers" / "auth.json")
-    candidates.append(Path.home() / ".docker" / "config.json")
-    return candidates
-
-
-def lookup_credentials(host: str, files: Iterable[Path]) -> Credentials | None:
-    """The first stored credentials for `host`; unreadable files are errors."""
-    for path in files:
-        if not path.is_file():
-            continue
-        try:
-            auths = json.loads(path.read_text()).get("auths", {})
-        except (OSError, ValueError, AttributeError):
-            raise MalformedError(f"{path}: not a valid auth file") from None
-        for key in (host, f"https://{host}", f"http://{host}"):
-            entry = auths.get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-                try:
-                    return Credentials.parse(base64.b64decode(entry["auth"]).decode())
-                except (binascii.Error, UnicodeDecodeError):
-                    raise MalformedError(f"{path}: credentials for {host} are not base64") from None
-    return None
 
 
 @dataclass(frozen=True)

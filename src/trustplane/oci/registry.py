@@ -41,7 +41,8 @@ from trustplane.errors import (
     UnavailableError,
 )
 from trustplane.oci import mediatypes
-from trustplane.oci.auth import Authenticator, Credentials
+from trustplane.oci.auth import Authenticator
+from trustplane.oci.credentials import Credentials
 from trustplane.oci.model import MAX_MANIFEST_SIZE, verify_digest
 from trustplane.streaming import ChunkReader, Readable, iter_chunks, read_upto
 

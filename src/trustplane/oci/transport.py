@@ -22,16 +22,18 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeGuard
+from typing import IO, TYPE_CHECKING, TypeGuard
 
 from trustplane.errors import IntegrityError, UnsupportedError
 from trustplane.oci import daemon, docker_archive, mediatypes
-from trustplane.oci.auth import Credentials, auth_files, lookup_credentials
+from trustplane.oci.credentials import Credentials, auth_files, lookup_credentials
 from trustplane.oci.layout import Layout, LayoutWriter
 from trustplane.oci.model import MAX_MANIFEST_SIZE, Descriptor, parse_manifest, verify_digest
 from trustplane.oci.reference import DaemonRef, ImageRef, LayoutRef, RegistryRef
-from trustplane.oci.registry import RegistryClient, RegistryOptions
 from trustplane.streaming import INPUT, Readable, pump, read_upto
+
+if TYPE_CHECKING:
+    from trustplane.oci.registry import RegistryClient, RegistryOptions
 
 Progress = Callable[[int], object] | None
 
@@ -47,6 +49,10 @@ class Endpoint:
     chunk_size: int | None = None
 
     def registry_options(self, host: str) -> RegistryOptions:
+        # Imported here: httpx is a tenth of the start-up time, and only
+        # docker:// references need it.
+        from trustplane.oci.registry import RegistryOptions
+
         credentials = self.credentials or lookup_credentials(host, auth_files(self.authfile))
         return RegistryOptions(
             tls_verify=self.tls_verify,
@@ -54,6 +60,11 @@ class Endpoint:
             credentials=credentials,
             chunk_size=self.chunk_size,
         )
+
+    def client(self, host: str) -> RegistryClient:
+        from trustplane.oci.registry import RegistryClient
+
+        return RegistryClient(host, self.registry_options(host))
 
 
 class ImageSource(ABC):
@@ -198,7 +209,7 @@ class RegistrySource(ImageSource):
     def __init__(self, ref: RegistryRef, endpoint: Endpoint) -> None:
         super().__init__(ref)
         self.registry_ref = ref
-        self.client = RegistryClient(ref.host, endpoint.registry_options(ref.host))
+        self.client = endpoint.client(ref.host)
 
     def top_manifest(self) -> tuple[bytes, str]:
         return self.client.get_manifest(self.registry_ref.repository, self.registry_ref.reference)
@@ -217,7 +228,7 @@ class RegistryDestination(ImageDestination):
     def __init__(self, ref: RegistryRef, endpoint: Endpoint) -> None:
         super().__init__(ref)
         self.registry_ref = ref
-        self.client = RegistryClient(ref.host, endpoint.registry_options(ref.host))
+        self.client = endpoint.client(ref.host)
         self._staging = Path(tempfile.mkdtemp(prefix="trustplane-push-"))
 
     @property
