@@ -39,7 +39,8 @@ class Readable(Protocol):
 
 
 Consumer = Callable[[memoryview], object]
-"""Receives each chunk in order: a hash's `update`, a file's `write`."""
+"""Receives each chunk in order: a hash's `update`, a file's `write`. The view
+is only valid during the call (its buffer is reused): copy what you keep."""
 
 TRANSFORM_SLACK = 64
 
@@ -106,6 +107,9 @@ class _Pipeline:
         self._free.put(slot)
 
     def publish(self, slot: _Slot) -> None:
+        if not self._workers:  # nobody will release it: it is free again at once
+            self.give_back(slot)
+            return
         slot.pending = len(self._workers)
         for worker in self._workers:
             worker.inbox.put(slot)

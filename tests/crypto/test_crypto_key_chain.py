@@ -102,9 +102,12 @@ def test_single_layer_chain_and_chain_below_zero() -> None:
     assert chain_below(only, 0) == [only]
 
 
-@pytest.mark.parametrize(("upper", "index"), [(bytes(31), 0), (bytes(33), 0), (bytes(32), -1)])
-def test_derive_lower_rejects_bad_input(upper: bytes, index: int) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("upper", "index", "message"),
+    [(bytes(31), 0, "32 bytes"), (bytes(33), 0, "32 bytes"), (bytes(32), -1, "non-negative")],
+)
+def test_derive_lower_rejects_bad_input(upper: bytes, index: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         derive_lower(upper, index)
 
 

@@ -55,6 +55,11 @@ def stranger() -> Pair:
     return Pair(ec.generate_private_key(ec.SECP256R1()), "stranger.pem")
 
 
+@pytest.fixture(scope="module")
+def rsa_stranger() -> Pair:
+    return Pair(rsa.generate_private_key(public_exponent=65537, key_size=2048), "other-rsa.pem")
+
+
 def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -185,6 +190,18 @@ def test_a_key_that_is_not_a_recipient_gets_none(
     assert unwrap(both, [], "l") is None
     # A recipient among strangers still opens it, whatever the order.
     assert unwrap(both, [stranger.unwrap, ec_pair.unwrap], "l") == PAYLOAD
+
+
+def test_a_key_of_the_same_kind_that_is_not_a_recipient_gets_none(
+    rsa_pair: Pair, ec_pair: Pair, ec384_pair: Pair, stranger: Pair, rsa_stranger: Pair
+) -> None:
+    """OAEP or AES key unwrap fails for these: that is "not for you", never tampering."""
+    assert unwrap(wrap(PAYLOAD, [rsa_pair.recipient]), [rsa_stranger.unwrap], "l") is None
+    assert unwrap(wrap(PAYLOAD, [ec384_pair.recipient]), [stranger.unwrap], "l") is None
+    skopeo_style = _skopeo_style([rsa_pair])
+    assert unwrap(skopeo_style, [rsa_stranger.unwrap], "l") is None
+    skopeo_style = _skopeo_style([ec_pair])
+    assert unwrap(skopeo_style, [stranger.unwrap], "l") is None
 
 
 def _tamper(serialized: str, field: str) -> str:

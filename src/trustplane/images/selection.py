@@ -5,7 +5,9 @@ adds or changes a file (anything but a directory or a whiteout) whose
 absolute path matches GLOB (`**` crosses directories, `*` and `?` do not,
 `{a,b}` alternates, and dotfiles match). Reading a layer to list its files
 also checks its digest, so the choice rests on the layer that will be
-encrypted, not on whatever a registry sent the first time.
+encrypted, not on whatever a registry sent the first time. Paths are matched
+as the layer writes them: a file reached through a symlink made in another
+layer (`/data -> /secrets`, then `/data/key`) is matched as `/data/key`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from wcmatch import glob
 
 from trustplane.errors import IntegrityError, UsageError
 from trustplane.oci import mediatypes
-from trustplane.oci.compression import decompressed
+from trustplane.oci.compression import DECOMPRESSION_ERRORS, decompressed
 from trustplane.oci.model import Descriptor
 from trustplane.oci.transport import ImageSource
 from trustplane.streaming import Readable, ReadableFile
@@ -97,7 +99,7 @@ def layer_files(
         try:
             with tarfile.open(fileobj=stream, mode="r|") as archive:
                 files = list(_paths(archive))
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, *DECOMPRESSION_ERRORS) as exc:
             raise IntegrityError(
                 f"layer {layer.digest} is not a valid tar archive: {exc}"
             ) from None
@@ -110,7 +112,9 @@ def layer_files(
 
 def _paths(archive: tarfile.TarFile) -> Iterable[str]:
     for member in archive:
-        name = posixpath.normpath("/" + member.name)
+        # lstrip: normpath keeps a leading "//" (POSIX), and an absolute member
+        # name unpacks to the same place as a relative one.
+        name = posixpath.normpath("/" + member.name.lstrip("/"))
         if member.isdir() or posixpath.basename(name).startswith(WHITEOUT):
             continue
         yield name

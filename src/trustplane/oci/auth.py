@@ -18,6 +18,8 @@ from trustplane.errors import AuthError, UnavailableError
 from trustplane.oci.credentials import Credentials
 
 _PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+"""RFC 9110 5.6.4: inside a quoted string a backslash quotes the next character."""
 MIN_TOKEN_LIFETIME = 60
 """Seconds; the token spec says clients should assume this when none is given."""
 
@@ -31,7 +33,9 @@ class Challenge:
     def parse(cls, header: str) -> Challenge:
         scheme, _, rest = header.strip().partition(" ")
         params = {
-            m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+            m.group(1).lower(): (
+                _QUOTED_PAIR.sub(r"\1", m.group(2)) if m.group(2) is not None else m.group(3)
+            )
             for m in _PARAM.finditer(rest)
         }
         return cls(scheme.lower(), params)

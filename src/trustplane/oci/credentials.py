@@ -8,7 +8,6 @@ or `$REGISTRY_AUTH_FILE`, containers' `auth.json`, and Docker's
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 from collections.abc import Iterable
@@ -54,6 +53,8 @@ def lookup_credentials(host: str, files: Iterable[Path]) -> Credentials | None:
             continue
         try:
             auths = json.loads(path.read_text()).get("auths", {})
+            if not isinstance(auths, dict):
+                raise ValueError("auths is not an object")
         except (OSError, ValueError, AttributeError):
             raise MalformedError(f"{path}: not a valid auth file") from None
         for key in (host, f"https://{host}", f"http://{host}"):
@@ -61,6 +62,6 @@ def lookup_credentials(host: str, files: Iterable[Path]) -> Credentials | None:
             if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
                 try:
                     return Credentials.parse(base64.b64decode(entry["auth"]).decode())
-                except (binascii.Error, UnicodeDecodeError):
+                except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII input
                     raise MalformedError(f"{path}: credentials for {host} are not base64") from None
     return None

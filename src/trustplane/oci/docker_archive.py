@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -108,6 +109,9 @@ def archive_to_layout(stream: IO[bytes], root: Path, tag: str = "latest") -> Man
     )
     atomic_write(root / "index.json", Index(schema_version=2, manifests=(entry,)).to_bytes())
     atomic_write(root / LAYOUT_FILE, LAYOUT_VERSION)
+    # What was not moved into blobs/ (manifest.json, repositories, legacy
+    # per-layer json, duplicates) is not part of the layout.
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 

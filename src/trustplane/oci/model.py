@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -77,7 +78,7 @@ class Platform(_Model):
 class Descriptor(_Model):
     media_type: str = Field(alias="mediaType")
     digest: Digest
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, strict=True)  # as Go: "12", true or 12.0 is not an int64
     urls: tuple[str, ...] | None = None
     annotations: dict[str, str] | None = None
     data: str | None = None
@@ -158,10 +159,21 @@ def _validate(model: type[_M], obj: dict[str, Any], what: str) -> _M:
         raise MalformedError(f"{what}: invalid {where}: {first['msg']}") from None
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: Go refuses it, and we could not print it
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = json.loads(data, parse_float=_finite, parse_constant=_no_constant)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, and the two above
         raise MalformedError(f"{what}: not valid JSON") from None
     if not isinstance(obj, dict):
         raise MalformedError(f"{what}: not a JSON object")

@@ -20,6 +20,10 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+_REF_NAME = re.compile(
+    r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*"
+)
+"""The image layout spec's grammar for org.opencontainers.image.ref.name."""
 _HOST = re.compile(r"(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?")
 
 
@@ -110,15 +114,14 @@ def parse_registry(text: str) -> RegistryRef:
 
 
 def _parse_layout(rest: str, text: str) -> LayoutRef:
-    if not rest:
+    # As skopeo does: the path ends at the first colon, and the rest is the
+    # image's ref.name, which may itself hold colons (`oci:dir:busybox:1`).
+    path, sep, tag = rest.partition(":")
+    if not path:
         raise UsageError(f"{text!r}: oci: needs a directory")
-    path, tag = rest, None
-    head, sep, tail = rest.rpartition(":")
-    if sep and head and "/" not in tail:
-        path, tag = head, tail
-        if not _TAG.fullmatch(tag):
-            raise UsageError(f"{text!r}: invalid tag {tag!r}")
-    return LayoutRef(path=Path(path), tag=tag)
+    if sep and not _REF_NAME.fullmatch(tag):
+        raise UsageError(f"{text!r}: invalid tag {tag!r}")
+    return LayoutRef(path=Path(path), tag=tag if sep else None)
 
 
 def _parse_daemon(rest: str, text: str) -> DaemonRef:
