@@ -14,7 +14,8 @@ import zlib
 from pathlib import Path
 
 import docker
-from conftest import APP_SECRET, KeyPair
+from conftest import APP_SECRET, KeyPair, run_skopeo
+from oci_helpers import manifest
 
 from trustplane.crypto.keys import load_unwrap_key
 from trustplane.embedded.registry import RunningRegistry
@@ -85,3 +86,51 @@ def test_publish_encrypted_and_pull_into_docker(
     assert output == APP_SECRET
     pulled = docker_client.images.get("trustplane/app:from-registry")
     assert pulled.id == docker_client.images.get(app_image).id  # the very same image id
+
+
+def test_docker_schema2_source_is_encrypted_as_oci(
+    app_image: str,
+    keys: dict[str, KeyPair],
+    registry_plain: RunningRegistry,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    """Encrypted layers under Docker media types are undecryptable (skopeo's
+    `--format v2s2` makes such images); trustplane converts to OCI first."""
+    source = f"docker://{registry_plain.host}/flow/v2s2:1"
+    run_skopeo(
+        "copy", "--format", "v2s2", "--dest-tls-verify=false", f"docker-daemon:{app_image}", source
+    )
+    encrypted = tmp_path / "enc"
+    result = encrypt_image(
+        EncryptRequest(
+            source=reference.parse(source),
+            destination=reference.parse(f"oci:{encrypted}:v1"),
+            recipients=[parse_recipient(f"jwe:{keys['ec-p384'].public}")],
+            selector=LayerSelector.parse(["path:/secrets/**"]),
+        )
+    )
+    assert result.converted_from_docker
+    doc = manifest(encrypted, "v1")
+    types = [doc["mediaType"], doc["config"]["mediaType"], *(x["mediaType"] for x in doc["layers"])]
+    assert not any("docker" in t for t in types), types
+    assert doc["layers"][2]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
+
+    run_skopeo(
+        "copy",
+        "--decryption-key",
+        str(keys["ec-p384"].private),
+        f"oci:{encrypted}:v1",
+        f"oci:{tmp_path / 'dec'}:v1",
+    )
+    decrypt_image(
+        DecryptRequest(
+            source=reference.parse(f"oci:{encrypted}:v1"),
+            destination=reference.parse("docker-daemon:trustplane/app:from-v2s2"),
+            keys=[load_unwrap_key(keys["ec-p384"].private.read_bytes(), "ec-p384")],
+        )
+    )
+    output = docker_client.containers.run(
+        "trustplane/app:from-v2s2", ["cat", "/secrets/token"], remove=True
+    )
+    assert output == APP_SECRET
