@@ -49,6 +49,10 @@ class AuthError(TrustplaneError):
     exit_code = ExitCode.AUTH
 
 
+class Forbidden(AuthError):
+    """Authenticated, and refused by an ACL or the policy (HTTP 403)."""
+
+
 class IntegrityError(TrustplaneError):
     """Content does not match what authenticates it (digest, HMAC, signature).
 

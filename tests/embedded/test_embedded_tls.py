@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustplane.embedded.tls import (
     create_ca,
     create_token_signing_key,
+    issue_client_cert,
     issue_server_cert,
     libtrust_key_id,
 )
@@ -55,3 +56,17 @@ def test_token_signing_key_id_is_libtrust_fingerprint(tmp_path: Path) -> None:
     assert isinstance(public, ec.EllipticCurvePublicKey)
     assert signer.key_id == libtrust_key_id(public)
     assert re.fullmatch(r"[A-Z2-7]{4}(:[A-Z2-7]{4}){11}", signer.key_id)
+
+
+def test_client_cert_is_for_client_auth_with_its_common_name(tmp_path: Path) -> None:
+    ca = create_ca(tmp_path / "ca")
+    client = issue_client_cert(ca, tmp_path / "cli", "kms", common_name="trustplane-kms")
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
+    cert = x509.load_pem_x509_certificate(client.cert_file.read_bytes())
+    cert.verify_directly_issued_by(ca_cert)
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    common_name = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    assert common_name[0].value == client.common_name == "trustplane-kms"
+    assert stat.S_IMODE(client.key_file.stat().st_mode) == 0o600
+    assert client.ca_file == ca.cert_file

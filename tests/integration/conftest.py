@@ -18,9 +18,14 @@ from typing import NoReturn
 
 import docker
 import pytest
+
+# Session fixture `postgres` (a private PostgreSQL on 127.0.0.1); see pg_fixture.py.
+from pg_fixture import postgres  # noqa: F401
 from token_server import TokenServer
 
+from trustplane.client import ControlClient
 from trustplane.crypto.keys import generate_key_pair
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
 from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
 from trustplane.embedded.sample_images import build_app_image, import_busybox_base
@@ -212,3 +217,24 @@ def run_skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
     if check and result.returncode != 0:
         pytest.fail(f"skopeo {' '.join(args)} failed: {result.stderr.strip()}")
     return result
+
+
+# -- the control plane ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def control_plane(work_dir: Path) -> Iterator[RunningControlPlane]:
+    """`trustplane server` on loopback with nothing but a data directory."""
+    try:
+        server = start_control_plane(work_dir / "control-plane")
+    except TrustplaneError as exc:
+        component_missing("trustplane server", str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def admin(control_plane: RunningControlPlane) -> Iterator[ControlClient]:
+    client = control_plane.admin()
+    yield client
+    client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,12 +26,15 @@ from trustplane.cli.common import (
     stderr,
     stdout,
 )
+from trustplane.cli.session import Ca, Server, connect
+from trustplane.errors import UsageError
 from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.inspect import inspect_image
 from trustplane.images.recipients import parse_recipient
 from trustplane.images.selection import LayerSelector
+from trustplane.keys.remote import KmsUnwrapper
 from trustplane.oci import reference
 from trustplane.progress import Reporter
 
@@ -72,14 +76,40 @@ def encrypt(
     dest_cacert: DestCaCert = None,
     dest_creds: DestCreds = None,
     dest_chunk_size: ChunkSize = None,
+    register: Annotated[
+        bool | None,
+        typer.Option(
+            help="Register the published image with the control plane "
+            "(default: when a kms: recipient is used)."
+        ),
+    ] = None,
+    image_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name to register under (default: HOST/REPO of a docker:// destination)."
+        ),
+    ] = None,
+    server: Server = None,
+    ca: Ca = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Encrypt the sensitive layers of an image for the given recipients (ocicrypt format)."""
+    uses_kms = any(spec.startswith("kms:") for spec in recipient)
+    client = connect(server, ca) if uses_kms or register else None
+    target = reference.parse(destination)
+    name = image_name or _repository(target)
+    if client is not None and (register or (register is None and uses_kms)) and name is None:
+        raise UsageError("registering needs --image-name for a destination that is not docker://")
+
+    def kms_key(key_name: str) -> bytes:
+        assert client is not None
+        return str(client.recipient(key_name)["public_key"]).encode()
+
     request = EncryptRequest(
         source=reference.parse(source),
-        destination=reference.parse(destination),
-        recipients=[parse_recipient(spec) for spec in recipient],
+        destination=target,
+        recipients=[parse_recipient(spec, kms_key) for spec in recipient],
         selector=LayerSelector.parse(layers or []),
         protect_config=protect_config,
         platform=platform,
@@ -90,9 +120,18 @@ def encrypt(
     )
     with Reporter(enabled=not quiet) as reporter:
         result = encrypt_image(request, reporter)
+    log_index = None
+    if client is not None and (register or (register is None and uses_kms)):
+        assert name is not None
+        with client:
+            log_index = client.register_image(
+                name, result.manifest_digest, [asdict(layer) for layer in result.layers]
+            )["log_index"]
+        stderr.print(f"registered {name} with the control plane (log entry {log_index})")
     if as_json:
         emit_json(
             {
+                "registeredLogIndex": log_index,
                 "manifestDigest": result.manifest_digest,
                 "encryptedLayers": list(result.encrypted_layers),
                 "layerCount": result.layer_count,
@@ -114,7 +153,15 @@ def encrypt(
 def decrypt(
     source: Source,
     destination: Destination,
-    key: Keys,
+    key: Annotated[
+        list[Path] | None,
+        typer.Option("--key", "-k", help="Private key (PEM) that may unwrap layer keys."),
+    ] = None,
+    kms: Annotated[
+        str | None,
+        typer.Option(help="Control plane URL whose KMS unwraps layer keys for us (after login)."),
+    ] = None,
+    ca: Ca = None,
     key_passphrase_file: Passphrase = None,
     truncate: Annotated[
         bool,
@@ -136,10 +183,12 @@ def decrypt(
     as_json: AsJson = False,
 ) -> None:
     """Decrypt an image; every layer is verified before any byte is written."""
+    remote = [KmsUnwrapper(connect(kms, ca))] if kms else []
     request = DecryptRequest(
         source=reference.parse(source),
         destination=reference.parse(destination),
-        keys=load_keys(key, key_passphrase_file),
+        keys=load_keys(key or [], key_passphrase_file),
+        remote=remote,
         truncate=truncate,
         platform=platform,
         source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
@@ -225,6 +274,12 @@ def inspect(
         emit_json(info)
         return
     _print_inspection(info)
+
+
+def _repository(ref: reference.ImageRef) -> str | None:
+    if isinstance(ref, reference.RegistryRef):
+        return f"{ref.host}/{ref.repository}"
+    return None
 
 
 def _print_inspection(info: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from trustplane import __version__
-from trustplane.cli import image, key
+from trustplane.cli import admin, image, key, kms, log, server
 from trustplane.errors import ExitCode, TrustplaneError
 
 app = typer.Typer(
@@ -27,6 +27,15 @@ app = typer.Typer(
 )
 app.add_typer(image.app, name="image")
 app.add_typer(key.app, name="key")
+app.add_typer(log.app, name="log")
+app.add_typer(kms.secret_app, name="secret")
+app.add_typer(kms.recipient_app, name="recipient")
+app.add_typer(kms.kek_app, name="kek")
+app.add_typer(admin.user_app, name="user")
+app.add_typer(admin.node_app, name="node")
+app.command()(admin.authorize)
+app.command()(server.server)
+app.command()(server.login)
 
 
 @app.command()

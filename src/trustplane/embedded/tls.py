@@ -147,6 +147,65 @@ def issue_server_cert(
     return result
 
 
+@dataclass(frozen=True)
+class ClientCertificate:
+    """PEM paths of a TLS client certificate, its key and the CA that issued it."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    common_name: str
+
+
+def issue_client_cert(
+    ca: CertificateAuthority,
+    directory: Path,
+    name: str,
+    *,
+    common_name: str | None = None,
+    valid_days: int = LEAF_VALID_DAYS,
+) -> ClientCertificate:
+    """Issue a TLS client certificate (extended key usage clientAuth) for mutual TLS.
+
+    Writes NAME.pem and NAME-key.pem into `directory`. Servers that map a
+    certificate to an identity (the KMIP server uses the common name as the
+    owner of the keys it creates) see `common_name`, which defaults to `name`.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = _load_ec_key(ca.key_file)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cn = common_name if common_name is not None else name
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    result = ClientCertificate(
+        cert_file=directory / f"{name}.pem",
+        key_file=directory / f"{name}-key.pem",
+        ca_file=ca.cert_file,
+        common_name=cn,
+    )
+    _write_key(result.key_file, key)
+    _write_public(result.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    return result
+
+
 def create_token_signing_key(
     directory: Path,
     name: str = "token-signer",

@@ -13,6 +13,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import UnwrapKey
@@ -29,11 +30,19 @@ from trustplane.oci.transport import Endpoint, open_destination, open_source
 from trustplane.progress import SILENT, Reporter
 
 
+class Unwrapper(Protocol):
+    """Somewhere else that can open a layer's key wrapping (the KMS)."""
+
+    def open_layer(self, annotation: str, what: str) -> bytes | None:
+        """The private options, or None when this caller may not have them."""
+
+
 @dataclass(frozen=True)
 class DecryptRequest:
     source: ImageRef
     destination: ImageRef
-    keys: Sequence[UnwrapKey]
+    keys: Sequence[UnwrapKey] = ()
+    remote: Sequence[Unwrapper] = ()
     truncate: bool = True
     """Give the image cut below the first layer the keys cannot open (else fail)."""
     platform: str | None = None
@@ -58,13 +67,13 @@ class OpenedLayer:
 
 
 def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> DecryptResult:
-    if not request.keys:
-        raise DecryptionKeyError("give at least one --key")
+    if not request.keys and not request.remote:
+        raise DecryptionKeyError("give at least one --key, or --kms")
     source = open_source(request.source, request.source_endpoint)
     try:
         image = resolve(source, request.platform)
         layers = image.manifest.layers
-        opened, limit = _unwrap_all(layers, request.keys, str(request.source))
+        opened, limit = _unwrap_all(layers, request.keys, request.remote, str(request.source))
         if limit < len(layers) and not request.truncate:
             raise DecryptionKeyError(
                 f"{request.source}: the keys cannot open layer {limit} of {len(layers)}"
@@ -121,13 +130,16 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
 
 
 def _unwrap_all(
-    layers: Sequence[Descriptor], keys: Sequence[UnwrapKey], name: str
+    layers: Sequence[Descriptor],
+    keys: Sequence[UnwrapKey],
+    remote: Sequence[Unwrapper],
+    name: str,
 ) -> tuple[dict[int, OpenedLayer], int]:
     """The options of each layer the keys open, bottom up, and where they stop."""
     opened: dict[int, OpenedLayer] = {}
     encrypted = [i for i, layer in enumerate(layers) if layer.is_encrypted]
     for index in encrypted:
-        state = unwrap_layer(layers[index], keys, f"{name}: layer {index}")
+        state = unwrap_layer(layers[index], keys, f"{name}: layer {index}", remote)
         if state is None:
             if index == 0:
                 raise DecryptionKeyError(f"{name}: none of the given keys can open layer 0")
@@ -136,7 +148,9 @@ def _unwrap_all(
     return opened, len(layers)
 
 
-def unwrap_layer(layer: Descriptor, keys: Sequence[UnwrapKey], what: str) -> OpenedLayer | None:
+def unwrap_layer(
+    layer: Descriptor, keys: Sequence[UnwrapKey], what: str, remote: Sequence[Unwrapper] = ()
+) -> OpenedLayer | None:
     jwe_value = layer.annotation(ENC_KEYS_JWE)
     pubopts = layer.annotation(ENC_PUBOPTS)
     if jwe_value is None:
@@ -149,10 +163,14 @@ def unwrap_layer(layer: Descriptor, keys: Sequence[UnwrapKey], what: str) -> Ope
     if pubopts is None:
         raise MalformedError(f"{what}: encrypted layer without a {ENC_PUBOPTS} annotation")
     public = PublicOptions.from_json(_unb64(pubopts, f"{what}: public options"))
-    for token in jwe_value.split(","):
+    for token in jwe_value.split(",") if keys else ():
         payload = keywrap.unwrap(
             _unb64(token, f"{what}: JWE").decode("utf-8", "replace"), keys, what
         )
+        if payload is not None:
+            return OpenedLayer(private=PrivateOptions.from_json(payload), public=public)
+    for unwrapper in remote:
+        payload = unwrapper.open_layer(jwe_value, what)
         if payload is not None:
             return OpenedLayer(private=PrivateOptions.from_json(payload), public=public)
     return None

@@ -42,11 +42,22 @@ class EncryptRequest:
 
 
 @dataclass(frozen=True)
+class LayerRecord:
+    """What the control plane registers: the plain digest at each index."""
+
+    index: int
+    digest: str
+    encrypted: bool
+    diff_id: str
+
+
+@dataclass(frozen=True)
 class EncryptResult:
     manifest_digest: str
     encrypted_layers: tuple[int, ...]
     layer_count: int
     converted_from_docker: bool
+    layers: tuple[LayerRecord, ...] = ()
 
 
 def encrypt_image(request: EncryptRequest, reporter: Reporter = SILENT) -> EncryptResult:
@@ -148,6 +159,10 @@ def encrypt_image(request: EncryptRequest, reporter: Reporter = SILENT) -> Encry
         encrypted_layers=tuple(sorted(selected)),
         layer_count=len(layers),
         converted_from_docker=image.converted,
+        layers=tuple(
+            LayerRecord(index, layer.digest, index in selected, config.diff_ids[index])
+            for index, layer in enumerate(layers)
+        ),
     )
 
 

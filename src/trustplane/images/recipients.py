@@ -1,4 +1,5 @@
-"""Who may open an encrypted image, and how far: `jwe:KEY.pem[:tier=N]`.
+"""Who may open an encrypted image, and how far: `jwe:KEY.pem[:tier=N]`, or
+`kms:NAME[:tier=N]` for a recipient whose private key stays in the KMS.
 
 A recipient with `tier=N` gets the layers up to index N (0-based); without a
 tier it gets every layer. Each encrypted layer's JWE names exactly the
@@ -9,7 +10,7 @@ opens exactly those layers.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,20 @@ class Recipient:
         return self.tier is None or layer <= self.tier
 
 
-def parse_recipient(spec: str) -> Recipient:
+def parse_recipient(spec: str, kms: Callable[[str], bytes] | None = None) -> Recipient:
+    """`kms` fetches a KMS recipient's public key (PEM) by name."""
     scheme, sep, rest = spec.partition(":")
-    if not sep or scheme != "jwe" or not rest:
-        raise UsageError(f"--recipient {spec!r}: expected jwe:PUBKEY.pem[:tier=N]")
+    if not sep or scheme not in ("jwe", "kms") or not rest:
+        raise UsageError(
+            f"--recipient {spec!r}: expected jwe:PUBKEY.pem[:tier=N] or kms:NAME[:tier=N]"
+        )
     tier = None
     if match := _TIER.match(rest):
         rest, tier = match["path"], int(match["tier"])
+    if scheme == "kms":
+        if kms is None:
+            raise UsageError(f"--recipient {spec!r}: kms: recipients need a control plane (login)")
+        return Recipient(key=load_recipient_key(kms(rest), f"kms:{rest}"), tier=tier)
     path = Path(rest)
     try:
         data = path.read_bytes()

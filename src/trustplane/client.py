@@ -1,0 +1,227 @@
+"""The control plane's HTTP API, as a client for the CLI, agents and gateways.
+
+Errors come back as the server's one-line message with the matching
+exception class (401 AuthError, 403 Forbidden, 404 NotFoundError, ...), so
+a CLI user sees the server's reason, not an HTTP trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from trustplane.errors import (
+    AuthError,
+    DecryptionKeyError,
+    Forbidden,
+    IntegrityError,
+    MalformedError,
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+    UsageError,
+)
+
+_ERRORS: dict[int, type[TrustplaneError]] = {
+    400: UsageError,
+    401: AuthError,
+    403: Forbidden,
+    404: NotFoundError,
+    409: IntegrityError,
+    422: MalformedError,
+    503: UnavailableError,
+}
+
+
+class ControlClient:
+    def __init__(self, url: str, ca_file: Path | None = None, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        if ca_file is not None and not ca_file.is_file():
+            raise NotFoundError(f"CA certificate {ca_file} does not exist")
+        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self.token = token
+        self._http = httpx.Client(base_url=self.url, verify=verify, timeout=30.0)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            response = self._http.request(method, path, headers=headers, **kwargs)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise AuthError(
+                    f"{self.url}: the server's certificate does not verify; give its CA (--ca)"
+                ) from None
+            raise UnavailableError(f"control plane {self.url} unreachable: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise UnavailableError(f"control plane {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            raise _error(response)
+        return response
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    # -- identity ---------------------------------------------------------------------
+
+    def login(self, username: str, password: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.json(
+            "POST",
+            "/v1/auth/token",
+            json={"grant_type": "password", "username": username, "password": password},
+        )
+        self.token = answer["access_token"]
+        return answer
+
+    def login_node(self, node: str, assertion: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.json(
+            "POST",
+            "/v1/auth/token",
+            json={
+                "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "node": node,
+                "assertion": assertion,
+            },
+        )
+        self.token = answer["access_token"]
+        return answer
+
+    def whoami(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", "/v1/auth/whoami")
+        return result
+
+    def create_user(self, name: str, role: str, password: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "POST", "/v1/users", json={"name": name, "role": role, "password": password}
+        )
+        return result
+
+    def register_node(self, name: str, kind: str, public_key_pem: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "POST", "/v1/nodes", json={"name": name, "kind": kind, "public_key": public_key_pem}
+        )
+        return result
+
+    # -- policy -------------------------------------------------------------------------
+
+    def authorize(
+        self,
+        action: str,
+        resource: str,
+        subject: tuple[str, str] | None = None,
+        layer: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"action": action, "resource": resource, "layer": layer}
+        if subject is not None:
+            body["subject"] = {"kind": subject[0], "name": subject[1]}
+        result: dict[str, Any] = self.json("POST", "/v1/authorize", json=body)
+        return result
+
+    # -- KMS ----------------------------------------------------------------------------
+
+    def create_secret(
+        self,
+        payload: bytes | None = None,
+        name: str | None = None,
+        secret_type: str = "symmetric",  # noqa: S107 - a kind of secret
+        readers: list[str] | None = None,
+        bit_length: int | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "name": name,
+            "secret_type": secret_type,
+            "payload": base64.b64encode(payload).decode() if payload is not None else None,
+            "readers": readers or [],
+            "bit_length": bit_length,
+        }
+        result: dict[str, Any] = self.json("POST", "/v1/secrets", json=body)
+        return result
+
+    def secret(self, secret_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/v1/secrets/{secret_id}")
+        return result
+
+    def secret_payload(self, secret_id: str) -> bytes:
+        return self.request("GET", f"/v1/secrets/{secret_id}/payload").content
+
+    def delete_secret(self, secret_id: str) -> None:
+        self.request("DELETE", f"/v1/secrets/{secret_id}")
+
+    def rotate_kek(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("POST", "/v1/kek/rotate")
+        return result
+
+    def create_recipient(self, name: str, key_type: str = "ec-p256") -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "POST", "/v1/recipients", json={"name": name, "key_type": key_type}
+        )
+        return result
+
+    def recipient(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/v1/recipients/{name}")
+        return result
+
+    def unwrap(self, annotation: str, transport_key_pem: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "POST",
+            "/v1/unwrap",
+            json={"annotation": annotation, "transport_key": transport_key_pem},
+        )
+        return result
+
+    def register_image(
+        self, repository: str, manifest_digest: str, layers: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "POST",
+            "/v1/images",
+            json={"repository": repository, "manifest_digest": manifest_digest, "layers": layers},
+        )
+        return result
+
+    # -- log ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> bytes:
+        return self.request("GET", "/v1/log/checkpoint").content
+
+    def log_key(self) -> dict[str, str]:
+        result: dict[str, str] = self.json("GET", "/v1/log/key")
+        return result
+
+    def log_entry(self, index: int) -> bytes:
+        return base64.b64decode(self.json("GET", f"/v1/log/entries/{index}")["body"])
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        answer = self.json("GET", "/v1/log/proof/inclusion", params={"index": index, "size": size})
+        return [base64.b64decode(h) for h in answer["proof"]]
+
+    def consistency_proof(self, old: int, new: int) -> list[bytes]:
+        answer = self.json("GET", "/v1/log/proof/consistency", params={"old": old, "new": new})
+        return [base64.b64decode(h) for h in answer["proof"]]
+
+
+def _error(response: httpx.Response) -> TrustplaneError:
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = f"HTTP {response.status_code}"
+    kind = _ERRORS.get(response.status_code, UnavailableError)
+    if response.status_code == 403 and "no recipient key" in message:
+        kind = DecryptionKeyError
+    return kind(f"control plane: {message}")

@@ -1,0 +1,104 @@
+"""The FastAPI application: routers, error mapping, metrics.
+
+Every expected failure becomes a JSON error with one message and a status
+that says what went wrong (401 who are you, 403 not allowed, 404, 400/422
+bad request, 503 a dependency is down); anything unexpected is a 500 that
+says nothing about the inside. Payloads never appear in responses other
+than the one that releases them, nor in logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+
+from trustplane import __version__
+from trustplane.control.routers import auth, images, kms, log, ops, policy, principals
+from trustplane.control.service import ControlPlane
+from trustplane.errors import (
+    AuthError,
+    DecryptionKeyError,
+    Forbidden,
+    IntegrityError,
+    MalformedError,
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+    UsageError,
+)
+
+logger = logging.getLogger("trustplane.server")
+REQUESTS = Counter("trustplane_http_requests_total", "HTTP requests", ["route", "status"])
+LATENCY = Histogram(
+    "trustplane_http_request_seconds",
+    "HTTP request latency",
+    ["route"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+
+_STATUS: list[tuple[type[TrustplaneError], int]] = [
+    (Forbidden, 403),
+    (AuthError, 401),
+    (NotFoundError, 404),
+    (DecryptionKeyError, 403),
+    (UsageError, 400),
+    (MalformedError, 422),
+    (IntegrityError, 409),
+    (UnavailableError, 503),
+]
+
+
+def create_app(plane: ControlPlane) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        plane.close()
+
+    app = FastAPI(
+        title="trustplane control plane",
+        version=__version__,
+        description="Identity, policy, KMS and transparency log for trustplane nodes.",
+        lifespan=lifespan,
+    )
+    app.state.plane = plane
+    for module in (ops, auth, principals, policy, kms, images, log):
+        app.include_router(module.router)
+
+    @app.exception_handler(TrustplaneError)
+    async def expected(_: Request, exc: TrustplaneError) -> JSONResponse:
+        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(
+            {"error": {"type": type(exc).__name__, "message": str(exc)}},
+            status_code=status,
+            headers=headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error(
+            "internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__
+        )
+        return JSONResponse(
+            {"error": {"type": "InternalError", "message": "internal error"}}, status_code=500
+        )
+
+    @app.middleware("http")
+    async def measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        LATENCY.labels(name).observe(time.perf_counter() - start)
+        REQUESTS.labels(name, str(response.status_code)).inc()
+        return response
+
+    return app

@@ -1,0 +1,159 @@
+"""The control plane's tables.
+
+Secrets are stored only sealed (keys/envelope.py): ciphertext, the wrapped
+data key and the id of the KEK that wrapped it; payloads never touch the
+database in the clear. The transparency log keeps its leaves, the hashes of
+every complete subtree, and one head row (size, right frontier) that the
+sequencer locks to append.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import BigInteger, DateTime
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+"""SQLite's rowid is INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for logs that grow."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Node(Base):
+    """A host or an edge gateway, known by the key pair it signs assertions with."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    public_key: Mapped[str] = mapped_column(Text)
+    """PEM; the attestation issue binds it to the node's TPM."""
+    key_id: Mapped[str] = mapped_column(String(64), unique=True)
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Secret(Base):
+    __tablename__ = "secrets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(256))
+    secret_type: Mapped[str] = mapped_column(String(32))
+    algorithm: Mapped[str | None] = mapped_column(String(32))
+    bit_length: Mapped[int | None]
+    creator: Mapped[str] = mapped_column(String(160))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(128), index=True)
+    readers: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Principals besides the creator that the ACL lets read the payload."""
+    system: Mapped[bool] = mapped_column(default=False)
+    """The server's own keys (token signing, log signing): never served."""
+
+
+class Recipient(Base):
+    """An ocicrypt recipient key pair whose private half stays in the KMS."""
+
+    __tablename__ = "recipients"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(64), unique=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    secret_id: Mapped[str] = mapped_column(ForeignKey("secrets.id"))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    secret: Mapped[Secret] = relationship()
+
+
+class Image(Base):
+    """A published image: which plain layer digests sit at which index."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("repository", "manifest_digest"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    repository: Mapped[str] = mapped_column(String(256), index=True)
+    manifest_digest: Mapped[str] = mapped_column(String(80))
+    layers: Mapped[list[dict[str, object]]] = mapped_column(JSON)
+    """[{index, digest (plain), encrypted, diff_id}]"""
+    publisher: Mapped[str] = mapped_column(String(160))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class LayerDigest(Base):
+    """Plain layer digest -> (image, index): how unwrap learns a layer's real tier."""
+
+    __tablename__ = "layer_digests"
+    __table_args__ = (Index("ix_layer_digest", "digest"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    digest: Mapped[str] = mapped_column(String(140))
+    repository: Mapped[str] = mapped_column(String(256))
+    layer_index: Mapped[int]
+
+
+class LogHead(Base):
+    __tablename__ = "log_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    frontier: Mapped[bytes] = mapped_column(LargeBinary)
+    root: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class LogLeaf(Base):
+    __tablename__ = "log_leaves"
+
+    index: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    """The exact bytes hashed into the leaf (canonical JSON)."""
+
+
+class LogNode(Base):
+    """Hash of the complete subtree of 2**level leaves from leaf index * 2**level."""
+
+    __tablename__ = "log_nodes"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    index: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Setting(Base):
+    """Server-wide facts that replicas share (ids of the system keys, ...)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class UsedNonce(Base):
+    """Single-use values already seen (node assertion ids): replay protection
+    that holds across replicas."""
+
+    __tablename__ = "used_nonces"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,0 +1,173 @@
+"""The KMS API: secrets by reference, KMS-held image recipients, unwrap."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Response, status
+from pydantic import BaseModel, Field
+
+from trustplane.control.kms import SecretMetadata
+from trustplane.control.routers.deps import Caller, Plane
+from trustplane.errors import Forbidden, UsageError
+
+router = APIRouter(prefix="/v1", tags=["kms"])
+UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+class NewSecret(BaseModel):
+    name: str | None = Field(None, max_length=256)
+    secret_type: Literal["symmetric", "opaque", "private", "passphrase"] = "symmetric"  # noqa: S105
+    payload: str | None = Field(None, description="Base64; omit to have an AES key generated")
+    algorithm: str | None = Field(None, max_length=32)
+    bit_length: int | None = Field(None, ge=8, le=8192)
+    readers: list[str] = Field(default_factory=list, description="Subjects that may read it")
+
+
+class SecretRef(BaseModel):
+    secret_ref: str
+    id: str
+
+
+class SecretInfo(BaseModel):
+    id: str
+    secret_ref: str
+    name: str | None
+    secret_type: str
+    algorithm: str | None
+    bit_length: int | None
+    creator: str
+    created: datetime
+    readers: list[str]
+
+
+class NewRecipient(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,127}$")
+    key_type: Literal["ec-p256", "ec-p384", "ec-p521", "rsa"] = "ec-p256"
+
+
+class RecipientInfo(BaseModel):
+    name: str
+    key_id: str
+    public_key: str
+
+
+class UnwrapRequest(BaseModel):
+    annotation: str = Field(
+        max_length=1 << 20, description="The layer's org.opencontainers.image.enc.keys.jwe value"
+    )
+    transport_key: str = Field(max_length=16384, description="PEM public key to re-wrap to")
+
+
+class UnwrapResponse(BaseModel):
+    jwe: str = Field(description="The layer's private options, as a JWE to the transport key")
+    repository: str
+    layer: int
+
+
+@router.post("/secrets", status_code=status.HTTP_201_CREATED, response_model=SecretRef)
+def create_secret(body: NewSecret, caller: Caller, plane: Plane) -> SecretRef:
+    """Store a secret (or generate a key); the answer is its reference."""
+    decision = plane.authorize(caller, "secret.create", "secret:*")
+    if not decision.allowed:
+        raise Forbidden(f"policy refuses secret.create: {decision.reason}")
+    payload = None
+    if body.payload is not None:
+        try:
+            payload = base64.b64decode(body.payload, validate=True)
+        except binascii.Error:
+            raise UsageError("payload must be base64") from None
+    meta = plane.kms.create(
+        caller,
+        name=body.name,
+        secret_type=body.secret_type,
+        payload=payload,
+        algorithm=body.algorithm,
+        bit_length=body.bit_length,
+        readers=body.readers,
+    )
+    return SecretRef(secret_ref=_ref(plane, meta.id), id=meta.id)
+
+
+@router.get("/secrets/{secret_id}", response_model=SecretInfo)
+def secret_metadata(secret_id: str, caller: Caller, plane: Plane) -> SecretInfo:
+    _check_id(secret_id)
+    return _info(plane, plane.kms.metadata(caller, secret_id))
+
+
+@router.get(
+    "/secrets/{secret_id}/payload",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def secret_payload(secret_id: str, caller: Caller, plane: Plane) -> Response:
+    """The payload, to principals both the ACL and the policy allow."""
+    _check_id(secret_id)
+    return Response(plane.kms.payload(caller, secret_id), media_type="application/octet-stream")
+
+
+@router.delete("/secrets/{secret_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_secret(secret_id: str, caller: Caller, plane: Plane) -> Response:
+    _check_id(secret_id)
+    plane.kms.delete(caller, secret_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/kek/rotate")
+def rotate_kek(caller: Caller, plane: Plane) -> dict[str, Any]:
+    """A new KEK; every secret re-wrapped online."""
+    decision = plane.authorize(caller, "kek.rotate", "kek:*")
+    if not decision.allowed:
+        raise Forbidden(f"policy refuses kek.rotate: {decision.reason}")
+    return plane.kms.rotate_kek(caller)
+
+
+@router.post("/recipients", status_code=status.HTTP_201_CREATED, response_model=RecipientInfo)
+def create_recipient(body: NewRecipient, caller: Caller, plane: Plane) -> RecipientInfo:
+    """A recipient key pair whose private key never leaves the KMS."""
+    decision = plane.authorize(caller, "recipient.create", f"recipient:{body.name}")
+    if not decision.allowed:
+        raise Forbidden(f"policy refuses recipient.create: {decision.reason}")
+    row = plane.kms.create_recipient(caller, body.name, body.key_type)
+    return RecipientInfo(name=row.name, key_id=row.key_id, public_key=row.public_key)
+
+
+@router.get("/recipients/{name}", response_model=RecipientInfo)
+def recipient(name: str, caller: Caller, plane: Plane) -> RecipientInfo:
+    """The public key encryptors use for `--recipient kms:NAME`."""
+    row = plane.kms.recipient(name)
+    return RecipientInfo(name=row.name, key_id=row.key_id, public_key=row.public_key)
+
+
+@router.post("/unwrap", response_model=UnwrapResponse)
+def unwrap(body: UnwrapRequest, caller: Caller, plane: Plane) -> UnwrapResponse:
+    """A layer's key options for an authorized caller, re-wrapped to its transport key."""
+    return UnwrapResponse(**plane.kms.unwrap(caller, body.annotation, body.transport_key))
+
+
+def _ref(plane: Plane, secret_id: str) -> str:
+    return f"{plane.settings.url}/v1/secrets/{secret_id}"
+
+
+def _info(plane: Plane, meta: SecretMetadata) -> SecretInfo:
+    return SecretInfo(
+        id=meta.id,
+        secret_ref=_ref(plane, meta.id),
+        name=meta.name,
+        secret_type=meta.secret_type,
+        algorithm=meta.algorithm,
+        bit_length=meta.bit_length,
+        creator=meta.creator,
+        created=meta.created,
+        readers=meta.readers,
+    )
+
+
+def _check_id(secret_id: str) -> None:
+    import re
+
+    if not re.fullmatch(UUID, secret_id):
+        raise UsageError("a secret id is a UUID")

@@ -1,0 +1,63 @@
+"""The transparency log: checkpoints, entries and proofs.
+
+The checkpoint and the log's public key are public, so that anyone can
+witness the log; entries and proofs need a token (they name subjects).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+
+from trustplane.control.routers.deps import Caller, Plane
+from trustplane.errors import Forbidden
+
+router = APIRouter(prefix="/v1/log", tags=["log"])
+
+
+@router.get(
+    "/checkpoint", response_class=Response, responses={200: {"content": {"text/plain": {}}}}
+)
+def checkpoint(plane: Plane) -> Response:
+    """The signed checkpoint (C2SP signed note) of the current tree."""
+    return Response(plane.log.checkpoint(), media_type="text/plain; charset=utf-8")
+
+
+@router.get("/key")
+def key(plane: Plane) -> dict[str, str]:
+    """The note verifier key (`name+hash+base64`) to pin for `trustplane log verify`."""
+    return {"origin": plane.log.origin, "verifier_key": plane.log.signer.verifier_key()}
+
+
+@router.get("/entries/{index}")
+def entry(index: int, caller: Caller, plane: Plane) -> dict[str, Any]:
+    _may_read(plane, caller)
+    body = plane.log.entry(index)
+    return {"index": index, "body": base64.b64encode(body).decode(), "entry": json.loads(body)}
+
+
+@router.get("/proof/inclusion")
+def inclusion(
+    caller: Caller, plane: Plane, index: int = Query(ge=0), size: int = Query(ge=1)
+) -> dict[str, Any]:
+    _may_read(plane, caller)
+    proof = plane.log.inclusion_proof(index, size)
+    return {"index": index, "size": size, "proof": [base64.b64encode(h).decode() for h in proof]}
+
+
+@router.get("/proof/consistency")
+def consistency(
+    caller: Caller, plane: Plane, old: int = Query(ge=1), new: int = Query(ge=1)
+) -> dict[str, Any]:
+    _may_read(plane, caller)
+    proof = plane.log.consistency_proof(old, new)
+    return {"old": old, "new": new, "proof": [base64.b64encode(h).decode() for h in proof]}
+
+
+def _may_read(plane: Plane, caller: Caller) -> None:
+    decision = plane.authorize(caller, "log.read", "log:*")
+    if not decision.allowed:
+        raise Forbidden(f"policy refuses log.read: {decision.reason}")

@@ -1,0 +1,34 @@
+"""Health and metrics: public, and free of anything secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from trustplane.control.routers.deps import Plane
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz(plane: Plane) -> dict[str, Any]:
+    """Liveness and readiness: the database answers; policy problems are reported."""
+    with plane.db.engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    size, _ = plane.log.head()
+    plane.policy.current()  # re-reads a changed file, so a broken one is reported now
+    return {
+        "status": "ok",
+        "log_size": size,
+        "kek": plane.kek.kind,
+        "policy_error": plane.policy.error,
+    }
+
+
+@router.get("/metrics", response_class=Response)
+def metrics() -> Response:
+    """Prometheus text exposition."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

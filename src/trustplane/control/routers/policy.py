@@ -1,0 +1,84 @@
+"""`POST /v1/authorize`: the decision point gateways and agents ask."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from trustplane.control.identity import Principal
+from trustplane.control.models import Node, User
+from trustplane.control.policy import Decision
+from trustplane.control.routers.deps import Caller, Plane
+from trustplane.errors import Forbidden
+
+router = APIRouter(prefix="/v1", tags=["policy"])
+
+
+class Subject(BaseModel):
+    """Whom to decide for; gateways name the user they act for."""
+
+    kind: Literal["user", "node"]
+    name: str = Field(min_length=1, max_length=128)
+
+
+class AuthorizeRequest(BaseModel):
+    subject: Subject | None = Field(None, description="Default: the caller itself")
+    action: str = Field(min_length=1, max_length=64)
+    resource: str = Field(min_length=1, max_length=512)
+    layer: int | None = Field(None, ge=0, description="For image layer keys: the layer index")
+
+
+class AuthorizeResponse(BaseModel):
+    decision: Literal["allow", "deny"]
+    reason: str
+    log_index: int
+
+
+@router.post("/authorize", response_model=AuthorizeResponse)
+def authorize(body: AuthorizeRequest, caller: Caller, plane: Plane) -> AuthorizeResponse:
+    """Allow or deny {subject, action, resource}; every decision is logged."""
+    subject: Principal | None = caller
+    if body.subject is not None and body.subject.kind + ":" + body.subject.name != caller.subject:
+        # Only nodes (gateways asking for their users) and admins may ask for others.
+        if caller.role not in ("node", "admin"):
+            raise Forbidden("only nodes and admins may ask about another subject")
+        subject = _lookup(plane, body.subject)
+    if subject is None:
+        decision = Decision(False, "unknown or disabled subject")
+        subject = Principal(body.subject.kind, body.subject.name, "user", frozenset())  # type: ignore[union-attr]
+    else:
+        decision = plane.authorize(subject, body.action, body.resource, body.layer)
+    receipt = plane.log.append(
+        "authorize",
+        {
+            "asker": caller.subject,
+            "subject": subject.subject,
+            "action": body.action,
+            "resource": body.resource,
+            "layer": body.layer,
+            "decision": "allow" if decision.allowed else "deny",
+            "reason": decision.reason,
+        },
+    )
+    return AuthorizeResponse(
+        decision="allow" if decision.allowed else "deny",
+        reason=decision.reason,
+        log_index=receipt.index,
+    )
+
+
+def _lookup(plane: Plane, subject: Subject) -> Principal | None:
+    """The subject's role comes from the registry, never from the asker."""
+    with plane.db.session() as session:
+        if subject.kind == "node":
+            node = session.scalar(select(Node).where(Node.name == subject.name))
+            if node is None or node.disabled:
+                return None
+            return Principal("node", node.name, "node", frozenset())
+        user = session.scalar(select(User).where(User.name == subject.name))
+        if user is None or user.disabled:
+            return None
+        return Principal("user", user.name, user.role, frozenset())  # type: ignore[arg-type]

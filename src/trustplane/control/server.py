@@ -1,0 +1,97 @@
+"""`trustplane server`: bootstrap once, then serve over TLS.
+
+The embedded default makes a CA in DATA_DIR/tls at first start and a server
+certificate from it (clients pin DATA_DIR/tls/ca.pem); an operator can give
+a certificate and key instead. With several workers, the parent process
+bootstraps (schema, system keys, first admin) and each uvicorn worker then
+opens its own connections, log sequencer and caches.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI
+
+from trustplane.control.app import create_app
+from trustplane.control.service import build
+from trustplane.control.settings import ServerSettings
+from trustplane.embedded.tls import create_ca, issue_server_cert
+from trustplane.errors import UsageError
+
+_SETTINGS_ENV = "TRUSTPLANE_SERVER_SETTINGS_JSON"
+THREADS = 64
+"""Threads for synchronous handlers: enough for every client of a busy gateway."""
+
+
+def tls_files(settings: ServerSettings) -> tuple[Path, Path]:
+    if settings.tls.cert_file or settings.tls.key_file:
+        if not (settings.tls.cert_file and settings.tls.key_file):
+            raise UsageError("give both tls.cert_file and tls.key_file")
+        return settings.tls.cert_file, settings.tls.key_file
+    directory = settings.data_dir / "tls"
+    cert, key = directory / "server.pem", directory / "server-key.pem"
+    if not cert.exists():
+        ca = create_ca(directory, "trustplane control plane CA")
+        host, _ = settings.host_port
+        ips = ["127.0.0.1"]
+        names = ["localhost", socket.gethostname()]
+        try:
+            if ipaddress.ip_address(host) and host not in ("0.0.0.0", "::"):  # noqa: S104
+                ips.append(host)
+        except ValueError:
+            names.append(host)
+        issued = issue_server_cert(
+            ca, directory, "server", dns_names=tuple(names), ip_addresses=tuple(dict.fromkeys(ips))
+        )
+        issued.cert_file.replace(cert)
+        issued.key_file.replace(key)
+    return cert, key
+
+
+def serve(settings: ServerSettings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert, key = tls_files(settings)
+    host, port = settings.host_port
+    common = {
+        "host": host,
+        "port": port,
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_keep_alive": 30,
+        "backlog": 2048,
+    }
+    if settings.workers == 1:
+        plane = build(settings)
+        uvicorn.run(_with_threads(create_app(plane)), **common)  # type: ignore[arg-type]
+        return
+    build(settings).close()  # schema, keys and the first admin, once
+    os.environ[_SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run(
+        "trustplane.control.server:worker_app",
+        factory=True,
+        workers=settings.workers,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def worker_app() -> FastAPI:
+    """The app of one uvicorn worker (uvicorn imports this by name)."""
+    settings = ServerSettings.model_validate(json.loads(os.environ[_SETTINGS_ENV]))
+    return _with_threads(create_app(build(settings, announce=False)))
+
+
+def _with_threads(app: FastAPI) -> FastAPI:
+    @app.on_event("startup")
+    async def more_threads() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+
+    return app

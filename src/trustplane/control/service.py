@@ -1,0 +1,205 @@
+"""One control plane instance: everything a request handler may need, wired.
+
+Built once per server process (per uvicorn worker). State shared between
+replicas lives in the database: users, nodes, secrets, the log, and the
+server's own signing keys (sealed under the KEK, which replicas share).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from jwcrypto import jwk
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as DuplicateRow
+
+from trustplane.control import migrate
+from trustplane.control.db import Database
+from trustplane.control.identity import (
+    Principal,
+    TokenAuthority,
+    hash_password,
+    new_password,
+)
+from trustplane.control.kms import Kms
+from trustplane.control.models import Setting, User
+from trustplane.control.policy import Decision, PolicyFile
+from trustplane.control.replay import ReplayGuard
+from trustplane.control.settings import ServerSettings
+from trustplane.control.transparency import TransparencyLog
+from trustplane.errors import UsageError
+from trustplane.keys.kek import KekProvider
+from trustplane.trust.note import NoteSigner
+
+log = logging.getLogger("trustplane.server")
+SYSTEM = Principal(kind="user", name="trustplane", role="admin", scopes=frozenset({"*"}))
+"""The server itself, as the creator of its own keys."""
+
+
+@dataclass
+class ControlPlane:
+    settings: ServerSettings
+    db: Database
+    kek: KekProvider
+    policy: PolicyFile
+    log: TransparencyLog
+    kms: Kms
+    tokens: TokenAuthority
+    replays: ReplayGuard
+
+    def authorize(
+        self, principal: Principal, action: str, resource: str, layer: int | None = None
+    ) -> Decision:
+        return self.policy.current().decide(principal, action, resource, layer)
+
+    def close(self) -> None:
+        self.log.close()
+        self.kek.close()
+        self.db.close()
+
+
+def open_kek(settings: ServerSettings) -> KekProvider:
+    if settings.kek == "kmip":
+        from trustplane.keys.kek_kmip import KmipKekProvider
+
+        kmip = settings.kmip
+        if not (kmip.ca_file and kmip.cert_file and kmip.key_file):
+            raise UsageError("kek: kmip needs kmip.ca_file, kmip.cert_file and kmip.key_file")
+        return KmipKekProvider(
+            host=kmip.host,
+            port=kmip.port,
+            ca_file=kmip.ca_file,
+            cert_file=kmip.cert_file,
+            key_file=kmip.key_file,
+        )
+    from trustplane.keys.kek_file import FileKekProvider
+
+    return FileKekProvider(settings.kek_path)
+
+
+def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
+    """Open (and on first start, create) everything; prints the first admin's
+    credential once, when it is created."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = Database(settings.db_url)
+    migrate.upgrade(db.engine)
+    kek = open_kek(settings)
+    policy = PolicyFile(settings.policy_path)
+
+    # The log needs its signing key before the KMS exists: the system keys
+    # are sealed directly, with the same envelope the KMS uses.
+    log_key = _system_key(db, kek, "log_signing_key", _new_ed25519)
+    token_key = _system_key(db, kek, "token_signing_key", _new_p256)
+    signer = NoteSigner(
+        settings.log_origin,
+        serialization.load_pem_private_key(log_key, password=None),  # type: ignore[arg-type]
+    )
+    transparency = TransparencyLog(
+        db, signer, settings.log_origin, settings.log_batch_wait_ms / 1000
+    )
+
+    def authorize(principal: Principal, action: str, resource: str, layer: int | None) -> Decision:
+        return policy.current().decide(principal, action, resource, layer)
+
+    plane = ControlPlane(
+        settings=settings,
+        db=db,
+        kek=kek,
+        policy=policy,
+        log=transparency,
+        kms=Kms(db, kek, transparency, authorize),
+        tokens=TokenAuthority(
+            jwk.JWK.from_pem(token_key), settings.token_ttl_seconds, settings.url
+        ),
+        replays=ReplayGuard(db),
+    )
+    password = _first_admin(db)
+    if password is not None and announce:
+        print(f"first start: created user 'admin'; one-time credential: {password}", flush=True)
+    return plane
+
+
+def _new_ed25519() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _new_p256() -> bytes:
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _system_key(db: Database, kek: KekProvider, name: str, make: object) -> bytes:
+    """A key the replicas share: sealed in the database, created by whoever starts first."""
+    from trustplane.control.models import Secret
+    from trustplane.keys.envelope import SealedSecret, open_sealed, seal
+
+    assert callable(make)
+    with db.session() as session:
+        setting = session.get(Setting, name)
+    if setting is None:
+        secret_id = str(uuid.uuid4())
+        payload: bytes = make()
+        sealed = seal(secret_id, payload, kek)
+        try:
+            with db.session() as session:
+                session.add(
+                    Secret(
+                        id=secret_id,
+                        name=name,
+                        secret_type="private",  # noqa: S106 - a kind of secret
+                        algorithm=None,
+                        bit_length=None,
+                        creator=SYSTEM.subject,
+                        ciphertext=sealed.ciphertext,
+                        wrapped_key=sealed.wrapped_key,
+                        kek_id=sealed.kek_id,
+                        readers=[],
+                        system=True,
+                    )
+                )
+                session.flush()
+                session.add(Setting(key=name, value=secret_id))
+        except DuplicateRow:
+            pass  # another replica made it first: use theirs
+        with db.session() as session:
+            setting = session.get(Setting, name)
+        assert setting is not None
+    with db.session() as session:
+        row = session.get(Secret, setting.value)
+    assert row is not None
+    return open_sealed(
+        row.id,
+        SealedSecret(
+            ciphertext=row.ciphertext,
+            wrapped_key=row.wrapped_key,
+            kek_id=row.kek_id,
+        ),
+        kek,
+    )
+
+
+def _first_admin(db: Database) -> str | None:
+    with db.session() as session:
+        if session.scalar(select(User.id).limit(1)) is not None:
+            return None
+    password = new_password()
+    try:
+        with db.session() as session:
+            session.add(
+                User(
+                    id=str(uuid.uuid4()),
+                    name="admin",
+                    role="admin",
+                    password_hash=hash_password(password),
+                )
+            )
+    except DuplicateRow:
+        return None  # another replica created it
+    return password

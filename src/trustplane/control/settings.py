@@ -1,0 +1,139 @@
+"""Server configuration: one optional YAML file plus the environment.
+
+Precedence, highest first: command-line values, `TRUSTPLANE_*` environment
+variables (nested with `__`, e.g. `TRUSTPLANE_KMIP__HOST`), the file
+(`--config`, else `DATA_DIR/server.yaml` if present), defaults. With only a
+data directory everything works: SQLite, a file KEK, an embedded CA.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from trustplane.errors import MalformedError, UsageError
+
+
+class KmipSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 5696
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class TlsSettings(BaseModel):
+    """An operator's own certificate; without it the server makes an embedded CA."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TRUSTPLANE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path
+    listen: str = "127.0.0.1:8443"
+    database_url: str | None = None
+    """SQLAlchemy URL; default: SQLite in the data directory."""
+    kek: Literal["file", "kmip"] = "file"
+    kek_file: Path | None = None
+    """Default: DATA_DIR/kek.json (mode 0600). Replicas must share it."""
+    kmip: KmipSettings = Field(default_factory=KmipSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    public_url: str | None = None
+    """How clients reach this server (secret references are built from it)."""
+    policy_file: Path | None = None
+    """Default: DATA_DIR/policy.yaml, written with the default policy at first start."""
+    token_ttl_seconds: int = Field(default=900, ge=30, le=86400)
+    log_origin: str = Field(default_factory=lambda: f"trustplane/{socket.gethostname()}")
+    log_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    """How long the log sequencer waits to gather appends into one commit."""
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise UsageError(f"--listen {self.listen!r}: expected HOST:PORT")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    @property
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = self.host_port
+        return f"https://{host}:{port}"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'trustplane.db'}"
+
+    @property
+    def kek_path(self) -> Path:
+        return self.kek_file or self.data_dir / "kek.json"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.policy_file or self.data_dir / "policy.yaml"
+
+
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar(
+    "trustplane_settings_file", default=None
+)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The configuration file's values, below the environment."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_FILE_VALUES.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get() or {})
+
+
+def load_settings(
+    data_dir: Path, config_file: Path | None = None, **overrides: Any
+) -> ServerSettings:
+    """Settings from `overrides` (the command line), the environment, the file."""
+    path = config_file or data_dir / "server.yaml"
+    values: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise MalformedError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise MalformedError(f"{path}: must be a mapping of settings")
+        values = loaded
+    elif config_file is not None:
+        raise UsageError(f"--config {config_file}: no such file")
+    token = _FILE_VALUES.set(values)
+    try:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return ServerSettings(data_dir=data_dir, **given)
+    except ValueError as exc:
+        raise UsageError(f"invalid server settings: {exc}") from None
+    finally:
+        _FILE_VALUES.reset(token)

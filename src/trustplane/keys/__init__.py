@@ -1,0 +1,1 @@
+"""KMS: envelope encryption, key-encryption-key providers, secret references, access checks."""

@@ -1,0 +1,1 @@
+"""Trusted computing: measurements, attestation, and the transparency log."""
