@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import sqlite3
+import ssl
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from jwcrypto import jwk
 
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
-from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.tls import CertificateAuthority, issue_server_cert
 from trustplane.errors import AuthError, Forbidden, NotFoundError, UsageError
 
 
@@ -247,3 +249,34 @@ def test_cli_login_and_secret_round_trip(
     denied = tp("authorize", "container.start", "container:x", "--subject", "user:nobody")
     assert denied.returncode == 4
     assert json.loads(denied.stdout)["decision"] == "deny"
+
+
+def test_operator_certificates_and_a_credential_printed_once(
+    tmp_path: Path, test_ca: CertificateAuthority
+) -> None:
+    """An operator's own certificate replaces the embedded CA; a restart
+    neither prints nor changes the admin credential."""
+    cert = issue_server_cert(test_ca, tmp_path / "tls", "control")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "server.yaml").write_text(
+        f"tls:\n  cert_file: {cert.cert_file}\n  key_file: {cert.key_file}\n"
+    )
+    (data / "tls").mkdir()
+    (data / "tls" / "ca.pem").write_bytes(test_ca.cert_file.read_bytes())  # what the starter pins
+    first = start_control_plane(tmp_path / "first", data_dir=data)
+    try:
+        served = ssl.get_server_certificate(("127.0.0.1", int(first.url.rsplit(":", 1)[1])))
+        assert served.strip() == cert.cert_file.read_text().strip()
+        assert not (data / "tls" / "server.pem").exists()  # no embedded CA was made
+    finally:
+        first.stop()
+    second = start_control_plane(
+        tmp_path / "second", data_dir=data, admin_password=first.admin_password
+    )
+    try:
+        assert "one-time credential" not in second.process.log_file.read_text()
+        with second.admin() as admin:
+            assert admin.whoami()["subject"] == "user:admin"
+    finally:
+        second.stop()

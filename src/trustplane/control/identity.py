@@ -147,7 +147,9 @@ def _principal_from_claims(claims: dict[str, Any]) -> Principal:
     )
 
 
-def verify_node_assertion(assertion: str, public_key_pem: str, node: str, audience: str) -> str:
+def verify_node_assertion(
+    assertion: str, public_key_pem: str, node: str, audience: str | list[str]
+) -> str:
     """Check a node's signed assertion; returns its jti (for the replay check)."""
     try:
         key = jwk.JWK.from_pem(public_key_pem.encode())

@@ -113,7 +113,7 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
         log=transparency,
         kms=Kms(db, kek, transparency, authorize),
         tokens=TokenAuthority(
-            jwk.JWK.from_pem(token_key), settings.token_ttl_seconds, settings.url
+            jwk.JWK.from_pem(token_key), settings.token_ttl_seconds, settings.audience
         ),
         replays=ReplayGuard(db),
     )

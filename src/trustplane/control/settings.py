@@ -55,6 +55,9 @@ class ServerSettings(BaseSettings):
     policy_file: Path | None = None
     """Default: DATA_DIR/policy.yaml, written with the default policy at first start."""
     token_ttl_seconds: int = Field(default=900, ge=30, le=86400)
+    audience: str = "trustplane"
+    """Audience of access tokens and node assertions; replicas must agree, so
+    it is a name, not any one replica's URL."""
     log_origin: str = Field(default_factory=lambda: f"trustplane/{socket.gethostname()}")
     log_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     """How long the log sequencer waits to gather appends into one commit."""

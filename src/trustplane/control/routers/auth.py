@@ -95,8 +95,8 @@ def _node(plane: Plane, name: str | None, assertion: str | None) -> Principal:
         node = session.scalar(select(Node).where(Node.name == name))
     if node is None or node.disabled:
         raise AuthError(f"node {name!r} is not registered")
-    jti = verify_node_assertion(
-        assertion, node.public_key, name, plane.settings.url + "/v1/auth/token"
-    )
+    # RFC 7523: the audience names the server; its token URL or its name will do.
+    audiences = [plane.settings.audience, plane.settings.url + "/v1/auth/token"]
+    jti = verify_node_assertion(assertion, node.public_key, name, audiences)
     plane.replays.claim(f"node:{name}:{jti}")
     return Principal("node", name, "node", role_scopes("node"))
