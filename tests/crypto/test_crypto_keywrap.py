@@ -343,3 +343,140 @@ def test_weak_key_algorithms_are_not_accepted(rsa_pair: Pair) -> None:
     token.add_recipient(rsa_pair.recipient.jwk)
     serialized = token.serialize(compact=False)
     assert unwrap(serialized, [rsa_pair.unwrap], "layer") is None
+
+
+# -- the direct path and jwcrypto agree ------------------------------------------------
+#
+# `wrap` and the plain-shape `unwrap` use cryptography's primitives directly;
+# anything unusual is left to jwcrypto. These check that jwcrypto reads what
+# `wrap` writes, that the direct path (not the fallback) opens what jwcrypto
+# and skopeo write, and that both give the same answer on tampered input.
+
+
+def _jwcrypto_open(serialized: str, pair: Pair) -> bytes:
+    token = jwe.JWE()
+    token.allowed_algs = ["RSA-OAEP", "ECDH-ES+A256KW", "A256GCM"]
+    token.deserialize(serialized, pair.unwrap.jwk)
+    payload: bytes = token.payload
+    return payload
+
+
+@pytest.mark.parametrize("which", ["rsa_pair", "ec_pair", "ec384_pair"])
+def test_jwcrypto_reads_what_wrap_writes(which: str, request: pytest.FixtureRequest) -> None:
+    me: Pair = request.getfixturevalue(which)
+    others = [p for p in ("rsa_pair", "ec_pair") if p != which]
+    general = wrap(PAYLOAD, [request.getfixturevalue(others[0]).recipient, me.recipient])
+    assert _jwcrypto_open(wrap(PAYLOAD, [me.recipient]), me) == PAYLOAD
+    assert _jwcrypto_open(general, me) == PAYLOAD
+
+
+def test_p521_recipient_round_trip() -> None:
+    pair = Pair(ec.generate_private_key(ec.SECP521R1()), "ec521.pem")
+    serialized = wrap(PAYLOAD, [pair.recipient])
+    assert len(_b64url_decode(json.loads(serialized)["header"]["epk"]["x"])) == 66
+    assert _jwcrypto_open(serialized, pair) == PAYLOAD
+    assert unwrap(serialized, [pair.unwrap], "layer") == PAYLOAD
+
+
+def _no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trustplane.crypto import keywrap
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("jwcrypto fallback used for a plain JWE")
+
+    monkeypatch.setattr(keywrap, "_open_with_jwcrypto", refuse)
+
+
+@pytest.mark.parametrize("which", ["rsa_pair", "ec_pair", "ec384_pair"])
+def test_plain_jwes_open_without_the_fallback(
+    which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me: Pair = request.getfixturevalue(which)
+    made_by_jwcrypto = jwe.JWE(PAYLOAD, protected=json_encode({"enc": "A256GCM"}))
+    made_by_jwcrypto.add_recipient(me.recipient.jwk, header=json_encode({"alg": me.recipient.alg}))
+    serialized = made_by_jwcrypto.serialize(compact=False)
+    skopeo = _skopeo_style([me])
+    _no_fallback(monkeypatch)
+    assert unwrap(serialized, [me.unwrap], "layer") == PAYLOAD
+    assert unwrap(skopeo, [me.unwrap], "layer") == PAYLOAD
+    assert unwrap(wrap(PAYLOAD, [me.recipient]), [me.unwrap], "layer") == PAYLOAD
+
+
+def test_party_info_is_part_of_the_key_derivation(
+    ec_pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = jwe.JWE(PAYLOAD, protected=json_encode({"enc": "A256GCM"}))
+    header = {"alg": "ECDH-ES+A256KW", "apu": _b64url(b"alice"), "apv": _b64url(b"bob")}
+    token.add_recipient(ec_pair.recipient.jwk, header=json_encode(header))
+    serialized = token.serialize(compact=False)
+    _no_fallback(monkeypatch)
+    assert unwrap(serialized, [ec_pair.unwrap], "layer") == PAYLOAD
+
+
+def _outcome(serialized: str, keys: list[UnwrapKey]) -> object:
+    try:
+        return unwrap(serialized, keys, "layer")
+    except (IntegrityError, MalformedError) as exc:
+        return type(exc)
+
+
+def _variants(pairs: list[Pair]) -> list[str]:
+    """Well-formed, tampered and odd JWEs for `pairs`."""
+    plain = wrap(PAYLOAD, [p.recipient for p in pairs])
+    single = wrap(PAYLOAD, [pairs[0].recipient])
+    out = [plain, single, _skopeo_style(pairs[:1]), _skopeo_style(pairs)]
+    for base in (plain, single):
+        for field in ("ciphertext", "tag", "iv"):
+            out.append(_tamper(base, field))
+    document = json.loads(single)
+    document["encrypted_key"] = _b64url(b"\x00" * 40)
+    out.append(json.dumps(document))
+    document = json.loads(single)
+    document["header"]["kid"] = "someone-else"
+    out.append(json.dumps(document))
+    document = json.loads(single)
+    document["protected"] = _protected({"enc": "A256GCM", "crit": ["exp"], "exp": 1})
+    out.append(json.dumps(document))
+    document = json.loads(single)
+    document["aad"] = _b64url(b"extra")
+    out.append(json.dumps(document))
+    document = json.loads(single)
+    document["protected"] += "="  # padded: jwcrypto authenticates the re-encoding
+    out.append(json.dumps(document))
+    document = json.loads(single)
+    document["header"]["enc"] = "A256GCM"  # duplicate of a protected header
+    out.append(json.dumps(document))
+    document = json.loads(single)
+    if "epk" in document["header"]:
+        document["header"]["epk"]["y"] = document["header"]["epk"]["x"]  # not on the curve
+        out.append(json.dumps(document))
+    return out
+
+
+def test_direct_path_and_jwcrypto_agree(
+    rsa_pair: Pair, ec_pair: Pair, ec384_pair: Pair, stranger: Pair
+) -> None:
+    from trustplane.crypto import keywrap
+
+    key_sets = [
+        [ec_pair.unwrap],
+        [rsa_pair.unwrap],
+        [ec384_pair.unwrap],
+        [stranger.unwrap],
+        [stranger.unwrap, ec_pair.unwrap],
+        [rsa_pair.unwrap, ec384_pair.unwrap],
+    ]
+    compared = 0
+    for pairs in ([ec_pair], [rsa_pair], [ec384_pair], [ec_pair, rsa_pair]):
+        for serialized in _variants(pairs):
+            for keys in key_sets:
+                direct = _outcome(serialized, keys)
+                original = keywrap._fast_form
+                keywrap._fast_form = lambda *_: None  # type: ignore[assignment]
+                try:
+                    reference = _outcome(serialized, keys)
+                finally:
+                    keywrap._fast_form = original
+                assert direct == reference, (serialized, [k.source for k in keys])
+                compared += 1
+    assert compared > 200
