@@ -2,10 +2,21 @@
 
 SQLite runs in WAL mode with synchronous=FULL, so a write acknowledged to a
 client has reached the disk, and readers never wait for the writer.
+
+Writers that take the write lock up front (`Database.writing`, the log
+sequencer) queue for it on a lock file next to the database first. SQLite
+itself does not queue writers: one that finds the database locked sleeps
+and retries, with naps growing to 100 ms, so with several server processes
+(uvicorn workers) sharing the file a commit could wait a tenth of a second
+for a lock that was free after one fsync. A blocking `flock` hands the lock
+over as soon as it is released.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +83,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._writers = _WriterQueue.for_engine(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -87,10 +99,47 @@ class Database:
         committed in between; taking the lock first serializes instead. On
         PostgreSQL the caller locks the rows it reads (`FOR UPDATE`).
         """
-        with self.engine.connect() as connection:
+        with self._writers.turn(), self.engine.connect() as connection:
             connection = connection.execution_options(**{WRITE_LOCK: True})
             with connection.begin():
                 yield connection
 
     def close(self) -> None:
         self.engine.dispose()
+        self._writers.close()
+
+
+class _WriterQueue:
+    """Whose turn it is to write: a thread lock within the process, `flock` on
+    DATABASE-writers.lock between processes (SQLite files only)."""
+
+    def __init__(self, path: str | None) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if path is not None:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> _WriterQueue:
+        database = engine.url.database
+        if not is_sqlite(engine) or not database or database == ":memory:":
+            return cls(None)
+        return cls(f"{database}-writers.lock")
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._lock:
+            if self._fd is None:
+                yield
+                return
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

@@ -16,14 +16,16 @@ re-encrypted to the caller's transport key.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import anyio.to_thread
 from sqlalchemy import delete, select, update
 
 from trustplane.control.db import Database
@@ -44,17 +46,44 @@ from trustplane.crypto.layer_cipher import PrivateOptions
 from trustplane.errors import (
     DecryptionKeyError,
     Forbidden,
+    IntegrityError,
     MalformedError,
     NotFoundError,
     TrustplaneError,
+    UnavailableError,
     UsageError,
 )
 from trustplane.keys.envelope import SealedSecret, open_sealed, rewrap, seal
 from trustplane.keys.kek import KekProvider
 
 Authorize = Callable[[Principal, str, str, int | None], Decision]
+logger = logging.getLogger("trustplane.kms")
 SECRET_TYPES = ("symmetric", "opaque", "private", "passphrase")
 MAX_PAYLOAD = 64 << 10
+_MAX_CACHED = 4096
+T = TypeVar("T")
+
+
+class _Uncached(Exception):
+    """The answer needs a database read (raised only when none may be made)."""
+
+
+@dataclass(frozen=True)
+class _Release(Generic[T]):
+    """A KMS decision before it is logged: the log entry, then either what
+    the caller gets or the error it gets (raised only after the entry is
+    committed, so a refusal is as durable as a release)."""
+
+    kind: str
+    entry: dict[str, Any]
+    value: T | None
+    error: Exception | None = None
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,7 @@ class Kms:
         self.authorize = authorize
         self._recipient_keys: dict[str, UnwrapKey] = {}
         self._transport_keys: dict[str, RecipientKey] = {}
+        self._layer_places: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     # -- secrets -------------------------------------------------------------------
@@ -137,20 +167,67 @@ class Kms:
 
     def payload(self, principal: Principal, secret_id: str) -> bytes:
         """Release a payload: ACL and policy must both agree; logged either way."""
+        release = self._payload_release(principal, secret_id)
+        self.log.append(release.kind, release.entry)
+        return release.result()
+
+    async def payload_async(self, principal: Principal, secret_id: str) -> bytes:
+        """`payload` for the event loop: the database read and the unsealing in
+        one worker thread, the log commit awaited."""
+        release = await anyio.to_thread.run_sync(self._payload_release, principal, secret_id)
+        await self.log.append_async(release.kind, release.entry)
+        return release.result()
+
+    def _payload_release(self, principal: Principal, secret_id: str) -> _Release[bytes]:
+        """The decision and its log entry; the payload is unsealed only when
+        allowed, and handed out only after the entry is committed."""
         resource = f"secret:{secret_id}"
         with self.db.session() as session:
             row = session.get(Secret, secret_id)
         if row is None or row.system:
-            self._record(principal, resource, False, "no such secret")
-            raise NotFoundError(f"secret {secret_id} does not exist")
+            return self._release_record(
+                principal,
+                resource,
+                "no such secret",
+                NotFoundError(f"secret {secret_id} does not exist"),
+            )
         if not _acl_allows(row, principal):
-            self._record(principal, resource, False, "not on the secret's ACL")
-            raise Forbidden(f"{principal.subject} is not on the ACL of secret {secret_id}")
+            return self._release_record(
+                principal,
+                resource,
+                "not on the secret's ACL",
+                Forbidden(f"{principal.subject} is not on the ACL of secret {secret_id}"),
+            )
         decision = self.authorize(principal, "key.release", resource, None)
-        self._record(principal, resource, decision.allowed, decision.reason)
         if not decision.allowed:
-            raise Forbidden(f"policy refuses key.release of {resource}: {decision.reason}")
-        return open_sealed(secret_id, _sealed(row), self.kek)
+            return self._release_record(
+                principal,
+                resource,
+                decision.reason,
+                Forbidden(f"policy refuses key.release of {resource}: {decision.reason}"),
+            )
+        try:
+            payload = self._open(row)
+        except UnavailableError as exc:
+            # Allowed, but nothing released: the log says so rather than "allow".
+            entry = _release_entry(principal, resource, True, decision.reason)
+            entry.update(decision="error", reason=f"{decision.reason}; not released: {exc}")
+            return _Release("kms.release", entry, None, exc)
+        return _Release(
+            "kms.release", _release_entry(principal, resource, True, decision.reason), payload
+        )
+
+    def _release_record(
+        self,
+        principal: Principal,
+        resource: str,
+        reason: str,
+        error: Exception,
+        allowed: bool = False,
+    ) -> _Release[Any]:
+        return _Release(
+            "kms.release", _release_entry(principal, resource, allowed, reason), None, error
+        )
 
     def delete(self, principal: Principal, secret_id: str) -> None:
         row = self._visible(principal, secret_id)
@@ -166,7 +243,36 @@ class Kms:
             row = session.get(Secret, secret_id)
         if row is None:
             raise NotFoundError(f"system secret {secret_id} is missing")
-        return open_sealed(secret_id, _sealed(row), self.kek)
+        return self._open(row)
+
+    def _open(self, row: Secret) -> bytes:
+        """Unseal a row read a moment ago.
+
+        A rotation may have re-wrapped it and retired the KEK it was read under
+        in between (the release is logged before this, which can take a while
+        under load): then the stored row names the new KEK, so read it again.
+
+        Any failure to unseal is the KMS's own (its KEK store is down or
+        refuses it, or the stored row was altered), never the caller's: it
+        becomes UnavailableError (503), so a client does not mistake it for
+        "not granted" (403) or "bad token" (401) and quietly go without.
+        """
+        try:
+            try:
+                return open_sealed(row.id, _sealed(row), self.kek)
+            except DecryptionKeyError:
+                with self.db.session() as session:
+                    fresh = session.get(Secret, row.id)
+                if fresh is None or fresh.kek_id == row.kek_id:
+                    raise
+                return open_sealed(fresh.id, _sealed(fresh), self.kek)
+        except UnavailableError:
+            raise
+        except TrustplaneError as exc:
+            logger.error("cannot unseal secret %s: %s", row.id, type(exc).__name__)
+            raise UnavailableError(
+                f"the KMS cannot unseal secret {row.id} ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _visible(self, principal: Principal, secret_id: str) -> Secret:
         with self.db.session() as session:
@@ -179,17 +285,6 @@ class Kms:
             # Not on the ACL reads as absent: references are not enumerable.
             raise NotFoundError(f"secret {secret_id} does not exist")
         return row
-
-    def _record(self, principal: Principal, resource: str, allowed: bool, reason: str) -> None:
-        self.log.append(
-            "kms.release",
-            {
-                "subject": principal.subject,
-                "resource": resource,
-                "decision": "allow" if allowed else "deny",
-                "reason": reason,
-            },
-        )
 
     # -- KEK rotation ----------------------------------------------------------------
 
@@ -282,30 +377,116 @@ class Kms:
 
     def unwrap(self, principal: Principal, annotation: str, transport_pem: str) -> dict[str, Any]:
         """Open a layer's key wrapping for an authorized caller, re-wrapped to it."""
-        transport = self._transport_key(transport_pem)
-        payload = self._open_annotation(annotation)
-        options = PrivateOptions.from_json(payload)
-        with self.db.session() as session:
-            place = session.execute(
-                select(LayerDigest.repository, LayerDigest.layer_index).where(
-                    LayerDigest.digest == options.digest
-                )
-            ).first()
-        if place is None:
-            self._record_unwrap(principal, None, None, False, "layer of no registered image")
-            raise Forbidden("this layer belongs to no registered image")
-        repository, index = str(place[0]), int(place[1])
-        decision = self.authorize(principal, "key.release", f"image:{repository}", index)
-        self._record_unwrap(principal, repository, index, decision.allowed, decision.reason)
-        if not decision.allowed:
-            raise Forbidden(f"policy refuses layer {index} of {repository}: {decision.reason}")
-        wrapped = keywrap.wrap(payload, [transport])
-        return {"jwe": wrapped, "repository": repository, "layer": index}
+        release = self._unwrap_release(principal, annotation, transport_pem, database=True)
+        self.log.append(release.kind, release.entry)
+        return release.result()
 
-    def _open_annotation(self, annotation: str) -> bytes:
+    async def unwrap_async(
+        self, principal: Principal, annotation: str, transport_pem: str
+    ) -> dict[str, Any]:
+        """`unwrap` for the event loop. With the recipient keys and the layer
+        already known (cached) it needs no database read and runs on the loop;
+        otherwise the lookup goes to a worker thread. The log commit is awaited."""
+        try:
+            release = self._unwrap_release(principal, annotation, transport_pem, database=False)
+        except _Uncached:
+            release = await anyio.to_thread.run_sync(
+                self._unwrap_release, principal, annotation, transport_pem, True
+            )
+        await self.log.append_async(release.kind, release.entry)
+        return release.result()
+
+    def _unwrap_release(
+        self, principal: Principal, annotation: str, transport_pem: str, database: bool
+    ) -> _Release[dict[str, Any]]:
+        """Everything up to the log entry; `database=False` raises `_Uncached`
+        where a database read would be needed."""
+        transport = self._transport_key(transport_pem)
+        payload = self._open_annotation(annotation, database)
+        options = PrivateOptions.from_json(payload)
+        place = self._layer_place(options.digest, database)
+        if place is None:
+            return _Release(
+                "kms.unwrap",
+                _unwrap_entry(principal, None, None, False, "layer of no registered image"),
+                None,
+                Forbidden("this layer belongs to no registered image"),
+            )
+        repository, index = place
+        decision = self.authorize(principal, "key.release", f"image:{repository}", index)
+        entry = _unwrap_entry(principal, repository, index, decision.allowed, decision.reason)
+        if not decision.allowed:
+            return _Release(
+                "kms.unwrap",
+                entry,
+                None,
+                Forbidden(f"policy refuses layer {index} of {repository}: {decision.reason}"),
+            )
+        wrapped = keywrap.wrap(payload, [transport])
+        return _Release(
+            "kms.unwrap", entry, {"jwe": wrapped, "repository": repository, "layer": index}
+        )
+
+    def _layer_place(self, digest: str, database: bool) -> tuple[str, int] | None:
+        """Which image and index a plain layer digest was registered at.
+
+        Registrations are never changed or removed, so a found place is kept
+        in memory (bounded); an unknown digest is asked again every time, as a
+        registration may have come in since (on this replica or another). The
+        earliest registration of a digest counts, on every replica alike.
+        """
+        with self._lock:
+            cached = self._layer_places.get(digest)
+        if cached is not None:
+            return cached
+        if not database:
+            raise _Uncached
+        with self.db.session() as session:
+            row = session.execute(
+                select(LayerDigest.repository, LayerDigest.layer_index)
+                .where(LayerDigest.digest == digest)
+                .order_by(LayerDigest.id)
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        place = (str(row[0]), int(row[1]))
+        with self._lock:
+            if len(self._layer_places) >= _MAX_CACHED:
+                self._layer_places.clear()
+            self._layer_places[digest] = place
+        return place
+
+    def _open_annotation(self, annotation: str, database: bool) -> bytes:
+        """The private options inside a layer's annotation, opened with a KMS key.
+
+        The keys already unsealed are tried first, without the database.
+        Only when none of them opens the annotation (a recipient created
+        since, possibly by another replica, or a failure to report) does the
+        full pass run: every recipient re-read, every key tried, and its
+        answer or error is the one given. Recipients are never removed.
+        """
+        with self._lock:
+            cached = list(self._recipient_keys.values())
+        if cached:
+            try:
+                payload = self._open_with(annotation, cached)
+            except (MalformedError, IntegrityError):
+                payload = None  # the full pass reports it
+            if payload is not None:
+                return payload
+        if not database:
+            raise _Uncached
         keys = self._all_recipient_keys()
         if not keys:
             raise DecryptionKeyError("the KMS holds no recipient keys")
+        payload = self._open_with(annotation, keys)
+        if payload is not None:
+            return payload
+        raise DecryptionKeyError("no recipient key held by the KMS can open this layer")
+
+    @staticmethod
+    def _open_with(annotation: str, keys: list[UnwrapKey]) -> bytes | None:
         for token in annotation.split(","):
             try:
                 serialized = base64.b64decode(token, validate=True).decode()
@@ -314,19 +495,21 @@ class Kms:
             payload = keywrap.unwrap(serialized, keys, "layer key wrapping")
             if payload is not None:
                 return payload
-        raise DecryptionKeyError("no recipient key held by the KMS can open this layer")
+        return None
 
     def _all_recipient_keys(self) -> list[UnwrapKey]:
         """Unsealed recipient keys, kept in memory: unsealing per request would
         put a KEK unwrap on the hot path for nothing."""
         with self.db.session() as session:
             rows = session.execute(select(Recipient.name, Recipient.secret_id)).all()
-        missing = [(n, s) for n, s in rows if n not in self._recipient_keys]
+        with self._lock:
+            missing = [(n, s) for n, s in rows if n not in self._recipient_keys]
         for name, secret_id in missing:
             key = load_unwrap_key(self.system_payload(secret_id), f"recipient {name}")
             with self._lock:
                 self._recipient_keys[name] = key
-        return list(self._recipient_keys.values())
+        with self._lock:
+            return list(self._recipient_keys.values())
 
     def _transport_key(self, pem: str) -> RecipientKey:
         with self._lock:
@@ -335,24 +518,10 @@ class Kms:
             return cached
         key = load_recipient_key(pem.encode(), "transport key")
         with self._lock:
-            if len(self._transport_keys) > 4096:
+            if len(self._transport_keys) >= _MAX_CACHED:
                 self._transport_keys.clear()
             self._transport_keys[pem] = key
         return key
-
-    def _record_unwrap(
-        self, principal: Principal, repository: str | None, layer: int | None, ok: bool, why: str
-    ) -> None:
-        self.log.append(
-            "kms.unwrap",
-            {
-                "subject": principal.subject,
-                "image": repository,
-                "layer": layer,
-                "decision": "allow" if ok else "deny",
-                "reason": why,
-            },
-        )
 
     # -- images ---------------------------------------------------------------------------
 
@@ -399,6 +568,29 @@ class Kms:
             },
         )
         return receipt.index
+
+
+def _release_entry(
+    principal: Principal, resource: str, allowed: bool, reason: str
+) -> dict[str, Any]:
+    return {
+        "subject": principal.subject,
+        "resource": resource,
+        "decision": "allow" if allowed else "deny",
+        "reason": reason,
+    }
+
+
+def _unwrap_entry(
+    principal: Principal, repository: str | None, layer: int | None, ok: bool, why: str
+) -> dict[str, Any]:
+    return {
+        "subject": principal.subject,
+        "image": repository,
+        "layer": layer,
+        "decision": "allow" if ok else "deny",
+        "reason": why,
+    }
 
 
 def _acl_allows(row: Secret, principal: Principal) -> bool:

@@ -14,18 +14,24 @@ from trustplane.errors import AuthError
 _bearer = HTTPBearer(auto_error=False, description="An access token from /v1/auth/token")
 
 
-def plane(request: Request) -> ControlPlane:
+# Both are `async def` on purpose: FastAPI runs a plain `def` dependency in
+# the thread pool, a hop that costs more than what they do (a dict lookup; a
+# token verification is cached after the first).
+
+
+async def plane(request: Request) -> ControlPlane:
     value: ControlPlane = request.app.state.plane
     return value
 
 
-def principal(
+async def principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthError("this endpoint needs a bearer token (trustplane login)")
-    return plane(request).tokens.verify(credentials.credentials)
+    control: ControlPlane = request.app.state.plane
+    return control.tokens.verify(credentials.credentials)
 
 
 Plane = Annotated[ControlPlane, Depends(plane)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 from datetime import datetime
 from typing import Any, Literal
 
@@ -78,7 +77,7 @@ def create_secret(body: NewSecret, caller: Caller, plane: Plane) -> SecretRef:
     if body.payload is not None:
         try:
             payload = base64.b64decode(body.payload, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or non-ASCII characters
             raise UsageError("payload must be base64") from None
     meta = plane.kms.create(
         caller,
@@ -103,10 +102,11 @@ def secret_metadata(secret_id: str, caller: Caller, plane: Plane) -> SecretInfo:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def secret_payload(secret_id: str, caller: Caller, plane: Plane) -> Response:
+async def secret_payload(secret_id: str, caller: Caller, plane: Plane) -> Response:
     """The payload, to principals both the ACL and the policy allow."""
     _check_id(secret_id)
-    return Response(plane.kms.payload(caller, secret_id), media_type="application/octet-stream")
+    payload = await plane.kms.payload_async(caller, secret_id)
+    return Response(payload, media_type="application/octet-stream")
 
 
 @router.delete("/secrets/{secret_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -143,9 +143,10 @@ def recipient(name: str, caller: Caller, plane: Plane) -> RecipientInfo:
 
 
 @router.post("/unwrap", response_model=UnwrapResponse)
-def unwrap(body: UnwrapRequest, caller: Caller, plane: Plane) -> UnwrapResponse:
+async def unwrap(body: UnwrapRequest, caller: Caller, plane: Plane) -> UnwrapResponse:
     """A layer's key options for an authorized caller, re-wrapped to its transport key."""
-    return UnwrapResponse(**plane.kms.unwrap(caller, body.annotation, body.transport_key))
+    answer = await plane.kms.unwrap_async(caller, body.annotation, body.transport_key)
+    return UnwrapResponse(**answer)
 
 
 def _ref(plane: Plane, secret_id: str) -> str:

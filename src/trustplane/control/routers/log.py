@@ -10,7 +10,7 @@ import base64
 import json
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden
@@ -33,7 +33,7 @@ def key(plane: Plane) -> dict[str, str]:
 
 
 @router.get("/entries/{index}")
-def entry(index: int, caller: Caller, plane: Plane) -> dict[str, Any]:
+def entry(caller: Caller, plane: Plane, index: int = Path(ge=0, le=2**63 - 1)) -> dict[str, Any]:
     _may_read(plane, caller)
     body = plane.log.entry(index)
     return {"index": index, "body": base64.b64encode(body).decode(), "entry": json.loads(body)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import anyio.to_thread
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -38,20 +39,25 @@ class AuthorizeResponse(BaseModel):
 
 
 @router.post("/authorize", response_model=AuthorizeResponse)
-def authorize(body: AuthorizeRequest, caller: Caller, plane: Plane) -> AuthorizeResponse:
-    """Allow or deny {subject, action, resource}; every decision is logged."""
+async def authorize(body: AuthorizeRequest, caller: Caller, plane: Plane) -> AuthorizeResponse:
+    """Allow or deny {subject, action, resource}; every decision is logged.
+
+    On the event loop: the policy check is in memory (the file is re-read
+    only when it changed), a subject other than the caller is looked up in a
+    worker thread, and the log commit is awaited.
+    """
     subject: Principal | None = caller
     if body.subject is not None and body.subject.kind + ":" + body.subject.name != caller.subject:
         # Only nodes (gateways asking for their users) and admins may ask for others.
         if caller.role not in ("node", "admin"):
             raise Forbidden("only nodes and admins may ask about another subject")
-        subject = _lookup(plane, body.subject)
+        subject = await anyio.to_thread.run_sync(_lookup, plane, body.subject)
     if subject is None:
         decision = Decision(False, "unknown or disabled subject")
         subject = Principal(body.subject.kind, body.subject.name, "user", frozenset())  # type: ignore[union-attr]
     else:
         decision = plane.authorize(subject, body.action, body.resource, body.layer)
-    receipt = plane.log.append(
+    receipt = await plane.log.append_async(
         "authorize",
         {
             "asker": caller.subject,
