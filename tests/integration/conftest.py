@@ -238,3 +238,25 @@ def admin(control_plane: RunningControlPlane) -> Iterator[ControlClient]:
     client = control_plane.admin()
     yield client
     client.close()
+
+
+# -- cosign (the reference for image signatures) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cosign() -> str:
+    """cosign 2.x: $TRUSTPLANE_COSIGN, the one scripts/run unpacks from Debian trixie
+    into .venv/cosign, or one on PATH."""
+    candidates = [
+        os.environ.get("TRUSTPLANE_COSIGN"),
+        str(_HERE.parents[1] / ".venv" / "cosign" / "usr" / "bin" / "cosign"),
+        shutil.which("cosign"),
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            result = subprocess.run(
+                [candidate, "version"], capture_output=True, text=True, timeout=60
+            )
+            if result.returncode == 0:
+                return candidate
+    component_missing("cosign", "run scripts/run setup (it fetches cosign from Debian trixie)")

@@ -1,4 +1,4 @@
-"""`trustplane image encrypt | decrypt | inspect`."""
+"""`trustplane image encrypt | decrypt | copy | inspect | sign | verify`."""
 
 from __future__ import annotations
 
@@ -26,19 +26,25 @@ from trustplane.cli.common import (
     stderr,
     stdout,
 )
+from trustplane.cli.key import signing_password
+from trustplane.cli.log import State, check_log, state_path
 from trustplane.cli.session import Ca, Server, connect
-from trustplane.errors import UsageError
+from trustplane.crypto.signing import is_encrypted_private_key, load_signing_key, load_verify_key
+from trustplane.errors import IntegrityError, NotFoundError, UsageError
 from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.inspect import inspect_image
 from trustplane.images.recipients import parse_recipient
 from trustplane.images.selection import LayerSelector
+from trustplane.images.sign import Signed, check_log_entry, sign_image, verify_image
 from trustplane.keys.remote import KmsUnwrapper
 from trustplane.oci import reference
 from trustplane.progress import Reporter
 
-app = typer.Typer(help="Encrypt, decrypt and inspect container images.", no_args_is_help=True)
+app = typer.Typer(
+    help="Encrypt, decrypt, inspect, sign and verify container images.", no_args_is_help=True
+)
 
 Source = Annotated[
     str, typer.Argument(help="docker://HOST/REPO:TAG, oci:DIR[:TAG] or docker-daemon:NAME:TAG")
@@ -274,6 +280,172 @@ def inspect(
         emit_json(info)
         return
     _print_inspection(info)
+
+
+@app.command()
+def sign(
+    ref: Annotated[str, typer.Argument(help="docker://HOST/REPO:TAG or @DIGEST to sign.")],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key",
+            "-k",
+            help="Signing key: cosign's encrypted format (password from $COSIGN_PASSWORD "
+            "or a prompt) or a PEM private key.",
+        ),
+    ],
+    annotation: Annotated[
+        list[str] | None,
+        typer.Option("--annotation", "-a", help="KEY=VALUE for the payload's optional part."),
+    ] = None,
+    log: Annotated[
+        bool | None,
+        typer.Option(
+            "--log/--no-log",
+            help="Record the signature in the control plane's transparency log "
+            "(default: when --server is given).",
+        ),
+    ] = None,
+    server: Server = None,
+    ca: Ca = None,
+    authfile: AuthFile = None,
+    tls_verify: Annotated[bool, typer.Option("--tls-verify/--no-tls-verify")] = True,
+    cacert: SrcCaCert = None,
+    creds: SrcCreds = None,
+    as_json: AsJson = False,
+) -> None:
+    """Sign an image in cosign's format (the sha256-<digest>.sig tag next to it)."""
+    key_data = _read_file(key)
+    password = signing_password() if is_encrypted_private_key(key_data) else None
+    signing_key = load_signing_key(key_data, str(key), password)
+    optional = _annotations(annotation or [])
+    target = reference.parse(ref)
+    client = connect(server, ca) if log or (log is None and server) else None
+
+    def record(signed: Signed) -> int:
+        assert client is not None
+        with client:
+            answer = client.record_signature(
+                _repository(target) or str(target),
+                signed.manifest_digest,
+                signed.payload,
+                signed.signature,
+                signing_key.public.public_pem(),
+            )
+        return int(answer["log_index"])
+
+    result = sign_image(
+        target,
+        signing_key,
+        endpoint(tls_verify, cacert, creds, authfile),
+        optional,
+        record if client is not None else None,
+    )
+    signed = result.signed
+    if as_json:
+        emit_json(
+            {
+                "manifestDigest": signed.manifest_digest,
+                "signatureTag": result.signature_tag,
+                "payloadDigest": signed.payload_digest,
+                "keyID": signed.key_id,
+                "logIndex": signed.log_index,
+                "signatures": result.signatures,
+                "appended": result.appended,
+            }
+        )
+        return
+    where = f", log entry {signed.log_index}" if signed.log_index is not None else ""
+    verb = "signed" if result.appended else "already signed with this key and payload:"
+    stdout.print(f"{verb} {ref} ({signed.manifest_digest}) in {result.signature_tag}{where}")
+
+
+@app.command()
+def verify(
+    ref: Annotated[str, typer.Argument(help="docker://HOST/REPO:TAG or @DIGEST to verify.")],
+    key: Annotated[
+        Path, typer.Option("--key", "-k", help="The signer's public key (PEM, as cosign.pub).")
+    ],
+    require_log: Annotated[
+        bool,
+        typer.Option(
+            help="Also prove that the signature is in the control plane's transparency log "
+            "(signed checkpoint, inclusion proof)."
+        ),
+    ] = False,
+    log_key: Annotated[
+        str | None, typer.Option(help="The log's verifier key (default: pinned on first use).")
+    ] = None,
+    state: State = None,
+    server: Server = None,
+    ca: Ca = None,
+    authfile: AuthFile = None,
+    tls_verify: Annotated[bool, typer.Option("--tls-verify/--no-tls-verify")] = True,
+    cacert: SrcCaCert = None,
+    creds: SrcCreds = None,
+    as_json: AsJson = False,
+) -> None:
+    """Check an image's cosign signatures with a public key (exit 5 when none is valid)."""
+    verify_key = load_verify_key(_read_file(key), str(key))
+    result = verify_image(
+        reference.parse(ref), verify_key, endpoint(tls_verify, cacert, creds, authfile)
+    )
+    proven: list[int] = []
+    if require_log:
+        logged = [signed for signed in result.verified if signed.log_index is not None]
+        if not logged:
+            raise IntegrityError(
+                f"{ref}: no valid signature by {key} names a transparency log entry"
+            )
+        with connect(server, ca) as client:
+            _, bodies = check_log(
+                client, state_path(state), log_key, [int(s.log_index or 0) for s in logged]
+            )
+        for signed in logged:
+            check_log_entry(bodies[int(signed.log_index or 0)], signed)
+            proven.append(int(signed.log_index or 0))
+    if as_json:
+        emit_json(
+            {
+                "manifestDigest": result.manifest_digest,
+                "keyID": verify_key.key_id,
+                "signatures": [
+                    {
+                        "payloadDigest": signed.payload_digest,
+                        "dockerReference": signed.docker_reference,
+                        "optional": signed.optional,
+                        "logIndex": signed.log_index,
+                    }
+                    for signed in result.verified
+                ],
+                "logIncluded": proven,
+            }
+        )
+        return
+    logged_text = f", in the transparency log at {proven}" if proven else ""
+    stdout.print(
+        f"verified {ref} ({result.manifest_digest}): {len(result.verified)} valid "
+        f"signature(s) by {key}{logged_text}"
+    )
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise NotFoundError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _annotations(pairs: list[str]) -> dict[str, Any] | None:
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--annotation {pair!r}: give KEY=VALUE")
+        result[name] = value
+    return result or None
 
 
 def _repository(ref: reference.ImageRef) -> str | None:

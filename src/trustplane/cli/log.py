@@ -18,6 +18,7 @@ import typer
 
 from trustplane.cli.common import stdout
 from trustplane.cli.session import Ca, Server, connect
+from trustplane.client import ControlClient
 from trustplane.errors import IntegrityError, MalformedError
 from trustplane.oci.layout import atomic_write
 from trustplane.trust import merkle
@@ -54,61 +55,68 @@ def verify(
     ca: Ca = None,
 ) -> None:
     """Check the signed checkpoint, its consistency with the last one seen, and inclusions."""
-    path = state_path(state)
-    known: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     with connect(server, ca) as client:
-        remembered = known.get(client.url, {})
-        published = client.log_key()
-        verifier_text = key or remembered.get("verifier_key") or published["verifier_key"]
-        if (
-            remembered.get("verifier_key")
-            and published["verifier_key"] != remembered["verifier_key"]
-        ):
-            raise IntegrityError("the log's signing key changed since it was pinned")
-        verifier = parse_verifier_key(verifier_text)
-        checkpoint = open_checkpoint(client.checkpoint(), verifier, published["origin"])
-        lines = [
-            f"checkpoint: {checkpoint.size} entries, root {checkpoint.root.hex()}, signature valid"
-        ]
-        old_size = int(remembered.get("size", 0))
-        old_root = base64.b64decode(remembered["root"]) if "root" in remembered else None
-        if old_root is not None:
-            if checkpoint.size < old_size:
-                raise IntegrityError(f"the log shrank from {old_size} to {checkpoint.size} entries")
-            if checkpoint.size == old_size:
-                if checkpoint.root != old_root:
-                    raise IntegrityError(
-                        "same size, different root: the log's history was rewritten"
-                    )
-            elif old_size > 0:
-                proof = client.consistency_proof(old_size, checkpoint.size)
-                if not merkle.verify_consistency(
-                    old_size, checkpoint.size, old_root, checkpoint.root, proof
-                ):
-                    raise IntegrityError(
-                        f"the log at {checkpoint.size} is not an extension of the one verified at "
-                        f"{old_size}: its history was rewritten"
-                    )
-            lines.append(f"consistent with the checkpoint verified before ({old_size} entries)")
-        for index in entry or []:
-            body = client.log_entry(index)
-            proof = client.inclusion_proof(index, checkpoint.size)
-            if not merkle.verify_inclusion(
-                merkle.leaf_hash(body), index, checkpoint.size, proof, checkpoint.root
-            ):
-                raise IntegrityError(
-                    f"entry {index} is not included in the signed tree: it was altered"
-                )
-            lines.append(f"entry {index} included: {body.decode(errors='replace')}")
-        known[client.url] = {
-            "verifier_key": verifier_text,
-            "size": checkpoint.size,
-            "root": base64.b64encode(checkpoint.root).decode(),
-        }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(known, indent=2).encode(), mode=0o600)
+        lines, _ = check_log(client, state_path(state), key, entry or [])
     for line in lines:
         stdout.print(line)
+
+
+def check_log(
+    client: ControlClient, path: Path, key: str | None, entries: list[int]
+) -> tuple[list[str], dict[int, bytes]]:
+    """Verify the signed checkpoint (key pinned in `path` on first use), its
+    consistency with the one verified before, and that each of `entries` is
+    included; keep the new checkpoint. Returns what was shown and the
+    entries' bodies, proven to be in the tree. Any failure: IntegrityError."""
+    known: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    remembered = known.get(client.url, {})
+    published = client.log_key()
+    verifier_text = key or remembered.get("verifier_key") or published["verifier_key"]
+    if remembered.get("verifier_key") and published["verifier_key"] != remembered["verifier_key"]:
+        raise IntegrityError("the log's signing key changed since it was pinned")
+    verifier = parse_verifier_key(verifier_text)
+    checkpoint = open_checkpoint(client.checkpoint(), verifier, published["origin"])
+    lines = [
+        f"checkpoint: {checkpoint.size} entries, root {checkpoint.root.hex()}, signature valid"
+    ]
+    old_size = int(remembered.get("size", 0))
+    old_root = base64.b64decode(remembered["root"]) if "root" in remembered else None
+    if old_root is not None:
+        if checkpoint.size < old_size:
+            raise IntegrityError(f"the log shrank from {old_size} to {checkpoint.size} entries")
+        if checkpoint.size == old_size:
+            if checkpoint.root != old_root:
+                raise IntegrityError("same size, different root: the log's history was rewritten")
+        elif old_size > 0:
+            proof = client.consistency_proof(old_size, checkpoint.size)
+            if not merkle.verify_consistency(
+                old_size, checkpoint.size, old_root, checkpoint.root, proof
+            ):
+                raise IntegrityError(
+                    f"the log at {checkpoint.size} is not an extension of the one verified at "
+                    f"{old_size}: its history was rewritten"
+                )
+        lines.append(f"consistent with the checkpoint verified before ({old_size} entries)")
+    bodies: dict[int, bytes] = {}
+    for index in entries:
+        body = client.log_entry(index)
+        proof = client.inclusion_proof(index, checkpoint.size)
+        if not merkle.verify_inclusion(
+            merkle.leaf_hash(body), index, checkpoint.size, proof, checkpoint.root
+        ):
+            raise IntegrityError(
+                f"entry {index} is not included in the signed tree: it was altered"
+            )
+        bodies[index] = body
+        lines.append(f"entry {index} included: {body.decode(errors='replace')}")
+    known[client.url] = {
+        "verifier_key": verifier_text,
+        "size": checkpoint.size,
+        "root": base64.b64encode(checkpoint.root).decode(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(known, indent=2).encode(), mode=0o600)
+    return lines, bodies
 
 
 @app.command()

@@ -19,6 +19,9 @@ DOCKER_FOREIGN_LAYER_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.ta
 
 ENCRYPTED_SUFFIX = "+encrypted"
 
+COSIGN_SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+"""A cosign signature layer: the simple-signing payload that was signed."""
+
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEXES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 ACCEPT = ", ".join((*MANIFESTS, *INDEXES))

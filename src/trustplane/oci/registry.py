@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import ipaddress
 import ssl
 import time
@@ -203,6 +204,24 @@ class RegistryClient:
             yield ChunkReader(_body(response))
         finally:
             response.close()
+
+    def read_small_blob(self, repository: str, digest: str, limit: int) -> bytes:
+        """A blob of at most `limit` bytes (a config, a signature payload), verified."""
+        with self.open_blob(repository, digest) as stream:
+            data = read_upto(stream, limit + 1)
+        if len(data) > limit:
+            raise MalformedError(f"blob {digest} in {repository} is larger than {limit} bytes")
+        verify_digest(data, digest, f"blob in {repository}")
+        return data
+
+    def put_small_blob(self, repository: str, data: bytes) -> str:
+        """Upload a blob held in memory unless the registry has it; its digest."""
+        digest = _sha256(data)
+        if not self.has_blob(repository, digest):
+            self.upload_blob(
+                repository, digest, len(data), lambda: contextlib.nullcontext(io.BytesIO(data))
+            )
+        return digest
 
     def mount_blob(self, repository: str, digest: str, source_repository: str) -> bool:
         """Link a blob from another repository of this registry; True if done."""
