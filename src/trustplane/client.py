@@ -195,6 +195,35 @@ class ControlClient:
         )
         return result
 
+    def images(self, repository: str) -> list[dict[str, Any]]:
+        """What the control plane registered for `repository` (edge gateways ask this)."""
+        result: list[dict[str, Any]] = self.json(
+            "GET", "/v1/images", params={"repository": repository}
+        )
+        return result
+
+    def record_signature(
+        self,
+        repository: str,
+        manifest_digest: str,
+        payload: bytes,
+        signature: bytes,
+        public_key_pem: bytes,
+    ) -> dict[str, Any]:
+        """Have the control plane check an image signature and log it."""
+        result: dict[str, Any] = self.json(
+            "POST",
+            "/v1/signatures",
+            json={
+                "repository": repository,
+                "manifest_digest": manifest_digest,
+                "payload": base64.b64encode(payload).decode(),
+                "signature": base64.b64encode(signature).decode(),
+                "public_key": public_key_pem.decode(),
+            },
+        )
+        return result
+
     # -- log ------------------------------------------------------------------------------
 
     def checkpoint(self) -> bytes:

@@ -17,6 +17,7 @@ import typer
 
 from trustplane import __version__
 from trustplane.cli import admin, image, key, kms, log, server
+from trustplane.cli.gateway import gateway
 from trustplane.errors import ExitCode, TrustplaneError
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ app.add_typer(admin.node_app, name="node")
 app.command()(admin.authorize)
 app.command()(server.server)
 app.command()(server.login)
+app.command()(gateway)
 
 
 @app.command()

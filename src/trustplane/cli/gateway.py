@@ -1,0 +1,72 @@
+"""`trustplane gateway`: the edge gateway in front of dockerd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trustplane.cli.common import stdout
+from trustplane.cli.session import Ca
+from trustplane.errors import UsageError
+
+
+def gateway(
+    server_url: Annotated[str, typer.Option("--server", help="Control plane URL.")],
+    listen: Annotated[
+        str, typer.Option(help="The gateway's socket (unix:///path).")
+    ] = "unix:///run/trustplane/docker.sock",
+    docker: Annotated[
+        str, typer.Option(help="dockerd's socket (unix:///path).")
+    ] = "unix:///var/run/docker.sock",
+    ca: Ca = None,
+    node: Annotated[str | None, typer.Option(help="This gateway's registered node name.")] = None,
+    node_key: Annotated[
+        Path | None, typer.Option(help="The node's private key (PEM) for its token.")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="Instead of a node key: a file holding a token.")
+    ] = None,
+    allow_host_access: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Allow privileged, host-bind, host-namespace, capabilities, devices or "
+            "security-opt (repeatable; default: none)."
+        ),
+    ] = None,
+    socket_mode: Annotated[str, typer.Option(help="Octal mode of the gateway's socket.")] = "660",
+    allowed_uid: Annotated[
+        list[int] | None,
+        typer.Option(help="Local user ids (peer credentials) allowed on the socket; default: any."),
+    ] = None,
+    control_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the control plane before denying.")
+    ] = 5.0,
+) -> None:
+    """Authenticate, authorize and forward every Docker Engine API call."""
+    from trustplane.gateway.control_link import NodeCredential
+    from trustplane.gateway.service import GatewayConfig, check_categories, run, unix_path
+
+    if (node is None) != (node_key is None):
+        raise UsageError("--node and --node-key go together")
+    if node is None and token_file is None:
+        raise UsageError("the gateway needs --node and --node-key, or --token-file")
+    try:
+        mode = int(socket_mode, 8)
+    except ValueError:
+        raise UsageError(f"--socket-mode {socket_mode!r} is not octal") from None
+    config = GatewayConfig(
+        listen=unix_path(listen, "--listen"),
+        docker=unix_path(docker, "--docker"),
+        server=server_url,
+        ca_file=ca,
+        node=NodeCredential(node, node_key) if node and node_key else None,
+        token_file=token_file,
+        allow_host_access=check_categories(allow_host_access or []),
+        socket_mode=mode,
+        control_timeout=control_timeout,
+        allowed_uids=frozenset(allowed_uid or []),
+    )
+    stdout.print(f"trustplane gateway on unix://{config.listen} -> unix://{config.docker}")
+    run(config)

@@ -1,0 +1,253 @@
+"""The gateway's decision for one request, in the seed's order.
+
+1. The caller: a token (`X-Trustplane-Token`) the control plane vouches for;
+   the local user behind the socket (SO_PEERCRED) is logged with it, and
+   must be one of `--allowed-uid` when the gateway names any.
+2. The action (actions.py); a call not in the table is denied.
+3. Read-only calls are allowed for any verified caller (the verified
+   identity is the short-lived cached decision).
+4. A caller of normal privilege (role `user`, or a node) is refused every
+   mutating action here; `operator` and `admin` go on.
+5. The body: host access (host_access.py) unless this gateway allows it.
+6. The container metadata (id, name, image, process id) from dockerd.
+7. Image authentication (image_auth.py) for pulls and starts.
+8. Operation authorization: the control plane's explicit `allow`.
+
+Any exception on the way is a denial: fail closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustplane.errors import (
+    AuthError,
+    Forbidden,
+    MalformedError,
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+)
+from trustplane.gateway.actions import Classified, classify
+from trustplane.gateway.control_link import Caller, ControlLink
+from trustplane.gateway.docker_api import DockerApi
+from trustplane.gateway.host_access import host_access
+from trustplane.gateway.image_auth import ImageAuthenticator, looks_like_id, split_reference
+from trustplane.gateway.request import Target
+
+TOKEN_HEADER = "x-trustplane-token"  # noqa: S105 - a header name
+SUPER_ROLES = frozenset({"operator", "admin"})
+log = logging.getLogger("trustplane.gateway")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The local process on the other end of the socket (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass
+class Verdict:
+    allowed: bool
+    status: int
+    message: str
+    classified: Classified | None = None
+    caller: Caller | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    image_id: str | None = None
+    """For a create: the image id that was authenticated (see confirm_created)."""
+
+
+_STATUS: dict[type[TrustplaneError], int] = {
+    AuthError: 401,
+    Forbidden: 403,
+    NotFoundError: 404,
+    MalformedError: 400,
+    UnavailableError: 503,
+}
+
+
+def _status(error: TrustplaneError) -> int:
+    for kind in type(error).__mro__:
+        if kind in _STATUS:
+            return _STATUS[kind]
+    return 403
+
+
+class Gatekeeper:
+    def __init__(
+        self,
+        link: ControlLink,
+        docker: DockerApi,
+        allow_host_access: frozenset[str] = frozenset(),
+        allowed_uids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.link = link
+        self.docker = docker
+        self.images = ImageAuthenticator(link, docker)
+        self.allow_host_access = allow_host_access
+        self.allowed_uids = allowed_uids
+        """Local users (SO_PEERCRED uid) who may use the socket at all; empty: any."""
+
+    async def decide(
+        self, target: Target, tokens: list[str], body: bytes, peer: Peer | None
+    ) -> Verdict:
+        """Allow or deny; never raises (an unexpected error denies)."""
+        verdict = Verdict(False, 403, "denied")
+        try:
+            if self.allowed_uids and (peer is None or peer.uid not in self.allowed_uids):
+                uid = "unknown" if peer is None else str(peer.uid)
+                raise Forbidden(f"trustplane gateway: local user {uid} may not use this gateway")
+            await self._decide(verdict, target, tokens, body)
+        except TrustplaneError as exc:
+            verdict.allowed, verdict.status, verdict.message = False, _status(exc), str(exc)
+        except Exception as exc:  # fail closed on anything unexpected
+            log.exception("gateway: unexpected error while deciding")
+            verdict.allowed, verdict.status = False, 403
+            verdict.message = f"the gateway could not decide ({type(exc).__name__}); denied"
+        who = verdict.caller.subject if verdict.caller else "?"
+        action = (verdict.classified.action or "read") if verdict.classified else "?"
+        log.info(
+            "%s %s %s %s peer=%s %s: %s",
+            "allow" if verdict.allowed else "deny",
+            who,
+            action,
+            target.path[:200],
+            f"{peer.uid}/{peer.pid}" if peer else "?",
+            verdict.metadata or "",
+            verdict.message,
+        )
+        return verdict
+
+    async def _decide(
+        self, verdict: Verdict, target: Target, tokens: list[str], body: bytes
+    ) -> None:
+        if len(tokens) != 1 or not tokens[0]:
+            raise AuthError(
+                "trustplane gateway: send exactly one X-Trustplane-Token header "
+                '(docker: "HttpHeaders" in ~/.docker/config.json)'
+            )
+        caller = await self.link.whoami(tokens[0])
+        verdict.caller = caller
+        classified = classify(target)
+        verdict.classified = classified
+        if not classified.stream_body:
+            wanted, document = host_access(classified.body, target, body)
+        else:
+            wanted, document = host_access(classified.body, target, b"")
+        if classified.action is None:
+            verdict.allowed, verdict.status, verdict.message = True, 200, "read-only"
+            return
+        action = classified.action
+        if caller.role not in SUPER_ROLES:
+            raise Forbidden(
+                f"trustplane gateway: {caller.subject} has normal privilege (role "
+                f"{caller.role}); {action} needs an operator or admin"
+            )
+        refused = wanted - self.allow_host_access
+        if refused:
+            raise Forbidden(
+                f"trustplane gateway: {', '.join(sorted(refused))} access to the host is "
+                "refused on this gateway"
+            )
+        resource = await self._resource(verdict, target, classified, document)
+        allowed, reason = await self.link.authorize(caller, action, resource)
+        if not allowed:
+            raise Forbidden(
+                f"trustplane gateway: the control plane refuses {action} on {resource}: {reason}"
+            )
+        verdict.allowed, verdict.status = True, 200
+        verdict.message = f"{action} on {resource}: {reason}"
+
+    async def _resource(
+        self, verdict: Verdict, target: Target, classified: Classified, document: dict[str, Any]
+    ) -> str:
+        """What the action is on (`image:REPO`, `container:NAME`, ...), authenticated."""
+        name = classified.name
+        if classified.action == "image.pull":
+            assert name is not None
+            return f"image:{await self.images.for_pull(name)}"
+        if classified.body == "create":
+            image = document.get("image")
+            if not isinstance(image, str) or not image:
+                raise MalformedError("a container needs an Image")
+            repository, image_id = await self.images.for_start(image)
+            verdict.metadata["image"] = image
+            verdict.image_id = image_id
+            return f"image:{repository}"
+        if classified.kind == "exec" and name is not None:
+            exec_info = await self.docker.inspect("exec", name)
+            if exec_info is None:
+                raise NotFoundError(f"No such exec instance: {name}")
+            name = str(exec_info.get("ContainerID", ""))
+            if not name:
+                raise MalformedError("dockerd names no container for this exec instance")
+        if classified.kind in ("container", "exec") and name is not None:
+            return await self._container(verdict, name, classified.action == "container.start")
+        if classified.kind == "image" and name is not None:
+            return f"image:{await self._image_repository(name)}"
+        if classified.kind in ("volume", "network"):
+            label = name or str(document.get("name", "")) or "*"
+            return f"{classified.kind}:{label}"
+        if classified.kind == "image":
+            tags = target.query.get("t") or target.query.get("repo") or []
+            return f"image:{split_reference(tags[0])[0]}" if tags and tags[0] else "image:*"
+        return "container:*"
+
+    async def _container(self, verdict: Verdict, name: str, starting: bool) -> str:
+        container = await self.docker.inspect("containers", name)
+        if container is None:
+            raise NotFoundError(f"No such container: {name}")
+        state = container.get("State")
+        config = container.get("Config")
+        container_name = str(container.get("Name", "")).lstrip("/")
+        image = str(config.get("Image", "")) if isinstance(config, dict) else ""
+        verdict.metadata.update(
+            id=str(container.get("Id", ""))[:12],
+            name=container_name,
+            image=image,
+            pid=state.get("Pid") if isinstance(state, dict) else None,
+        )
+        if starting:
+            # Re-authenticate the image the container was made from: a container
+            # created behind the gateway's back must not start through it.
+            await self.images.for_start(str(container.get("Image", "")))
+        return f"container:{container_name or name}"
+
+    async def _image_repository(self, name: str) -> str:
+        """The repository an image reference names; for an id, the image's first tag's."""
+        if looks_like_id(name):
+            image = await self.docker.inspect("images", name)
+            tags = image.get("RepoTags") if image else None
+            if isinstance(tags, list) and tags and isinstance(tags[0], str):
+                return split_reference(tags[0])[0]
+        return split_reference(name)[0]
+
+    async def confirm_created(self, verdict: Verdict, answer: bytes) -> bool:
+        """After dockerd created a container: is it made from the image that was checked?
+
+        dockerd resolves the image name again when it creates; a tag moved in
+        between would run an image nobody authenticated. A container made
+        from anything else is removed at once, and the create is denied.
+        """
+        container_id = ""
+        try:
+            document = json.loads(answer)
+            container_id = str(document["Id"]) if isinstance(document, dict) else ""
+            if not container_id or not container_id.isalnum():
+                raise MalformedError("dockerd's create answer names no container")
+            container = await self.docker.inspect("containers", container_id)
+            if container is not None and container.get("Image") == verdict.image_id:
+                return True
+        except Exception:  # fail closed: remove what cannot be confirmed
+            log.exception("gateway: cannot confirm a created container")
+        if container_id.isalnum():
+            await self.docker.remove_container(container_id)
+        log.warning("gateway: removed container %s: not from the checked image", container_id)
+        return False

@@ -1,0 +1,197 @@
+"""Bodies that would give a container the host: refused unless configured.
+
+A container that is privileged, binds a host path, joins a host namespace,
+gains capabilities, devices, or drops its security profile can take the
+edge host over, whatever the control plane authorized. The gateway refuses
+each such request unless its configuration explicitly allows that category
+(`--allow-host-access CATEGORY`). The categories:
+
+- `privileged`: HostConfig.Privileged; exec `Privileged`. (Every HostConfig
+  field is checked both under `HostConfig` and at the top level of a create
+  body, where dockerd's deprecated embedded HostConfig reads it too.)
+- `host-bind`: HostConfig.Binds with a host path; Mounts of type bind (or a
+  volume with driver options or another driver); VolumesFrom; a
+  VolumeDriver other than `local`;
+  `volumes/create` with DriverOpts or a driver other than `local`.
+- `host-namespace`: Pid/Network/Ipc/UTS/Userns/Cgroupns mode `host`
+  (sharing another container's, `container:NAME`, is allowed); build
+  `networkmode=host`; a network whose driver is not bridge or overlay
+  (macvlan, ipvlan: the host's own segment).
+- `capabilities`: HostConfig.CapAdd, Capabilities.
+- `devices`: Devices, DeviceRequests, DeviceCgroupRules (create and update).
+- `security-opt`: SecurityOpt (seccomp, AppArmor, labels), MaskedPaths and
+  ReadonlyPaths overrides.
+
+A body that is not a JSON object, or whose fields have the wrong types, is
+refused as malformed: what the gateway cannot read it does not forward.
+
+Go's encoding/json (dockerd) matches object keys to fields without regard
+to case, and takes the last of duplicate keys. So keys are compared here in
+ASCII lower case, a key that repeats (in any case) is refused, and so is a
+non-ASCII key (Go folds some, e.g. U+212A KELVIN SIGN to `k`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from trustplane.errors import MalformedError
+from trustplane.gateway.actions import BodyCheck
+from trustplane.gateway.request import Target
+
+CATEGORIES = frozenset(
+    {"privileged", "host-bind", "host-namespace", "capabilities", "devices", "security-opt"}
+)
+_NAMESPACES = ("pidmode", "networkmode", "ipcmode", "utsmode", "usernsmode", "cgroupnsmode")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object with lower-case keys; duplicate keys are refused."""
+    if not body.strip():
+        return {}
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if not key.isascii():
+                raise MalformedError("the JSON body has a non-ASCII key")
+            folded = key.lower()
+            if folded in result:
+                raise MalformedError(f"the JSON body repeats the key {key[:64]!r}")
+            result[folded] = value
+        return result
+
+    try:
+        document = json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MalformedError("the request body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise MalformedError("the request body is not a JSON object")
+    return document
+
+
+def host_access(check: BodyCheck, target: Target, body: bytes) -> tuple[set[str], dict[str, Any]]:
+    """The host-access categories a request asks for, and its parsed JSON body."""
+    if check == "build":
+        wanted: set[str] = set()
+        if (target.one("networkmode") or "").lower() == "host":
+            wanted.add("host-namespace")
+        return wanted, {}
+    if check == "none":
+        if body:
+            raise MalformedError("this call takes no request body")
+        return set(), {}
+    document = parse_json_object(body)
+    if check == "json":
+        return set(), document
+    if check == "create":
+        return _create(document), document
+    if check == "exec":
+        return ({"privileged"} if _bool(document, "privileged") else set()), document
+    if check == "update":
+        return _devices(document), document
+    if check == "network":
+        # macvlan / ipvlan put containers on the host's own network segment.
+        driver = _string(document, "driver")
+        if driver not in ("", "bridge", "overlay") or "parent" in _mapping(document, "options"):
+            return {"host-namespace"}, document
+        return set(), document
+    if check == "volume":
+        opts = _mapping(document, "driveropts")
+        driver = _string(document, "driver")
+        return ({"host-bind"} if opts or driver not in ("", "local") else set()), document
+    raise MalformedError(f"unknown body check {check}")
+
+
+def _create(document: dict[str, Any]) -> set[str]:
+    # dockerd's ContainerConfigWrapper still embeds a deprecated *HostConfig:
+    # HostConfig fields at the top level of the body are read too (and used
+    # whole when there is no "HostConfig" key). Both places are checked.
+    return _host_config(_mapping(document, "hostconfig")) | _host_config(document)
+
+
+def _host_config(host: dict[str, Any]) -> set[str]:
+    wanted: set[str] = set()
+    if _bool(host, "privileged"):
+        wanted.add("privileged")
+    for bind in _strings(host, "binds"):
+        source = bind.split(":", 1)[0]
+        if source.startswith("/") or source.startswith(".") or not source:
+            wanted.add("host-bind")
+    if _strings(host, "volumesfrom") or _string(host, "volumedriver") not in ("", "local"):
+        wanted.add("host-bind")
+    mounts = host.get("mounts")
+    if mounts is not None:
+        if not isinstance(mounts, list):
+            raise MalformedError("HostConfig.Mounts must be a list")
+        for mount in mounts:
+            if not isinstance(mount, dict):
+                raise MalformedError("HostConfig.Mounts entries must be objects")
+            kind = _string(mount, "type")
+            if kind == "bind" or kind not in ("volume", "tmpfs"):
+                wanted.add("host-bind")
+            volume_options = _mapping(mount, "volumeoptions")
+            driver = _mapping(volume_options, "driverconfig")
+            if _mapping(driver, "options") or _string(driver, "name") not in ("", "local"):
+                wanted.add("host-bind")
+    for mode in _NAMESPACES:
+        value = _string(host, mode).lower()
+        if value == "host":
+            wanted.add("host-namespace")
+    if _strings(host, "capadd") or _strings(host, "capabilities"):
+        wanted.add("capabilities")
+    if _strings(host, "securityopt") or host.get("maskedpaths") is not None:
+        wanted.add("security-opt")
+    if host.get("readonlypaths") is not None:
+        wanted.add("security-opt")
+    wanted |= _devices(host)
+    return wanted
+
+
+def _devices(document: dict[str, Any]) -> set[str]:
+    for key in ("devices", "devicerequests", "devicecgrouprules"):
+        value = document.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise MalformedError(f"{key} must be a list")
+        if value:
+            return {"devices"}
+    return set()
+
+
+def _mapping(document: dict[str, Any], key: str) -> dict[str, Any]:
+    value = document.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedError(f"{key} must be an object")
+    return value
+
+
+def _string(document: dict[str, Any], key: str) -> str:
+    value = document.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedError(f"{key} must be a string")
+    return value
+
+
+def _bool(document: dict[str, Any], key: str) -> bool:
+    value = document.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MalformedError(f"{key} must be a boolean")
+    return value
+
+
+def _strings(document: dict[str, Any], key: str) -> list[str]:
+    value = document.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise MalformedError(f"{key} must be a list of strings")
+    return value

@@ -1,0 +1,120 @@
+"""Image authentication: is this image what the control plane registered?
+
+An image is authentic when the control plane holds a record for its
+repository whose content matches what dockerd has:
+
+- its manifest digest is one of the image's `RepoDigests` (pulled by digest
+  or from a registry), or
+- its layers' `diff_id`s, in order, are exactly the image's `RootFS.Layers`
+  (an image loaded or built locally has no manifest digest; its root file
+  system is still pinned layer by layer).
+
+A pull names a repository that must be registered; a pull by digest must
+name a registered manifest digest. (A pull by tag cannot be pinned before
+it happens: the content is checked when a container is started from it.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trustplane.errors import Forbidden, NotFoundError
+from trustplane.gateway.control_link import ControlLink
+from trustplane.gateway.docker_api import DockerApi
+
+_HUB_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """(familiar repository, digest or None) of `name[:tag][@digest]`."""
+    name, _, digest = reference.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name = name[:colon]
+    for prefix in _HUB_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    return name, digest or None
+
+
+def registered_names(repository: str) -> list[str]:
+    """How a publisher may have spelled a familiar repository name when registering it."""
+    names = [repository]
+    if "." not in repository.split("/")[0] and ":" not in repository.split("/")[0]:
+        if "/" not in repository:
+            names.append(f"docker.io/library/{repository}")
+            names.append(f"library/{repository}")
+        names.append(f"docker.io/{repository}")
+    return names
+
+
+def looks_like_id(reference: str) -> bool:
+    """An image id or id prefix (hex), as opposed to a name."""
+    text = reference.removeprefix("sha256:")
+    return all(c in "0123456789abcdef" for c in text) and 12 <= len(text) <= 64
+
+
+class ImageAuthenticator:
+    def __init__(self, link: ControlLink, docker: DockerApi) -> None:
+        self.link = link
+        self.docker = docker
+
+    async def _records(self, repository: str) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        for name in registered_names(repository):
+            records.extend(await self.link.images(name))
+        return records
+
+    async def for_pull(self, reference: str) -> str:
+        """The repository to authorize `image.pull` on; Forbidden when not registered."""
+        repository, digest = split_reference(reference)
+        records = await self._records(repository)
+        if not records:
+            raise Forbidden(f"image {repository} is not registered with the control plane")
+        if digest is not None and digest not in {r.get("manifest_digest") for r in records}:
+            raise Forbidden(f"image {repository}@{digest} is not a registered digest")
+        return repository
+
+    async def for_start(self, reference: str) -> tuple[str, str]:
+        """(repository, image id) of the local image `reference`, once it matches a record."""
+        image = await self.docker.inspect("images", reference)
+        if image is None:
+            raise NotFoundError(f"No such image: {reference}")
+        candidates: list[str] = []
+        if not looks_like_id(reference):
+            candidates.append(split_reference(reference)[0])
+        for tagged in [*_strings(image.get("RepoTags")), *_strings(image.get("RepoDigests"))]:
+            repository = split_reference(tagged)[0]
+            if repository not in candidates and repository != "<none>":
+                candidates.append(repository)
+        digests = {d.partition("@")[2] for d in _strings(image.get("RepoDigests"))}
+        rootfs = image.get("RootFS")
+        layers = _strings(rootfs.get("Layers")) if isinstance(rootfs, dict) else []
+        for repository in candidates:
+            for record in await self._records(repository):
+                if record.get("manifest_digest") in digests or _same_layers(record, layers):
+                    return repository, str(image.get("Id", ""))
+        shown = candidates[0] if candidates else reference
+        raise Forbidden(
+            f"image {shown} ({str(image.get('Id', ''))[:19]}) is not registered with the "
+            "control plane: its digest and layers match no published record"
+        )
+
+
+def _same_layers(record: dict[str, Any], layers: list[str]) -> bool:
+    recorded = record.get("layers")
+    if not isinstance(recorded, list) or not recorded or not layers:
+        return False
+    ordered = sorted(
+        (item for item in recorded if isinstance(item, dict)), key=lambda item: item.get("index", 0)
+    )
+    diff_ids = [item.get("diff_id") for item in ordered]
+    return diff_ids == layers
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, str)]

@@ -1,0 +1,70 @@
+"""What a gateway's own configuration changes: host access it allows, local users it serves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import docker
+import pytest
+from gateway_helpers import PREFIX, DockerCli, container_exists, make_people, start_gateway
+from gateway_helpers import cleanup as cleanup
+from gateway_helpers import registered_base as registered_base
+
+from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.dockerd import DockerDaemon
+
+pytestmark = pytest.mark.usefixtures("cleanup")
+
+
+def test_host_access_allowed_by_configuration_still_needs_authorization(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    registered_base: str,
+) -> None:
+    people = make_people(control_plane, "cfg")
+    gateways = start_gateway(
+        tmp_path / "gw-priv", control_plane, docker_daemon, "--allow-host-access", "privileged"
+    )
+    gateway = next(gateways)
+    try:
+        operator = DockerCli.make(gateway.host, tmp_path / "op", people.operator_token)
+        name = f"{PREFIX}-priv-allowed"
+        # `create`: this test machine itself may not run privileged containers.
+        operator.ok("create", "--privileged", "--name", name, registered_base, "sleep", "60")
+        assert docker_client.containers.get(name).attrs["HostConfig"]["Privileged"] is True
+        # Only the category configured: a host bind stays refused.
+        other = f"{PREFIX}-bind-still-refused"
+        operator.refused("run", "--name", other, "-v", "/:/h", registered_base, "true",
+                         text="host-bind access")  # fmt: skip
+        assert not container_exists(docker_client, other)
+        normal = DockerCli.make(gateway.host, tmp_path / "user", people.user_token)
+        normal.refused("run", "--privileged", registered_base, "true", text="normal privilege")
+    finally:
+        gateways.close()
+
+
+def test_only_the_configured_local_users_may_use_the_socket(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    registered_base: str,
+) -> None:
+    people = make_people(control_plane, "uid")
+    me = os.getuid()
+    for allowed, works in ((me + 4242, False), (me, True)):
+        gateways = start_gateway(
+            tmp_path / f"gw-uid-{allowed}", control_plane, docker_daemon,
+            "--allowed-uid", str(allowed),
+        )  # fmt: skip
+        gateway = next(gateways)
+        try:
+            cli = DockerCli.make(gateway.host, tmp_path / f"cli-{allowed}", people.user_token)
+            if works:
+                assert "CONTAINER ID" in cli.ok("ps")
+            else:
+                cli.refused("ps", text=f"local user {me} may not use this gateway")
+        finally:
+            gateways.close()
