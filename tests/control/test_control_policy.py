@@ -149,3 +149,54 @@ def _touch(path: Path) -> None:
     """Make sure the modification time moves even on coarse clocks."""
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+
+def test_require_attestation_is_carried_by_the_allowing_rule() -> None:
+    policy = parse_policy(
+        """
+version: 1
+rules:
+  - subjects: ["node:edge-*"]
+    actions: [key.release]
+    resources: ["image:*"]
+    require_attestation: true
+  - roles: [operator]
+    actions: [key.release]
+    resources: ["image:*"]
+""",
+        "test",
+    )
+    node = Principal(kind="node", name="edge-1", role="node", scopes=frozenset())
+    operator = Principal(kind="user", name="op", role="operator", scopes=frozenset())
+    assert policy.decide(node, "key.release", "image:shop/app", 1).require_attestation
+    assert not policy.decide(operator, "key.release", "image:shop/app", 1).require_attestation
+    with pytest.raises(MalformedError, match="require_attestation must be true or false"):
+        parse_policy(
+            "version: 1\nrules:\n  - roles: [node]\n    actions: [key.release]\n"
+            "    resources: ['*']\n    require_attestation: 'yes'\n",
+            "test",
+        )
+
+
+def test_attestation_required_by_any_granting_rule_is_not_bypassed_by_a_broader_one() -> None:
+    policy = parse_policy(
+        """
+version: 1
+rules:
+  - roles: [node]
+    actions: [key.release]
+    resources: ["*"]
+  - roles: [node]
+    actions: [key.release]
+    resources: ["image:shop/*"]
+    require_attestation: true
+""",
+        "test",
+    )
+    node = Principal("node", "gw-1", "node", frozenset())
+    guarded = policy.decide(node, "key.release", "image:shop/app", 0)
+    assert guarded.allowed
+    assert guarded.require_attestation
+    elsewhere = policy.decide(node, "key.release", "image:other/app", 0)
+    assert elsewhere.allowed
+    assert not elsewhere.require_attestation

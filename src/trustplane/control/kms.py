@@ -57,6 +57,8 @@ from trustplane.keys.envelope import SealedSecret, open_sealed, rewrap, seal
 from trustplane.keys.kek import KekProvider
 
 Authorize = Callable[[Principal, str, str, int | None], Decision]
+AttestationGate = Callable[[Principal, str | None, int | None, str | None], Decision]
+"""(caller, image repository, layer index, transport key PEM) -> may it have keys?"""
 logger = logging.getLogger("trustplane.kms")
 SECRET_TYPES = ("symmetric", "opaque", "private", "passphrase")
 MAX_PAYLOAD = 64 << 10
@@ -107,6 +109,8 @@ class Kms:
         self.kek = kek
         self.log = log
         self.authorize = authorize
+        self.attestation: AttestationGate | None = None
+        """Set by the control plane: asked when an allowing rule requires attestation."""
         self._recipient_keys: dict[str, UnwrapKey] = {}
         self._transport_keys: dict[str, RecipientKey] = {}
         self._layer_places: dict[str, tuple[str, int]] = {}
@@ -198,7 +202,9 @@ class Kms:
                 "not on the secret's ACL",
                 Forbidden(f"{principal.subject} is not on the ACL of secret {secret_id}"),
             )
-        decision = self.authorize(principal, "key.release", resource, None)
+        decision = self._attested(
+            self.authorize(principal, "key.release", resource, None), principal, None, None, None
+        )
         if not decision.allowed:
             return self._release_record(
                 principal,
@@ -414,6 +420,9 @@ class Kms:
             )
         repository, index = place
         decision = self.authorize(principal, "key.release", f"image:{repository}", index)
+        if decision.allowed and decision.require_attestation and not database:
+            raise _Uncached  # the attested state is read from the database
+        decision = self._attested(decision, principal, repository, index, transport_pem)
         entry = _unwrap_entry(principal, repository, index, decision.allowed, decision.reason)
         if not decision.allowed:
             return _Release(
@@ -426,6 +435,25 @@ class Kms:
         return _Release(
             "kms.unwrap", entry, {"jwe": wrapped, "repository": repository, "layer": index}
         )
+
+    def _attested(
+        self,
+        decision: Decision,
+        principal: Principal,
+        repository: str | None,
+        layer: int | None,
+        transport_pem: str | None,
+    ) -> Decision:
+        """An allowing rule that requires attestation allows only what the
+        attestation gate allows too; without a gate it denies (fail closed)."""
+        if not (decision.allowed and decision.require_attestation):
+            return decision
+        if self.attestation is None:
+            return Decision(False, f"{decision.reason}, but no attestation verifier is configured")
+        gate = self.attestation(principal, repository, layer, transport_pem)
+        if not gate.allowed:
+            return Decision(False, f"{decision.reason}; {gate.reason}")
+        return Decision(True, f"{decision.reason}; {gate.reason}")
 
     def _layer_place(self, digest: str, database: bool) -> tuple[str, int] | None:
         """Which image and index a plain layer digest was registered at.

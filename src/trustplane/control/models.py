@@ -157,3 +157,45 @@ class UsedNonce(Base):
 
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Attestation(Base):
+    """A node's TPM identity and its last attestation result.
+
+    The AK counts only once `bound` (credential activation proved that the TPM
+    holding the EK also holds the AK); the attested state counts only while
+    `last_result == "pass"` and `last_at` is recent enough.
+    """
+
+    __tablename__ = "attestations"
+
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    """The node's name (its principal is `node:<name>`)."""
+    ek_public: Mapped[bytes] = mapped_column(LargeBinary)
+    """TPMT_PUBLIC of the endorsement key, as the TPM marshals it."""
+    ek_cert: Mapped[bytes | None] = mapped_column(LargeBinary)
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ak_name: Mapped[bytes] = mapped_column(LargeBinary)
+    challenge_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """SHA-256 of the secret sealed by MakeCredential, until activated."""
+    challenge_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    bound: Mapped[bool] = mapped_column(default=False)
+    bound_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    transport_key: Mapped[str | None] = mapped_column(Text)
+    """PEM of the node's transport key, certified by the AK at activation."""
+    last_result: Mapped[str | None] = mapped_column(String(8))
+    last_reason: Mapped[str | None] = mapped_column(Text)
+    last_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    measurements: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list)
+    """Events ({image, manifest, layer, kind, digest}) of the last passing quote."""
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class AttestationNonce(Base):
+    """A nonce issued for one quote: single use, short-lived."""
+
+    __tablename__ = "attestation_nonces"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node: Mapped[str] = mapped_column(String(128))
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -6,6 +6,7 @@
         actions: [image.pull, "container.*"]
         resources: ["image:shop/*"]
         max_layer: 1                      # only for image layer keys: tiers 0..1
+        require_attestation: true         # key.release only to freshly attested nodes
       - effect: deny
         subjects: ["user:mallory"]
         actions: ["*"]
@@ -85,6 +86,8 @@ rules:
 class Decision:
     allowed: bool
     reason: str
+    require_attestation: bool = False
+    """The allowing rule releases keys only to freshly attested nodes."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Rule:
     roles: frozenset[str] = frozenset()
     subjects: tuple[str, ...] = ()
     max_layer: int | None = None
+    require_attestation: bool = False
     number: int = 0
 
     def matches(self, principal: Principal, action: str, resource: str) -> bool:
@@ -121,10 +125,16 @@ class Policy:
         for rule in matching:
             if rule.effect == "deny":
                 return Decision(False, f"denied by rule {rule.number}")
-        for rule in matching:
-            if layer is not None and rule.max_layer is not None and layer > rule.max_layer:
-                continue
-            return Decision(True, f"allowed by rule {rule.number}")
+        granting = [
+            rule
+            for rule in matching
+            if layer is None or rule.max_layer is None or layer <= rule.max_layer
+        ]
+        if granting:
+            # Attestation, like a deny, is not overridden by a broader rule:
+            # if any rule that grants this asks for it, it is required.
+            required = any(rule.require_attestation for rule in granting)
+            return Decision(True, f"allowed by rule {granting[0].number}", required)
         if layer is not None and matching:
             return Decision(
                 False, f"layer {layer} is above every tier granted to {principal.subject}"
@@ -149,7 +159,15 @@ def _rule(raw: Any, number: int, source: str) -> Rule:
     where = f"{source}: rule {number}"
     if not isinstance(raw, dict):
         raise MalformedError(f"{where}: must be a mapping")
-    unknown = set(raw) - {"effect", "roles", "subjects", "actions", "resources", "max_layer"}
+    unknown = set(raw) - {
+        "effect",
+        "roles",
+        "subjects",
+        "actions",
+        "resources",
+        "max_layer",
+        "require_attestation",
+    }
     if unknown:
         raise MalformedError(f"{where}: unknown keys {sorted(unknown)}")
     effect = raw.get("effect", "allow")
@@ -169,6 +187,9 @@ def _rule(raw: Any, number: int, source: str) -> Rule:
     max_layer = raw.get("max_layer")
     if max_layer is not None and (not isinstance(max_layer, int) or max_layer < 0):
         raise MalformedError(f"{where}: max_layer must be a non-negative integer")
+    require_attestation = raw.get("require_attestation", False)
+    if not isinstance(require_attestation, bool):
+        raise MalformedError(f"{where}: require_attestation must be true or false")
     return Rule(
         effect=effect,
         actions=tuple(actions),
@@ -176,6 +197,7 @@ def _rule(raw: Any, number: int, source: str) -> Rule:
         roles=frozenset(roles),
         subjects=tuple(subjects),
         max_layer=max_layer,
+        require_attestation=require_attestation,
         number=number,
     )
 

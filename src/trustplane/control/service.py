@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DuplicateRow
 
 from trustplane.control import migrate
+from trustplane.control.attestation import Verifier
 from trustplane.control.db import Database
 from trustplane.control.identity import (
     Principal,
@@ -50,6 +51,7 @@ class ControlPlane:
     kms: Kms
     tokens: TokenAuthority
     replays: ReplayGuard
+    verifier: Verifier
 
     def authorize(
         self, principal: Principal, action: str, resource: str, layer: int | None = None
@@ -105,17 +107,21 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
     def authorize(principal: Principal, action: str, resource: str, layer: int | None) -> Decision:
         return policy.current().decide(principal, action, resource, layer)
 
+    kms = Kms(db, kek, transparency, authorize)
+    verifier = Verifier(db, transparency, settings.attestation)
+    kms.attestation = verifier.gate
     plane = ControlPlane(
         settings=settings,
         db=db,
         kek=kek,
         policy=policy,
         log=transparency,
-        kms=Kms(db, kek, transparency, authorize),
+        kms=kms,
         tokens=TokenAuthority(
             jwk.JWK.from_pem(token_key), settings.token_ttl_seconds, settings.audience
         ),
         replays=ReplayGuard(db),
+        verifier=verifier,
     )
     password = _first_admin(db)
     if password is not None and announce:

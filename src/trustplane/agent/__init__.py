@@ -1,0 +1,1 @@
+"""The node agent: the TPM attester and its wiring on one node."""

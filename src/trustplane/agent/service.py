@@ -1,0 +1,108 @@
+"""The long-running node agent: enrol the TPM once, then attest on an interval.
+
+State directory (mode 0700): `transport.pem` (the transport private key,
+0600), `enrolment.json` (which AK was bound), `event-log.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from jwcrypto import jwk
+
+from trustplane.agent.attester import Attester, Verdict
+from trustplane.agent.tpm import Tpm
+from trustplane.client import ControlClient
+from trustplane.control.identity import make_node_assertion
+from trustplane.crypto.keys import generate_key_pair
+from trustplane.errors import TrustplaneError, UsageError
+from trustplane.oci.layout import atomic_write
+
+logger = logging.getLogger("trustplane.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server_url: str
+    tcti: str
+    node: str
+    node_key: Path
+    state_dir: Path
+    ca_file: Path | None = None
+    pcr: int = 23
+    interval: float = 60.0
+    audience: str | None = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self._signing = jwk.JWK.from_pem(config.node_key.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--node-key {config.node_key}: {exc}") from None
+        self.transport_public = self._transport_key()
+
+    def _transport_key(self) -> str:
+        private_path = self.config.state_dir / "transport.pem"
+        public_path = self.config.state_dir / "transport.pub.pem"
+        if not private_path.exists() or not public_path.exists():
+            private, public = generate_key_pair("ec-p256")
+            atomic_write(private_path, private, mode=0o600)
+            atomic_write(public_path, public, mode=0o644)
+        return public_path.read_text()
+
+    def client(self) -> ControlClient:
+        """A client logged in as the node (a fresh single-use assertion)."""
+        client = ControlClient(self.config.server_url, self.config.ca_file)
+        audience = self.config.audience or self.config.server_url.rstrip("/") + "/v1/auth/token"
+        try:
+            client.login_node(
+                self.config.node, make_node_assertion(self._signing, self.config.node, audience)
+            )
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def enrolled(self, tpm: Tpm) -> bool:
+        path = self.config.state_dir / "enrolment.json"
+        if not path.exists():
+            return False
+        recorded = json.loads(path.read_text())
+        return bool(recorded.get("ak_name") == tpm.identity().ak_name.hex())
+
+    def enroll(self, tpm: Tpm, attester: Attester, client: ControlClient) -> None:
+        attester.enroll(client, self.transport_public)
+        record = {"ak_name": tpm.identity().ak_name.hex(), "server": self.config.server_url}
+        atomic_write(self.config.state_dir / "enrolment.json", json.dumps(record).encode())
+
+    def run(
+        self, rounds: int | None = None, report: Callable[[Verdict], None] | None = None
+    ) -> Verdict | None:
+        """Enrol if needed, then attest every `interval` seconds (`rounds` times,
+        or forever). A failed round is reported and retried at the next one."""
+        verdict: Verdict | None = None
+        with Tpm(self.config.tcti) as tpm:
+            attester = Attester(tpm, self.config.state_dir, self.config.pcr)
+            done = 0
+            while rounds is None or done < rounds:
+                if done:
+                    time.sleep(self.config.interval)
+                done += 1
+                try:
+                    with self.client() as client:
+                        if not self.enrolled(tpm):
+                            self.enroll(tpm, attester, client)
+                        verdict = attester.attest(client)
+                except TrustplaneError as exc:
+                    verdict = Verdict(False, str(exc))
+                if report is not None:
+                    report(verdict)
+        return verdict

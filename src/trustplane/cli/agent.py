@@ -1,0 +1,57 @@
+"""`trustplane agent`: the node agent (TPM enrolment and periodic attestation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trustplane.cli.common import stdout
+from trustplane.cli.session import Ca
+from trustplane.errors import IntegrityError
+
+
+def agent(
+    server_url: Annotated[str, typer.Option("--server", help="Control plane URL.")],
+    node: Annotated[str, typer.Option(help="This node's registered name.")],
+    tpm: Annotated[
+        str,
+        typer.Option("--tpm", help="TCTI of the TPM: device:/dev/tpmrm0, swtpm:host=H,port=P, ..."),
+    ] = "device:/dev/tpmrm0",
+    node_key: Annotated[
+        Path, typer.Option(help="The node's private key (PEM) for its token.")
+    ] = Path("node.key"),
+    state_dir: Annotated[
+        Path, typer.Option(help="Transport key, enrolment record and event log.")
+    ] = Path("/var/lib/trustplane/agent"),
+    ca: Ca = None,
+    pcr: Annotated[int, typer.Option(help="PCR (sha256 bank) for layer measurements.")] = 23,
+    interval: Annotated[float, typer.Option(help="Seconds between attestations.")] = 60.0,
+    once: Annotated[bool, typer.Option(help="Enrol and attest once, then exit.")] = False,
+) -> None:
+    """Enrol this node's TPM with the control plane, then attest on an interval."""
+    # Imported here: tpm2-pytss loads the TSS libraries, which no other command needs.
+    from trustplane.agent.attester import Verdict
+    from trustplane.agent.service import Agent, AgentConfig
+
+    service = Agent(
+        AgentConfig(
+            server_url=server_url,
+            tcti=tpm,
+            node=node,
+            node_key=node_key,
+            state_dir=state_dir,
+            ca_file=ca,
+            pcr=pcr,
+            interval=interval,
+        )
+    )
+
+    def report(verdict: Verdict) -> None:
+        word = "attested" if verdict.passed else "attestation failed"
+        stdout.print(f"{node}: {word}: {verdict.reason}", highlight=False)
+
+    last = service.run(rounds=1 if once else None, report=report)
+    if once and (last is None or not last.passed):
+        raise IntegrityError(f"{node}: attestation failed")

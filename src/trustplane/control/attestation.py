@@ -1,0 +1,374 @@
+"""The attestation verifier: enrolment, credential activation, quotes, and
+the gate the KMS asks before releasing keys to a node.
+
+1. enrol: the node sends its EK and AK public areas; the verifier checks the
+   AK's attributes and Name (and the EK certificate against the vendor CAs
+   when configured) and answers MakeCredential(EK, Name(AK), secret).
+2. activate: only the TPM holding both keys recovers the secret; the node
+   sends it back with its transport key signed by the AK. The AK is then
+   bound to the EK, and the transport key to the TPM.
+3. quote: against a single-use nonce; signature, AK, nonce, event-log
+   replay, and each measured layer against the reference values registered
+   with the image. A pass is the node's attested state, for
+   `max_age_seconds`; a failure removes it at once.
+
+Every result goes to the transparency log. Any unexpected error fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import delete, select
+
+from trustplane.control.db import Database
+from trustplane.control.identity import Principal
+from trustplane.control.models import Attestation, AttestationNonce, Image
+from trustplane.control.policy import Decision
+from trustplane.control.settings import AttestationSettings
+from trustplane.control.transparency import TransparencyLog
+from trustplane.errors import (
+    Forbidden,
+    IntegrityError,
+    MalformedError,
+    NotFoundError,
+    TrustplaneError,
+    UnsupportedError,
+    UsageError,
+)
+from trustplane.trust import tpm
+from trustplane.trust.attestation import Event, verify_quote
+
+logger = logging.getLogger("trustplane.attestation")
+
+
+@dataclass(frozen=True)
+class QuoteResult:
+    passed: bool
+    reason: str
+    measured: int
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def _node(principal: Principal) -> str:
+    if principal.kind != "node":
+        raise Forbidden("only nodes attest")
+    return principal.name
+
+
+class Verifier:
+    def __init__(self, db: Database, log: TransparencyLog, settings: AttestationSettings) -> None:
+        self.db = db
+        self.log = log
+        self.settings = settings
+        self._cas: list[x509.Certificate] = []
+        for path in settings.ek_ca_files:
+            try:
+                self._cas.extend(x509.load_pem_x509_certificates(path.read_bytes()))
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"attestation.ek_ca_files: {path}: {exc}") from None
+
+    # -- enrolment ---------------------------------------------------------------
+
+    def enroll(
+        self,
+        principal: Principal,
+        ek_public: bytes,
+        ek_cert: bytes | None,
+        ak_public: bytes,
+        ak_name: bytes,
+    ) -> tpm.Credential:
+        node = _node(principal)
+        try:
+            ek = tpm.parse_public(ek_public)
+            tpm.check_ek(ek)
+            ak = tpm.parse_public(ak_public)
+            tpm.check_ak(ak)
+            if not hmac.compare_digest(ak.name, ak_name):
+                raise IntegrityError("the AK name does not match its public area")
+            ak.public_key()
+            self._check_ek_cert(ek, ek_cert)
+            self._check_same_tpm(node, ek_public)
+            secret = os.urandom(32)
+            credential = tpm.make_credential(ek, ak.name, secret)
+        except TrustplaneError as exc:
+            self._record(node, "attestation.enroll", False, str(exc))
+            if isinstance(exc, UnsupportedError):
+                raise MalformedError(str(exc)) from None
+            raise
+        except Exception as exc:  # an unusable key (cryptography refuses it): fail
+            reason = f"unusable EK or AK ({type(exc).__name__})"
+            self._record(node, "attestation.enroll", False, reason)
+            raise MalformedError(reason) from None
+        with self.db.session() as session:
+            row = session.get(Attestation, node)
+            if row is None:
+                row = Attestation(node=node, measurements=[])
+                session.add(row)
+            # A new enrolment starts over: nothing from a previous AK counts.
+            row.ek_public, row.ek_cert = ek_public, ek_cert
+            row.ak_public, row.ak_name = ak_public, ak.name
+            row.challenge_hash = hashlib.sha256(secret).digest()
+            row.challenge_expires = _now() + timedelta(seconds=self.settings.challenge_ttl_seconds)
+            row.bound, row.bound_at, row.transport_key = False, None, None
+            row.last_result, row.last_reason, row.last_at = None, None, None
+            row.measurements = []
+        self._record(node, "attestation.enroll", True, "credential issued", ak=ak.name.hex())
+        return credential
+
+    def _check_same_tpm(self, node: str, ek_public: bytes) -> None:
+        """A node bound to one TPM cannot move to another by re-enrolling (a
+        stolen node key must not bring its own TPM); an administrator resets it."""
+        with self.db.session() as session:
+            row = session.get(Attestation, node)
+        if row is not None and row.bound and not hmac.compare_digest(row.ek_public, ek_public):
+            raise IntegrityError(f"node {node} is bound to another TPM (EK); ask an admin to reset")
+
+    def _check_ek_cert(self, ek: tpm.PublicArea, cert_der: bytes | None) -> None:
+        if not self._cas:
+            return
+        if cert_der is None:
+            raise IntegrityError("an EK certificate from a configured vendor CA is required")
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+        except ValueError:
+            raise MalformedError("the EK certificate is not DER X.509") from None
+        for ca in self._cas:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except Exception:  # noqa: S112 - not this CA (signature, key type): next
+                continue
+            break
+        else:
+            raise IntegrityError("the EK certificate is not issued by a configured vendor CA")
+        now = _now()
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise IntegrityError("the EK certificate is not valid now")
+        spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        if cert.public_key().public_bytes(*spki) != ek.public_key().public_bytes(*spki):
+            raise IntegrityError("the EK certificate is for another key")
+
+    def activate(
+        self, principal: Principal, secret: bytes, transport_key: str, signature: bytes
+    ) -> None:
+        node = _node(principal)
+        with self.db.session() as session:
+            row = session.get(Attestation, node)
+            if row is None or row.challenge_hash is None:
+                raise NotFoundError(f"node {node} has no pending enrolment")
+            expires = _aware(row.challenge_expires)
+            reason = ""
+            if expires is None or expires < _now():
+                reason = "the enrolment challenge expired"
+            elif not hmac.compare_digest(hashlib.sha256(secret).digest(), row.challenge_hash):
+                reason = "wrong credential: the AK is not bound to the EK"
+            else:
+                try:
+                    ak = tpm.parse_public(row.ak_public)
+                    tpm.verify_signature(ak, transport_key.encode(), signature)
+                except Exception as exc:  # fail closed
+                    why = str(exc) if isinstance(exc, TrustplaneError) else type(exc).__name__
+                    reason = f"transport key not certified by the AK: {why}"
+            row.challenge_hash, row.challenge_expires = None, None
+            if not reason:
+                row.bound, row.bound_at, row.transport_key = True, _now(), transport_key
+        if reason:
+            self._record(node, "attestation.activate", False, reason)
+            raise Forbidden(reason)
+        self._record(
+            node,
+            "attestation.activate",
+            True,
+            "AK bound to EK; transport key certified",
+            transport_key=hashlib.sha256(transport_key.encode()).hexdigest(),
+        )
+
+    # -- quotes --------------------------------------------------------------------
+
+    def nonce(self, principal: Principal) -> bytes:
+        node = _node(principal)
+        value = os.urandom(32)
+        now = _now()
+        with self.db.session() as session:
+            session.execute(delete(AttestationNonce).where(AttestationNonce.expires < now))
+            session.add(
+                AttestationNonce(
+                    nonce=value.hex(),
+                    node=node,
+                    expires=now + timedelta(seconds=self.settings.nonce_ttl_seconds),
+                )
+            )
+        return value
+
+    def quote(
+        self,
+        principal: Principal,
+        nonce: bytes,
+        attest: bytes,
+        signature: bytes,
+        events: list[dict[str, Any]],
+    ) -> QuoteResult:
+        node = _node(principal)
+        try:
+            measured = self._check_quote(node, nonce, attest, signature, events)
+            passed, reason = True, f"quote verified; {len(measured)} measurements match"
+        except TrustplaneError as exc:
+            measured, passed, reason = [], False, str(exc)
+        except Exception as exc:  # fail closed
+            logger.error("quote verification error for %s: %s", node, type(exc).__name__)
+            measured, passed, reason = [], False, f"verification error ({type(exc).__name__})"
+        with self.db.session() as session:
+            row = session.get(Attestation, node)
+            if row is not None:
+                row.last_result = "pass" if passed else "fail"
+                row.last_reason = reason
+                row.last_at = _now()
+                row.measurements = measured
+        self._record(node, "attestation.quote", passed, reason, measured=len(measured))
+        return QuoteResult(passed, reason, len(measured))
+
+    def _check_quote(
+        self,
+        node: str,
+        nonce: bytes,
+        attest: bytes,
+        signature: bytes,
+        raw_events: list[dict[str, Any]],
+    ) -> list[dict[str, object]]:
+        # The nonce is consumed first, whatever happens next: single use.
+        with self.db.session() as session:
+            consumed = session.execute(
+                delete(AttestationNonce).where(
+                    AttestationNonce.nonce == nonce.hex(),
+                    AttestationNonce.node == node,
+                    AttestationNonce.expires >= _now(),
+                )
+            ).rowcount  # type: ignore[attr-defined]
+            row = session.get(Attestation, node)
+        if not consumed:
+            raise IntegrityError("unknown, expired or already used nonce (replayed quote?)")
+        if row is None or not row.bound:
+            raise IntegrityError("the node's AK is not bound to its EK (no credential activation)")
+        events = [Event.from_json(raw) for raw in raw_events]
+        verify_quote(row.ak_public, attest, signature, nonce, events, tuple(self.settings.pcrs))
+        return self._check_references(events)
+
+    def _check_references(self, events: list[Event]) -> list[dict[str, object]]:
+        """Every measured layer must equal what the publisher registered."""
+        images: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
+        measured: list[dict[str, object]] = []
+        for event in events:
+            key = (event.image, event.manifest)
+            if key not in images:
+                with self.db.session() as session:
+                    image = session.scalar(
+                        select(Image).where(
+                            Image.repository == event.image,
+                            Image.manifest_digest == event.manifest,
+                        )
+                    )
+                if image is None:
+                    raise IntegrityError(
+                        f"measured image {event.image}@{event.manifest} is not registered"
+                    )
+                images[key] = {int(str(layer["index"])): layer for layer in image.layers}
+            reference = images[key].get(event.layer)
+            want = None
+            if reference is not None:
+                want = reference.get("digest" if event.kind == "blob" else "diff_id")
+            if want != event.digest:
+                raise IntegrityError(
+                    f"layer {event.layer} of {event.image} measured {event.kind} "
+                    f"{event.digest}, reference {want}"
+                )
+            measured.append(
+                {
+                    "image": event.image,
+                    "manifest": event.manifest,
+                    "layer": event.layer,
+                    "kind": event.kind,
+                    "digest": event.digest,
+                }
+            )
+        return measured
+
+    # -- the gate --------------------------------------------------------------------
+
+    def gate(
+        self,
+        principal: Principal,
+        repository: str | None,
+        layer: int | None,
+        transport_key: str | None,
+    ) -> Decision:
+        """May this node receive keys (for this layer of this image)? Fails closed."""
+        try:
+            return self._gate(principal, repository, layer, transport_key)
+        except Exception as exc:
+            logger.error("attestation gate error: %s", type(exc).__name__)
+            return Decision(False, f"attestation check failed ({type(exc).__name__})")
+
+    def _gate(
+        self,
+        principal: Principal,
+        repository: str | None,
+        layer: int | None,
+        transport_key: str | None,
+    ) -> Decision:
+        if principal.kind != "node":
+            return Decision(False, "attestation required: only attested nodes receive this key")
+        with self.db.session() as session:
+            row = session.get(Attestation, principal.name)
+        if row is None or not row.bound:
+            return Decision(False, "attestation required: the node's AK is not bound to its EK")
+        if row.last_result != "pass":
+            why = row.last_reason or "never attested"
+            return Decision(False, f"attestation required: last attestation failed ({why})")
+        last = _aware(row.last_at)
+        if last is None or _now() - last > timedelta(seconds=self.settings.max_age_seconds):
+            return Decision(False, "attestation required: the last attestation is stale")
+        if transport_key is not None and not (
+            row.transport_key is not None
+            and hmac.compare_digest(row.transport_key.encode(), transport_key.encode())
+        ):
+            return Decision(False, "attestation required: transport key not certified by the TPM")
+        if repository is not None and layer is not None:
+            measured = {
+                int(str(m["layer"]))
+                for m in row.measurements
+                if m.get("image") == repository and m.get("kind") == "diff_id"
+            }
+            missing = [i for i in range(layer + 1) if i not in measured]
+            if missing:
+                return Decision(
+                    False,
+                    f"attestation required: layers {missing} of {repository} not measured",
+                )
+        return Decision(True, "node attested")
+
+    def _record(self, node: str, kind: str, passed: bool, reason: str, **extra: Any) -> None:
+        entry: dict[str, Any] = {
+            "subject": f"node:{node}",
+            "result": "pass" if passed else "fail",
+            "reason": reason,
+        }
+        entry.update(extra)
+        self.log.append(kind, entry)
