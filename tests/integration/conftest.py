@@ -27,8 +27,10 @@ from trustplane.client import ControlClient
 from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
+from trustplane.embedded.mosquitto import RunningMosquitto, start_mosquitto
 from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
 from trustplane.embedded.sample_images import build_app_image, import_busybox_base
+from trustplane.embedded.swtpm import RunningSwtpm, start_swtpm
 from trustplane.embedded.tls import (
     CertificateAuthority,
     create_ca,
@@ -260,3 +262,28 @@ def cosign() -> str:
             if result.returncode == 0:
                 return candidate
     component_missing("cosign", "run scripts/run setup (it fetches cosign from Debian trixie)")
+
+
+@pytest.fixture(scope="session")
+def swtpm(work_dir: Path) -> Iterator[RunningSwtpm]:
+    """A software TPM 2.0 on loopback (swtpm), cleared and started."""
+    try:
+        tpm = start_swtpm(work_dir / "swtpm")
+    except TrustplaneError as exc:
+        component_missing("swtpm", str(exc))
+    with tpm:
+        yield tpm
+
+
+# -- mosquitto (the gateways' MQTT link) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mosquitto(work_dir: Path, test_ca: CertificateAuthority) -> Iterator[RunningMosquitto]:
+    """A private broker on 127.0.0.1: TLS, password file, per-gateway ACL."""
+    try:
+        broker = start_mosquitto(work_dir / "mosquitto", test_ca)
+    except TrustplaneError as exc:
+        component_missing("mosquitto", str(exc))
+    yield broker
+    broker.stop()

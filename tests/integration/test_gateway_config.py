@@ -68,3 +68,36 @@ def test_only_the_configured_local_users_may_use_the_socket(
                 cli.refused("ps", text=f"local user {me} may not use this gateway")
         finally:
             gateways.close()
+
+
+def test_several_worker_processes_share_the_socket(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    registered_base: str,
+) -> None:
+    people = make_people(control_plane, "wrk")
+    gateways = start_gateway(tmp_path / "gw-workers", control_plane, docker_daemon,
+                             "--workers", "3")  # fmt: skip
+    gateway = next(gateways)
+    try:
+        pid = gateway.process.pid
+        assert pid is not None
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert len(children) == 2, children  # the first process and two forked workers
+        operator = DockerCli.make(gateway.host, tmp_path / "op", people.operator_token)
+        user = DockerCli.make(gateway.host, tmp_path / "user", people.user_token)
+        for _ in range(6):  # connections land on different workers; each decides alike
+            assert "CONTAINER ID" in user.ok("ps")
+            user.refused("run", registered_base, "true", text="normal privilege")
+        name = f"{PREFIX}-workers"
+        assert "w" in operator.ok("run", "--name", name, registered_base, "echo", "w")
+        assert container_exists(docker_client, name)
+    finally:
+        gateways.close()
+    for child in children:
+        assert (
+            not Path(f"/proc/{child}").exists()
+            or "zombie" in Path(f"/proc/{child}/status").read_text()
+        )

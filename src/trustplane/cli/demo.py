@@ -34,6 +34,7 @@ from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import UnwrapKey, generate_key_pair, load_unwrap_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
+from trustplane.embedded.mosquitto import RunningMosquitto, start_mosquitto
 from trustplane.embedded.registry import RunningRegistry, start_registry
 from trustplane.embedded.sample_images import APP_SECRET_PATH, build_app_image, import_busybox_base
 from trustplane.embedded.tls import create_ca, issue_server_cert
@@ -83,10 +84,23 @@ def run_demo(workdir: Path | None) -> None:
         registry = start_registry(work / "registry", "tls-basic", tls=cert)
         stack.callback(registry.stop)
         _said("registry", f"docker-registry on https://{registry.host} (TLS, bcrypt password)")
-        control = start_control_plane(work / "control-plane")
+        broker = start_mosquitto(work / "mosquitto", ca)
+        stack.callback(broker.stop)
+        _said("mosquitto", f"MQTT broker on {broker.url} (TLS, password file, per-gateway ACL)")
+        broker_password = work / "mqtt-control-password"
+        broker_password.write_text(broker.control_password)
+        broker_password.chmod(0o600)
+        control = start_control_plane(
+            work / "control-plane",
+            env={
+                "TRUSTPLANE_MQTT__URL": broker.url,
+                "TRUSTPLANE_MQTT__PASSWORD_FILE": str(broker_password),
+                "TRUSTPLANE_MQTT__CA_FILE": str(broker.ca_file),
+            },
+        )
         stack.callback(control.stop)
         _said("control plane", f"trustplane server on {control.url} (SQLite, file KEK, own CA)")
-        Demo(work, daemon, registry, control).run()
+        Demo(work, daemon, registry, control, broker).run()
 
 
 @contextmanager
@@ -109,8 +123,11 @@ class Demo:
         daemon: DockerDaemon,
         registry: RunningRegistry,
         control: RunningControlPlane,
+        broker: RunningMosquitto | None = None,
     ) -> None:
         self.work = work
+        self.broker = broker
+        self.daemon = daemon
         self.docker = daemon.client()
         self.registry = registry
         self.control = control
@@ -131,6 +148,7 @@ class Demo:
         self.pull_with_local_keys(operator, contractor)
         self.late_node_through_the_kms()
         self.tamper(operator)
+        self.edge()
         self.audit()
         console.print(
             Panel.fit("[bold green]demo complete[/bold green]: every step above was checked")
@@ -276,6 +294,22 @@ class Demo:
         if (self.work / "should-not-exist").exists():
             raise IntegrityError("a refused decryption left files behind")
         _proved("altered ciphertext is refused before any plaintext is written")
+
+    def edge(self) -> None:
+        _step("The edge gateway in front of dockerd, with the docker CLI")
+        from trustplane.cli.demo_edge import edge_scene
+
+        edge_scene(
+            self.work / "edge",
+            self.daemon,
+            self.control,
+            self.docker,
+            BASE,
+            APP,
+            _said,
+            _proved,
+            broker=self.broker,
+        )
 
     def audit(self) -> None:
         _step("Audit: the transparency log")

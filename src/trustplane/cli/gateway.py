@@ -43,9 +43,47 @@ def gateway(
     control_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the control plane before denying.")
     ] = 5.0,
+    cpu_threshold: Annotated[
+        float, typer.Option(help="Monitor: CPU share of the host (%) a container may hold.")
+    ] = 90.0,
+    memory_threshold: Annotated[
+        float,
+        typer.Option(help="Monitor: memory share (%) of its limit, or of the host without one."),
+    ] = 90.0,
+    sustain: Annotated[
+        float, typer.Option(help="Monitor: seconds over a threshold before the container stops.")
+    ] = 30.0,
+    monitor_interval: Annotated[
+        float, typer.Option(help="Monitor: seconds between samples.")
+    ] = 2.0,
+    mqtt: Annotated[
+        str | None, typer.Option(help="MQTT broker for commands (mqtts://HOST:PORT).")
+    ] = None,
+    mqtt_user: Annotated[
+        str | None, typer.Option(help="Broker user (default: the node name).")
+    ] = None,
+    mqtt_password_file: Annotated[
+        Path | None, typer.Option(help="File holding the broker password.")
+    ] = None,
+    mqtt_ca: Annotated[Path | None, typer.Option(help="CA of the broker's certificate.")] = None,
+    status_interval: Annotated[
+        float, typer.Option(help="Seconds between status reports over MQTT.")
+    ] = 10.0,
+    authz_plugin: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve a Docker authorization plugin on this socket "
+            "(unix:///run/docker/plugins/NAME.sock; dockerd --authorization-plugin=NAME)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Proxy processes sharing the socket.")
+    ] = 1,
 ) -> None:
     """Authenticate, authorize and forward every Docker Engine API call."""
     from trustplane.gateway.control_link import NodeCredential
+    from trustplane.gateway.monitor import Thresholds
+    from trustplane.gateway.mqtt_link import MqttConfig
     from trustplane.gateway.service import GatewayConfig, check_categories, run, unix_path
 
     if (node is None) != (node_key is None):
@@ -56,6 +94,12 @@ def gateway(
         mode = int(socket_mode, 8)
     except ValueError:
         raise UsageError(f"--socket-mode {socket_mode!r} is not octal") from None
+    mqtt_config = None
+    if mqtt is not None:
+        user = mqtt_user or node
+        if user is None or mqtt_password_file is None:
+            raise UsageError("--mqtt needs --mqtt-password-file and --mqtt-user (or --node)")
+        mqtt_config = MqttConfig(mqtt, user, mqtt_password_file, mqtt_ca, status_interval)
     config = GatewayConfig(
         listen=unix_path(listen, "--listen"),
         docker=unix_path(docker, "--docker"),
@@ -67,6 +111,10 @@ def gateway(
         socket_mode=mode,
         control_timeout=control_timeout,
         allowed_uids=frozenset(allowed_uid or []),
+        thresholds=Thresholds(cpu_threshold, memory_threshold, sustain, monitor_interval),
+        mqtt=mqtt_config,
+        authz_plugin=unix_path(authz_plugin, "--authz-plugin") if authz_plugin else None,
+        workers=workers,
     )
     stdout.print(f"trustplane gateway on unix://{config.listen} -> unix://{config.docker}")
     run(config)

@@ -17,6 +17,7 @@ import typer
 
 from trustplane import __version__
 from trustplane.cli import admin, image, key, kms, log, server
+from trustplane.cli.agent import agent
 from trustplane.cli.gateway import gateway
 from trustplane.errors import ExitCode, TrustplaneError
 
@@ -38,6 +39,7 @@ app.command()(admin.authorize)
 app.command()(server.server)
 app.command()(server.login)
 app.command()(gateway)
+app.command()(agent)
 
 
 @app.command()

@@ -22,13 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustplane import __version__
 from trustplane.control.routers import (
+    attestation,
     auth,
+    commands,
     images,
     kms,
     log,
     ops,
     policy,
     principals,
+    reports,
     signatures,
 )
 from trustplane.control.service import ControlPlane
@@ -78,7 +81,19 @@ def create_app(plane: ControlPlane) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.plane = plane
-    for module in (ops, auth, principals, policy, kms, images, signatures, log):
+    for module in (
+        ops,
+        auth,
+        principals,
+        policy,
+        kms,
+        images,
+        signatures,
+        log,
+        reports,
+        attestation,
+        commands,
+    ):
         app.include_router(module.router)
 
     @app.exception_handler(TrustplaneError)

@@ -29,6 +29,29 @@ class KmipSettings(BaseModel):
     key_file: Path | None = None
 
 
+class AttestationSettings(BaseModel):
+    """Remote attestation of nodes (TPM quotes) and what it gates."""
+
+    pcrs: list[int] = Field(default_factory=lambda: [23])
+    """PCRs (sha256 bank) the nodes measure image layers into and quote."""
+    max_age_seconds: int = Field(default=300, ge=1)
+    """How long a passed attestation counts for key release."""
+    nonce_ttl_seconds: int = Field(default=60, ge=1, le=3600)
+    challenge_ttl_seconds: int = Field(default=300, ge=1, le=86400)
+    ek_ca_files: list[Path] = Field(default_factory=list)
+    """PEM vendor CAs; when set, an EK certificate issued by one is required."""
+
+
+class MqttSettings(BaseModel):
+    """The broker commands to gateways go through (none: commands are only signed)."""
+
+    url: str | None = None
+    """mqtts://HOST:PORT"""
+    user: str = "trustplane-control"
+    password_file: Path | None = None
+    ca_file: Path | None = None
+
+
 class TlsSettings(BaseModel):
     """An operator's own certificate; without it the server makes an embedded CA."""
 
@@ -50,6 +73,8 @@ class ServerSettings(BaseSettings):
     """Default: DATA_DIR/kek.json (mode 0600). Replicas must share it."""
     kmip: KmipSettings = Field(default_factory=KmipSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    attestation: AttestationSettings = Field(default_factory=AttestationSettings)
     public_url: str | None = None
     """How clients reach this server (secret references are built from it)."""
     policy_file: Path | None = None

@@ -213,6 +213,24 @@ class ControlLink:
             raise MalformedError("the control plane's image list is malformed")
         return answer
 
+    async def report(self, reports: list[dict[str, Any]]) -> list[int]:
+        """Append the gateway's own reports to the log (`POST /v1/reports`); their indexes."""
+        answer = await self._call(
+            "POST", "/v1/reports", await self._own_token(), json={"reports": reports}
+        )
+        indexes = answer.get("log_indexes") if isinstance(answer, dict) else None
+        if not isinstance(indexes, list):
+            raise MalformedError("the control plane's report answer is malformed")
+        return [int(index) for index in indexes]
+
+    async def command_key(self) -> str:
+        """The control plane's command key (PEM) that signs MQTT commands."""
+        answer = await self._call("GET", "/v1/commands/key", await self._own_token())
+        key = answer.get("public_key") if isinstance(answer, dict) else None
+        if not isinstance(key, str):
+            raise MalformedError("the control plane's command key answer is malformed")
+        return key
+
 
 def _signing_alg(key: jwk.JWK) -> str:
     if key.get("kty") == "RSA":

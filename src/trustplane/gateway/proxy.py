@@ -30,6 +30,7 @@ from pathlib import Path
 from trustplane.errors import MalformedError, TrustplaneError, UnavailableError
 from trustplane.gateway.actions import Classified, classify
 from trustplane.gateway.decide import TOKEN_HEADER, Gatekeeper, Peer
+from trustplane.gateway.docker_api import INTERNAL_HEADER
 from trustplane.gateway.http1 import (
     MAX_HEAD,
     READ_SIZE,
@@ -45,12 +46,15 @@ from trustplane.gateway.http1 import (
     response_framing,
     serialize_head,
 )
+from trustplane.gateway.monitor import ResourceMonitor
 from trustplane.gateway.request import Target, parse_target
 
 log = logging.getLogger("trustplane.gateway")
 MAX_DECIDED_BODY = 4 * 1024 * 1024
 IDLE_TIMEOUT = 300.0
 BODY_TIMEOUT = 60.0
+_TOO_LARGE = "the request body is too large"
+SMALL_ANSWER = 256 * 1024
 """A body the decision needs must arrive within this (no slow-loris hold)."""
 HIJACK_TYPES = ("application/vnd.docker.raw-stream", "application/vnd.docker.multiplexed-stream")
 _HOP_BY_HOP = frozenset(
@@ -67,6 +71,7 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
         "expect",
         TOKEN_HEADER,
+        INTERNAL_HEADER.lower(),
     }
 )
 
@@ -85,15 +90,28 @@ class _Upstream:
 
 
 class GatewayProxy:
-    def __init__(self, listen: Path, docker_socket: Path, gatekeeper: Gatekeeper) -> None:
+    def __init__(
+        self,
+        listen: Path,
+        docker_socket: Path,
+        gatekeeper: Gatekeeper,
+        monitor: ResourceMonitor | None = None,
+    ) -> None:
         self.listen = listen
         self.docker_socket = docker_socket
         self.gatekeeper = gatekeeper
+        self.monitor = monitor
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.connections = 0
 
-    async def start(self, mode: int = 0o660) -> None:
+    async def start(self, mode: int = 0o660, listener: socket.socket | None = None) -> None:
+        """Listen on the socket path, or accept on `listener` (shared by worker processes)."""
+        if listener is not None:
+            self._server = await asyncio.start_unix_server(
+                self._serve, sock=listener, limit=MAX_HEAD
+            )
+            return
         self.listen.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if self.listen.is_socket():
@@ -134,6 +152,7 @@ class GatewayProxy:
             pass
         except MalformedError as exc:
             await _answer_error(writer, 400, str(exc), head_only=False)
+            self.gatekeeper.report_refusal(400, str(exc), peer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except Exception:  # never let one connection take the server down
@@ -170,6 +189,7 @@ class GatewayProxy:
                 raise MalformedError("only Expect: 100-continue is understood")
         except MalformedError as exc:
             await _answer_error(writer, 400, str(exc), head_only)
+            self.gatekeeper.report_refusal(400, str(exc), peer, method=method, path=head.start[1])
             raise _Close from None
         classified: Classified | None
         try:
@@ -180,12 +200,19 @@ class GatewayProxy:
         streamed = classified is not None and classified.stream_body
         if not streamed and (framing.chunked or framing.length):
             if framing.length is not None and framing.length > MAX_DECIDED_BODY:
-                await _answer_error(writer, 413, "the request body is too large", head_only)
+                await _answer_error(writer, 413, _TOO_LARGE, head_only)
+                self.gatekeeper.report_refusal(413, _TOO_LARGE, peer, method=method,
+                                               path=target.path)  # fmt: skip
                 raise _Close
             if expect is not None:
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             async with asyncio.timeout(BODY_TIMEOUT):
-                body = await _read_bounded(reader, framing, writer, head_only)
+                bounded = await _read_bounded(reader, framing, writer, head_only)
+            if bounded is None:
+                self.gatekeeper.report_refusal(413, _TOO_LARGE, peer, method=method,
+                                               path=target.path)  # fmt: skip
+                raise _Close
+            body = bounded
         verdict = await self.gatekeeper.decide(target, head.all(TOKEN_HEADER), body, peer)
         if not verdict.allowed or classified is None:
             await _answer_error(writer, verdict.status, verdict.message, head_only)
@@ -212,6 +239,14 @@ class GatewayProxy:
             await _answer_error(writer, 502, "trustplane gateway: dockerd closed", head_only)
             raise _Close
         status = int(response.start[1])
+        if (
+            self.monitor is not None
+            and classified.action == "container.start"
+            and classified.name is not None
+            and target.segments[-1] in ("start", "restart", "unpause")
+            and 200 <= status < 300
+        ):
+            self.monitor.watch(classified.name)
         if status == 101 or (
             classified.hijack
             and status == 200
@@ -244,10 +279,19 @@ class GatewayProxy:
                 and "close" not in response.tokens("connection")
                 and not framing_out.until_close
             )
-        writer.write(_response_head(response, framing_out))
-        await writer.drain()
         try:
-            await _relay(connection.reader, writer, reader, framing_out)
+            if framing_out.length is not None and framing_out.length <= SMALL_ANSWER:
+                # A small sized answer (most reads): head and body in one write,
+                # one system call instead of two.
+                parts = [_response_head(response, framing_out)]
+                async for piece in read_body(connection.reader, framing_out):
+                    parts.append(piece)
+                writer.write(b"".join(parts))
+                await writer.drain()
+            else:
+                writer.write(_response_head(response, framing_out))
+                await writer.drain()
+                await _relay(connection.reader, writer, reader, framing_out)
         except MalformedError:
             raise _Close from None  # dockerd's body broke off; the client sees a cut stream
         client_closes = "close" in head.tokens("connection") or head.start[2] == "HTTP/1.0"
@@ -278,14 +322,15 @@ class GatewayProxy:
 
 async def _read_bounded(
     reader: asyncio.StreamReader, framing: Framing, writer: asyncio.StreamWriter, head_only: bool
-) -> bytes:
+) -> bytes | None:
+    """The body, or None when it was too large (refused with 413)."""
     parts: list[bytes] = []
     size = 0
     async for piece in read_body(reader, framing):
         size += len(piece)
         if size > MAX_DECIDED_BODY:
-            await _answer_error(writer, 413, "the request body is too large", head_only)
-            raise _Close
+            await _answer_error(writer, 413, _TOO_LARGE, head_only)
+            return None
         parts.append(piece)
     return b"".join(parts)
 

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-from dataclasses import dataclass
+import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trustplane.errors import UsageError
+from trustplane.gateway.authz_plugin import AuthzPlugin
 from trustplane.gateway.control_link import ControlLink, NodeCredential
 from trustplane.gateway.decide import Gatekeeper
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.host_access import CATEGORIES
+from trustplane.gateway.monitor import ResourceMonitor, Thresholds
+from trustplane.gateway.mqtt_link import MqttConfig, MqttLink
 from trustplane.gateway.proxy import GatewayProxy
+from trustplane.gateway.reporter import Reporter
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,12 @@ class GatewayConfig:
     socket_mode: int = 0o660
     control_timeout: float = 5.0
     allowed_uids: frozenset[int] = frozenset()
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    mqtt: MqttConfig | None = None
+    authz_plugin: Path | None = None
+    workers: int = 1
+    """Proxy processes sharing the socket (the first also runs MQTT and the plugin)."""
+    """Also serve the decision code as a Docker authorization plugin on this socket."""
 
 
 def unix_path(url: str, option: str) -> Path:
@@ -47,7 +62,12 @@ def check_categories(names: list[str]) -> frozenset[str]:
     return frozenset(names)
 
 
-async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    config: GatewayConfig,
+    ready: asyncio.Event | None = None,
+    listener: socket.socket | None = None,
+    primary: bool = True,
+) -> None:
     link = ControlLink(
         config.server,
         config.ca_file,
@@ -56,11 +76,25 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         timeout=config.control_timeout,
     )
     docker = DockerApi(str(config.docker))
-    gatekeeper = Gatekeeper(link, docker, config.allow_host_access, config.allowed_uids)
-    proxy = GatewayProxy(config.listen, config.docker, gatekeeper)
+    reporter = Reporter(link)
+    gatekeeper = Gatekeeper(
+        link, docker, config.allow_host_access, config.allowed_uids, reporter=reporter
+    )
+    monitor = ResourceMonitor(docker, config.thresholds, reporter)
+    proxy = GatewayProxy(config.listen, config.docker, gatekeeper, monitor)
+    mqtt_link: MqttLink | None = None
+    plugin: AuthzPlugin | None = None
     try:
         await link.ensure_identity()  # its identity must work before it accepts anyone
-        await proxy.start(config.socket_mode)
+        reporter.start()
+        monitor.start()
+        if config.mqtt is not None and primary:
+            mqtt_link = MqttLink(config.mqtt, link, docker, gatekeeper.images, monitor, reporter)
+            await mqtt_link.start()
+        await proxy.start(config.socket_mode, listener)
+        if config.authz_plugin is not None and primary:
+            plugin = AuthzPlugin(config.authz_plugin, gatekeeper)
+            await plugin.start()
         if ready is not None:
             ready.set()
         stop = asyncio.Event()
@@ -72,18 +106,68 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         serving.cancel()
     finally:
         await proxy.close()
+        if plugin is not None:
+            await plugin.close()
+        if mqtt_link is not None:
+            await mqtt_link.close()
+        await monitor.close()
+        await reporter.close()
         await link.close()
         await docker.close()
-        config.listen.unlink(missing_ok=True)
+        if primary:
+            config.listen.unlink(missing_ok=True)
 
 
 def run(config: GatewayConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per decision is enough
+    if config.workers <= 1:
+        _run_loop(serve(config))
+        return
+    # Several processes accept on one listening socket (the kernel spreads the
+    # connections): one Python process is one core, and the gateway should not
+    # be the edge host's narrowest point. Each has its own control-plane link
+    # and caches; only the first runs the MQTT link and the plugin socket.
+    listener = bind_unix(config.listen, config.socket_mode)
+    children: list[int] = []
+    for _ in range(config.workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _run_loop(serve(config, listener=listener, primary=False))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    try:
+        _run_loop(serve(config, listener=listener))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    path.chmod(mode)
+    listener.listen(1024)
+    return listener
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         # uvloop comes with uvicorn[standard]; it cuts the proxy's own latency.
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config))
+        uvloop.run(main)

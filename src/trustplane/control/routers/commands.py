@@ -1,0 +1,91 @@
+"""`/v1/commands`: signed commands to gateways over MQTT, and the key that checks them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from typing import Any, Literal
+
+import anyio.to_thread
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from fastapi import APIRouter, Request, status
+from pydantic import BaseModel, Field
+
+from trustplane.control.commands import CommandCenter
+from trustplane.control.routers.deps import Caller, Plane
+from trustplane.control.service import ControlPlane, _new_ed25519, _system_key
+from trustplane.errors import Forbidden, MalformedError
+
+router = APIRouter(prefix="/v1", tags=["commands"])
+_lock = threading.Lock()
+Scalar = str | int | float | bool | None
+
+
+def _center(request: Request, plane: ControlPlane) -> CommandCenter:
+    center: CommandCenter | None = getattr(request.app.state, "commands", None)
+    if center is None:
+        with _lock:
+            center = getattr(request.app.state, "commands", None)
+            if center is None:
+                pem = _system_key(plane.db, plane.kek, "command_signing_key", _new_ed25519)
+                key = serialization.load_pem_private_key(pem, password=None)
+                assert isinstance(key, ed25519.Ed25519PrivateKey)
+                center = CommandCenter(key, plane.settings.mqtt)
+                request.app.state.commands = center
+    return center
+
+
+class CommandKey(BaseModel):
+    public_key: str
+
+
+@router.get("/commands/key", response_model=CommandKey)
+async def command_key(request: Request, caller: Caller, plane: Plane) -> CommandKey:
+    """The Ed25519 public key every command to a gateway is signed with."""
+    center = await anyio.to_thread.run_sync(_center, request, plane)
+    return CommandKey(public_key=center.public_pem)
+
+
+class CommandRequest(BaseModel):
+    gateway: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    command: Literal["pull", "start", "stop", "delete", "thresholds"]
+    args: dict[str, Scalar] = Field(default_factory=dict, max_length=16)
+    ttl: float = Field(default=60, gt=0, le=3600)
+
+
+class CommandSent(BaseModel):
+    envelope: str
+    log_index: int
+    published: bool
+
+
+@router.post("/commands", status_code=status.HTTP_201_CREATED, response_model=CommandSent)
+async def send_command(
+    body: CommandRequest, request: Request, caller: Caller, plane: Plane
+) -> CommandSent:
+    """Sign a command for a gateway, log it, and publish it when a broker is configured."""
+    if caller.role != "admin":
+        raise Forbidden("only admins send commands to gateways")
+    if any(isinstance(v, str) and len(v) > 512 for v in body.args.values()):
+        raise MalformedError("command arguments are at most 512 characters")
+    center = await anyio.to_thread.run_sync(_center, request, plane)
+    envelope = center.issue(body.gateway, body.command, dict(body.args), body.ttl)
+    payload: dict[str, Any] = json.loads(base64.b64decode(json.loads(envelope)["payload"]))
+    receipt = await plane.log.append_async(
+        "gateway.command",
+        {
+            "asker": caller.subject,
+            "gateway": body.gateway,
+            "command": body.command,
+            "args": dict(body.args),
+            "nonce": payload["nonce"],
+            "expires": payload["expires"],
+        },
+    )
+    published = False
+    if center.can_publish:
+        await anyio.to_thread.run_sync(center.publish, body.gateway, envelope)
+        published = True
+    return CommandSent(envelope=envelope.decode(), log_index=receipt.index, published=published)

@@ -1,0 +1,153 @@
+"""The resource monitor with real containers on the real dockerd.
+
+A memory hog (tmpfs pages charged to its memory cgroup, under a --memory
+limit) and a CPU burner started through the gateway are stopped once their
+share stays above the gateway's thresholds; a well-behaved container started
+with them keeps running; each stop is in the transparency log with its
+measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import docker
+import pytest
+from control_helpers import log_size
+from gateway_helpers import PREFIX, DockerCli, make_people, start_gateway
+from gateway_helpers import cleanup as cleanup
+from gateway_helpers import registered_base as registered_base
+from test_gateway_reports import wait_for_entries
+
+from trustplane.client import ControlClient
+from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.dockerd import DockerDaemon
+from trustplane.gateway.docker_api import DockerApi
+from trustplane.gateway.monitor import ResourceMonitor, Thresholds
+
+pytestmark = pytest.mark.usefixtures("cleanup")
+HOG = "dd if=/dev/zero of=/dev/shm/x bs=1M count=48 2>/dev/null; sleep 1000"
+
+
+def status(client: docker.DockerClient, name: str) -> str:
+    return str(client.containers.get(name).status)
+
+
+def test_hog_and_burner_are_stopped_and_a_quiet_container_is_not(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    admin: ControlClient,
+    registered_base: str,
+) -> None:
+    people = make_people(control_plane, "mon")
+    gateways = start_gateway(
+        tmp_path / "gw-mon", control_plane, docker_daemon,
+        "--cpu-threshold", "20", "--memory-threshold", "50",
+        "--sustain", "2", "--monitor-interval", "0.5",
+    )  # fmt: skip
+    gateway = next(gateways)
+    quiet, hog, burner = (f"{PREFIX}-mon-{n}" for n in ("quiet", "hog", "burner"))
+    try:
+        start = log_size(control_plane)
+        cli = DockerCli.make(gateway.host, tmp_path / "op", people.operator_token)
+        cli.ok("run", "-d", "--name", quiet, registered_base, "sleep", "1000")
+        cli.ok("run", "-d", "--name", hog, "--memory", "64m", registered_base, "sh", "-c", HOG)
+        cli.ok("run", "-d", "--name", burner, registered_base, "sh", "-c", "while :; do :; done")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if status(docker_client, hog) == "exited" and status(docker_client, burner) == "exited":
+                break
+            time.sleep(0.5)
+        assert status(docker_client, hog) == "exited"
+        assert status(docker_client, burner) == "exited"
+        time.sleep(2)  # several more samples: the quiet one stays
+        assert status(docker_client, quiet) == "running"
+
+        entries = wait_for_entries(admin, start, gateway.node, 2)
+        stops = {e["container"]: e for e in entries if e["kind"] == "gateway.monitor"}
+        assert set(stops) == {hog, burner}, stops
+        assert stops[hog]["metric"] == "memory_percent"
+        assert stops[hog]["value"] > 50
+        assert stops[hog]["memory_limit"] == 64 * 1024 * 1024
+        assert stops[hog]["memory_bytes"] >= 40 * 1024 * 1024
+        assert stops[burner]["metric"] == "cpu_percent"
+        assert stops[burner]["value"] > 20
+        for entry in stops.values():
+            assert entry["action"] == "container.stop"
+            assert entry["result"] == "stopped"
+            assert entry["sustained_s"] >= 2
+            assert entry["threshold"] in (20, 50)
+    finally:
+        gateways.close()
+
+
+def test_the_most_recently_started_offender_is_stopped_first(
+    docker_daemon: DockerDaemon, docker_client: docker.DockerClient, registered_base: str
+) -> None:
+    names = [f"{PREFIX}-order-{i}" for i in range(2)]
+    for name in names:
+        docker_client.containers.run(
+            registered_base, ["sh", "-c", HOG], name=name, detach=True, mem_limit="64m"
+        )
+        time.sleep(0.2)
+
+    async def scenario() -> list[list[str]]:
+        engine = DockerApi(str(docker_daemon.socket))
+        monitor = ResourceMonitor(engine, Thresholds(90, 50, sustain=0, interval=0.5))
+        try:
+            for name in names:
+                monitor.watch(name)
+            await asyncio.sleep(0.5)  # the watches are looked up in the background
+            assert {w.name for w in monitor.watched.values()} == set(names)
+            assert all(w.cgroup is not None for w in monitor.watched.values())
+            await asyncio.sleep(1.5)  # the hogs fill their tmpfs
+            rounds = []
+            for _ in range(2):
+                await monitor.tick()
+                rounds.append([record["container"] for record in monitor.stopped])
+            return rounds
+        finally:
+            await engine.close()
+
+    first, second = asyncio.run(scenario())
+    assert first == [names[1]]
+    assert second == [names[1], names[0]]
+
+
+def test_without_cgroup_files_the_engine_stats_api_measures(
+    tmp_path: Path,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    registered_base: str,
+) -> None:
+    name = f"{PREFIX}-stats-hog"
+    docker_client.containers.run(
+        registered_base, ["sh", "-c", HOG], name=name, detach=True, mem_limit="64m"
+    )
+
+    async def scenario() -> tuple[dict[str, float] | None, dict[str, float] | None, bool]:
+        engine = DockerApi(str(docker_daemon.socket))
+        monitor = ResourceMonitor(engine, Thresholds(), cgroup_root=tmp_path / "no-cgroups")
+        try:
+            monitor.watch(name)
+            await asyncio.sleep(1.5)
+            (watched,) = monitor.watched.values()
+            first = await monitor.sample(watched)
+            await asyncio.sleep(0.5)
+            second = await monitor.sample(watched)
+            return first, second, watched.cgroup is None
+        finally:
+            await engine.close()
+
+    first, second, by_stats = asyncio.run(scenario())
+    assert by_stats
+    assert first is not None
+    assert second is not None
+    assert "cpu_percent" not in first  # a rate needs two samples
+    assert 0 <= second["cpu_percent"] <= 100
+    assert second["memory_limit"] == 64 * 1024 * 1024
+    assert second["memory_percent"] > 50
