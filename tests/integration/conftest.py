@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import docker
 import pytest
@@ -52,6 +52,14 @@ def component_missing(name: str, why: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} unavailable in CI (a missing component fails CI): {why}")
     pytest.fail(f"{name} unavailable: {why} (trustplane tests never skip; install or start it)")
+
+
+def start_control_plane_or_fail(work_dir: Path, **options: Any) -> RunningControlPlane:
+    """`start_control_plane`, failing the run (never skipping) when it cannot start."""
+    try:
+        return start_control_plane(work_dir, **options)
+    except TrustplaneError as exc:
+        component_missing("trustplane server", str(exc))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -227,10 +235,7 @@ def run_skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
 @pytest.fixture(scope="session")
 def control_plane(work_dir: Path) -> Iterator[RunningControlPlane]:
     """`trustplane server` on loopback with nothing but a data directory."""
-    try:
-        server = start_control_plane(work_dir / "control-plane")
-    except TrustplaneError as exc:
-        component_missing("trustplane server", str(exc))
+    server = start_control_plane_or_fail(work_dir / "control-plane")
     yield server
     server.stop()
 

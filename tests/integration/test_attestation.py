@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import component_missing
+from conftest import start_control_plane_or_fail
 from control_helpers import Cli, add_policy_rule, entries_since, log_size
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk
@@ -32,7 +32,7 @@ from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
-from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.errors import Forbidden, IntegrityError, TrustplaneError
 
@@ -64,13 +64,10 @@ class Image:
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningControlPlane]:
-    try:
-        server = start_control_plane(
-            tmp_path_factory.mktemp("attestation"),
-            env={"TRUSTPLANE_ATTESTATION__MAX_AGE_SECONDS": str(MAX_AGE)},
-        )
-    except TrustplaneError as exc:
-        component_missing("trustplane server", str(exc))
+    server = start_control_plane_or_fail(
+        tmp_path_factory.mktemp("attestation"),
+        env={"TRUSTPLANE_ATTESTATION__MAX_AGE_SECONDS": str(MAX_AGE)},
+    )
     add_policy_rule(server, RULE)
     yield server
     server.stop()

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from conftest import component_missing
+from conftest import component_missing, start_control_plane_or_fail
 from control_helpers import entries_since, log_size
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,7 +25,7 @@ from trustplane.agent.tpm import Identity, Tpm
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import generate_key_pair
-from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.swtpm import RunningSwtpm, start_swtpm
 from trustplane.errors import IntegrityError, TrustplaneError
 
@@ -45,13 +45,10 @@ def plane(
     tmp_path_factory: pytest.TempPathFactory, vendor_tpm: RunningSwtpm
 ) -> Iterator[RunningControlPlane]:
     assert vendor_tpm.ek_ca_file is not None
-    try:
-        server = start_control_plane(
-            tmp_path_factory.mktemp("attestation-ekcert"),
-            env={"TRUSTPLANE_ATTESTATION__EK_CA_FILES": json.dumps([str(vendor_tpm.ek_ca_file)])},
-        )
-    except TrustplaneError as exc:
-        component_missing("trustplane server", str(exc))
+    server = start_control_plane_or_fail(
+        tmp_path_factory.mktemp("attestation-ekcert"),
+        env={"TRUSTPLANE_ATTESTATION__EK_CA_FILES": json.dumps([str(vendor_tpm.ek_ca_file)])},
+    )
     yield server
     server.stop()
 

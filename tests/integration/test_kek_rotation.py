@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import component_missing
+from conftest import component_missing, start_control_plane_or_fail
 
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
@@ -109,10 +109,7 @@ def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
 
 @pytest.fixture(scope="module")
 def file_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningControlPlane]:
-    try:
-        server = start_control_plane(tmp_path_factory.mktemp("kek-file"))
-    except TrustplaneError as exc:
-        component_missing("trustplane server", str(exc))
+    server = start_control_plane_or_fail(tmp_path_factory.mktemp("kek-file"))
     yield server
     server.stop()
 

@@ -22,7 +22,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from conftest import APP_SECRET, component_missing
+from conftest import APP_SECRET, start_control_plane_or_fail
 from control_helpers import Cli, add_policy_rule, assert_fails, entries_since, log_size
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,10 +34,10 @@ from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
-from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_app_image
-from trustplane.errors import ExitCode, Forbidden, TrustplaneError
+from trustplane.errors import ExitCode, Forbidden
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.keys.remote import KmsUnwrapper
 from trustplane.oci import reference
@@ -64,10 +64,7 @@ class Published:
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningControlPlane]:
-    try:
-        server = start_control_plane(tmp_path_factory.mktemp("kms-images"))
-    except TrustplaneError as exc:
-        component_missing("trustplane server", str(exc))
+    server = start_control_plane_or_fail(tmp_path_factory.mktemp("kms-images"))
     yield server
     server.stop()
 

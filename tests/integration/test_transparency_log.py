@@ -20,23 +20,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import component_missing
+from conftest import start_control_plane_or_fail
 from control_helpers import Cli, assert_fails, entries_since
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.process import free_port
-from trustplane.errors import ExitCode, Forbidden, TrustplaneError
+from trustplane.errors import ExitCode, Forbidden
 from trustplane.trust.note import NoteSigner
 
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningControlPlane]:
-    try:
-        server = start_control_plane(tmp_path_factory.mktemp("transparency"))
-    except TrustplaneError as exc:
-        component_missing("trustplane server", str(exc))
+    server = start_control_plane_or_fail(tmp_path_factory.mktemp("transparency"))
     yield server
     server.stop()
 
@@ -224,10 +221,7 @@ class Restartable:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.port = free_port()
-        try:
-            self.plane = start_control_plane(work, port=self.port)
-        except TrustplaneError as exc:
-            component_missing("trustplane server", str(exc))
+        self.plane = start_control_plane_or_fail(work, port=self.port)
         self.auditor = Cli(work / "session.json", work / "log-state.json")
         self.auditor.login(self.plane, "admin", self.plane.admin_password)
 
