@@ -200,6 +200,28 @@ def test_a_stale_attestation_gets_nothing(
     assert any("stale" in reason for reason in unwrap_denials(admin, start, node.name))
 
 
+def test_a_silent_node_loses_its_attested_state(
+    node: Node, image: Image, plane: RunningControlPlane, admin: ControlClient
+) -> None:
+    """The verifier's sweep, not the next key request, takes the state away."""
+    node.attester.enroll(node.client, node.transport_public)
+    node.attester.measure(REPOSITORY, image.manifest, image.layers)
+    verdict = node.attester.attest(node.client)
+    assert verdict.passed
+    assert verdict.interval == 60.0  # the verifier's pace, read with the nonce
+    start = log_size(plane)
+    deadline = time.monotonic() + MAX_AGE + 5
+    while time.monotonic() < deadline:
+        if ("attestation.expire", "fail") in attestation_entries(admin, start, node.name):
+            break
+        time.sleep(0.25)
+    assert attestation_entries(admin, start, node.name) == [("attestation.expire", "fail")]
+    with pytest.raises(Forbidden, match="stale"):
+        node.unwrap(image, 1)
+    assert node.attester.attest(node.client).passed  # answering again restores it
+    assert node.unwrap(image, 1) == image.options[1]
+
+
 def test_a_tampered_layer_gets_nothing(
     node: Node, image: Image, admin: ControlClient, plane: RunningControlPlane
 ) -> None:

@@ -69,6 +69,8 @@ class Layer:
 class Verdict:
     passed: bool
     reason: str
+    interval: float | None = None
+    """How often the verifier wants a quote from this node (seconds)."""
 
 
 class Attester:
@@ -144,6 +146,12 @@ class Attester:
 
     def attest(self, client: ControlClient) -> Verdict:
         """One round: nonce, quote, verdict."""
-        nonce = bytes.fromhex(client.json("GET", "/v1/attestation/nonce")["nonce"])
+        challenge = client.json("GET", "/v1/attestation/nonce")
+        nonce = bytes.fromhex(challenge["nonce"])
         answer = client.json("POST", "/v1/attestation/quote", json=self.quote(nonce))
-        return Verdict(bool(answer["passed"]), str(answer["reason"]))
+        interval = challenge.get("interval_seconds")
+        return Verdict(
+            bool(answer["passed"]),
+            str(answer["reason"]),
+            float(interval) if isinstance(interval, int | float) else None,
+        )

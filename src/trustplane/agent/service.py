@@ -83,6 +83,12 @@ class Agent:
         record = {"ak_name": tpm.identity().ak_name.hex(), "server": self.config.server_url}
         atomic_write(self.config.state_dir / "enrolment.json", json.dumps(record).encode())
 
+    def _pause(self, verdict: Verdict | None) -> float:
+        """The configured interval, shortened to the verifier's when it asks for more."""
+        if verdict is not None and verdict.interval is not None and verdict.interval > 0:
+            return min(self.config.interval, verdict.interval)
+        return self.config.interval
+
     def run(
         self, rounds: int | None = None, report: Callable[[Verdict], None] | None = None
     ) -> Verdict | None:
@@ -94,7 +100,7 @@ class Agent:
             done = 0
             while rounds is None or done < rounds:
                 if done:
-                    time.sleep(self.config.interval)
+                    time.sleep(self._pause(verdict))
                 done += 1
                 try:
                     with self.client() as client:

@@ -9,11 +9,14 @@ than the one that releases them, nor in logs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
@@ -68,11 +71,28 @@ _STATUS: list[tuple[type[TrustplaneError], int]] = [
 ]
 
 
+async def _expire_silent_nodes(plane: ControlPlane) -> None:
+    """Continuous attestation: a node whose pass ages out loses it, logged."""
+    period = max(1.0, min(10.0, plane.settings.attestation.max_age_seconds / 4))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await anyio.to_thread.run_sync(plane.verifier.expire_silent)
+        except Exception as exc:  # the next sweep retries; the gate checks age anyway
+            logger.error("attestation sweep failed: %s", type(exc).__name__)
+
+
 def create_app(plane: ControlPlane) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        plane.close()
+        sweeper = asyncio.create_task(_expire_silent_nodes(plane))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            plane.close()
 
     app = FastAPI(
         title="trustplane control plane",

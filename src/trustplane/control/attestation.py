@@ -11,6 +11,12 @@ the gate the KMS asks before releasing keys to a node.
    replay, and each measured layer against the reference values registered
    with the image. A pass is the node's attested state, for
    `max_age_seconds`; a failure removes it at once.
+4. continuity: nodes read the verifier's `interval_seconds` with every nonce
+   and must quote that often; the sweep (`expire_silent`, run by the server
+   in the background) turns a pass older than `max_age_seconds` into
+   "stale", logged, so a node that goes silent loses its state visibly.
+   Nodes dial out (edge gateways sit behind NAT), so the verifier sets the
+   pace and enforces it rather than calling in.
 
 Every result goes to the transparency log. Any unexpected error fails.
 """
@@ -27,7 +33,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from trustplane.control.db import Database
 from trustplane.control.identity import Principal
@@ -310,6 +316,32 @@ class Verifier:
             )
         return measured
 
+    # -- continuity ------------------------------------------------------------------
+
+    def expire_silent(self) -> list[str]:
+        """Mark every pass older than `max_age_seconds` stale, and log each.
+
+        The update is conditional, so several server workers or replicas
+        sweeping at once expire (and log) each node once.
+        """
+        cutoff = _now() - timedelta(seconds=self.settings.max_age_seconds)
+        silent = (Attestation.last_result == "pass", Attestation.last_at < cutoff)
+        with self.db.session() as session:
+            candidates = list(session.scalars(select(Attestation.node).where(*silent)))
+        expired: list[str] = []
+        reason = f"no passing quote for {self.settings.max_age_seconds} s (node silent)"
+        for node in candidates:
+            with self.db.session() as session:
+                changed = session.execute(
+                    update(Attestation)
+                    .where(Attestation.node == node, *silent)
+                    .values(last_result="stale", last_reason=reason)
+                ).rowcount  # type: ignore[attr-defined]
+            if changed:
+                expired.append(node)
+                self._record(node, "attestation.expire", False, reason)
+        return expired
+
     # -- the gate --------------------------------------------------------------------
 
     def gate(
@@ -339,6 +371,8 @@ class Verifier:
             row = session.get(Attestation, principal.name)
         if row is None or not row.bound:
             return Decision(False, "attestation required: the node's AK is not bound to its EK")
+        if row.last_result == "stale":
+            return Decision(False, "attestation required: the last attestation is stale (silent)")
         if row.last_result != "pass":
             why = row.last_reason or "never attested"
             return Decision(False, f"attestation required: last attestation failed ({why})")

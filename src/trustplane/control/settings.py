@@ -35,7 +35,11 @@ class AttestationSettings(BaseModel):
     pcrs: list[int] = Field(default_factory=lambda: [23])
     """PCRs (sha256 bank) the nodes measure image layers into and quote."""
     max_age_seconds: int = Field(default=300, ge=1)
-    """How long a passed attestation counts for key release."""
+    """How long a passed attestation counts for key release; a node silent for
+    longer loses its attested state (the verifier's sweep marks it stale)."""
+    interval_seconds: int = Field(default=60, ge=1)
+    """How often the verifier asks each node for a fresh quote (nodes read it
+    with every nonce and attest at least this often)."""
     nonce_ttl_seconds: int = Field(default=60, ge=1, le=3600)
     challenge_ttl_seconds: int = Field(default=300, ge=1, le=86400)
     ek_ca_files: list[Path] = Field(default_factory=list)

@@ -53,6 +53,10 @@ class Activated(BaseModel):
 
 class NonceResponse(BaseModel):
     nonce: str = Field(description="32 bytes, hex; put it in the quote's qualifying data")
+    interval_seconds: int = Field(
+        description="Quote at least this often: a pass older than max_age_seconds goes stale"
+    )
+    max_age_seconds: int
 
 
 class QuoteRequest(BaseModel):
@@ -103,7 +107,12 @@ async def activate(body: Activation, caller: Caller, plane: Plane) -> Activated:
 async def nonce(caller: Caller, plane: Plane) -> NonceResponse:
     """A fresh single-use nonce for the caller's next quote."""
     value = await anyio.to_thread.run_sync(plane.verifier.nonce, caller)
-    return NonceResponse(nonce=value.hex())
+    settings = plane.verifier.settings
+    return NonceResponse(
+        nonce=value.hex(),
+        interval_seconds=settings.interval_seconds,
+        max_age_seconds=settings.max_age_seconds,
+    )
 
 
 @router.post("/quote", response_model=QuoteVerdict)
