@@ -244,13 +244,10 @@ def _is_json(body: object) -> bool:
 
 
 def _unparsable_body(status: int, body: Any) -> bool:
-    if not isinstance(body, dict):
+    """FastAPI's parser refused the body before authentication: allowed."""
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
         return False
-    detail = body.get("detail")
+    message = str(body["error"].get("message", ""))
     if status == 400:
-        return detail == "There was an error parsing the body"
-    return (
-        status == 422
-        and isinstance(detail, list)
-        and all(isinstance(d, dict) and d.get("type") == "json_invalid" for d in detail)
-    )
+        return message == "There was an error parsing the body"
+    return status == 422 and message.startswith("invalid request: body: not valid JSON")

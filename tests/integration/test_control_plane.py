@@ -24,7 +24,7 @@ from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tls import CertificateAuthority, issue_server_cert
-from trustplane.errors import AuthError, Forbidden, NotFoundError, UsageError
+from trustplane.errors import AuthError, Forbidden, MalformedError, NotFoundError, UsageError
 
 
 def test_service_basics(control_plane: RunningControlPlane) -> None:
@@ -280,3 +280,28 @@ def test_operator_certificates_and_a_credential_printed_once(
             assert admin.whoami()["subject"] == "user:admin"
     finally:
         second.stop()
+
+
+def test_requests_the_validators_refuse_get_one_clear_error(
+    control_plane: RunningControlPlane,
+) -> None:
+    """FastAPI's own refusals use the same {"error": ...} shape as ours, so
+    the CLI shows what was wrong instead of "HTTP 422"."""
+    with control_plane.admin() as admin:
+        with pytest.raises(MalformedError, match=r"body\.manifest_digest: String should match"):
+            admin.register_image("registry.test/clear/errors", "md5:nope", [])
+        assert admin.images("registry.test/clear/errors") == []  # nothing stored
+        verify = control_plane.ssl_context()
+        headers = {"Authorization": f"Bearer {admin.token}", "Content-Type": "application/json"}
+        broken = httpx.post(
+            f"{control_plane.url}/v1/images",
+            content=b'{"repository": ',
+            headers=headers,
+            verify=verify,
+        )
+        assert broken.status_code == 422
+        assert broken.json()["error"]["type"] == "MalformedError"
+        assert broken.json()["error"]["message"].startswith("invalid request: body: not valid JSON")
+        missing = httpx.get(f"{control_plane.url}/v1/no-such-route", verify=verify)
+        assert missing.status_code == 404
+        assert missing.json() == {"error": {"type": "NotFoundError", "message": "Not Found"}}

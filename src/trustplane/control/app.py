@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustplane import __version__
@@ -82,6 +85,24 @@ async def _expire_silent_nodes(plane: ControlPlane) -> None:
             logger.error("attestation sweep failed: %s", type(exc).__name__)
 
 
+_FRAMEWORK_ERRORS = {400: "MalformedError", 404: "NotFoundError", 405: "UsageError"}
+
+
+def describe_invalid(errors: Sequence[Any], shown: int = 3) -> str:
+    """One line for a request the validators refused: where, and why."""
+    parts = []
+    for error in errors[:shown]:
+        loc = [str(part) for part in error.get("loc", ())]
+        if error.get("type") == "json_invalid":
+            at = f" at character {loc[1]}" if len(loc) > 1 else ""
+            why = error.get("ctx", {}).get("error", "?")
+            parts.append(f"body: not valid JSON{at} ({why})")
+            continue
+        parts.append(f"{'.'.join(loc)}: {error.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
+    return "invalid request: " + "; ".join(parts) + more
+
+
 def create_app(plane: ControlPlane) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -124,6 +145,24 @@ def create_app(plane: ControlPlane) -> FastAPI:
             {"error": {"type": type(exc).__name__, "message": str(exc)}},
             status_code=status,
             headers=headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"type": "MalformedError", "message": describe_invalid(exc.errors())}},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The framework's own answers (an unparsable body, an unknown route or
+        # method) get the same error shape as ours.
+        kind = _FRAMEWORK_ERRORS.get(exc.status_code, "HTTPError")
+        return JSONResponse(
+            {"error": {"type": kind, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(DataError)
