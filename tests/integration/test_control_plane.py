@@ -24,7 +24,14 @@ from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tls import CertificateAuthority, issue_server_cert
-from trustplane.errors import AuthError, Forbidden, MalformedError, NotFoundError, UsageError
+from trustplane.errors import (
+    AuthError,
+    Forbidden,
+    MalformedError,
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+)
 
 
 def test_service_basics(control_plane: RunningControlPlane) -> None:
@@ -305,3 +312,28 @@ def test_requests_the_validators_refuse_get_one_clear_error(
         missing = httpx.get(f"{control_plane.url}/v1/no-such-route", verify=verify)
         assert missing.status_code == 404
         assert missing.json() == {"error": {"type": "NotFoundError", "message": "Not Found"}}
+
+
+def test_the_log_origin_is_fixed_at_the_first_start(tmp_path: Path) -> None:
+    """Replicas on other hosts sign the same log name: it comes from the
+    database, and a configuration that contradicts it is refused."""
+    first = start_control_plane(tmp_path / "a", env={"TRUSTPLANE_LOG_ORIGIN": "example.test/log"})
+    data, password = first.data_dir, first.admin_password
+    first.stop()
+    again = start_control_plane(tmp_path / "b", data_dir=data, admin_password=password)
+    try:
+        with again.admin() as admin:
+            assert admin.log_key()["origin"] == "example.test/log"
+            assert admin.checkpoint().decode().split("\n")[0] == "example.test/log"
+    finally:
+        again.stop()
+    with pytest.raises(
+        UnavailableError, match=r"differs from the log's origin 'example\.test/log'"
+    ):
+        start_control_plane(
+            tmp_path / "c",
+            data_dir=data,
+            admin_password=password,
+            env={"TRUSTPLANE_LOG_ORIGIN": "other.test/log"},
+            timeout=20,
+        )

@@ -8,6 +8,7 @@ server's own signing keys (sealed under the KEK, which replicas share).
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from dataclasses import dataclass
 
@@ -96,13 +97,12 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
     # are sealed directly, with the same envelope the KMS uses.
     log_key = _system_key(db, kek, "log_signing_key", _new_ed25519)
     token_key = _system_key(db, kek, "token_signing_key", _new_p256)
+    origin = _log_origin(db, settings.log_origin)
     signer = NoteSigner(
-        settings.log_origin,
+        origin,
         serialization.load_pem_private_key(log_key, password=None),  # type: ignore[arg-type]
     )
-    transparency = TransparencyLog(
-        db, signer, settings.log_origin, settings.log_batch_wait_ms / 1000
-    )
+    transparency = TransparencyLog(db, signer, origin, settings.log_batch_wait_ms / 1000)
 
     def authorize(principal: Principal, action: str, resource: str, layer: int | None) -> Decision:
         return policy.current().decide(principal, action, resource, layer)
@@ -139,6 +139,33 @@ def _new_p256() -> bytes:
     return ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def _log_origin(db: Database, configured: str | None) -> str:
+    """The log's name, chosen once: a checkpoint's origin must not depend on
+    which replica signed it, nor change under the verifiers who pinned it."""
+    with db.session() as session:
+        stored = session.get(Setting, "log_origin")
+    if stored is None:
+        try:
+            with db.session() as session:
+                session.add(
+                    Setting(
+                        key="log_origin",
+                        value=configured or f"trustplane/{socket.gethostname()}",
+                    )
+                )
+        except DuplicateRow:
+            pass  # another replica named it first
+        with db.session() as session:
+            stored = session.get(Setting, "log_origin")
+        assert stored is not None
+    if configured is not None and configured != stored.value:
+        raise UsageError(
+            f"log_origin {configured!r} differs from the log's origin {stored.value!r}, "
+            "fixed at its first start (checkpoints already name it)"
+        )
+    return stored.value
 
 
 def _system_key(db: Database, kek: KekProvider, name: str, make: object) -> bytes:

@@ -8,7 +8,6 @@ data directory everything works: SQLite, a file KEK, an embedded CA.
 
 from __future__ import annotations
 
-import socket
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -87,7 +86,10 @@ class ServerSettings(BaseSettings):
     audience: str = "trustplane"
     """Audience of access tokens and node assertions; replicas must agree, so
     it is a name, not any one replica's URL."""
-    log_origin: str = Field(default_factory=lambda: f"trustplane/{socket.gethostname()}")
+    log_origin: str | None = Field(default=None, min_length=1, max_length=200)
+    """The checkpoints' origin line. Fixed at the first start (default
+    trustplane/HOSTNAME of the first replica) and kept in the database, so
+    replicas on other hosts sign the same log name."""
     log_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     """How long the log sequencer waits to gather appends into one commit."""
     workers: int = Field(default=1, ge=1, le=64)
