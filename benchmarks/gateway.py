@@ -41,9 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from trustplane.crypto.keys import new_private_key_file
 from trustplane.embedded.control_plane import start_control_plane
 from trustplane.embedded.dockerd import ensure_dockerd
 from trustplane.embedded.process import ManagedProcess, UnixSocketReady, require_binary
@@ -225,17 +223,8 @@ def main() -> None:
     daemon = ensure_dockerd(work / "dockerd")
     plane = start_control_plane(work / "control-plane")
     try:
-        key = ec.generate_private_key(ec.SECP256R1())
         key_file = work / "node-key.pem"
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        key_file.write_bytes(pem)
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        public = new_private_key_file(key_file)
         node = f"bench-gw-{os.getpid()}"
         with plane.admin() as admin:
             admin.register_node(node, "gateway", public.decode())

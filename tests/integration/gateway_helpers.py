@@ -19,9 +19,8 @@ from pathlib import Path
 
 import docker
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustplane.crypto.keys import new_private_key_file
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.process import ManagedProcess, UnixSocketReady
@@ -162,21 +161,10 @@ def start_gateway(
     work_dir: Path, plane: RunningControlPlane, daemon: DockerDaemon, *args: str
 ) -> Iterator[RunningGateway]:
     """Register a gateway node, start `trustplane gateway` as that node, stop it after."""
-    key = ec.generate_private_key(ec.SECP256R1())
     node = f"{PREFIX}-{work_dir.name}"
     work_dir.mkdir(parents=True, exist_ok=True)
     key_file = work_dir / "node-key.pem"
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_file.chmod(0o600)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    public = new_private_key_file(key_file)
     with plane.admin() as admin:
         admin.register_node(node, "gateway", public.decode())
     sock = work_dir / "docker.sock"

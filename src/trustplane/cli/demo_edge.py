@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import docker
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustplane.crypto.keys import new_private_key_file
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.mosquitto import RunningMosquitto
@@ -55,19 +54,8 @@ def edge_scene(
     work.mkdir(parents=True, exist_ok=True)
     with control.admin() as admin, ExitStack() as stack:
         node = f"{prefix}-gw"
-        key = ec.generate_private_key(ec.SECP256R1())
         key_file = work / "gateway-key.pem"
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        key_file.chmod(0o600)
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        public = new_private_key_file(key_file)
         admin.register_node(node, "gateway", public.decode())
         image = client.images.get(registered)
         layers = [
