@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
@@ -95,8 +96,8 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
 
     # The log needs its signing key before the KMS exists: the system keys
     # are sealed directly, with the same envelope the KMS uses.
-    log_key = _system_key(db, kek, "log_signing_key", _new_ed25519)
-    token_key = _system_key(db, kek, "token_signing_key", _new_p256)
+    log_key = system_key(db, kek, "log_signing_key", new_ed25519_pem)
+    token_key = system_key(db, kek, "token_signing_key", new_p256_pem)
     origin = _log_origin(db, settings.log_origin)
     signer = NoteSigner(
         origin,
@@ -129,13 +130,15 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
     return plane
 
 
-def _new_ed25519() -> bytes:
+def new_ed25519_pem() -> bytes:
+    """A new Ed25519 private key, PKCS#8 PEM (log and command signing keys)."""
     return ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _new_p256() -> bytes:
+def new_p256_pem() -> bytes:
+    """A new P-256 private key, PKCS#8 PEM (the token signing key)."""
     return ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -168,12 +171,11 @@ def _log_origin(db: Database, configured: str | None) -> str:
     return stored.value
 
 
-def _system_key(db: Database, kek: KekProvider, name: str, make: object) -> bytes:
+def system_key(db: Database, kek: KekProvider, name: str, make: Callable[[], bytes]) -> bytes:
     """A key the replicas share: sealed in the database, created by whoever starts first."""
     from trustplane.control.models import Secret
     from trustplane.keys.envelope import SealedSecret, open_sealed, seal
 
-    assert callable(make)
     with db.session() as session:
         setting = session.get(Setting, name)
     if setting is None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from trustplane.control.commands import CommandCenter
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.control.service import ControlPlane, _new_ed25519, _system_key
+from trustplane.control.service import ControlPlane, new_ed25519_pem, system_key
 from trustplane.errors import Forbidden, MalformedError
 
 router = APIRouter(prefix="/v1", tags=["commands"])
@@ -29,7 +29,7 @@ def _center(request: Request, plane: ControlPlane) -> CommandCenter:
         with _lock:
             center = getattr(request.app.state, "commands", None)
             if center is None:
-                pem = _system_key(plane.db, plane.kek, "command_signing_key", _new_ed25519)
+                pem = system_key(plane.db, plane.kek, "command_signing_key", new_ed25519_pem)
                 key = serialization.load_pem_private_key(pem, password=None)
                 assert isinstance(key, ed25519.Ed25519PrivateKey)
                 center = CommandCenter(key, plane.settings.mqtt)
