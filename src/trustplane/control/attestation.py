@@ -124,7 +124,7 @@ class Verifier:
             reason = f"unusable EK or AK ({type(exc).__name__})"
             self._record(node, "attestation.enroll", False, reason)
             raise MalformedError(reason) from None
-        with self.db.session() as session:
+        with self.db.write_session() as session:
             row = session.get(Attestation, node)
             if row is None:
                 row = Attestation(node=node, measurements=[])
@@ -176,7 +176,7 @@ class Verifier:
         self, principal: Principal, secret: bytes, transport_key: str, signature: bytes
     ) -> None:
         node = _node(principal)
-        with self.db.session() as session:
+        with self.db.write_session() as session:
             row = session.get(Attestation, node)
             if row is None or row.challenge_hash is None:
                 raise NotFoundError(f"node {node} has no pending enrolment")
@@ -241,7 +241,7 @@ class Verifier:
         except Exception as exc:  # fail closed
             logger.error("quote verification error for %s: %s", node, type(exc).__name__)
             measured, passed, reason = [], False, f"verification error ({type(exc).__name__})"
-        with self.db.session() as session:
+        with self.db.write_session() as session:
             row = session.get(Attestation, node)
             if row is not None:
                 row.last_result = "pass" if passed else "fail"

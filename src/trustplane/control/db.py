@@ -104,6 +104,15 @@ class Database:
             with connection.begin():
                 yield connection
 
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """`session()` for a read-then-write unit of work: it holds the write
+        lock from its start (see `writing`), so a concurrent writer makes it
+        wait instead of failing with "database is locked"."""
+        with self.writing() as connection, Session(bind=connection) as session:
+            yield session
+            session.flush()
+
     def close(self) -> None:
         self.engine.dispose()
         self._writers.close()
