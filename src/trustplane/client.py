@@ -80,12 +80,18 @@ class ControlClient:
 
     # -- identity ---------------------------------------------------------------------
 
-    def login(self, username: str, password: str) -> dict[str, Any]:
-        answer: dict[str, Any] = self.json(
-            "POST",
-            "/v1/auth/token",
-            json={"grant_type": "password", "username": username, "password": password},
-        )
+    def login(
+        self, username: str, password: str, gateways: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Get a token; `gateways` scopes it to those edge gateways only."""
+        request: dict[str, Any] = {
+            "grant_type": "password",
+            "username": username,
+            "password": password,
+        }
+        if gateways is not None:
+            request["gateways"] = gateways
+        answer: dict[str, Any] = self.json("POST", "/v1/auth/token", json=request)
         self.token = answer["access_token"]
         return answer
 
@@ -222,6 +228,12 @@ class ControlClient:
                 "public_key": public_key_pem.decode(),
             },
         )
+        return result
+
+    def signatures(self, repository: str, digest: str | None = None) -> list[dict[str, Any]]:
+        """The signatures logged for `repository` (and `digest`), as edge gateways read them."""
+        params = {"repository": repository, **({"digest": digest} if digest else {})}
+        result: list[dict[str, Any]] = self.json("GET", "/v1/signatures", params=params)
         return result
 
     # -- log ------------------------------------------------------------------------------

@@ -79,9 +79,23 @@ def gateway(
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="Proxy processes sharing the socket.")
     ] = 1,
+    signature_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A public key (PEM, cosign's .pub) whose image signatures this gateway "
+            "trusts (repeatable). Logged signatures must verify with one of them."
+        ),
+    ] = None,
+    require_signatures: Annotated[
+        bool, typer.Option(help="Refuse images with no logged signature.")
+    ] = False,
+    require_scoped_tokens: Annotated[
+        bool, typer.Option(help="Refuse tokens not scoped to this gateway (login --gateway).")
+    ] = False,
 ) -> None:
     """Authenticate, authorize and forward every Docker Engine API call."""
     from trustplane.gateway.control_link import NodeCredential
+    from trustplane.gateway.image_signatures import load_policy
     from trustplane.gateway.monitor import Thresholds
     from trustplane.gateway.mqtt_link import MqttConfig
     from trustplane.gateway.service import GatewayConfig, check_categories, run, unix_path
@@ -115,6 +129,8 @@ def gateway(
         mqtt=mqtt_config,
         authz_plugin=unix_path(authz_plugin, "--authz-plugin") if authz_plugin else None,
         workers=workers,
+        signatures=load_policy(signature_key or [], require_signatures),
+        require_scoped_tokens=require_scoped_tokens,
     )
     stdout.print(f"trustplane gateway on unix://{config.listen} -> unix://{config.docker}")
     run(config)

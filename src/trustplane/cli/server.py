@@ -42,11 +42,15 @@ def login(
     user: Annotated[str, typer.Option(help="User name.")] = "admin",
     ca: Ca = None,
     password_stdin: Annotated[bool, typer.Option(help="Read the password from stdin.")] = False,
+    gateway: Annotated[
+        list[str] | None,
+        typer.Option(help="Scope the token to this edge gateway (repeatable); others refuse it."),
+    ] = None,
 ) -> None:
     """Get a token and keep it for later commands (mode 0600)."""
     password = sys.stdin.readline().rstrip("\n") if password_stdin else getpass.getpass()
     with ControlClient(server_url, ca) as client:
-        answer = client.login(user, password)
+        answer = client.login(user, password, gateways=gateway or None)
         who = client.whoami()
     save(
         Session(

@@ -46,6 +46,8 @@ class Principal:
     role: Role
     scopes: frozenset[str]
     token_id: str = ""
+    gateways: frozenset[str] | None = None
+    """Edge gateways (node names) this token is valid on; None: not scoped to any."""
 
     @property
     def subject(self) -> str:
@@ -102,6 +104,8 @@ class TokenAuthority:
             "exp": issued + self.ttl,
             "jti": str(uuid.uuid4()),
         }
+        if principal.gateways is not None:
+            claims["gateways"] = sorted(principal.gateways)
         token = jwt.JWT(header={"alg": "ES256", "kid": self._key.thumbprint()}, claims=claims)
         token.make_signed_token(self._key)
         return token.serialize(), self.ttl
@@ -138,12 +142,18 @@ def _principal_from_claims(claims: dict[str, Any]) -> Principal:
     role = claims.get("role")
     if kind not in ("user", "node") or not name or role not in ROLES:
         raise AuthError("the access token names no valid principal")
+    gateways = claims.get("gateways")
+    if gateways is not None and (
+        not isinstance(gateways, list) or not all(isinstance(g, str) for g in gateways)
+    ):
+        raise AuthError("the access token's gateways claim is malformed")
     return Principal(
         kind=kind,  # type: ignore[arg-type]
         name=name,
         role=role,
         scopes=frozenset(str(claims.get("scope", "")).split()),
         token_id=str(claims.get("jti", "")),
+        gateways=frozenset(gateways) if gateways is not None else None,
     )
 
 

@@ -46,6 +46,8 @@ class Caller:
 
     subject: str
     role: str
+    gateways: frozenset[str] | None = None
+    """The gateways the caller's token is scoped to; None: not scoped."""
 
     @property
     def kind_and_name(self) -> tuple[str, str]:
@@ -85,6 +87,8 @@ class ControlLink:
         self._token_lock = asyncio.Lock()
         self._whoami: OrderedDict[bytes, tuple[float, Caller]] = OrderedDict()
         self._refused: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+        self.name: str | None = node.name if node is not None else None
+        """This gateway's own name (its node's), which scoped tokens must list."""
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -108,6 +112,16 @@ class ControlLink:
     async def ensure_identity(self) -> None:
         """Get the gateway's own token now: a gateway that cannot ask must not start."""
         await self._own_token()
+
+    async def own_name(self) -> str:
+        """This gateway's name: its node's, or (a token file) whoever its token names."""
+        if self.name is None:
+            answer = await self._call("GET", "/v1/auth/whoami", await self._own_token())
+            subject = answer.get("subject") if isinstance(answer, dict) else None
+            if not isinstance(subject, str) or ":" not in subject:
+                raise MalformedError("the control plane's whoami answer is malformed")
+            self.name = subject.partition(":")[2]
+        return self.name
 
     async def _own_token(self) -> str:
         async with self._token_lock:
@@ -183,23 +197,43 @@ class ControlLink:
                 self._refused.popitem(last=False)
             raise
         try:
-            caller = Caller(str(answer["subject"]), str(answer["role"]))
-        except (KeyError, TypeError):
+            gateways = answer.get("gateways")
+            if gateways is not None and not (
+                isinstance(gateways, list) and all(isinstance(g, str) for g in gateways)
+            ):
+                raise TypeError
+            caller = Caller(
+                str(answer["subject"]),
+                str(answer["role"]),
+                frozenset(gateways) if gateways is not None else None,
+            )
+        except (KeyError, TypeError, AttributeError):
             raise MalformedError("the control plane's whoami answer is malformed") from None
         self._whoami[key] = (now + WHOAMI_TTL, caller)
         while len(self._whoami) > WHOAMI_CACHE:
             self._whoami.popitem(last=False)
         return caller
 
-    async def authorize(self, caller: Caller, action: str, resource: str) -> tuple[bool, str]:
-        """(allowed, reason); only an explicit `allow` is True."""
+    async def authorize(
+        self,
+        caller: Caller,
+        action: str,
+        resource: str,
+        context: dict[str, str | int | float | bool | None] | None = None,
+    ) -> tuple[bool, str]:
+        """(allowed, reason); only an explicit `allow` is True.
+
+        `context` (the container's metadata) is logged with the decision.
+        """
         kind, name = caller.kind_and_name
-        answer = await self._call(
-            "POST",
-            "/v1/authorize",
-            await self._own_token(),
-            json={"subject": {"kind": kind, "name": name}, "action": action, "resource": resource},
-        )
+        request: dict[str, Any] = {
+            "subject": {"kind": kind, "name": name},
+            "action": action,
+            "resource": resource,
+        }
+        if context:
+            request["context"] = context
+        answer = await self._call("POST", "/v1/authorize", await self._own_token(), json=request)
         if not isinstance(answer, dict):
             raise MalformedError("the control plane's authorize answer is malformed")
         return answer.get("decision") == "allow", str(answer.get("reason", ""))
@@ -211,6 +245,18 @@ class ControlLink:
         )
         if not isinstance(answer, list):
             raise MalformedError("the control plane's image list is malformed")
+        return answer
+
+    async def signatures(self, repository: str, digest: str) -> list[dict[str, Any]]:
+        """The signatures the control plane logged for `repository@digest` (possibly none)."""
+        answer = await self._call(
+            "GET",
+            "/v1/signatures",
+            await self._own_token(),
+            params={"repository": repository, "digest": digest},
+        )
+        if not isinstance(answer, list) or not all(isinstance(a, dict) for a in answer):
+            raise MalformedError("the control plane's signature list is malformed")
         return answer
 
     async def report(self, reports: list[dict[str, Any]]) -> list[int]:

@@ -2,15 +2,19 @@
 
 1. The caller: a token (`X-Trustplane-Token`) the control plane vouches for;
    the local user behind the socket (SO_PEERCRED) is logged with it, and
-   must be one of `--allowed-uid` when the gateway names any.
+   must be one of `--allowed-uid` when the gateway names any. A token
+   scoped to gateways must name this one; an unscoped token is refused
+   when the gateway requires scoped tokens.
 2. The action (actions.py); a call not in the table is denied.
 3. Read-only calls are allowed for any verified caller (the verified
    identity is the short-lived cached decision).
 4. A caller of normal privilege (role `user`, or a node) is refused every
    mutating action here; `operator` and `admin` go on.
 5. The body: host access (host_access.py) unless this gateway allows it.
-6. The container metadata (id, name, image, process id) from dockerd.
-7. Image authentication (image_auth.py) for pulls and starts.
+6. The container metadata (id, name, image, process id) from dockerd, and
+   a running container's current resource use (monitor.py's readers).
+7. Image authentication (image_auth.py) for pulls and starts, with their
+   signatures (image_signatures.py).
 8. Operation authorization: the control plane's explicit `allow`.
 
 Any exception on the way is a denial: fail closed.
@@ -36,11 +40,17 @@ from trustplane.gateway.control_link import Caller, ControlLink
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.host_access import host_access
 from trustplane.gateway.image_auth import ImageAuthenticator, looks_like_id, split_reference
+from trustplane.gateway.image_signatures import SignatureCheck
+from trustplane.gateway.monitor import ResourceMonitor
 from trustplane.gateway.reporter import Reporter
 from trustplane.gateway.request import Target
 
 TOKEN_HEADER = "x-trustplane-token"  # noqa: S105 - a header name
 SUPER_ROLES = frozenset({"operator", "admin"})
+USAGE_FIELDS = frozenset(
+    {"pid", "cpu_percent", "cpu_seconds", "memory_percent", "memory_bytes", "memory_limit"}
+)
+"""The container's process and resource use, reported with a refusal about it."""
 log = logging.getLogger("trustplane.gateway")
 
 
@@ -91,26 +101,40 @@ class Gatekeeper:
         allow_host_access: frozenset[str] = frozenset(),
         allowed_uids: frozenset[int] = frozenset(),
         reporter: Reporter | None = None,
+        signatures: SignatureCheck | None = None,
+        require_scoped_tokens: bool = False,
+        monitor: ResourceMonitor | None = None,
     ) -> None:
+        self.monitor = monitor
+        """Reads a container's resource use for the decision's metadata."""
         self.link = link
         self.reporter = reporter
         """Refusals made here go to the control plane's log through it (never waited on)."""
         self.docker = docker
-        self.images = ImageAuthenticator(link, docker)
+        self.images = ImageAuthenticator(link, docker, signatures)
+        self.require_scoped_tokens = require_scoped_tokens
         self.allow_host_access = allow_host_access
         self.allowed_uids = allowed_uids
         """Local users (SO_PEERCRED uid) who may use the socket at all; empty: any."""
 
     async def decide(
-        self, target: Target, tokens: list[str], body: bytes, peer: Peer | None
+        self,
+        target: Target,
+        tokens: list[str],
+        body: bytes,
+        peer: Peer | None,
+        classified: Classified | None = None,
     ) -> Verdict:
-        """Allow or deny; never raises (an unexpected error denies)."""
+        """Allow or deny; never raises (an unexpected error denies).
+
+        `classified` is classify(target) when the caller has it already.
+        """
         verdict = Verdict(False, 403, "denied")
         try:
             if self.allowed_uids and (peer is None or peer.uid not in self.allowed_uids):
                 uid = "unknown" if peer is None else str(peer.uid)
                 raise Forbidden(f"trustplane gateway: local user {uid} may not use this gateway")
-            await self._decide(verdict, target, tokens, body)
+            await self._decide(verdict, target, tokens, body, classified)
         except TrustplaneError as exc:
             verdict.allowed, verdict.status, verdict.message = False, _status(exc), str(exc)
         except Exception as exc:  # fail closed on anything unexpected
@@ -147,6 +171,7 @@ class Gatekeeper:
                 container=str(verdict.metadata.get("name") or verdict.metadata.get("id") or "")
                 or None,
                 image=str(verdict.metadata["image"]) if "image" in verdict.metadata else None,
+                usage={k: v for k, v in verdict.metadata.items() if k in USAGE_FIELDS},
             )
         return verdict
 
@@ -162,6 +187,7 @@ class Gatekeeper:
         action: str | None = None,
         container: str | None = None,
         image: str | None = None,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         """Queue a `gateway.decision` report of a refusal (the refusal is already made).
 
@@ -184,11 +210,17 @@ class Gatekeeper:
                 "image": image,
                 "peer_uid": peer.uid if peer else None,
                 "peer_pid": peer.pid if peer else None,
+                **(usage or {}),
             },
         )
 
     async def _decide(
-        self, verdict: Verdict, target: Target, tokens: list[str], body: bytes
+        self,
+        verdict: Verdict,
+        target: Target,
+        tokens: list[str],
+        body: bytes,
+        classified: Classified | None,
     ) -> None:
         if len(tokens) != 1 or not tokens[0]:
             raise AuthError(
@@ -197,7 +229,9 @@ class Gatekeeper:
             )
         caller = await self.link.whoami(tokens[0])
         verdict.caller = caller
-        classified = classify(target)
+        await self._check_token_scope(caller)
+        if classified is None:
+            classified = classify(target)  # raises for a call not in the table
         verdict.classified = classified
         if not classified.stream_body:
             wanted, document = host_access(classified.body, target, body)
@@ -219,7 +253,10 @@ class Gatekeeper:
                 "refused on this gateway"
             )
         resource = await self._resource(verdict, target, classified, document)
-        allowed, reason = await self.link.authorize(caller, action, resource)
+        context: dict[str, str | int | float | bool | None] = {
+            k: v for k, v in verdict.metadata.items() if isinstance(v, str | int | float)
+        }
+        allowed, reason = await self.link.authorize(caller, action, resource, context)
         if not allowed:
             verdict.logged = True
             raise Forbidden(
@@ -227,6 +264,22 @@ class Gatekeeper:
             )
         verdict.allowed, verdict.status = True, 200
         verdict.message = f"{action} on {resource}: {reason}"
+
+    async def _check_token_scope(self, caller: Caller) -> None:
+        """The token must be valid on this gateway: scoped to it, or unscoped if allowed."""
+        if caller.gateways is None:
+            if self.require_scoped_tokens:
+                raise AuthError(
+                    "trustplane gateway: this gateway accepts only tokens scoped to it "
+                    "(log in for this gateway)"
+                )
+            return
+        here = await self.link.own_name()
+        if here not in caller.gateways:
+            raise AuthError(
+                f"trustplane gateway {here}: the token is scoped to "
+                f"{', '.join(sorted(caller.gateways)) or 'no gateway'}, not this gateway"
+            )
 
     async def _resource(
         self, verdict: Verdict, target: Target, classified: Classified, document: dict[str, Any]
@@ -271,12 +324,12 @@ class Gatekeeper:
         config = container.get("Config")
         container_name = str(container.get("Name", "")).lstrip("/")
         image = str(config.get("Image", "")) if isinstance(config, dict) else ""
+        pid = state.get("Pid") if isinstance(state, dict) else None
         verdict.metadata.update(
-            id=str(container.get("Id", ""))[:12],
-            name=container_name,
-            image=image,
-            pid=state.get("Pid") if isinstance(state, dict) else None,
+            id=str(container.get("Id", ""))[:12], name=container_name, image=image, pid=pid
         )
+        if self.monitor is not None and isinstance(pid, int) and pid > 0:
+            verdict.metadata.update(await self.monitor.usage(str(container.get("Id", "")), pid))
         if starting:
             # Re-authenticate the image the container was made from: a container
             # created behind the gateway's back must not start through it.

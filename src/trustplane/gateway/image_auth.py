@@ -12,15 +12,21 @@ repository whose content matches what dockerd has:
 A pull names a repository that must be registered; a pull by digest must
 name a registered manifest digest. (A pull by tag cannot be pinned before
 it happens: the content is checked when a container is started from it.)
+
+Where the gateway checks signatures (image_signatures.py), the digest a
+pull names, or the record a start matched, must also pass them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trustplane.errors import Forbidden, NotFoundError
 from trustplane.gateway.control_link import ControlLink
 from trustplane.gateway.docker_api import DockerApi
+
+if TYPE_CHECKING:
+    from trustplane.gateway.image_signatures import SignatureCheck
 
 _HUB_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
 
@@ -57,9 +63,19 @@ def looks_like_id(reference: str) -> bool:
 
 
 class ImageAuthenticator:
-    def __init__(self, link: ControlLink, docker: DockerApi) -> None:
+    def __init__(
+        self, link: ControlLink, docker: DockerApi, signatures: SignatureCheck | None = None
+    ) -> None:
         self.link = link
         self.docker = docker
+        self.signatures = signatures
+
+    async def _signed(self, record: dict[str, Any], familiar: str) -> None:
+        """Forbidden unless the record's digest passes the signature check (if any)."""
+        if self.signatures is not None:
+            repository = str(record.get("repository", ""))
+            digest = str(record.get("manifest_digest", ""))
+            await self.signatures.check(repository, digest, familiar)
 
     async def _records(self, repository: str) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
@@ -73,9 +89,25 @@ class ImageAuthenticator:
         records = await self._records(repository)
         if not records:
             raise Forbidden(f"image {repository} is not registered with the control plane")
-        if digest is not None and digest not in {r.get("manifest_digest") for r in records}:
-            raise Forbidden(f"image {repository}@{digest} is not a registered digest")
+        if digest is not None:
+            pinned = [r for r in records if r.get("manifest_digest") == digest]
+            if not pinned:
+                raise Forbidden(f"image {repository}@{digest} is not a registered digest")
+            await self._first_signed(pinned, repository)
         return repository
+
+    async def _first_signed(self, records: list[dict[str, Any]], familiar: str) -> None:
+        """At least one of the matching records passes the signature check."""
+        refusal: Forbidden | None = None
+        for record in records:
+            try:
+                await self._signed(record, familiar)
+            except Forbidden as exc:
+                refusal = refusal or exc
+            else:
+                return
+        if refusal is not None:
+            raise refusal
 
     async def for_start(self, reference: str) -> tuple[str, str]:
         """(repository, image id) of the local image `reference`, once it matches a record."""
@@ -93,9 +125,14 @@ class ImageAuthenticator:
         rootfs = image.get("RootFS")
         layers = _strings(rootfs.get("Layers")) if isinstance(rootfs, dict) else []
         for repository in candidates:
-            for record in await self._records(repository):
-                if record.get("manifest_digest") in digests or _same_layers(record, layers):
-                    return repository, str(image.get("Id", ""))
+            matching = [
+                record
+                for record in await self._records(repository)
+                if record.get("manifest_digest") in digests or _same_layers(record, layers)
+            ]
+            if matching:
+                await self._first_signed(matching, repository)
+                return repository, str(image.get("Id", ""))
         shown = candidates[0] if candidates else reference
         raise Forbidden(
             f"image {shown} ({str(image.get('Id', ''))[:19]}) is not registered with the "

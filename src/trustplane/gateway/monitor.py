@@ -264,6 +264,30 @@ class ResourceMonitor:
         watched.last = shares
         return shares
 
+    async def usage(self, container_id: str, pid: int) -> dict[str, float]:
+        """A container's current resource use, for the metadata of a decision about it.
+
+        A watched container has its last shares (CPU share included); any
+        other running one is read once: memory, and CPU time so far (a share
+        needs two samples). Empty when it is not running or cannot be read.
+        """
+        watched = self.watched.get(container_id)
+        if watched is not None and watched.last:
+            shares = dict(watched.last)
+        elif pid > 0:
+            probe = Watched(container_id, "", "", 0.0, pid=pid, cgroup=self._find_cgroup(pid))
+            try:
+                read = await self.sample(probe)
+            except TrustplaneError as exc:
+                log.warning("monitor: cannot read %s: %s", container_id[:12], exc)
+                return {}
+            if read is None or probe.previous is None:
+                return {}
+            shares = {**read, "cpu_seconds": probe.previous.cpu_ns / 1e9}
+        else:
+            return {}
+        return {key: round(value, 3) for key, value in shares.items()}
+
     # -- deciding --------------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -76,6 +76,12 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+HEAD_CACHE = 512
+HEAD_CACHE_BYTES = 8192
+"""At most HEAD_CACHE parsed request heads of at most this size are remembered."""
+_Parsed = tuple[Head, Target, Framing, Classified | None]
+
+
 class _Close(Exception):
     """End this client connection (after an answer was sent, or nothing can be)."""
 
@@ -104,6 +110,7 @@ class GatewayProxy:
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.connections = 0
+        self._heads: dict[bytes, _Parsed] = {}
 
     async def start(self, mode: int = 0o660, listener: socket.socket | None = None) -> None:
         """Listen on the socket path, or accept on `listener` (shared by worker processes)."""
@@ -177,25 +184,13 @@ class GatewayProxy:
             data = await read_head(reader)
         if data is None:
             return False
-        head = parse_request_head(data)
+        parsed = self._heads.get(data)
+        if parsed is None:
+            parsed = await self._parse(data, writer, peer)
+        head, target, framing, classified = parsed
         method = head.start[0]
         head_only = method == "HEAD"
-        try:
-            target = parse_target(method, head.start[1])
-            framing = request_framing(head)
-            check_content_type(head)
-            expect = head.get("expect")
-            if expect is not None and expect.lower() != "100-continue":
-                raise MalformedError("only Expect: 100-continue is understood")
-        except MalformedError as exc:
-            await _answer_error(writer, 400, str(exc), head_only)
-            self.gatekeeper.report_refusal(400, str(exc), peer, method=method, path=head.start[1])
-            raise _Close from None
-        classified: Classified | None
-        try:
-            classified = classify(target)
-        except TrustplaneError:
-            classified = None  # decide() denies it with the reason
+        expect = head.get("expect")
         body = b""
         streamed = classified is not None and classified.stream_body
         if not streamed and (framing.chunked or framing.length):
@@ -213,7 +208,9 @@ class GatewayProxy:
                                                path=target.path)  # fmt: skip
                 raise _Close
             body = bounded
-        verdict = await self.gatekeeper.decide(target, head.all(TOKEN_HEADER), body, peer)
+        verdict = await self.gatekeeper.decide(
+            target, head.all(TOKEN_HEADER), body, peer, classified
+        )
         if not verdict.allowed or classified is None:
             await _answer_error(writer, verdict.status, verdict.message, head_only)
             raise _Close
@@ -283,7 +280,7 @@ class GatewayProxy:
             if framing_out.length is not None and framing_out.length <= SMALL_ANSWER:
                 # A small sized answer (most reads): head and body in one write,
                 # one system call instead of two.
-                parts = [_response_head(response, framing_out)]
+                parts = [_passed_on(response, response_data, framing_out)]
                 async for piece in read_body(connection.reader, framing_out):
                     parts.append(piece)
                 writer.write(b"".join(parts))
@@ -300,6 +297,40 @@ class GatewayProxy:
             connection.close()
             return False
         return not client_closes
+
+    async def _parse(self, data: bytes, writer: asyncio.StreamWriter, peer: Peer | None) -> _Parsed:
+        """Head, target, framing and action of a request head; remembered when it is valid.
+
+        Clients repeat the same head (`docker ps` polling, keep-alive
+        loops): parsing is a pure function of its bytes, so a valid head
+        seen before is not parsed again (a bounded cache; a refused head is
+        never kept). Heads hold tokens: the cache is memory only, and only
+        parsing is skipped; every request is still decided on its own.
+        """
+        head = parse_request_head(data)
+        method = head.start[0]
+        try:
+            target = parse_target(method, head.start[1])
+            framing = request_framing(head)
+            check_content_type(head)
+            expect = head.get("expect")
+            if expect is not None and expect.lower() != "100-continue":
+                raise MalformedError("only Expect: 100-continue is understood")
+        except MalformedError as exc:
+            await _answer_error(writer, 400, str(exc), method == "HEAD")
+            self.gatekeeper.report_refusal(400, str(exc), peer, method=method, path=head.start[1])
+            raise _Close from None
+        classified: Classified | None
+        try:
+            classified = classify(target)
+        except TrustplaneError:
+            classified = None  # decide() denies it with the reason
+        parsed = (head, target, framing, classified)
+        if len(data) <= HEAD_CACHE_BYTES:
+            if len(self._heads) >= HEAD_CACHE:
+                del self._heads[next(iter(self._heads))]  # the oldest
+            self._heads[data] = parsed
+        return parsed
 
     async def _upstream(self, upstream: list[_Upstream]) -> _Upstream:
         if upstream and not upstream[0].writer.is_closing() and not upstream[0].reader.at_eof():
@@ -392,6 +423,28 @@ def _response_head(response: Head, framing: Framing) -> bytes:
         headers.append(("Connection", "close"))
     _version, status, reason = response.start
     return serialize_head(f"HTTP/1.1 {status} {reason}", headers)
+
+
+_REFRAMED = ("content-length", "transfer-encoding", "connection", "keep-alive")
+
+
+def _passed_on(response: Head, data: bytes, framing: Framing) -> bytes:
+    """dockerd's head as it came, when `_response_head` would only re-spell it.
+
+    That is an HTTP/1.1 answer sized by exactly one Content-Length and none
+    of the headers the gateway rewrites: the same head, without building it
+    again (the bytes were checked by parse_response_head all the same).
+    """
+    index = response.index
+    if (
+        response.start[0] == "HTTP/1.1"
+        and framing.length is not None
+        and len(index.get("content-length", ())) == 1
+        and not any(name in index for name in _REFRAMED[1:])
+        and response.start[1] not in ("204", "304")
+    ):
+        return data
+    return _response_head(response, framing)
 
 
 async def _relay(

@@ -19,6 +19,7 @@ from trustplane.gateway.control_link import ControlLink, NodeCredential
 from trustplane.gateway.decide import Gatekeeper
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.host_access import CATEGORIES
+from trustplane.gateway.image_signatures import SignatureCheck, SignaturePolicy
 from trustplane.gateway.monitor import ResourceMonitor, Thresholds
 from trustplane.gateway.mqtt_link import MqttConfig, MqttLink
 from trustplane.gateway.proxy import GatewayProxy
@@ -42,7 +43,10 @@ class GatewayConfig:
     authz_plugin: Path | None = None
     workers: int = 1
     """Proxy processes sharing the socket (the first also runs MQTT and the plugin)."""
-    """Also serve the decision code as a Docker authorization plugin on this socket."""
+    signatures: SignaturePolicy = field(default_factory=SignaturePolicy)
+    """Keys whose image signatures this gateway trusts; whether it requires one."""
+    require_scoped_tokens: bool = False
+    """Refuse tokens not scoped to this gateway (unscoped ones included)."""
 
 
 def unix_path(url: str, option: str) -> Path:
@@ -67,7 +71,9 @@ async def serve(
     ready: asyncio.Event | None = None,
     listener: socket.socket | None = None,
     primary: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> None:
+    """Serve until SIGTERM or SIGINT, or until `stop` is set (then signals are left alone)."""
     link = ControlLink(
         config.server,
         config.ca_file,
@@ -77,10 +83,17 @@ async def serve(
     )
     docker = DockerApi(str(config.docker))
     reporter = Reporter(link)
-    gatekeeper = Gatekeeper(
-        link, docker, config.allow_host_access, config.allowed_uids, reporter=reporter
-    )
     monitor = ResourceMonitor(docker, config.thresholds, reporter)
+    gatekeeper = Gatekeeper(
+        link,
+        docker,
+        config.allow_host_access,
+        config.allowed_uids,
+        reporter=reporter,
+        signatures=SignatureCheck(link, config.signatures),
+        require_scoped_tokens=config.require_scoped_tokens,
+        monitor=monitor,
+    )
     proxy = GatewayProxy(config.listen, config.docker, gatekeeper, monitor)
     mqtt_link: MqttLink | None = None
     plugin: AuthzPlugin | None = None
@@ -97,10 +110,11 @@ async def serve(
             await plugin.start()
         if ready is not None:
             ready.set()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
         serving = asyncio.create_task(proxy.serve_forever())
         await stop.wait()
         serving.cancel()

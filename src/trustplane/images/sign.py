@@ -290,14 +290,7 @@ def _check_layer(
     if size > MAX_PAYLOAD_SIZE:
         raise MalformedError(f"{what}: payload of {size} bytes is too large")
     payload = client.read_small_blob(target.repository, layer_digest, MAX_PAYLOAD_SIZE)
-    try:
-        key.verify(payload, signature)
-    except IntegrityError:
-        raise IntegrityError(f"{what} does not verify with {key.source}") from None
-    critical, optional = _parse_payload(payload, what)
-    signed_digest = critical["image"]["docker-manifest-digest"]
-    if signed_digest != digest:
-        raise IntegrityError(f"{what} is for another image ({signed_digest}), not {digest}")
+    critical, optional = check_signed_payload(payload, signature, key, digest, what)
     signed_reference = critical["identity"]["docker-reference"]
     if _normal(signed_reference) != _normal(expected_reference):
         raise IntegrityError(
@@ -313,6 +306,24 @@ def _check_layer(
         optional=optional,
         log_index=int(index) if isinstance(index, str) and index.isdigit() else None,
     )
+
+
+def check_signed_payload(
+    payload: bytes, signature: bytes, key: VerifyKey, digest: str, what: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(critical, optional) of a payload `key` signed over manifest `digest`; else IntegrityError.
+
+    The caller still checks the payload's docker-reference against what it expected.
+    """
+    try:
+        key.verify(payload, signature)
+    except IntegrityError:
+        raise IntegrityError(f"{what} does not verify with {key.source}") from None
+    critical, optional = _parse_payload(payload, what)
+    signed_digest = critical["image"]["docker-manifest-digest"]
+    if signed_digest != digest:
+        raise IntegrityError(f"{what} is for another image ({signed_digest}), not {digest}")
+    return critical, optional
 
 
 def _parse_payload(payload: bytes, what: str) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -16,7 +17,8 @@ from trustplane.control.identity import (
 )
 from trustplane.control.models import Node, User
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.errors import AuthError
+from trustplane.control.routers.principals import NAME
+from trustplane.errors import AuthError, UsageError
 
 router = APIRouter(prefix="/v1/auth", tags=["identity"])
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -30,6 +32,13 @@ class TokenRequest(BaseModel):
     node: str | None = Field(None, max_length=128)
     assertion: str | None = Field(None, max_length=16384)
     scope: str | None = Field(None, description="Space-separated subset of the role's scopes")
+    gateways: list[Annotated[str, Field(pattern=NAME)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Edge gateways (registered node names) the token is valid on; "
+        "a gateway refuses a token scoped to others",
+    )
 
 
 class TokenResponse(BaseModel):
@@ -51,6 +60,10 @@ def token(request: TokenRequest, plane: Plane) -> TokenResponse:
         if not wanted <= principal.scopes:
             raise AuthError(f"scopes {sorted(wanted - principal.scopes)} are not granted")
         principal = Principal(principal.kind, principal.name, principal.role, wanted)
+    if request.gateways is not None:
+        principal = dataclasses.replace(
+            principal, gateways=_known_gateways(plane, request.gateways)
+        )
     value, ttl = plane.tokens.issue(principal)
     return TokenResponse(
         access_token=value, expires_in=ttl, scope=" ".join(sorted(principal.scopes))
@@ -69,7 +82,23 @@ def whoami(caller: Caller) -> dict[str, Any]:
         "subject": caller.subject,
         "role": caller.role,
         "scopes": sorted(caller.scopes),
+        "gateways": sorted(caller.gateways) if caller.gateways is not None else None,
     }
+
+
+def _known_gateways(plane: Plane, names: list[str]) -> frozenset[str]:
+    """The gateways a token is scoped to: each must be a registered, enabled node."""
+    wanted = frozenset(names)
+    with plane.db.session() as session:
+        known = set(
+            session.scalars(
+                select(Node.name).where(Node.name.in_(wanted), Node.disabled.is_(False))
+            ).all()
+        )
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise UsageError(f"gateways {unknown} are not registered nodes")
+    return wanted
 
 
 def role_scopes(role: str) -> frozenset[str]:

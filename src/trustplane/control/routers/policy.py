@@ -6,13 +6,14 @@ from typing import Literal
 
 import anyio.to_thread
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
 from trustplane.control.identity import Principal
 from trustplane.control.models import Node, User
 from trustplane.control.policy import Decision
 from trustplane.control.routers.deps import Caller, Plane
+from trustplane.control.routers.reports import Scalar, bounded_details
 from trustplane.errors import Forbidden
 
 router = APIRouter(prefix="/v1", tags=["policy"])
@@ -30,6 +31,16 @@ class AuthorizeRequest(BaseModel):
     action: str = Field(min_length=1, max_length=64)
     resource: str = Field(min_length=1, max_length=512)
     layer: int | None = Field(None, ge=0, description="For image layer keys: the layer index")
+    context: dict[str, Scalar] | None = Field(
+        None,
+        description="What the asker knows of the resource (a gateway: the container's id, "
+        "name, image, process id and resource use); logged with the decision, not decided on",
+    )
+
+    @field_validator("context")
+    @classmethod
+    def bounded(cls, value: dict[str, Scalar] | None) -> dict[str, Scalar] | None:
+        return None if value is None else bounded_details(value)
 
 
 class AuthorizeResponse(BaseModel):
@@ -67,6 +78,7 @@ async def authorize(body: AuthorizeRequest, caller: Caller, plane: Plane) -> Aut
             "layer": body.layer,
             "decision": "allow" if decision.allowed else "deny",
             "reason": decision.reason,
+            **({"context": body.context} if body.context else {}),
         },
     )
     return AuthorizeResponse(

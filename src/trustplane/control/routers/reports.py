@@ -18,6 +18,7 @@ MAX_BATCH reports, each at most MAX_FIELDS flat fields of short scalars.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Literal
 
 from fastapi import APIRouter, status
@@ -43,16 +44,23 @@ class Report(BaseModel):
     @field_validator("details")
     @classmethod
     def bounded(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
-        if len(value) > MAX_FIELDS:
-            raise ValueError(f"at most {MAX_FIELDS} details")
-        for key, item in value.items():
-            if not key or len(key) > 64 or not key.replace("_", "").isalnum():
-                raise ValueError("detail names are 1-64 letters, digits and underscores")
-            if key in ("kind", "node", "time", "reported"):
-                raise ValueError(f"detail name {key!r} is reserved")
-            if isinstance(item, str) and len(item) > MAX_TEXT:
-                raise ValueError(f"detail {key} is longer than {MAX_TEXT} characters")
-        return value
+        return bounded_details(value, ("kind", "node", "time", "reported"))
+
+
+def bounded_details(value: dict[str, Scalar], reserved: tuple[str, ...] = ()) -> dict[str, Scalar]:
+    """Flat, short, finite scalars under plain names: what may go into a log entry."""
+    if len(value) > MAX_FIELDS:
+        raise ValueError(f"at most {MAX_FIELDS} details")
+    for key, item in value.items():
+        if not key or len(key) > 64 or not key.replace("_", "").isalnum() or not key.isascii():
+            raise ValueError("detail names are 1-64 letters, digits and underscores")
+        if key in reserved:
+            raise ValueError(f"detail name {key!r} is reserved")
+        if isinstance(item, str) and len(item) > MAX_TEXT:
+            raise ValueError(f"detail {key} is longer than {MAX_TEXT} characters")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"detail {key} is not a finite number")
+    return value
 
 
 class Reports(BaseModel):

@@ -4,8 +4,13 @@ The publisher sends what it signed: the simple-signing payload, the
 signature and its public key. The control plane checks that the signature
 verifies and that the payload names the manifest digest given, then logs a
 `signature` entry (image, manifest digest, key id, payload and signature
-digests) and returns its index. `image verify --require-log` later proves
-that entry is in the signed tree.
+digests, and the payload and signature themselves) and returns its index.
+`image verify --require-log` later proves that entry is in the signed tree.
+
+`GET /v1/signatures` reads those entries back: edge gateways check them
+against the keys they trust before a pull or a start. The log is where
+signatures live (no table of their own), so the read scans the log's
+`signature` leaves (an indexed kind), which are few next to decisions.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import Annotated, Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field
+from sqlalchemy import select
 
+from trustplane.control.models import LogLeaf
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.control.routers.images import DIGEST
 from trustplane.crypto.signing import load_verify_key
@@ -76,6 +84,70 @@ def record_signature(body: SignatureRecord, caller: Caller, plane: Plane) -> Log
             "key_id": key.key_id,
             "payload": sha256_digest(payload),
             "signature": sha256_digest(signature),
+            "signed_payload": body.payload,
+            "signature_value": body.signature,
         },
     )
     return Logged(log_index=receipt.index, key_id=key.key_id)
+
+
+class SignatureEntry(BaseModel):
+    repository: str
+    manifest_digest: str
+    key_id: str
+    payload: str | None = Field(
+        description="Base64 payload (None in entries logged before it was kept)"
+    )
+    signature: str | None = Field(description="Base64 signature (None in older entries)")
+    subject: str
+    log_index: int
+
+
+@router.get("/signatures", response_model=list[SignatureEntry])
+def list_signatures(
+    caller: Caller,
+    plane: Plane,
+    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=r"^[!-~]+$")],
+    digest: Annotated[str | None, Query(pattern=DIGEST)] = None,
+) -> list[SignatureEntry]:
+    """The logged signatures of REPOSITORY[@DIGEST] (needs image.pull on image:REPOSITORY)."""
+    decision = plane.authorize(caller, "image.pull", f"image:{repository}")
+    if not decision.allowed:
+        raise Forbidden(f"policy refuses image.pull of {repository}: {decision.reason}")
+    with plane.db.session() as session:
+        rows = session.execute(
+            select(LogLeaf.index, LogLeaf.body)
+            .where(LogLeaf.kind == "signature")
+            .order_by(LogLeaf.index)
+        ).all()
+    found: list[SignatureEntry] = []
+    for index, raw in rows:
+        entry = _entry(bytes(raw))
+        if entry is None or entry.get("image") != repository:
+            continue
+        if digest is not None and entry.get("manifest") != digest:
+            continue
+        found.append(
+            SignatureEntry(
+                repository=repository,
+                manifest_digest=str(entry.get("manifest", "")),
+                key_id=str(entry.get("key_id", "")),
+                payload=_text(entry.get("signed_payload")),
+                signature=_text(entry.get("signature_value")),
+                subject=str(entry.get("subject", "")),
+                log_index=int(index),
+            )
+        )
+    return found
+
+
+def _entry(body: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(body)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None

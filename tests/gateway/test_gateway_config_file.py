@@ -1,0 +1,82 @@
+"""`--gateway-config`: the TOML file's keys, the agent's identity as defaults, one-line refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trustplane.crypto.signing import generate_signing_key
+from trustplane.errors import UsageError
+from trustplane.gateway.config_file import load_gateway_config
+from trustplane.gateway.service import GatewayConfig
+
+
+def load(path: Path) -> GatewayConfig:
+    """As `trustplane agent --node edge-1 --node-key /etc/edge-1.key` would."""
+    return load_gateway_config(
+        path,
+        server="https://cp:8443",
+        ca_file=Path("/etc/ca.pem"),
+        node="edge-1",
+        node_key=Path("/etc/edge-1.key"),
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_agent_identity_is_the_default_and_options_map_to_the_gateway(tmp_path: Path) -> None:
+    key = tmp_path / "cosign.pub"
+    key.write_bytes(generate_signing_key("ecdsa-p256").public.public_pem())
+    config = load(
+        write(
+            tmp_path,
+            f'listen = "unix:///run/tp/docker.sock"\nsignature_keys = ["{key}"]\n'
+            "require_signatures = true\nrequire_scoped_tokens = true\n"
+            'allow_host_access = ["privileged"]\nsocket_mode = "600"\n'
+            "[monitor]\ncpu_threshold = 75.0\nsustain = 5\n"
+            '[mqtt]\nurl = "mqtts://broker:8883"\npassword_file = "/etc/mqtt.pw"\n',
+        )
+    )
+    assert config.listen == Path("/run/tp/docker.sock")
+    assert config.docker == Path("/var/run/docker.sock")
+    assert config.server == "https://cp:8443"
+    assert config.node is not None
+    assert (config.node.name, config.node.key_file) == ("edge-1", Path("/etc/edge-1.key"))
+    assert len(config.signatures.keys) == 1
+    assert config.signatures.required
+    assert config.require_scoped_tokens
+    assert config.allow_host_access == frozenset({"privileged"})
+    assert config.socket_mode == 0o600
+    assert (config.thresholds.cpu_percent, config.thresholds.sustain) == (75.0, 5.0)
+    assert config.mqtt is not None
+    assert config.mqtt.user == "edge-1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bogus = 1\n", "bogus: Extra inputs are not permitted"),
+        ("listen = 3\n", "listen: Input should be a valid string"),
+        ('require_signatures = "yes"\n', "require_signatures: Input should be a valid boolean"),
+        ("[monitor]\ncpu_threshold = 150.0\n", "percentages"),
+        ('socket_mode = "999"\n', "socket_mode"),
+        ('listen = "relative.sock"\n', "listen must be unix:///absolute/path"),
+        ("require_signatures = true\n", "needs at least one --signature-key"),
+        ('signature_keys = ["/nonexistent/k.pub"]\n', "signature key /nonexistent/k.pub"),
+        ("listen = [\n", "not TOML"),
+        ('allow_host_access = ["everything"]\n', "unknown host access"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load(write(tmp_path, text))
+
+
+def test_an_absent_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="No such file"):
+        load(tmp_path / "absent.toml")
