@@ -208,6 +208,20 @@ class ControlClient:
         )
         return result
 
+    def image_files(self, repository: str, manifest_digest: str) -> dict[str, Any]:
+        """The file digests registered for one image (runtime integrity)."""
+        result: dict[str, Any] = self.json(
+            "GET",
+            "/v1/images/files",
+            params={"repository": repository, "manifest_digest": manifest_digest},
+        )
+        return result
+
+    def report_drift(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Log a running container's drift; the answer's `action` is stop or keep."""
+        result: dict[str, Any] = self.json("POST", "/v1/runtime/drift", json=report)
+        return result
+
     def record_signature(
         self,
         repository: str,

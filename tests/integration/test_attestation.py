@@ -411,3 +411,29 @@ def test_a_bound_node_cannot_move_to_another_tpm(node: Node, tmp_path: Path) -> 
             },
         )
     node.attester.enroll(node.client, node.transport_public)  # the same TPM may re-enrol
+
+
+def test_a_re_enrolment_that_is_never_activated_takes_nothing_away(
+    node: Node, image: Image, admin: ControlClient, plane: RunningControlPlane
+) -> None:
+    """Whoever holds the node key but not its TPM can start an enrolment (with
+    the EK public, which is no secret) but cannot finish it: the node's
+    binding and attested state stay as they were."""
+    node.attester.enroll(node.client, node.transport_public)
+    node.attester.measure(REPOSITORY, image.manifest, image.layers)
+    assert node.attester.attest(node.client).passed
+    ident = node.attester.identity()
+    node.client.json(
+        "POST",
+        "/v1/attestation/enroll",
+        json={
+            "ek_public": base64.b64encode(ident.ek_public).decode(),
+            "ak_public": base64.b64encode(ident.ak_public).decode(),
+            "ak_name": base64.b64encode(ident.ak_name).decode(),
+        },
+    )
+    assert node.unwrap(image, 1) == image.options[1]  # still attested
+    with pytest.raises(Forbidden, match="not bound"):  # a guessed credential
+        node.attester.activate(node.client, os.urandom(32), node.transport_public)
+    assert node.unwrap(image, 1) == image.options[1]
+    assert node.attester.attest(node.client).passed  # the bound AK still quotes

@@ -154,6 +154,12 @@ def test_two_replicas_serve_one_state(
                 answer = client.authorize("container.start", "container:web")
                 assert answer["decision"] == "deny", answer
                 assert "no rule allows" in answer["reason"]
+        # A sha512 manifest digest fits (PostgreSQL enforces column lengths).
+        sha512 = "sha512:" + "ab" * 64
+        on_a.register_image("registry.test/replicas/long", sha512, [])
+        assert [i["manifest_digest"] for i in on_b.images("registry.test/replicas/long")] == [
+            sha512
+        ]
         decided = [c.authorize("container.start", "container:web") for c in (on_a, on_b)]
         assert [d["decision"] for d in decided] == ["allow", "allow"]
         assert decided[0]["log_index"] != decided[1]["log_index"]

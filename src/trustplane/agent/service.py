@@ -1,7 +1,8 @@
 """The long-running node agent: enrol the TPM once, then attest on an interval.
 
 State directory (mode 0700): `transport.pem` (the transport private key,
-0600), `enrolment.json` (which AK was bound), `event-log.json`.
+0600), `enrolment.json` (which AK was bound), `event-log.json`, `tpm.lock` (whose
+turn it is to use the TPM; see tpm_lock.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 from jwcrypto import jwk
 
 from trustplane.agent.attester import Attester, Verdict
+from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity
 from trustplane.agent.tpm import Tpm
+from trustplane.agent.tpm_lock import node_tpm
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import generate_key_pair
@@ -24,6 +27,7 @@ from trustplane.errors import TrustplaneError, UsageError
 from trustplane.oci.layout import atomic_write
 
 logger = logging.getLogger("trustplane.agent")
+RuntimeReport = Callable[[list[ContainerCheck]], None]
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class AgentConfig:
     pcr: int = 23
     interval: float = 60.0
     audience: str | None = None
+    docker_url: str | None = None
+    """Engine API of this node's dockerd; None turns runtime integrity off."""
+    runtime_interval: float = 60.0
+    """Seconds between re-measurements of running containers."""
 
 
 class Agent:
@@ -48,6 +56,8 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise UsageError(f"--node-key {config.node_key}: {exc}") from None
         self.transport_public = self._transport_key()
+        self.runtime = RuntimeIntegrity(config.docker_url) if config.docker_url else None
+        self._next_runtime = 0.0
 
     def _transport_key(self) -> str:
         private_path = self.config.state_dir / "transport.pem"
@@ -89,19 +99,51 @@ class Agent:
             return min(self.config.interval, verdict.interval)
         return self.config.interval
 
+    def runtime_round(self, report: RuntimeReport | None = None) -> list[ContainerCheck]:
+        """Re-measure the running containers once (no TPM involved); a failed
+        round is logged and retried at the next one."""
+        if self.runtime is None:
+            return []
+        self._next_runtime = time.monotonic() + self.config.runtime_interval
+        try:
+            with self.client() as client:
+                results = self.runtime.check(client)
+        except TrustplaneError as exc:
+            logger.error("runtime integrity round failed: %s", exc)
+            results = []
+        if report is not None:
+            report(results)
+        return results
+
+    def _idle(self, seconds: float, report: RuntimeReport | None) -> None:
+        """Wait `seconds`, re-measuring containers whenever their interval comes round."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.runtime is not None and time.monotonic() >= self._next_runtime:
+                self.runtime_round(report)
+                continue
+            wake = self._next_runtime if self.runtime is not None else deadline
+            time.sleep(max(0.0, min(left, wake - time.monotonic())))
+
     def run(
-        self, rounds: int | None = None, report: Callable[[Verdict], None] | None = None
+        self,
+        rounds: int | None = None,
+        report: Callable[[Verdict], None] | None = None,
+        runtime_report: RuntimeReport | None = None,
     ) -> Verdict | None:
         """Enrol if needed, then attest every `interval` seconds (`rounds` times,
         or forever). A failed round is reported and retried at the next one."""
         verdict: Verdict | None = None
-        with Tpm(self.config.tcti) as tpm:
-            attester = Attester(tpm, self.config.state_dir, self.config.pcr)
-            done = 0
-            while rounds is None or done < rounds:
-                if done:
-                    time.sleep(self._pause(verdict))
-                done += 1
+        done = 0
+        while rounds is None or done < rounds:
+            if done:
+                self._idle(self._pause(verdict), runtime_report)
+            done += 1
+            # The TPM is opened per round, under the node's TPM lock, so that
+            # `trustplane run` can measure and attest in between (tpm_lock.py).
+            # A TPM that cannot be opened is an error, not a failed round.
+            with node_tpm(self.config.tcti, self.config.state_dir) as tpm:
+                attester = Attester(tpm, self.config.state_dir, self.config.pcr)
                 try:
                     with self.client() as client:
                         if not self.enrolled(tpm):
@@ -109,6 +151,8 @@ class Agent:
                         verdict = attester.attest(client)
                 except TrustplaneError as exc:
                     verdict = Verdict(False, str(exc))
-                if report is not None:
-                    report(verdict)
+            if report is not None:
+                report(verdict)
+            if self.runtime is not None and time.monotonic() >= self._next_runtime:
+                self.runtime_round(runtime_report)
         return verdict

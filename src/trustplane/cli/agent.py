@@ -29,11 +29,34 @@ def agent(
     pcr: Annotated[int, typer.Option(help="PCR (sha256 bank) for layer measurements.")] = 23,
     interval: Annotated[float, typer.Option(help="Seconds between attestations.")] = 60.0,
     once: Annotated[bool, typer.Option(help="Enrol and attest once, then exit.")] = False,
+    docker: Annotated[
+        str | None,
+        typer.Option(
+            help="dockerd's Engine API (unix:///var/run/docker.sock): re-measure running "
+            "containers against their registered file digests (off without it)."
+        ),
+    ] = None,
+    runtime_interval: Annotated[
+        float, typer.Option(min=1.0, help="Seconds between re-measurements of containers.")
+    ] = 60.0,
+    gateway_config: Annotated[
+        Path | None,
+        typer.Option(help="Also run the edge gateway in this process, configured by this TOML."),
+    ] = None,
 ) -> None:
     """Enrol this node's TPM with the control plane, then attest on an interval."""
     # Imported here: tpm2-pytss loads the TSS libraries, which no other command needs.
     from trustplane.agent.attester import Verdict
+    from trustplane.agent.runtime import ContainerCheck
     from trustplane.agent.service import Agent, AgentConfig
+    from trustplane.gateway.config_file import load_gateway_config
+    from trustplane.gateway.in_process import gateway_beside
+
+    gateway = None  # checked before the agent touches its state: bad input changes nothing
+    if gateway_config is not None:
+        gateway = load_gateway_config(
+            gateway_config, server=server_url, ca_file=ca, node=node, node_key=node_key
+        )
 
     service = Agent(
         AgentConfig(
@@ -45,6 +68,8 @@ def agent(
             ca_file=ca,
             pcr=pcr,
             interval=interval,
+            docker_url=docker,
+            runtime_interval=runtime_interval,
         )
     )
 
@@ -52,6 +77,23 @@ def agent(
         word = "attested" if verdict.passed else "attestation failed"
         stdout.print(f"{node}: {word}: {verdict.reason}", highlight=False)
 
-    last = service.run(rounds=1 if once else None, report=report)
+    def report_runtime(results: list[ContainerCheck]) -> None:
+        for check in results:
+            if check.status in ("drift", "unmeasured"):
+                what = (
+                    f"{len(check.drift.changed)} changed, {len(check.drift.missing)} missing, "
+                    f"{len(check.drift.unexpected)} unexpected"
+                    if check.status == "drift"
+                    else check.reason
+                )
+                done = "stopped" if check.stopped else (check.action or "reported")
+                stdout.print(
+                    f"{node}: container {check.name} ({check.repository}): {check.status}: "
+                    f"{what}; {done}",
+                    highlight=False,
+                )
+
+    with gateway_beside(gateway):
+        last = service.run(rounds=1 if once else None, report=report, runtime_report=report_runtime)
     if once and (last is None or not last.passed):
         raise IntegrityError(f"{node}: attestation failed")

@@ -149,6 +149,7 @@ class Demo:
         self.late_node_through_the_kms()
         self.tamper(operator)
         self.edge()
+        self.zero_trust()
         self.audit()
         console.print(
             Panel.fit("[bold green]demo complete[/bold green]: every step above was checked")
@@ -310,6 +311,24 @@ class Demo:
             _proved,
             broker=self.broker,
         )
+
+    def zero_trust(self) -> None:
+        _step("Zero-trust start on a node with a TPM: trustplane run")
+        from trustplane.cli.demo_tpm import Scene, tpm_scene
+
+        scene = Scene(
+            work=self.work / "tpm",
+            daemon=self.daemon,
+            registry=self.registry,
+            control=self.control,
+            endpoint=self.endpoint,
+            published=self.published,
+            repository=self.repository,
+            kms_recipient=KMS_RECIPIENT,
+            base=BASE,
+            secret=self.secret,
+        )
+        tpm_scene(scene, _said, _proved)
 
     def audit(self) -> None:
         _step("Audit: the transparency log")

@@ -36,6 +36,7 @@ from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.inspect import inspect_image
 from trustplane.images.recipients import parse_recipient
+from trustplane.images.reference_files import reference_image
 from trustplane.images.selection import LayerSelector
 from trustplane.images.sign import Signed, check_log_entry, sign_image, verify_image
 from trustplane.keys.remote import KmsUnwrapper
@@ -124,14 +125,31 @@ def encrypt(
             dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
         ),
     )
+    registering = client is not None and (register or (register is None and uses_kms))
     with Reporter(enabled=not quiet) as reporter:
+        # The file digests for runtime integrity come from a streaming pass over
+        # the plain source, before anything is pushed (only when registering).
+        plain = (
+            reference_image(
+                request.source, request.source_endpoint, platform, reporter, skip_encrypted=True
+            )
+            if registering
+            else None
+        )
         result = encrypt_image(request, reporter)
     log_index = None
-    if client is not None and (register or (register is None and uses_kms)):
+    if client is not None and plain is not None:
         assert name is not None
+        if [x.diff_id for x in plain.layers] != [x.diff_id for x in result.layers]:
+            raise IntegrityError(f"{source} changed while it was encrypted; not registered")
         with client:
             log_index = client.register_image(
-                name, result.manifest_digest, [asdict(layer) for layer in result.layers]
+                name,
+                result.manifest_digest,
+                [
+                    {**asdict(layer), "files": reference.files}
+                    for layer, reference in zip(result.layers, plain.layers, strict=True)
+                ],
             )["log_index"]
         stderr.print(f"registered {name} with the control plane (log entry {log_index})")
     if as_json:
@@ -152,6 +170,53 @@ def encrypt(
     stdout.print(
         f"encrypted layers {list(result.encrypted_layers)} of {result.layer_count} "
         f"into {destination} ({result.manifest_digest})"
+    )
+
+
+@app.command()
+def register(
+    source: Source,
+    image_name: Annotated[
+        str | None,
+        typer.Option(help="Name to register under (default: HOST/REPO of a docker:// source)."),
+    ] = None,
+    platform: Platform = None,
+    authfile: AuthFile = None,
+    src_tls_verify: SrcTlsVerify = True,
+    src_cacert: SrcCaCert = None,
+    src_creds: SrcCreds = None,
+    server: Server = None,
+    ca: Ca = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Register a plain image's layer and file digests (runtime integrity reference)."""
+    ref = reference.parse(source)
+    name = image_name or _repository(ref)
+    if name is None:
+        raise UsageError("registering needs --image-name for a source that is not docker://")
+    client = connect(server, ca)
+    with client, Reporter(enabled=not quiet) as reporter:
+        plain = reference_image(
+            ref, endpoint(src_tls_verify, src_cacert, src_creds, authfile), platform, reporter
+        )
+        log_index = client.register_image(
+            name, plain.manifest_digest, [asdict(layer) for layer in plain.layers]
+        )["log_index"]
+    files = sum(len(layer.files or ()) for layer in plain.layers)
+    if as_json:
+        emit_json(
+            {
+                "registeredLogIndex": log_index,
+                "manifestDigest": plain.manifest_digest,
+                "layerCount": len(plain.layers),
+                "fileCount": files,
+            }
+        )
+        return
+    stdout.print(
+        f"registered {name}@{plain.manifest_digest}: {len(plain.layers)} layers, "
+        f"{files} file digests (log entry {log_index})"
     )
 
 

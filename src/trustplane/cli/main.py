@@ -19,6 +19,7 @@ from trustplane import __version__
 from trustplane.cli import admin, image, key, kms, log, server
 from trustplane.cli.agent import agent
 from trustplane.cli.gateway import gateway
+from trustplane.cli.run import run as run_image_command
 from trustplane.errors import ExitCode, TrustplaneError
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ app.command()(server.server)
 app.command()(server.login)
 app.command()(gateway)
 app.command()(agent)
+app.command(name="run")(run_image_command)
 
 
 @app.command()

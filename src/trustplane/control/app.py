@@ -38,6 +38,7 @@ from trustplane.control.routers import (
     policy,
     principals,
     reports,
+    runtime,
     signatures,
 )
 from trustplane.control.service import ControlPlane
@@ -132,6 +133,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
         signatures,
         log,
         reports,
+        runtime,
         attestation,
         commands,
     ):

@@ -74,6 +74,22 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
+@dataclass(frozen=True)
+class _Pending:
+    ek_public: bytes
+    ek_cert: bytes | None
+    ak_public: bytes
+    ak_name: bytes
+
+
+def _pending(row: Attestation) -> _Pending | None:
+    if row.pending_ek_public is None or row.pending_ak_public is None or not row.pending_ak_name:
+        return None
+    return _Pending(
+        row.pending_ek_public, row.pending_ek_cert, row.pending_ak_public, row.pending_ak_name
+    )
+
+
 def _node(principal: Principal) -> str:
     if principal.kind != "node":
         raise Forbidden("only nodes attest")
@@ -127,16 +143,23 @@ class Verifier:
         with self.db.write_session() as session:
             row = session.get(Attestation, node)
             if row is None:
-                row = Attestation(node=node, measurements=[])
+                row = Attestation(
+                    node=node,
+                    ek_public=ek_public,
+                    ek_cert=ek_cert,
+                    ak_public=ak_public,
+                    ak_name=ak.name,
+                    bound=False,
+                    measurements=[],
+                )
                 session.add(row)
-            # A new enrolment starts over: nothing from a previous AK counts.
-            row.ek_public, row.ek_cert = ek_public, ek_cert
-            row.ak_public, row.ak_name = ak_public, ak.name
+            # The enrolment waits beside the current binding: only activation
+            # (the TPM itself answering) replaces it, so a re-enrolment made
+            # with a stolen node key cannot take the node's state away.
+            row.pending_ek_public, row.pending_ek_cert = ek_public, ek_cert
+            row.pending_ak_public, row.pending_ak_name = ak_public, ak.name
             row.challenge_hash = hashlib.sha256(secret).digest()
             row.challenge_expires = _now() + timedelta(seconds=self.settings.challenge_ttl_seconds)
-            row.bound, row.bound_at, row.transport_key = False, None, None
-            row.last_result, row.last_reason, row.last_at = None, None, None
-            row.measurements = []
         self._record(node, "attestation.enroll", True, "credential issued", ak=ak.name.hex())
         return credential
 
@@ -178,7 +201,8 @@ class Verifier:
         node = _node(principal)
         with self.db.write_session() as session:
             row = session.get(Attestation, node)
-            if row is None or row.challenge_hash is None:
+            pending = None if row is None else _pending(row)
+            if row is None or row.challenge_hash is None or pending is None:
                 raise NotFoundError(f"node {node} has no pending enrolment")
             expires = _aware(row.challenge_expires)
             reason = ""
@@ -188,14 +212,21 @@ class Verifier:
                 reason = "wrong credential: the AK is not bound to the EK"
             else:
                 try:
-                    ak = tpm.parse_public(row.ak_public)
+                    ak = tpm.parse_public(pending.ak_public)
                     tpm.verify_signature(ak, transport_key.encode(), signature)
                 except Exception as exc:  # fail closed
                     why = str(exc) if isinstance(exc, TrustplaneError) else type(exc).__name__
                     reason = f"transport key not certified by the AK: {why}"
-            row.challenge_hash, row.challenge_expires = None, None
             if not reason:
+                # The new binding starts over: nothing measured under the old AK counts.
+                row.ek_public, row.ek_cert = pending.ek_public, pending.ek_cert
+                row.ak_public, row.ak_name = pending.ak_public, pending.ak_name
                 row.bound, row.bound_at, row.transport_key = True, _now(), transport_key
+                row.last_result, row.last_reason, row.last_at = None, None, None
+                row.measurements = []
+            row.challenge_hash, row.challenge_expires = None, None
+            row.pending_ek_public, row.pending_ek_cert = None, None
+            row.pending_ak_public, row.pending_ak_name = None, None
         if reason:
             self._record(node, "attestation.activate", False, reason)
             raise Forbidden(reason)

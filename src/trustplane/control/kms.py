@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import anyio.to_thread
 from sqlalchemy import delete, select, update
 
+from trustplane.control import reference_files
 from trustplane.control.db import Database
 from trustplane.control.identity import Principal
 from trustplane.control.models import Image, LayerDigest, Recipient, Secret
@@ -365,7 +366,7 @@ class Kms:
         row = Recipient(
             name=name, key_id=public.kid, public_key=public_pem.decode(), secret_id=secret.id
         )
-        with self.db.session() as session:
+        with self.db.write_session() as session:
             if session.get(Recipient, name) is not None:
                 raise UsageError(f"recipient {name!r} exists already")
             session.add(row)
@@ -559,25 +560,37 @@ class Kms:
         repository: str,
         manifest_digest: str,
         layers: list[dict[str, Any]],
+        files: dict[int, dict[str, str]] | None = None,
     ) -> int:
+        """Record an image; `files` (layer index -> file digests) may come with it,
+        also for an image registered before, in the same transaction."""
         decision = self.authorize(principal, "image.publish", f"image:{repository}", None)
         if not decision.allowed:
             raise Forbidden(f"policy refuses image.publish of {repository}: {decision.reason}")
-        with self.db.session() as session:
+        with self.db.write_session() as session:
             existing = session.scalar(
                 select(Image).where(
                     Image.repository == repository, Image.manifest_digest == manifest_digest
                 )
             )
-            if existing is None:
-                session.add(
-                    Image(
-                        repository=repository,
-                        manifest_digest=manifest_digest,
-                        layers=layers,
-                        publisher=principal.subject,
+            if existing is not None and files:
+                stored = {int(str(x["index"])): x.get("digest") for x in existing.layers}
+                given = {int(x["index"]): x["digest"] for x in layers}
+                if any(stored.get(index) != given.get(index) for index in files):
+                    raise IntegrityError(
+                        f"{repository}@{manifest_digest} is registered with other layers"
                     )
+                reference_files.attach(session, existing, files)
+            if existing is None:
+                image = Image(
+                    repository=repository,
+                    manifest_digest=manifest_digest,
+                    layers=layers,
+                    publisher=principal.subject,
                 )
+                session.add(image)
+                session.flush()
+                reference_files.attach(session, image, files or {})
                 for layer in layers:
                     session.add(
                         LayerDigest(
@@ -593,6 +606,16 @@ class Kms:
                 "image": repository,
                 "manifest": manifest_digest,
                 "layers": [str(layer["digest"]) for layer in layers],
+                **(
+                    {
+                        "files": {
+                            str(index): reference_files.map_digest(layer_files)
+                            for index, layer_files in sorted(files.items())
+                        }
+                    }
+                    if files
+                    else {}
+                ),
             },
         )
         return receipt.index

@@ -93,11 +93,31 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     repository: Mapped[str] = mapped_column(String(256), index=True)
-    manifest_digest: Mapped[str] = mapped_column(String(80))
+    manifest_digest: Mapped[str] = mapped_column(String(140))
     layers: Mapped[list[dict[str, object]]] = mapped_column(JSON)
     """[{index, digest (plain), encrypted, diff_id}]"""
     publisher: Mapped[str] = mapped_column(String(160))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class LayerFiles(Base):
+    """Runtime-integrity reference of one registered layer: path -> file digest.
+
+    One row per (image, layer); the map's format is trust/file_digests.py's.
+    Reference values never change once stored.
+    """
+
+    __tablename__ = "layer_files"
+    __table_args__ = (UniqueConstraint("image_id", "layer_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("images.id", ondelete="CASCADE"), index=True
+    )
+    layer_index: Mapped[int]
+    diff_id: Mapped[str | None] = mapped_column(String(140))
+    file_count: Mapped[int]
+    files: Mapped[dict[str, str]] = mapped_column(JSON)
 
 
 class LayerDigest(Base):
@@ -176,6 +196,11 @@ class Attestation(Base):
     ek_cert: Mapped[bytes | None] = mapped_column(LargeBinary)
     ak_public: Mapped[bytes] = mapped_column(LargeBinary)
     ak_name: Mapped[bytes] = mapped_column(LargeBinary)
+    pending_ek_public: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """An enrolment waiting for activation; the bound EK/AK stay until it succeeds."""
+    pending_ek_cert: Mapped[bytes | None] = mapped_column(LargeBinary)
+    pending_ak_public: Mapped[bytes | None] = mapped_column(LargeBinary)
+    pending_ak_name: Mapped[bytes | None] = mapped_column(LargeBinary)
     challenge_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     """SHA-256 of the secret sealed by MakeCredential, until activated."""
     challenge_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

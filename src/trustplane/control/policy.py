@@ -11,6 +11,8 @@
         subjects: ["user:mallory"]
         actions: ["*"]
         resources: ["*"]
+    runtime:
+      stop_on_drift: ["image:shop/*"]     # or true / false (the default)
 
 A request is allowed when some `allow` rule matches it and no `deny` rule
 does. Patterns are shell globs where `*` also crosses `/`. Actions are
@@ -115,6 +117,13 @@ class Rule:
 @dataclass(frozen=True)
 class Policy:
     rules: tuple[Rule, ...]
+    stop_on_drift: tuple[str, ...] = ()
+    """Resource globs (`image:REPO`) whose containers a node stops when their
+    image files drift from the registered digests (runtime integrity)."""
+
+    def stops_on_drift(self, repository: str) -> bool:
+        resource = f"image:{repository}"
+        return any(fnmatchcase(resource, pattern) for pattern in self.stop_on_drift)
 
     def decide(
         self, principal: Principal, action: str, resource: str, layer: int | None = None
@@ -152,7 +161,22 @@ def parse_policy(text: str, source: str) -> Policy:
     rules = document.get("rules")
     if not isinstance(rules, list):
         raise MalformedError(f"{source}: `rules` must be a list")
-    return Policy(tuple(_rule(raw, number, source) for number, raw in enumerate(rules, 1)))
+    return Policy(
+        tuple(_rule(raw, number, source) for number, raw in enumerate(rules, 1)),
+        _stop_on_drift(document.get("runtime"), source),
+    )
+
+
+def _stop_on_drift(raw: Any, source: str) -> tuple[str, ...]:
+    """`runtime: {stop_on_drift: true | false | [globs]}`; absent means false."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or set(raw) - {"stop_on_drift"}:
+        raise MalformedError(f"{source}: runtime must be a mapping with only stop_on_drift")
+    value = raw.get("stop_on_drift", False)
+    if isinstance(value, bool):
+        return ("*",) if value else ()
+    return tuple(_strings(value, f"{source}: runtime.stop_on_drift"))
 
 
 def _rule(raw: Any, number: int, source: str) -> Rule:

@@ -24,14 +24,16 @@ def docker_host() -> str:
     return os.environ.get("DOCKER_HOST", DEFAULT_SOCKET)
 
 
-def api_client() -> Any:
-    """A low-level client (docker.APIClient) with the server's API version."""
+def api_client(base_url: str | None = None) -> Any:
+    """A low-level client (docker.APIClient) with the server's API version
+    (`base_url`, default $DOCKER_HOST or the standard socket)."""
     import docker
 
+    url = base_url or docker_host()
     try:
-        client = docker.APIClient(base_url=docker_host(), version="auto", timeout=600)
+        client = docker.APIClient(base_url=url, version="auto", timeout=600)
     except docker.errors.DockerException as exc:
-        raise UnavailableError(f"Docker engine at {docker_host()} unreachable: {exc}") from None
+        raise UnavailableError(f"Docker engine at {url} unreachable: {exc}") from None
     return client
 
 
@@ -50,11 +52,11 @@ def save(name: str) -> io.BufferedReader:
     return io.BufferedReader(ChunkReader(chunks), buffer_size=1 << 20)
 
 
-def load(archive: Iterable[bytes]) -> list[str]:
+def load(archive: Iterable[bytes], base_url: str | None = None) -> list[str]:
     """Feed a `docker load` archive; returns the engine's messages."""
     import docker.errors
 
-    client = api_client()
+    client = api_client(base_url)
     messages: list[str] = []
     try:
         for event in client.load_image(archive):
@@ -66,5 +68,5 @@ def load(archive: Iterable[bytes]) -> list[str]:
     except docker.errors.APIError as exc:
         raise MalformedError(f"docker load refused the image: {exc.explanation or exc}") from None
     except docker.errors.DockerException as exc:
-        raise UnavailableError(f"Docker engine at {docker_host()}: {exc}") from None
+        raise UnavailableError(f"Docker engine at {base_url or docker_host()}: {exc}") from None
     return messages
