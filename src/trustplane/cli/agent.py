@@ -8,25 +8,30 @@ from typing import Annotated
 import typer
 
 from trustplane.cli.common import stdout
+from trustplane.cli.node_options import (
+    DEFAULT_NODE_KEY,
+    DEFAULT_PCR,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TPM,
+    NodeKey,
+    NodeName,
+    Pcr,
+    ServerUrl,
+    StateDir,
+    TpmTcti,
+)
 from trustplane.cli.session import Ca
 from trustplane.errors import IntegrityError
 
 
 def agent(
-    server_url: Annotated[str, typer.Option("--server", help="Control plane URL.")],
-    node: Annotated[str, typer.Option(help="This node's registered name.")],
-    tpm: Annotated[
-        str,
-        typer.Option("--tpm", help="TCTI of the TPM: device:/dev/tpmrm0, swtpm:host=H,port=P, ..."),
-    ] = "device:/dev/tpmrm0",
-    node_key: Annotated[
-        Path, typer.Option(help="The node's private key (PEM) for its token.")
-    ] = Path("node.key"),
-    state_dir: Annotated[
-        Path, typer.Option(help="Transport key, enrolment record and event log.")
-    ] = Path("/var/lib/trustplane/agent"),
+    server_url: ServerUrl,
+    node: NodeName,
+    tpm: TpmTcti = DEFAULT_TPM,
+    node_key: NodeKey = DEFAULT_NODE_KEY,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     ca: Ca = None,
-    pcr: Annotated[int, typer.Option(help="PCR (sha256 bank) for layer measurements.")] = 23,
+    pcr: Pcr = DEFAULT_PCR,
     interval: Annotated[float, typer.Option(help="Seconds between attestations.")] = 60.0,
     once: Annotated[bool, typer.Option(help="Enrol and attest once, then exit.")] = False,
     docker: Annotated[

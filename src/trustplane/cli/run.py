@@ -13,6 +13,18 @@ from typing import Annotated
 import typer
 
 from trustplane.cli.common import AsJson, AuthFile, Quiet, emit_json, endpoint, stderr, stdout
+from trustplane.cli.node_options import (
+    DEFAULT_NODE_KEY,
+    DEFAULT_PCR,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TPM,
+    NodeKey,
+    NodeName,
+    Pcr,
+    ServerUrl,
+    StateDir,
+    TpmTcti,
+)
 from trustplane.cli.session import Ca
 from trustplane.errors import NotFoundError, UsageError
 from trustplane.oci import reference
@@ -23,24 +35,17 @@ def run(
     key: Annotated[
         Path, typer.Option("--key", "-k", help="The publisher's public key (PEM, as cosign.pub).")
     ],
-    server_url: Annotated[str, typer.Option("--server", help="Control plane URL.")],
-    node: Annotated[str, typer.Option(help="This node's registered name.")],
+    server_url: ServerUrl,
+    node: NodeName,
     command: Annotated[
         list[str] | None, typer.Argument(help="Command for the container (default: the image's).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the container.")] = None,
-    tpm: Annotated[
-        str,
-        typer.Option("--tpm", help="TCTI of the TPM: device:/dev/tpmrm0, swtpm:host=H,port=P, ..."),
-    ] = "device:/dev/tpmrm0",
-    node_key: Annotated[
-        Path, typer.Option(help="The node's private key (PEM) for its token.")
-    ] = Path("node.key"),
-    state_dir: Annotated[
-        Path, typer.Option(help="The agent's state directory (transport key, event log).")
-    ] = Path("/var/lib/trustplane/agent"),
+    tpm: TpmTcti = DEFAULT_TPM,
+    node_key: NodeKey = DEFAULT_NODE_KEY,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     ca: Ca = None,
-    pcr: Annotated[int, typer.Option(help="PCR (sha256 bank) for layer measurements.")] = 23,
+    pcr: Pcr = DEFAULT_PCR,
     docker: Annotated[
         str,
         typer.Option(
