@@ -27,6 +27,7 @@ from trustplane.embedded.tls import CertificateAuthority, issue_server_cert
 from trustplane.errors import (
     AuthError,
     Forbidden,
+    IntegrityError,
     MalformedError,
     NotFoundError,
     UnavailableError,
@@ -337,3 +338,39 @@ def test_the_log_origin_is_fixed_at_the_first_start(tmp_path: Path) -> None:
             env={"TRUSTPLANE_LOG_ORIGIN": "other.test/log"},
             timeout=20,
         )
+
+
+def test_an_encrypted_layer_claimed_by_another_publisher_is_refused(
+    control_plane: RunningControlPlane,
+) -> None:
+    """Unwrap follows the first registration of a layer digest: a publisher
+    who registered someone else's layer first must not decide who gets its key."""
+    secret_layer = "sha256:" + os.urandom(32).hex()
+    base_layer = "sha256:" + os.urandom(32).hex()
+    suffix = os.urandom(3).hex()
+
+    def layers(encrypted: bool) -> list[dict[str, object]]:
+        return [
+            {"index": 0, "digest": base_layer, "encrypted": False},
+            {"index": 1, "digest": secret_layer, "encrypted": encrypted},
+        ]
+
+    def manifest() -> str:
+        return "sha256:" + os.urandom(32).hex()
+
+    with control_plane.admin() as admin:
+        mallory = admin.create_user(f"mallory-{suffix}", "operator")
+        with control_plane.client() as other:
+            other.login(mallory["name"], mallory["password"])
+            other.register_image(f"registry.test/mallory-{suffix}/app", manifest(), layers(False))
+            # Its own mirror of the same layers: the same publisher, allowed.
+            other.register_image(f"mirror.test/mallory-{suffix}/app", manifest(), layers(True))
+        victim = f"registry.test/victim-{suffix}/app"
+        with pytest.raises(
+            IntegrityError, match=r"already registered under .* by another publisher"
+        ):
+            admin.register_image(victim, manifest(), layers(True))
+        assert admin.images(victim) == []  # nothing stored
+        # A shared plain base layer is no claim on anything.
+        admin.register_image(victim, manifest(), [layers(True)[0]])
+        assert len(admin.images(victim)) == 1

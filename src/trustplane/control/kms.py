@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from trustplane.control import reference_files
 from trustplane.control.db import Database
@@ -582,6 +583,7 @@ class Kms:
                     )
                 reference_files.attach(session, existing, files)
             if existing is None:
+                _check_layer_claims(session, principal, repository, layers)
                 image = Image(
                     repository=repository,
                     manifest_digest=manifest_digest,
@@ -619,6 +621,36 @@ class Kms:
             },
         )
         return receipt.index
+
+
+def _check_layer_claims(
+    session: Session, principal: Principal, repository: str, layers: list[dict[str, Any]]
+) -> None:
+    """Refuse an encrypted layer another publisher registered under another image.
+
+    Unwrap learns a layer's image (and so whose policy releases its key) from
+    the earliest registration of its plain digest; a publisher who registered
+    someone else's layer digest first, under an image of its own, would decide
+    who receives that layer's key. Refused loudly rather than silently shadowed.
+    """
+    encrypted = sorted({str(layer["digest"]) for layer in layers if layer.get("encrypted")})
+    if not encrypted:
+        return
+    claimed = session.execute(
+        select(LayerDigest.digest, LayerDigest.repository)
+        .join(Image, Image.repository == LayerDigest.repository)
+        .where(
+            LayerDigest.digest.in_(encrypted),
+            LayerDigest.repository != repository,
+            Image.publisher != principal.subject,
+        )
+        .limit(1)
+    ).first()
+    if claimed is not None:
+        raise IntegrityError(
+            f"encrypted layer {claimed.digest} is already registered under {claimed.repository} "
+            "by another publisher; its key would follow that image's policy"
+        )
 
 
 def _release_entry(
