@@ -210,33 +210,23 @@ def parse_public(data: bytes) -> PublicArea:
         if scheme == 0x001A:  # ECDAA carries a count as well
             raise UnsupportedError("ECDAA keys are not supported")
         scheme_hash = r.u16()
+    # The unique part (TPMU_PUBLIC_PARMS and TPMU_PUBLIC_ID) of each key type;
+    # the other type's fields keep their empty defaults.
+    bits = exponent = curve = 0
+    modulus = x = y = b""
     if kind == ALG_RSA:
         bits = r.u16()
         exponent = r.u32()
         modulus = r.tpm2b()
-        r.end()
-        if len(modulus) * 8 != bits:
-            raise MalformedError("TPMT_PUBLIC: RSA modulus size does not match keyBits")
-        return PublicArea(
-            raw=data,
-            type=kind,
-            name_alg=name_alg,
-            attributes=attributes,
-            auth_policy=auth_policy,
-            symmetric=symmetric,
-            scheme=scheme,
-            scheme_hash=scheme_hash,
-            rsa_bits=bits,
-            rsa_exponent=exponent,
-            rsa_modulus=modulus,
-        )
-    curve = r.u16()
-    kdf = r.u16()
-    if kdf != ALG_NULL:
-        r.u16()
-    x = r.tpm2b()
-    y = r.tpm2b()
+    else:
+        curve = r.u16()
+        if r.u16() != ALG_NULL:  # the KDF's scheme, then its hash
+            r.u16()
+        x = r.tpm2b()
+        y = r.tpm2b()
     r.end()
+    if kind == ALG_RSA and len(modulus) * 8 != bits:
+        raise MalformedError("TPMT_PUBLIC: RSA modulus size does not match keyBits")
     return PublicArea(
         raw=data,
         type=kind,
@@ -246,6 +236,9 @@ def parse_public(data: bytes) -> PublicArea:
         symmetric=symmetric,
         scheme=scheme,
         scheme_hash=scheme_hash,
+        rsa_bits=bits,
+        rsa_exponent=exponent,
+        rsa_modulus=modulus,
         curve=curve,
         ecc_x=x,
         ecc_y=y,
