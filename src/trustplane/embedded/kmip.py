@@ -30,10 +30,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from trustplane.embedded.process import ManagedProcess, free_port, tail_lines
+from trustplane.embedded.process import ManagedProcess, StopsOnExit, free_port, tail_lines
 from trustplane.embedded.tls import (
     CertificateAuthority,
     ClientCertificate,
@@ -60,7 +58,7 @@ _FATAL_MARKERS = ("Traceback (most recent call last)", "Server failed to bind")
 
 
 @dataclass(frozen=True)
-class RunningKmipServer:
+class RunningKmipServer(StopsOnExit):
     """A started KMIP server: where it is, how a client authenticates, and its process."""
 
     host: str
@@ -98,17 +96,6 @@ class RunningKmipServer:
             while self.process.running() and time.monotonic() < deadline:
                 time.sleep(0.05)
         self.process.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_kmip_server(

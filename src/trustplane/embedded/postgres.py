@@ -58,11 +58,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 from urllib.parse import quote
 
-from trustplane.embedded.process import ManagedProcess, free_port, require_binary, tail_lines
+from trustplane.embedded.process import (
+    ManagedProcess,
+    StopsOnExit,
+    free_port,
+    require_binary,
+    tail_lines,
+)
 from trustplane.errors import UnavailableError, UsageError
 
 POSTGRES_ROOT = Path("/usr/lib/postgresql")
@@ -86,7 +90,7 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 @dataclass(frozen=True)
-class RunningPostgres:
+class RunningPostgres(StopsOnExit):
     """A started PostgreSQL server: where it is, how to log in, and its process.
 
     `user`/`password` are the trustplane login role, which owns `database`.
@@ -151,17 +155,6 @@ class RunningPostgres:
         self.process.stop()  # SIGTERM, then SIGKILL, to whatever is left of the group
         if self.temporary:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # Strong references: a server nobody stopped is still shut down (and its

@@ -49,6 +49,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
+class StopsOnExit:
+    """A started component as a context manager: leaving the block stops it."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 def require_binary(name: str, apt_package: str) -> str:
     """Return the path of program `name` or say which Debian package provides it.
 

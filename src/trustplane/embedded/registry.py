@@ -22,12 +22,11 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self, get_args
+from typing import Literal, get_args
 
 import httpx
 
-from trustplane.embedded.process import ManagedProcess, free_port, require_binary
+from trustplane.embedded.process import ManagedProcess, StopsOnExit, free_port, require_binary
 from trustplane.embedded.tls import ServerCertificate, create_ca, issue_server_cert
 from trustplane.errors import UnavailableError, UsageError
 
@@ -58,7 +57,7 @@ class TokenAuth:
 
 
 @dataclass(frozen=True)
-class RunningRegistry:
+class RunningRegistry(StopsOnExit):
     """A started registry: where it is, how to trust it and log in, and its process."""
 
     flavour: Flavour
@@ -81,17 +80,6 @@ class RunningRegistry:
     def stop(self) -> None:
         """Stop the registry; its storage stays in `storage_dir`."""
         self.process.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_registry(

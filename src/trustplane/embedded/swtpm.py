@@ -19,10 +19,14 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from trustplane.embedded.process import ManagedProcess, TcpReady, free_port, require_binary
+from trustplane.embedded.process import (
+    ManagedProcess,
+    StopsOnExit,
+    TcpReady,
+    free_port,
+    require_binary,
+)
 from trustplane.errors import UnavailableError
 
 START_TIMEOUT = 15.0
@@ -30,7 +34,7 @@ _PORT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
-class RunningSwtpm:
+class RunningSwtpm(StopsOnExit):
     host: str
     port: int
     ctrl_port: int
@@ -45,17 +49,6 @@ class RunningSwtpm:
 
     def stop(self) -> None:
         self.process.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def manufacture(work_dir: Path, state_dir: Path) -> Path:
