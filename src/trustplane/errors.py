@@ -80,6 +80,23 @@ class UnavailableError(TrustplaneError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class ToolError(UnavailableError):
+    """An external tool (qemu-img, cryptsetup, dmsetup, ...) failed.
+
+    The message names the tool and quotes its last stderr line (with any
+    secret it was given blanked out); never its argv or input.
+    """
+
+    def __init__(self, message: str, *, tool: str, returncode: int | None) -> None:
+        super().__init__(message)
+        self.tool = tool
+        self.returncode = returncode
+
+
+class ToolTimeout(ToolError):
+    """An external tool ran past its timeout; its whole process group was killed."""
+
+
 class UnsupportedError(TrustplaneError):
     """A valid request that trustplane (or the destination) cannot honour."""
 

@@ -27,13 +27,9 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from trustplane.embedded.process import (
-    ManagedProcess,
-    path_with_sbin,
-    require_binary,
-    unix_socket_accepts,
-)
+from trustplane.embedded.process import ManagedProcess, require_binary, unix_socket_accepts
 from trustplane.errors import UnavailableError
+from trustplane.tools.local import path_with_sbin
 
 DEFAULT_SOCKET = Path("/var/run/docker.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/trustplane-dockerd")

@@ -2,8 +2,8 @@
 
 Its own config file (nothing from /etc/mosquitto): one TLS listener with a
 certificate from the embedded CA, no anonymous clients, a password file
-written with `mosquitto_passwd -b`, and an ACL that limits every gateway to
-its own topics:
+written with `mosquitto_passwd` (the password on its stdin, never in argv),
+and an ACL that limits every gateway to its own topics:
 
 - a gateway `NAME` may read `trustplane/gw/NAME/cmd` and write
   `trustplane/gw/NAME/up/#` (status, results, reports), nothing else;
@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trustplane.embedded.process import ManagedProcess, TcpReady, free_port, require_binary
 from trustplane.embedded.tls import CertificateAuthority, issue_server_cert
-from trustplane.errors import UnavailableError
+from trustplane.tools import Executor
 
 CONTROL_USER = "trustplane-control"
 TOPIC_ROOT = "trustplane/gw"
@@ -70,12 +69,14 @@ class RunningMosquitto:
 
 def _passwd(password_file: Path, name: str, password: str) -> None:
     tool = require_binary("mosquitto_passwd", "mosquitto")
-    args = [tool, "-b", str(password_file), name, password]
+    args = [tool, str(password_file), name]
     if not password_file.exists():
         args.insert(1, "-c")
-    result = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
-    if result.returncode != 0:
-        raise UnavailableError(f"mosquitto_passwd failed: {result.stderr.strip()}")
+    if "\n" in password:
+        raise ValueError("an MQTT password is one line")
+    # Without -b it reads the password and its confirmation from stdin.
+    line = password.encode("utf-8") + b"\n"
+    Executor().run(args, stdin=line + line, timeout=30)
     password_file.chmod(0o600)
 
 

@@ -26,6 +26,10 @@ from typing import IO, Self
 
 from trustplane.errors import UnavailableError
 
+# Debian installs daemons (dockerd, ...) in sbin, which a non-login PATH may lack;
+# the tool runner and the embedded daemons share one answer.
+from trustplane.tools.local import SBIN_DIRS, signal_group
+
 ReadinessCheck = Callable[[], bool]
 """Returns True once the component answers; must not raise for "not yet"."""
 
@@ -43,10 +47,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-# Debian installs daemons (dockerd, ...) in sbin, which a non-login PATH may lack.
-_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 class StopsOnExit:
@@ -72,7 +72,7 @@ def require_binary(name: str, apt_package: str) -> str:
 
     Looks on PATH, then in the sbin directories where Debian puts daemons.
     """
-    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
     if path is None:
         raise UnavailableError(f"{name} not found; install the Debian package {apt_package}")
     return path
@@ -101,13 +101,6 @@ class UnixSocketReady:
 
     def __call__(self) -> bool:
         return unix_socket_accepts(self.path)
-
-
-def path_with_sbin(path: str | None = None) -> str:
-    """PATH extended with the sbin directories, for daemons that run helpers (iptables)."""
-    parts = (path if path is not None else os.environ.get("PATH", "")).split(os.pathsep)
-    parts = [p for p in parts if p]
-    return os.pathsep.join(parts + [d for d in _SBIN_DIRS if d not in parts])
 
 
 def unix_socket_accepts(path: Path, timeout: float = 1.0) -> bool:
@@ -248,14 +241,14 @@ class ManagedProcess:
         self._stopped = True
         _LIVE.discard(self)
         pgid = self._popen.pid  # start_new_session: the group id is the leader's pid
-        _signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGTERM)
         try:
             self._popen.wait(timeout=self.grace)
         except subprocess.TimeoutExpired:
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
             self._popen.wait()
         # Children that outlived the leader (still in its group) go too.
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
 
@@ -274,8 +267,3 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         return f"ManagedProcess({self.name!r}, pid={self.pid}, log={str(self.log_file)!r})"
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)

@@ -1,0 +1,173 @@
+"""A long-running external tool: started, ready, stopped, nothing left behind.
+
+`qemu-storage-daemon` runs in the foreground under us and is waited for:
+a `--daemonize`d one killed without waiting left stale FUSE mounts
+(`Transport endpoint is not connected`, DESIGN.md "Docker volume plugins").
+After `stop()` the process group is gone and every mount point the tool was
+declared to make is unmounted, whether or not the tool managed it itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from trustplane.errors import ToolError, TrustplaneError
+from trustplane.tools.command import Command
+from trustplane.tools.failure import FailureMap, exit_text, failure, last_line
+from trustplane.tools.runner import Started
+
+if TYPE_CHECKING:
+    from trustplane.tools.executor import Executor
+
+_POLL_INTERVAL = 0.05
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+_LIVE: weakref.WeakSet[ToolProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Stop tools still running when the interpreter exits (an interrupted run)."""
+    for process in list(_LIVE):
+        with contextlib.suppress(Exception):
+            process.stop()
+
+
+def mount_points(executor: Executor) -> set[str]:
+    """Mount points where the executor's runner runs (this host or the guest)."""
+    table = executor.run(["cat", "/proc/self/mounts"], timeout=30).text
+    points = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            points.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]))
+    return points
+
+
+def _canonical(path: str | os.PathLike[str]) -> str:
+    """The path as the mount table spells it (absolute, symlinks resolved)."""
+    return str(Path(path).resolve())
+
+
+def is_mounted(executor: Executor, path: str | os.PathLike[str]) -> bool:
+    """True when `path` is a mount point, even a dead FUSE one that `stat` cannot reach."""
+    return _canonical(path) in mount_points(executor)
+
+
+def unmount(executor: Executor, path: str | os.PathLike[str]) -> None:
+    """Unmount `path`; lazily, so a dead FUSE mount (ENOTCONN) goes too."""
+    target = _canonical(path)
+    try:
+        executor.run(["umount", "--lazy", target], timeout=30)
+    except ToolError:
+        # Not root: a FUSE mount is ours to drop with fusermount.
+        if is_mounted(executor, target):
+            executor.run(["fusermount3", "-u", "-z", target], timeout=30)
+
+
+class ToolProcess:
+    """A started long-running tool (from `Executor.start`); a context manager."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        command: Command,
+        started: Started,
+        *,
+        mounts: Sequence[str | os.PathLike[str]] = (),
+        grace: float = 10.0,
+    ) -> None:
+        self.executor = executor
+        self.command = command
+        self.started = started
+        self.mounts = [_canonical(m) for m in mounts]
+        self.grace = grace
+        self._stopped = False
+        _LIVE.add(self)
+
+    @property
+    def tool(self) -> str:
+        return self.command.tool
+
+    def running(self) -> bool:
+        return self.started.poll() is None
+
+    def last_output_line(self) -> str:
+        return last_line(self.started.output(), self.command.secrets())
+
+    def wait_ready(
+        self, ready: Callable[[], bool], timeout: float, failures: FailureMap | None = None
+    ) -> None:
+        """Poll `ready` until true; stop the tool and raise if it exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                code = self.started.poll()
+                if code is not None:
+                    raise failure(
+                        self.command,
+                        exit_text(code) + " while starting",
+                        self.started.output(),
+                        returncode=code,
+                        failures=failures,
+                    )
+                if ready():
+                    break
+                if time.monotonic() >= deadline:
+                    raise failure(
+                        self.command,
+                        f"was not ready within {timeout:g} s and was stopped",
+                        self.started.output(),
+                        returncode=None,
+                        timed_out=True,
+                    )
+                time.sleep(_POLL_INTERVAL)
+        except BaseException:
+            self.stop()
+            raise
+        self.started.release_secrets()
+
+    def stop(self) -> None:
+        """Stop the process group, wait for it, unmount what it left. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        _LIVE.discard(self)
+        errors: list[TrustplaneError] = []
+        try:
+            self.started.stop(self.grace)
+        finally:
+            self.started.release_secrets()
+            if self.mounts:
+                still = mount_points(self.executor)
+                for point in self.mounts:
+                    if point in still:
+                        try:
+                            unmount(self.executor, point)
+                        except TrustplaneError as exc:
+                            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ToolProcess({self.tool!r}, running={self.running()})"
