@@ -14,10 +14,14 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import docker
 import pytest
+
+# Session fixture `dm_guest` (a QEMU guest with device-mapper); see guest_fixture.py.
+from guest_fixture import dm_guest  # noqa: F401
+from missing import component_missing
 
 # Session fixture `postgres` (a private PostgreSQL on 127.0.0.1); see pg_fixture.py.
 from pg_fixture import postgres  # noqa: F401
@@ -45,13 +49,6 @@ TOKEN_ISSUER = "trustplane-test-token-issuer"
 TOKEN_USER = "tokenuser"
 
 _HERE = Path(__file__).resolve().parent
-
-
-def component_missing(name: str, why: str) -> NoReturn:
-    """Fail the test for a missing component; never skip, in CI or on a laptop."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{name} unavailable in CI (a missing component fails CI): {why}")
-    pytest.fail(f"{name} unavailable: {why} (trustplane tests never skip; install or start it)")
 
 
 def start_control_plane_or_fail(work_dir: Path, **options: Any) -> RunningControlPlane:
@@ -250,7 +247,7 @@ def admin(control_plane: RunningControlPlane) -> Iterator[ControlClient]:
 # -- cosign (the reference for image signatures) ------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session")  # noqa: RET503 (component_missing never returns)
 def cosign() -> str:
     """cosign 2.x: $TRUSTPLANE_COSIGN, the one scripts/run unpacks from Debian trixie
     into .venv/cosign, or one on PATH."""

@@ -9,22 +9,13 @@ trustplane.embedded.postgres). `stop()` removes it at the end of the session.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from typing import NoReturn
 
 import pytest
+from missing import component_missing
 
 from trustplane.embedded.postgres import RunningPostgres, start_postgres
 from trustplane.errors import TrustplaneError
-
-
-def _component_missing(name: str, why: str) -> NoReturn:
-    # Same wording as conftest.component_missing, which this module cannot
-    # import (conftest imports this module).
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{name} unavailable in CI (a missing component fails CI): {why}")
-    pytest.fail(f"{name} unavailable: {why} (trustplane tests never skip; install or start it)")
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +24,6 @@ def postgres() -> Iterator[RunningPostgres]:
     try:
         server = start_postgres()
     except TrustplaneError as exc:
-        _component_missing("PostgreSQL", str(exc))
+        component_missing("PostgreSQL", str(exc))
     yield server
     server.stop()
