@@ -28,3 +28,4 @@ def dm_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DmGuest]:
         component_missing("device-mapper test guest (QEMU + Debian cloud kernel)", str(exc))
     yield guest
     guest.stop()
+    assert guest.exit_code == 0, f"the guest did not leave cleanly:\n{guest.console_tail()}"
