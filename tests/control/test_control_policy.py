@@ -13,6 +13,7 @@ from trustplane.errors import MalformedError
 
 ALICE = Principal("user", "alice", "user", frozenset())
 OPERATOR = Principal("user", "olga", "operator", frozenset())
+ADMIN = Principal("user", "ada", "admin", frozenset())
 GATEWAY = Principal("node", "gw-7", "node", frozenset())
 
 POLICY = """
@@ -121,6 +122,10 @@ def test_default_policy_is_valid_and_sensible() -> None:
     assert not policy.decide(ALICE, "container.start", "container:web").allowed
     assert policy.decide(OPERATOR, "container.start", "container:web").allowed
     assert not policy.decide(OPERATOR, "user.manage", "user:x").allowed
+    # Building through a gateway runs unchecked steps: no default rule grants it.
+    assert policy.decide(OPERATOR, "image.pull", "image:shop/app").allowed
+    assert not policy.decide(OPERATOR, "image.build", "image:shop/app").allowed
+    assert policy.decide(ADMIN, "image.build", "image:shop/app").allowed
 
 
 def test_file_reloads_at_once_and_keeps_the_last_good_policy(tmp_path: Path) -> None:

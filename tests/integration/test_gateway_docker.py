@@ -6,6 +6,7 @@ the gateway) that the refused thing did not happen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
-from control_helpers import entries_since, log_size
+from control_helpers import add_policy_rule, entries_since, log_size
 from gateway_helpers import (
     PREFIX,
     DockerCli,
@@ -28,6 +29,7 @@ from gateway_helpers import (
 )
 from gateway_helpers import cleanup as cleanup
 from gateway_helpers import registered_base as registered_base
+from test_gateway_reports import wait_for_entries
 
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
@@ -145,8 +147,6 @@ def test_policy_denial_is_shown_and_nothing_happens(
     control_plane: RunningControlPlane,
     people: People,
 ) -> None:
-    from control_helpers import add_policy_rule
-
     name = f"{PREFIX}-policy"
     operator.ok("run", "-d", "--name", name, base, "sleep", "300")
     add_policy_rule(
@@ -161,17 +161,95 @@ def test_policy_denial_is_shown_and_nothing_happens(
     assert docker_client.containers.get(name).status == "running"
 
 
+def build_rule(user: str, resource: str) -> str:
+    """A policy rule that lets one user build images of one repository."""
+    return f"""  - subjects: ["user:{user}"]
+    actions: [image.build]
+    resources: ["{resource}"]
+"""
+
+
+def test_docker_build_is_an_action_of_its_own(
+    gateway: RunningGateway,
+    control_plane: RunningControlPlane,
+    docker_client: docker.DockerClient,
+    base: str,
+    tmp_path: Path,
+) -> None:
+    """`docker build` makes dockerd pull its FROM image and run its RUN steps in
+    containers that pass neither the pull nor the create check: it is
+    `image.build`, refused to normal privilege at the gateway, and an operator
+    needs a policy rule that allows it (the default policy has none)."""
+    crew = make_people(control_plane, "build")
+    user = DockerCli.make(gateway.host, tmp_path / "b-user", crew.user_token)
+    operator = DockerCli.make(gateway.host, tmp_path / "b-op", crew.operator_token)
+    context = tmp_path / "context"
+    context.mkdir()
+    marker = f"built-{time.monotonic_ns()}"
+    (context / "Dockerfile").write_text(f"FROM {base}\nRUN echo {marker} > /built\n")
+    allowed, other = f"{PREFIX}/build-ok:1", f"{PREFIX}/build-other:1"
+    start = log_size(control_plane)
+    try:
+        user.refused("build", "-t", allowed, str(context), text="normal privilege")
+        message = operator.refused("build", "-t", allowed, str(context),
+                                   text="the control plane refuses image.build")  # fmt: skip
+        assert f"image:{PREFIX}/build-ok" in message
+        assert not docker_client.images.list(name=f"{PREFIX}/build-ok")
+
+        add_policy_rule(control_plane, build_rule(crew.operator, f"image:{PREFIX}/build-ok"))
+        built = operator("build", "-t", allowed, str(context), timeout=300)
+        assert built.returncode == 0, built.stderr
+        image = docker_client.images.get(allowed)
+        assert (
+            marker in docker_client.containers.run(image, ["cat", "/built"], remove=True).decode()
+        )
+        # The rule names one repository: another is still refused, as is tagging
+        # the build into two repositories at once.
+        operator.refused("build", "-t", other, str(context), text="refuses image.build")
+        operator.refused("build", "-t", allowed, "-t", other, str(context),
+                         text="one repository")  # fmt: skip
+        assert not docker_client.images.list(name=f"{PREFIX}/build-other")
+
+        with control_plane.admin() as admin:
+            entries = entries_since(admin, start)
+            reported = wait_for_entries(admin, start, gateway.node, 2)
+        asked = [
+            (e["decision"], e["resource"])
+            for e in entries
+            if e["kind"] == "authorize" and e.get("action") == "image.build"
+        ]
+        assert ("deny", f"image:{PREFIX}/build-ok") in asked, asked
+        assert ("allow", f"image:{PREFIX}/build-ok") in asked, asked
+        assert ("deny", f"image:{PREFIX}/build-other") in asked, asked
+        refused_user = [
+            e for e in reported
+            if e["kind"] == "gateway.decision" and e.get("action") == "image.build"
+            and e.get("subject") == f"user:{crew.user}"
+        ]  # fmt: skip
+        assert refused_user, reported
+        assert "normal privilege" in refused_user[0]["reason"]
+        assert any("one repository" in str(e.get("reason")) for e in reported), reported
+    finally:
+        for tag in (allowed, other):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(tag, force=True)
+
+
 def test_unregistered_image_is_refused(
-    operator: DockerCli, base: str, docker_client: docker.DockerClient, tmp_path: Path
+    operator: DockerCli,
+    base: str,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    people: People,
 ) -> None:
     context = tmp_path / "context"
     context.mkdir()
     (context / "hello").write_text("not published\n")
     (context / "Dockerfile").write_text(f"FROM {base}\nCOPY hello /hello\n")
     tag = f"{PREFIX}/built:v1"
-    built = operator(
-        "build", "-t", tag, str(context), timeout=300
-    )  # container.modify: allowed to an operator
+    add_policy_rule(control_plane, build_rule(people.operator, f"image:{PREFIX}/built"))
+    built = operator("build", "-t", tag, str(context), timeout=300)  # image.build, allowed above
     assert built.returncode == 0, built.stderr
     assert docker_client.images.get(tag)
     name = f"{PREFIX}-unregistered"

@@ -40,8 +40,9 @@ from trustplane.errors import MalformedError
 
 ACTIONS = frozenset(
     {
-        # the seed's five container actions
+        # the seed's five container actions, and building an image
         "image.pull",
+        "image.build",
         "container.start",
         "container.delete",
         "container.modify",
@@ -63,14 +64,18 @@ ACTIONS = frozenset(
 DEFAULT_POLICY = """\
 # trustplane authorization policy. Deny by default; explicit deny rules win.
 # Edit freely: the server reloads this file when it changes.
+# image.build (docker build through a gateway: its RUN steps and FROM pulls
+# pass no start or pull check) is granted by no rule below; allow it per
+# repository, e.g. roles: [operator], actions: [image.build],
+# resources: ["image:shop/*"].
 version: 1
 rules:
   - roles: [admin]
     actions: ["*"]
     resources: ["*"]
   - roles: [operator]
-    actions: ["image.*", "container.*", key.release, volume.attach, secret.create,
-              secret.delete, recipient.create, node.register, log.read]
+    actions: [image.pull, image.publish, "container.*", key.release, volume.attach,
+              secret.create, secret.delete, recipient.create, node.register, log.read]
     resources: ["*"]
   - roles: [user]
     actions: [image.pull, secret.create, log.read]

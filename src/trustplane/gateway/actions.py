@@ -1,9 +1,12 @@
-"""Which of the seed's five actions a Docker Engine API call is, if any.
+"""Which action a Docker Engine API call is, if any.
 
 The seed (004) names five container actions: download an image, start,
-delete, modify and stop. Every call the gateway forwards is one of them or
-read-only; anything else is denied (fail closed). `{id}` is one path
-segment; `{image}` is one or more (image names contain `/`).
+delete, modify and stop; building an image is a sixth (`image.build`): a
+build makes dockerd pull its FROM image and run each RUN step in a
+container of its own, past the pull and create checks, so it is never
+counted as a mere modification. Every call the gateway forwards is one of
+them or read-only; anything else is denied (fail closed). `{id}` is one
+path segment; `{image}` is one or more (image names contain `/`).
 
 | method | path (after `/vX.Y`)                          | action            | body checked |
 |--------|-----------------------------------------------|-------------------|--------------|
@@ -33,7 +36,8 @@ segment; `{image}` is one or more (image names contain `/`).
 | PUT    | /containers/{id}/archive (copy in)            | container.modify  |              |
 | GET    | /containers/{id}/archive, /containers/{id}/export,| container.modify |           |
 |        | /images/get, /images/{image}/get (content leaves) |              |              |
-| POST   | /commit, /build, /images/load,                | container.modify  | build: networkmode |
+| POST   | /build                                        | image.build       | networkmode, tags |
+| POST   | /commit, /images/load,                        | container.modify  |              |
 |        | /images/create?fromSrc=… (import),            |                   |              |
 |        | /images/{image}/tag, /images/{image}/push     |                   |              |
 | POST   | /volumes/create, /networks/create,            | container.modify  | DriverOpts, Driver |
@@ -63,7 +67,12 @@ from trustplane.errors import MalformedError
 from trustplane.gateway.request import Target
 
 Action = Literal[
-    "image.pull", "container.start", "container.stop", "container.delete", "container.modify"
+    "image.pull",
+    "image.build",
+    "container.start",
+    "container.stop",
+    "container.delete",
+    "container.modify",
 ]
 Kind = Literal["container", "image", "exec", "volume", "network", "system"]
 BodyCheck = Literal["create", "exec", "update", "volume", "network", "build", "json", "none"]
@@ -97,6 +106,7 @@ STOP: Action = "container.stop"
 DELETE: Action = "container.delete"
 MODIFY: Action = "container.modify"
 PULL: Action = "image.pull"
+BUILD: Action = "image.build"
 CTR: Kind = "container"
 _TABLE: tuple[_Row, ...] = (
     ("GET", ("_ping",), _R, "system", "none", False, False),
@@ -144,7 +154,7 @@ _TABLE: tuple[_Row, ...] = (
     ("POST", ("images", "load"), MODIFY, "image", "none", False, True),
     ("GET", ("images", "get"), MODIFY, "image", "none", False, False),
     ("POST", ("images", "prune"), DELETE, "system", "none", False, False),
-    ("POST", ("build",), MODIFY, "image", "build", False, True),
+    ("POST", ("build",), BUILD, "image", "build", False, True),
     ("POST", ("build", "prune"), DELETE, "system", "none", False, False),
     ("GET", ("images", "{image}", "json"), _R, "image", "none", False, False),
     ("GET", ("images", "{image}", "history"), _R, "image", "none", False, False),

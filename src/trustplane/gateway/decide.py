@@ -15,7 +15,8 @@
    a running container's current resource use (monitor.py's readers).
 7. Image authentication (image_auth.py) for pulls and starts, with their
    signatures (image_signatures.py).
-8. Operation authorization: the control plane's explicit `allow`.
+8. Operation authorization: the control plane's explicit `allow`. A build
+   (`image.build`) is authorized on the one repository it tags.
 
 Any exception on the way is a denial: fail closed.
 """
@@ -289,6 +290,8 @@ class Gatekeeper:
         if classified.action == "image.pull":
             assert name is not None
             return f"image:{await self.images.for_pull(name)}"
+        if classified.action == "image.build":
+            return f"image:{_build_repository(target)}"
         if classified.body == "create":
             image = document.get("image")
             if not isinstance(image, str) or not image:
@@ -367,3 +370,18 @@ class Gatekeeper:
             await self.docker.remove_container(container_id)
         log.warning("gateway: removed container %s: not from the checked image", container_id)
         return False
+
+
+def _build_repository(target: Target) -> str:
+    """The one repository a build tags (`t`, repeatable); `*` for an untagged build.
+
+    One build is one decision: tags into two repositories would let a rule
+    for one of them write the other, so they are refused.
+    """
+    repositories = {split_reference(tag)[0] for tag in target.query.get("t", []) if tag}
+    if len(repositories) > 1:
+        raise Forbidden(
+            "trustplane gateway: a build may tag one repository only "
+            f"({', '.join(sorted(repositories))[:200]})"
+        )
+    return repositories.pop() if repositories else "*"
