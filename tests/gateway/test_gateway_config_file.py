@@ -55,6 +55,7 @@ def test_the_agent_identity_is_the_default_and_options_map_to_the_gateway(tmp_pa
     assert (config.thresholds.cpu_percent, config.thresholds.sustain) == (75.0, 5.0)
     assert config.mqtt is not None
     assert config.mqtt.user == "edge-1"
+    assert config.mqtt.nonce_file == Path("/var/lib/trustplane/gateway/mqtt-nonces.json")
 
 
 @pytest.mark.parametrize(

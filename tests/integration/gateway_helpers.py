@@ -199,6 +199,24 @@ def start_gateway(
         process.stop()
 
 
+def restart_gateway(gateway: RunningGateway) -> RunningGateway:
+    """The same gateway (node, key, options, files) stopped and started again.
+
+    The caller stops the returned one; the first one's `start_gateway` finally
+    only stops what is already stopped.
+    """
+    old = gateway.process
+    old.stop()
+    process = ManagedProcess(
+        f"{old.name} (restarted)",
+        old.argv,
+        old.work_dir,
+        ready=UnixSocketReady(gateway.socket),
+        timeout=60,
+    ).start()
+    return RunningGateway(gateway.socket, gateway.node, process)
+
+
 @dataclass(frozen=True)
 class People:
     operator: str

@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from control_helpers import log_size
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from gateway_helpers import PREFIX, RunningGateway, start_gateway
+from gateway_helpers import PREFIX, RunningGateway, restart_gateway, start_gateway
 from gateway_helpers import cleanup as cleanup
 from gateway_helpers import registered_base as registered_base
 from test_gateway_reports import wait_for_entries
@@ -102,6 +102,7 @@ def mqtt_gateway(
         directory, plane, daemon,
         "--mqtt", broker.url, "--mqtt-password-file", str(password_file),
         "--mqtt-ca", str(broker.ca_file), "--status-interval", "1",
+        "--mqtt-nonce-file", str(directory / "state" / "mqtt-nonces.json"),
     )  # fmt: skip
 
 
@@ -204,6 +205,87 @@ def test_commands_are_executed_and_forgeries_and_replays_refused(
             assert {e["command"] for e in executed} >= {"start", "stop", "thresholds", "delete"}
         finally:
             listener.close()
+            gateways.close()
+
+
+def test_a_command_replayed_after_a_restart_is_refused_by_its_recorded_nonce(
+    tmp_path: Path,
+    plane: RunningControlPlane,
+    mosquitto: RunningMosquitto,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    registered_base: str,
+) -> None:
+    """The accepted nonces outlive the gateway: a command recorded off the wire and
+    published again after a restart is refused as a replay (not by comparing the
+    control plane's clock with the gateway's start), while a command issued during
+    the restart and delivered late was never accepted, and runs."""
+    with plane.admin() as admin:
+        image = docker_client.images.get(registered_base)
+        layers = [{"index": i, "digest": d, "encrypted": False, "diff_id": d}
+                  for i, d in enumerate(image.attrs["RootFS"]["Layers"])]  # fmt: skip
+        admin.register_image(registered_base.rsplit(":", 1)[0], image.id, layers)
+        directory = tmp_path / "gw-restart"
+        gateways = mqtt_gateway(directory, plane, docker_daemon, mosquitto)
+        gateway = next(gateways)
+        restarted: RunningGateway | None = None
+        listener = Listener(mosquitto, f"trustplane/gw/{gateway.node}/up/#")
+        name = f"{PREFIX}-mqtt-restart"
+        try:
+            start = log_size(plane)
+            listener.wait(lambda t, d: t.endswith("/up/status"))
+            container = docker_client.containers.create(registered_base, ["sleep", "1000"],
+                                                        name=name)  # fmt: skip
+            started = send(admin, gateway.node, "start", container=name)
+            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started["envelope"]))
+            assert done["ok"] is True, done
+            container.stop(timeout=1)  # directly on dockerd: a replayed start would show
+            record = directory / "state" / "mqtt-nonces.json"
+            assert nonce_of(started["envelope"]) in json.loads(record.read_text())["nonces"]
+
+            gateway.process.stop()
+            # Issued while the gateway is down: the broker keeps it for nobody; it
+            # arrives late (re-published below), after the restart.
+            late = send(admin, gateway.node, "thresholds", cpu_percent=55)
+            back = time.time()
+            restarted = restart_gateway(gateway)
+            listener.wait(lambda t, d: t.endswith("/up/status") and d["time"] > back)
+
+            publisher = connect(mosquitto.url, CONTROL_USER, mosquitto.control_password,
+                                mosquitto.ca_file, "replayer-after-restart")  # fmt: skip
+            topic = f"trustplane/gw/{gateway.node}/cmd"
+            publisher.publish(topic, started["envelope"], qos=1).wait_for_publish(10)
+            replay = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started["envelope"])
+                                   and d.get("ok") is False)  # fmt: skip
+            assert "replayed" in replay["reason"], replay
+            container.reload()
+            assert container.status == "exited"  # not started again
+
+            publisher.publish(topic, late["envelope"], qos=1).wait_for_publish(10)
+            ran = listener.wait(lambda t, d: d.get("nonce") == nonce_of(late["envelope"]))
+            assert ran["ok"] is True, ran
+            assert "cpu_percent=55.0" in ran["message"]
+            # ... once: the late command is a replay the second time.
+            publisher.publish(topic, late["envelope"], qos=1).wait_for_publish(10)
+            again = listener.wait(lambda t, d: d.get("nonce") == nonce_of(late["envelope"])
+                                  and d.get("ok") is False)  # fmt: skip
+            assert "replayed" in again["reason"], again
+            publisher.disconnect()
+            publisher.loop_stop()
+
+            entries = wait_for_entries(admin, start, gateway.node, 5)
+            decisions = [(e["decision"], e.get("nonce"), str(e.get("reason")))
+                         for e in entries if e["kind"] == "gateway.decision"]  # fmt: skip
+            replayed = [d for d in decisions if d[0] == "deny" and "replayed" in d[2]]
+            assert {d[1] for d in replayed} == {
+                nonce_of(started["envelope"]),
+                nonce_of(late["envelope"]),
+            }, decisions
+            assert ("allow", nonce_of(late["envelope"])) in {(d[0], d[1]) for d in decisions}
+        finally:
+            listener.close()
+            if restarted is not None:
+                restarted.process.stop()
             gateways.close()
 
 

@@ -70,7 +70,8 @@ def edge_scene(
             password_file.write_text(broker.add_user(node))
             password_file.chmod(0o600)
             mqtt_args = ["--mqtt", broker.url, "--mqtt-password-file", str(password_file),
-                         "--mqtt-ca", str(broker.ca_file)]  # fmt: skip
+                         "--mqtt-ca", str(broker.ca_file),
+                         "--mqtt-nonce-file", str(work / "mqtt-nonces.json")]  # fmt: skip
         gateway = ManagedProcess(
             "trustplane gateway",
             [

@@ -69,6 +69,13 @@ def gateway(
     status_interval: Annotated[
         float, typer.Option(help="Seconds between status reports over MQTT.")
     ] = 10.0,
+    mqtt_nonce_file: Annotated[
+        Path,
+        typer.Option(
+            help="Where the nonces of accepted MQTT commands are kept until they expire "
+            "(replays are refused across restarts)."
+        ),
+    ] = Path("/var/lib/trustplane/gateway/mqtt-nonces.json"),
     authz_plugin: Annotated[
         str | None,
         typer.Option(
@@ -113,7 +120,9 @@ def gateway(
         user = mqtt_user or node
         if user is None or mqtt_password_file is None:
             raise UsageError("--mqtt needs --mqtt-password-file and --mqtt-user (or --node)")
-        mqtt_config = MqttConfig(mqtt, user, mqtt_password_file, mqtt_ca, status_interval)
+        mqtt_config = MqttConfig(
+            mqtt, user, mqtt_password_file, mqtt_ca, status_interval, mqtt_nonce_file
+        )
     config = GatewayConfig(
         listen=unix_path(listen, "--listen"),
         docker=unix_path(docker, "--docker"),

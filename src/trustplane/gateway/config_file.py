@@ -18,6 +18,7 @@ refused, in one line, before anything starts::
     [mqtt]
     url = "mqtts://broker:8883"
     password_file = "/etc/trustplane/mqtt.password"
+    nonce_file = "/var/lib/trustplane/gateway/mqtt-nonces.json"
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from trustplane.errors import UsageError
 from trustplane.gateway.control_link import NodeCredential
 from trustplane.gateway.image_signatures import load_policy
 from trustplane.gateway.monitor import Thresholds
-from trustplane.gateway.mqtt_link import MqttConfig
+from trustplane.gateway.mqtt_link import NONCE_FILE, MqttConfig
 from trustplane.gateway.service import GatewayConfig, check_categories, unix_path
 
 
@@ -54,6 +55,7 @@ class _Mqtt(_Strict):
     user: str | None = None
     ca: Path | None = None
     status_interval: float = Field(10.0, gt=0)
+    nonce_file: Path = NONCE_FILE
 
 
 class _File(_Strict):
@@ -108,6 +110,7 @@ def load_gateway_config(
             options.mqtt.password_file,
             options.mqtt.ca,
             options.mqtt.status_interval,
+            options.mqtt.nonce_file,
         )
     return GatewayConfig(
         listen=unix_path(options.listen, "listen"),

@@ -7,10 +7,11 @@ name (its node name) and password; the broker's ACL lets it read only
 A message on the command topic is executed only when it is signed by the
 control plane's command key (fetched over HTTPS from the control plane at
 start), addressed to this gateway, not expired, and its nonce was not seen
-before (nonces are kept until their command expires). Anything else is
-refused, published on `up/result` and reported to the control plane's log
-(`gateway.decision`). Nonces are kept in memory only, so a command issued
-before the gateway (re)started is refused as well. Commands go to dockerd directly:
+before: accepted nonces are kept on disk until their command expires
+(nonces.py), so a replay is refused across restarts too, whatever the
+clocks say. Anything else is refused, published on `up/result` and
+reported to the control plane's log (`gateway.decision`). Commands go to
+dockerd directly:
 
 - `pull` {image}: only a repository the control plane registered;
 - `start` {container}: only a container whose image is authentic; watched
@@ -52,13 +53,14 @@ from trustplane.gateway.control_link import ControlLink
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.image_auth import ImageAuthenticator
 from trustplane.gateway.monitor import ResourceMonitor
+from trustplane.gateway.nonces import NonceStore
 from trustplane.gateway.reporter import Reporter
 from trustplane.mqtt_client import connect
 
 log = logging.getLogger("trustplane.gateway")
 TOPIC_ROOT = "trustplane/gw"
 QUEUE_SIZE = 256
-MAX_NONCES = 100_000
+NONCE_FILE = Path("/var/lib/trustplane/gateway/mqtt-nonces.json")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _IMAGE = re.compile(r"[a-z0-9][a-z0-9._/:@-]{0,254}")
 
@@ -70,6 +72,8 @@ class MqttConfig:
     password_file: Path
     ca_file: Path | None = None
     status_interval: float = 10.0
+    nonce_file: Path = NONCE_FILE
+    """The accepted commands' nonces, kept until they expire (see nonces.py)."""
 
 
 class MqttLink:
@@ -92,13 +96,10 @@ class MqttLink:
         self._key: ed25519.Ed25519PublicKey | None = None
         self._client: mqtt.Client | None = None
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
-        self._nonces: dict[str, float] = {}
+        self.nonces = NonceStore(config.nonce_file)
         self._tasks: list[asyncio.Task[None]] = []
         self.executed = 0
         self.refused = 0
-        self._started = time.time()
-        """Nonces live in memory: a command issued before this start may have been
-        executed by the previous run, so it is refused (see _check_nonce)."""
 
     @property
     def command_topic(self) -> str:
@@ -108,7 +109,7 @@ class MqttLink:
         return f"{TOPIC_ROOT}/{self.name}/up/{kind}"
 
     async def start(self) -> None:
-        self._started = time.time()
+        await asyncio.to_thread(self.nonces.load, time.time())
         pem = await self.link.command_key()
         key = serialization.load_pem_public_key(pem.encode())
         if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -186,7 +187,9 @@ class MqttLink:
             self._refuse(None, str(exc))
             return False
         try:
-            self._check_nonce(command)
+            await asyncio.to_thread(
+                self.nonces.claim, command.nonce, command.issued, command.expires, time.time()
+            )
             message = await self._execute(command)
         except TrustplaneError as exc:
             self._refuse(command, str(exc))
@@ -211,22 +214,6 @@ class MqttLink:
                 },
             )
         return True
-
-    def _check_nonce(self, command: Command) -> None:
-        now = time.time()
-        if len(self._nonces) > MAX_NONCES // 2:
-            for nonce, expires in list(self._nonces.items()):
-                if expires < now:
-                    del self._nonces[nonce]
-        if command.issued < self._started:
-            raise IntegrityError(
-                "the command was issued before this gateway started (a replay cannot be ruled out)"
-            )
-        if command.nonce in self._nonces:
-            raise IntegrityError("the command was replayed (its nonce was seen before)")
-        if len(self._nonces) >= MAX_NONCES:
-            raise IntegrityError("too many live commands; refused")
-        self._nonces[command.nonce] = command.expires
 
     def _refuse(self, command: Command | None, reason: str) -> None:
         self.refused += 1
