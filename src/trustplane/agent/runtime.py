@@ -17,13 +17,20 @@ made from the host. With any other storage driver the layers cannot be told
 apart from the writable layer honestly: such a container is reported as
 unmeasurable (fail closed) instead of being passed.
 
-Each drift (or unmeasurable container) is logged here and reported to the
-control plane, whose policy answers `stop` or `keep`; on `stop` the agent
-stops the container through the Engine API.
+Each drift (or unmeasurable container) is reported to the control plane,
+whose policy answers `stop` or `keep`; on `stop` the agent stops the
+container through the Engine API. A drift that is kept is found again at
+every round: it is still reported (the policy's answer may change), but
+with the log entry of the same finding (`repeat_of`), so the control plane
+logs it once per change of what was found, and the agent logs it locally
+only then too. What was logged is remembered in memory: after an agent
+restart a standing drift is logged once more.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +74,8 @@ class ContainerCheck:
     """The control plane's answer to a report: stop or keep."""
     stopped: bool = False
     log_index: int | None = None
+    repeated: bool = False
+    """The same finding and answer as at an earlier round: nothing new was logged."""
 
 
 class RuntimeIntegrity:
@@ -81,6 +90,8 @@ class RuntimeIntegrity:
         self.stop_grace = stop_grace
         self._references: dict[tuple[str, str], Reference] = {}
         """Registered references never change: cached for the agent's life."""
+        self._logged: dict[str, tuple[str, int]] = {}
+        """Per container: the fingerprint of its last logged finding and that entry's index."""
 
     def close(self) -> None:
         self.docker.close()
@@ -106,6 +117,13 @@ class RuntimeIntegrity:
                 continue
             if result is not None:
                 results.append(result)
+        # A container that ended or is clean again starts afresh: its next finding
+        # is logged as new. One that could not be checked this round keeps its own.
+        running_ids = {str(summary["Id"]) for summary in running}
+        clean = {r.container for r in results if r.status not in ("drift", "unmeasured")}
+        self._logged = {
+            c: logged for c, logged in self._logged.items() if c in running_ids and c not in clean
+        }
         return results
 
     def _check_one(
@@ -231,17 +249,9 @@ class RuntimeIntegrity:
         self, control: ControlClient, result: ContainerCheck, reference: Reference
     ) -> ContainerCheck:
         drift = result.drift
-        logger.warning(
-            "container %s (%s, image %s): %s: %d changed, %d missing, %d unexpected%s",
-            result.name,
-            result.container[:12],
-            reference.repository,
-            result.status,
-            len(drift.changed),
-            len(drift.missing),
-            len(drift.unexpected),
-            f" ({result.reason})" if result.reason else "",
-        )
+        fingerprint = _fingerprint(result, reference)
+        previous = self._logged.get(result.container)
+        repeat_of = previous[1] if previous is not None and previous[0] == fingerprint else None
         answer = control.report_drift(
             {
                 "container": result.container,
@@ -257,9 +267,26 @@ class RuntimeIntegrity:
                     "unexpected": len(drift.unexpected),
                 },
                 "reason": result.reason or None,
+                "fingerprint": fingerprint,
+                "repeat_of": repeat_of,
             }
         )
         action = str(answer["action"])
+        repeated = bool(answer.get("repeated", False))
+        self._logged[result.container] = (fingerprint, int(answer["log_index"]))
+        logger.log(
+            logging.DEBUG if repeated else logging.WARNING,
+            "container %s (%s, image %s): %s: %d changed, %d missing, %d unexpected%s; %s",
+            result.name,
+            result.container[:12],
+            reference.repository,
+            result.status,
+            len(drift.changed),
+            len(drift.missing),
+            len(drift.unexpected),
+            f" ({result.reason})" if result.reason else "",
+            "as logged before" if repeated else f"logged at {answer['log_index']}",
+        )
         stopped = False
         if action == "stop":
             try:
@@ -280,11 +307,26 @@ class RuntimeIntegrity:
             action,
             stopped,
             int(answer["log_index"]),
+            repeated,
         )
 
 
 class _Unmeasurable(TrustplaneError):
     """The container's image layers cannot be told apart on this node."""
+
+
+def _fingerprint(result: ContainerCheck, reference: Reference) -> str:
+    """sha256 of everything a round found in one container (every path, not only
+    the MAX_REPORTED sent), to tell a standing drift from a changed one."""
+    found = {
+        "status": result.status,
+        "reason": result.reason,
+        "image": [reference.repository, reference.manifest_digest],
+        "changed": result.drift.changed,
+        "missing": result.drift.missing,
+        "unexpected": result.drift.unexpected,
+    }
+    return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()
 
 
 def image_layer_dirs(attrs: dict[str, Any]) -> list[Path]:

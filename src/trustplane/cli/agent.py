@@ -84,7 +84,7 @@ def agent(
 
     def report_runtime(results: list[ContainerCheck]) -> None:
         for check in results:
-            if check.status in ("drift", "unmeasured"):
+            if check.status in ("drift", "unmeasured") and not check.repeated:
                 what = (
                     f"{len(check.drift.changed)} changed, {len(check.drift.missing)} missing, "
                     f"{len(check.drift.unexpected)} unexpected"

@@ -8,20 +8,30 @@ from the body) and the answer says what to do: `stop` when the policy's
 could not be measured at all is reported the same way (fail closed), with
 the reason.
 
+A drift the policy only reports is found again at every round. The agent
+sends what it found each time (the policy may have changed its answer),
+and with it `repeat_of`, the index of the entry that logged the same
+finding; when that entry is this node's `runtime.drift` with exactly this
+content, container and answer, nothing new is logged and the answer names
+that entry (`repeated`). Anything else is logged as new: one entry per
+change of what was found or of the answer, whatever the node claims.
+
 Only principals with role `node` may report. The body is bounded: at most
 MAX_PATHS paths per list (the counts say how many there were in all).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field, model_validator
 
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.control.routers.images import DIGEST
-from trustplane.errors import Forbidden
+from trustplane.errors import Forbidden, NotFoundError
 
 router = APIRouter(prefix="/v1", tags=["runtime"])
 
@@ -46,6 +56,14 @@ class DriftReport(BaseModel):
     reason: str | None = Field(
         None, max_length=1024, description="Why the container could not be measured"
     )
+    fingerprint: str | None = Field(
+        None,
+        pattern=r"^[a-f0-9]{64}$",
+        description="sha256 of everything found (every path, beyond the MAX_PATHS sent)",
+    )
+    repeat_of: int | None = Field(
+        None, ge=0, description="The log entry of the same finding, sent at an earlier round"
+    )
 
     @model_validator(mode="after")
     def consistent(self) -> DriftReport:
@@ -65,6 +83,9 @@ class DriftAnswer(BaseModel):
     action: Literal["stop", "keep"]
     reason: str
     log_index: int
+    repeated: bool = Field(
+        False, description="The same as the entry at log_index; nothing new was logged"
+    )
 
 
 @router.post("/runtime/drift", status_code=status.HTTP_201_CREATED, response_model=DriftAnswer)
@@ -78,20 +99,38 @@ async def drift(body: DriftReport, caller: Caller, plane: Plane) -> DriftAnswer:
         if stop
         else "policy does not ask to stop on drift"
     )
-    receipt = await plane.log.append_async(
-        "runtime.drift",
-        {
-            "node": caller.subject,
-            "container": body.container,
-            "name": body.name,
-            "image": body.repository,
-            "manifest": body.manifest_digest,
-            "changed": body.changed,
-            "missing": body.missing,
-            "unexpected": body.unexpected,
-            "counts": body.counts.model_dump(),
-            "unmeasured": body.reason,
-            "action": "stop" if stop else "keep",
-        },
-    )
-    return DriftAnswer(action="stop" if stop else "keep", reason=reason, log_index=receipt.index)
+    action: Literal["stop", "keep"] = "stop" if stop else "keep"
+    entry: dict[str, Any] = {
+        "node": caller.subject,
+        "container": body.container,
+        "name": body.name,
+        "image": body.repository,
+        "manifest": body.manifest_digest,
+        "changed": body.changed,
+        "missing": body.missing,
+        "unexpected": body.unexpected,
+        "counts": body.counts.model_dump(),
+        "unmeasured": body.reason,
+        "fingerprint": body.fingerprint,
+        "action": action,
+    }
+    if body.repeat_of is not None and body.fingerprint is not None:
+        logged = await anyio.to_thread.run_sync(_logged_drift, plane, body.repeat_of)
+        if logged == entry:
+            return DriftAnswer(
+                action=action, reason=reason, log_index=body.repeat_of, repeated=True
+            )
+    receipt = await plane.log.append_async("runtime.drift", entry)
+    return DriftAnswer(action=action, reason=reason, log_index=receipt.index)
+
+
+def _logged_drift(plane: Plane, index: int) -> dict[str, Any] | None:
+    """The content of log entry `index` when it is a runtime.drift entry, else None."""
+    try:
+        logged = json.loads(plane.log.entry(index))
+    except NotFoundError:
+        return None
+    if not isinstance(logged, dict) or logged.pop("kind", None) != "runtime.drift":
+        return None
+    logged.pop("time", None)
+    return logged
