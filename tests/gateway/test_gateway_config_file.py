@@ -81,3 +81,19 @@ def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, message
 def test_an_absent_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="No such file"):
         load(tmp_path / "absent.toml")
+
+
+def test_the_monitor_source_and_blindness_options(tmp_path: Path) -> None:
+    default = load(write(tmp_path, ""))
+    assert (default.monitor_source, default.allow_blind_monitor) == ("auto", False)
+    assert default.cgroup_root == Path("/sys/fs/cgroup")
+    config = load(
+        write(
+            tmp_path,
+            '[monitor]\nsource = "cgroup"\ncgroup_root = "/host/cgroup"\nallow_blind = true\n',
+        )
+    )
+    assert (config.monitor_source, config.allow_blind_monitor) == ("cgroup", True)
+    assert config.cgroup_root == Path("/host/cgroup")
+    with pytest.raises(UsageError, match="monitor.source"):
+        load(write(tmp_path, '[monitor]\nsource = "psutil"\n'))

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -143,6 +144,12 @@ class RunningGateway:
             while chunk := _recv(sock):
                 answer += chunk
             return answer
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """`GET /_trustplane/health`, answered by the gateway itself: (status, document)."""
+        answer = self.raw(b"GET /_trustplane/health HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
 def with_shutdown(sock: socket.socket) -> None:

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 from control_helpers import log_size
-from gateway_helpers import PREFIX, DockerCli, make_people, start_gateway
+from gateway_helpers import (
+    PREFIX,
+    DockerCli,
+    RunningGateway,
+    container_exists,
+    make_people,
+    start_gateway,
+)
 from gateway_helpers import cleanup as cleanup
 from gateway_helpers import registered_base as registered_base
 from test_gateway_reports import wait_for_entries
@@ -24,8 +33,9 @@ from test_gateway_reports import wait_for_entries
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
+from trustplane.errors import UnavailableError
 from trustplane.gateway.docker_api import DockerApi
-from trustplane.gateway.monitor import ResourceMonitor, Thresholds
+from trustplane.gateway.monitor import BLIND_AFTER, ResourceMonitor, Thresholds
 
 pytestmark = pytest.mark.usefixtures("cleanup")
 HOG = "dd if=/dev/zero of=/dev/shm/x bs=1M count=48 2>/dev/null; sleep 1000"
@@ -151,3 +161,140 @@ def test_without_cgroup_files_the_engine_stats_api_measures(
     assert 0 <= second["cpu_percent"] <= 100
     assert second["memory_limit"] == 64 * 1024 * 1024
     assert second["memory_percent"] > 50
+
+
+def until(gateway: RunningGateway, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The gateway's health, once `wanted` holds for it (the pytest timeout bounds the wait)."""
+    while True:
+        _, health = gateway.health()
+        if wanted(health):
+            return health
+        time.sleep(0.2)
+
+
+def blind(health: dict[str, Any]) -> bool:
+    return bool(health["monitor"]["blind"])
+
+
+@pytest.mark.timeout(300)
+def test_a_blind_monitor_is_reported_and_refuses_starts_until_it_sees_again(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    admin: ControlClient,
+    registered_base: str,
+) -> None:
+    """The monitor reads cgroup files only (`--monitor-source cgroup`) under a root that
+    is not there: it cannot sample anything, says so on its health and to the control
+    plane's log, and container starts are refused until the files can be read again."""
+    people = make_people(control_plane, "blind")
+    cgroups = tmp_path / "cgroup"  # where the monitor looks: absent, so unreadable
+    gateways = start_gateway(
+        tmp_path / "gw-blind", control_plane, docker_daemon,
+        "--monitor-source", "cgroup", "--cgroup-root", str(cgroups),
+        "--monitor-interval", "0.2",
+    )  # fmt: skip
+    gateway = next(gateways)
+    cli = DockerCli.make(gateway.host, tmp_path / "op", people.operator_token)
+    first, second = f"{PREFIX}-blind-1", f"{PREFIX}-blind-2"
+    try:
+        start = log_size(control_plane)
+        health = until(gateway, blind)
+        assert gateway.health()[0] == 503
+        assert health["status"] == "degraded"
+        assert "cgroup" in health["monitor"]["reason"]
+        message = cli.refused("run", "-d", "--name", first, registered_base, "sleep", "1000",
+                              text="resource monitor")  # fmt: skip
+        assert "--allow-blind-monitor" in message
+        assert not container_exists(docker_client, first)
+        cli.ok("ps")  # reading goes on
+
+        cgroups.symlink_to("/sys/fs/cgroup")  # the cgroup files can be read again
+        until(gateway, lambda h: not blind(h))
+        assert gateway.health()[0] == 200
+        cli.ok("run", "-d", "--name", first, registered_base, "sleep", "1000")
+        until(gateway, lambda h: h["monitor"]["watched"] == 1)
+
+        # Blind again while it watches a container: the container stays watched
+        # (not silently dropped), and new starts are refused again.
+        cgroups.unlink()
+        health = until(gateway, blind)
+        assert health["monitor"]["watched"] == 1
+        cli.refused("run", "-d", "--name", second, registered_base, "sleep", "1000",
+                    text="resource monitor")  # fmt: skip
+        assert not container_exists(docker_client, second)
+        cgroups.symlink_to("/sys/fs/cgroup")
+        until(gateway, lambda h: not blind(h) and h["monitor"]["watched"] == 1)
+        cli.ok("run", "-d", "--name", second, registered_base, "sleep", "1000")
+
+        entries = wait_for_entries(admin, start, gateway.node, 6)
+        events = [e["event"] for e in entries if e["kind"] == "gateway.status"]
+        assert events.count("monitor blind") == 2, entries
+        assert events.count("monitor recovered") == 2, entries
+        refused = [e for e in entries if e["kind"] == "gateway.decision"
+                   and "resource monitor" in str(e["reason"])]  # fmt: skip
+        assert len(refused) == 2, entries
+        assert {e["action"] for e in refused} == {"container.start"}
+        assert all(e["subject"] == f"user:{people.operator}" for e in refused)
+    finally:
+        gateways.close()
+
+
+@pytest.mark.timeout(300)
+def test_allow_blind_monitor_lets_starts_through_and_says_so(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    docker_client: docker.DockerClient,
+    registered_base: str,
+) -> None:
+    people = make_people(control_plane, "blindok")
+    gateways = start_gateway(
+        tmp_path / "gw-blind-ok", control_plane, docker_daemon,
+        "--monitor-source", "cgroup", "--cgroup-root", str(tmp_path / "none"),
+        "--monitor-interval", "0.2", "--allow-blind-monitor",
+    )  # fmt: skip
+    gateway = next(gateways)
+    name = f"{PREFIX}-blind-ok"
+    try:
+        health = until(gateway, blind)
+        assert health["monitor"]["starts"] == "allowed"
+        cli = DockerCli.make(gateway.host, tmp_path / "op", people.operator_token)
+        cli.ok("run", "-d", "--name", name, registered_base, "sleep", "1000")
+        assert docker_client.containers.get(name).status == "running"
+    finally:
+        gateways.close()
+
+
+def test_a_monitor_whose_sources_are_both_down_is_blind_in_auto_mode(
+    tmp_path: Path, docker_daemon: DockerDaemon
+) -> None:
+    """auto: no cgroup files here and a Docker endpoint where nothing listens -> blind
+    after BLIND_AFTER rounds; the real dockerd behind it again -> seeing at once."""
+
+    async def scenario() -> tuple[list[str | None], str, str | None]:
+        down = DockerApi(str(tmp_path / "nothing-listens.sock"))
+        monitor = ResourceMonitor(down, Thresholds(), cgroup_root=tmp_path / "no-cgroups")
+        seen: list[str | None] = []
+        try:
+            for _ in range(BLIND_AFTER):
+                await monitor.tick()
+                seen.append(monitor.blind)
+            with pytest.raises(UnavailableError) as refused:
+                monitor.refuse_start_if_blind()
+            monitor.docker = DockerApi(str(docker_daemon.socket))
+            await monitor.tick()
+            monitor.refuse_start_if_blind()  # starts pass again
+            return seen, str(refused.value), monitor.blind
+        finally:
+            await down.close()
+            await monitor.docker.close()
+
+    seen, refusal, after = asyncio.run(scenario())
+    assert seen[:-1] == [None] * (BLIND_AFTER - 1)  # one bad round is a hiccup
+    assert seen[-1] is not None
+    assert "no readable cgroup files" in seen[-1]
+    assert "Engine stats API" in seen[-1]
+    assert "container starts are refused" in refusal
+    assert after is None

@@ -56,6 +56,23 @@ def gateway(
     monitor_interval: Annotated[
         float, typer.Option(help="Monitor: seconds between samples.")
     ] = 2.0,
+    monitor_source: Annotated[
+        str,
+        typer.Option(
+            help="Monitor: sample cgroup files, else the Engine stats API (auto), or only one "
+            "of them (cgroup, stats)."
+        ),
+    ] = "auto",
+    cgroup_root: Annotated[
+        Path, typer.Option(help="Monitor: where the host's cgroup filesystem is mounted.")
+    ] = Path("/sys/fs/cgroup"),
+    allow_blind_monitor: Annotated[
+        bool,
+        typer.Option(
+            help="Let containers start while the monitor cannot sample them (they run "
+            "unwatched); by default such starts are refused."
+        ),
+    ] = False,
     mqtt: Annotated[
         str | None, typer.Option(help="MQTT broker for commands (mqtts://HOST:PORT).")
     ] = None,
@@ -103,7 +120,7 @@ def gateway(
     """Authenticate, authorize and forward every Docker Engine API call."""
     from trustplane.gateway.control_link import NodeCredential
     from trustplane.gateway.image_signatures import load_policy
-    from trustplane.gateway.monitor import Thresholds
+    from trustplane.gateway.monitor import Thresholds, check_source
     from trustplane.gateway.mqtt_link import MqttConfig
     from trustplane.gateway.service import GatewayConfig, check_categories, run, unix_path
 
@@ -140,6 +157,9 @@ def gateway(
         workers=workers,
         signatures=load_policy(signature_key or [], require_signatures),
         require_scoped_tokens=require_scoped_tokens,
+        monitor_source=check_source(monitor_source),
+        cgroup_root=cgroup_root,
+        allow_blind_monitor=allow_blind_monitor,
     )
     stdout.print(f"trustplane gateway on unix://{config.listen} -> unix://{config.docker}")
     run(config)

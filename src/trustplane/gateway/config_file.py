@@ -14,6 +14,8 @@ refused, in one line, before anything starts::
     [monitor]
     cpu_threshold = 80.0
     sustain = 30.0
+    source = "auto"              # or "cgroup", "stats"
+    allow_blind = false          # refuse starts while the monitor cannot sample
 
     [mqtt]
     url = "mqtts://broker:8883"
@@ -33,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from trustplane.errors import UsageError
 from trustplane.gateway.control_link import NodeCredential
 from trustplane.gateway.image_signatures import load_policy
-from trustplane.gateway.monitor import Thresholds
+from trustplane.gateway.monitor import CGROUP_ROOT, Source, Thresholds
 from trustplane.gateway.mqtt_link import NONCE_FILE, MqttConfig
 from trustplane.gateway.service import GatewayConfig, check_categories, unix_path
 
@@ -47,6 +49,9 @@ class _Monitor(_Strict):
     memory_threshold: float = 90.0
     sustain: float = Field(30.0, gt=0)
     interval: float = Field(2.0, gt=0)
+    source: Source = "auto"
+    cgroup_root: Path = CGROUP_ROOT
+    allow_blind: bool = False
 
 
 class _Mqtt(_Strict):
@@ -135,4 +140,7 @@ def load_gateway_config(
         else None,
         signatures=load_policy(options.signature_keys, options.require_signatures),
         require_scoped_tokens=options.require_scoped_tokens,
+        monitor_source=options.monitor.source,
+        cgroup_root=options.monitor.cgroup_root,
+        allow_blind_monitor=options.monitor.allow_blind,
     )

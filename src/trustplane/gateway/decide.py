@@ -9,7 +9,9 @@
 3. Read-only calls are allowed for any verified caller (the verified
    identity is the short-lived cached decision).
 4. A caller of normal privilege (role `user`, or a node) is refused every
-   mutating action here; `operator` and `admin` go on.
+   mutating action here; `operator` and `admin` go on. A container start
+   is refused while the resource monitor that must watch it is blind
+   (monitor.py), unless the gateway allows that.
 5. The body: host access (host_access.py) unless this gateway allows it.
 6. The container metadata (id, name, image, process id) from dockerd, and
    a running container's current resource use (monitor.py's readers).
@@ -176,6 +178,32 @@ class Gatekeeper:
             )
         return verdict
 
+    def health(self, peer: Peer | None) -> tuple[int, dict[str, Any]]:
+        """The gateway's own state for `GET /_trustplane/health`: (status, document).
+
+        No token is asked (health probes have none, and it must answer when
+        the control plane does not); it tells whether the gateway can do its
+        job, never what runs on it.
+        """
+        if self.allowed_uids and (peer is None or peer.uid not in self.allowed_uids):
+            uid = "unknown" if peer is None else str(peer.uid)
+            return 403, {"message": f"trustplane gateway: local user {uid} may not use it"}
+        monitor = self.monitor.health() if self.monitor is not None else None
+        degraded = monitor is not None and bool(monitor["blind"])
+        reports = None
+        if self.reporter is not None:
+            reports = {
+                "sent": self.reporter.sent,
+                "queued": self.reporter.queued,
+                "dropped": self.reporter.dropped,
+            }
+        document = {
+            "status": "degraded" if degraded else "ok",
+            "monitor": monitor,
+            "reports": reports,
+        }
+        return (503 if degraded else 200), document
+
     def report_refusal(
         self,
         status: int,
@@ -247,6 +275,8 @@ class Gatekeeper:
                 f"trustplane gateway: {caller.subject} has normal privilege (role "
                 f"{caller.role}); {action} needs an operator or admin"
             )
+        if action == "container.start" and self.monitor is not None:
+            self.monitor.refuse_start_if_blind()
         refused = wanted - self.allow_host_access
         if refused:
             raise Forbidden(

@@ -49,6 +49,15 @@ class DockerApi:
             raise MalformedError("dockerd sent an unexpected inspect answer")
         return document
 
+    async def ping(self) -> None:
+        """`GET /_ping`: UnavailableError unless dockerd answers OK."""
+        try:
+            response = await self._http.get("/_ping")
+        except httpx.HTTPError as exc:
+            raise UnavailableError(f"dockerd at {self.socket_path}: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise UnavailableError(f"dockerd answered {response.status_code} to a ping")
+
     async def remove_container(self, container_id: str) -> None:
         """Force-remove a container the gateway must not let stand (best effort)."""
         with contextlib.suppress(httpx.HTTPError):

@@ -23,6 +23,18 @@ stopped per sample; the next sample decides about the others again.
 
 Only containers started through this gateway are watched: others on the
 same dockerd are not the gateway's to stop.
+
+`source` chooses where samples come from: `auto` (cgroup files, else the
+stats API), `cgroup` or `stats` only. A monitor that cannot sample is
+blind, and says so instead of going quiet: a round fails when a watched,
+still running container cannot be sampled, or, with nothing watched, when
+none of its sources answers (the cgroup root unreadable, dockerd not
+answering). After BLIND_AFTER failed rounds in a row the monitor is blind:
+it reports `gateway.status` ("monitor blind", with the reason) once, shows
+it on the gateway's health, keeps watching what it watched, and new
+container starts are refused (`refuse_start_if_blind`) unless the gateway
+allows them (`allow_blind`). The first round that samples again reports
+"monitor recovered" and starts pass again.
 """
 
 from __future__ import annotations
@@ -34,9 +46,9 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from trustplane.errors import TrustplaneError, UsageError
+from trustplane.errors import TrustplaneError, UnavailableError, UsageError
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.reporter import Reporter
 
@@ -44,6 +56,18 @@ log = logging.getLogger("trustplane.gateway")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = 1 << 60
 """cgroup v1 writes "no limit" as a number near 2**63."""
+BLIND_AFTER = 3
+"""Failed rounds in a row after which the monitor is blind (one is a hiccup)."""
+Source = Literal["auto", "cgroup", "stats"]
+SOURCES: tuple[Source, ...] = ("auto", "cgroup", "stats")
+
+
+def check_source(name: str) -> Source:
+    """A monitor source named on the command line or in a file; UsageError otherwise."""
+    for source in SOURCES:
+        if name == source:
+            return source
+    raise UsageError(f"unknown monitor source {name!r}; known: {', '.join(SOURCES)}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,8 @@ class Watched:
     previous: Sample | None = None
     over_since: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
+    failure: str = ""
+    """Why the last sample could not be taken."""
 
 
 class ResourceMonitor:
@@ -108,11 +134,20 @@ class ResourceMonitor:
         thresholds: Thresholds,
         reporter: Reporter | None = None,
         cgroup_root: Path = CGROUP_ROOT,
+        source: Source = "auto",
+        allow_blind: bool = False,
     ) -> None:
         self.docker = docker
         self.thresholds = thresholds
         self.reporter = reporter
         self.cgroup_root = cgroup_root
+        self.source = source
+        self.allow_blind = allow_blind
+        """Let containers start while the monitor is blind (refused by default)."""
+        self.blind: str | None = None
+        """Why the monitor cannot sample, while it cannot; None when it can."""
+        self.blind_since: float | None = None
+        self._failed_rounds = 0
         self.watched: dict[str, Watched] = {}
         self.stopped: list[dict[str, Any]] = []
         """What the monitor stopped, newest last (for status reports and tests)."""
@@ -163,7 +198,7 @@ class ResourceMonitor:
             started=started,
             pid=int(state.get("Pid") or 0),
         )
-        watched.cgroup = self._find_cgroup(watched.pid)
+        watched.cgroup = self._find_cgroup(watched.pid) if self.source != "stats" else None
         self.watched[container_id] = watched
         log.info("monitor: watching %s (%s)", watched.name, "cgroup" if watched.cgroup else "stats")
 
@@ -242,14 +277,28 @@ class ResourceMonitor:
             return None  # a stopped container has empty stats
 
     async def sample(self, watched: Watched) -> dict[str, float] | None:
-        """This container's shares now ({"cpu_percent", "memory_percent"}), None when gone."""
+        """This container's shares now ({"cpu_percent", "memory_percent"}).
+
+        None when no source could be read (gone, or the monitor cannot see
+        it: `watched.failure` says why; tick() tells the two apart).
+        """
+        if watched.cgroup is None and self.source != "stats":
+            watched.cgroup = self._find_cgroup(watched.pid)  # the files may be back
         current = self._read_cgroup(watched) if watched.cgroup else None
         if current is None:
             if watched.cgroup is not None:
                 watched.cgroup = None
                 watched.previous = None
-            current = await self._read_stats(watched)
+            if self.source == "cgroup":
+                watched.failure = f"no readable cgroup files under {self.cgroup_root}"
+                return None
+            try:
+                current = await self._read_stats(watched)
+            except TrustplaneError as exc:
+                watched.failure = f"no cgroup files, and the Engine stats API: {exc}"
+                return None
         if current is None:
+            watched.failure = "no cgroup files, and no stats from the Engine API"
             return None
         previous, watched.previous = watched.previous, current
         limit = min(current.limit, self._host_memory) if self._host_memory else current.limit
@@ -275,7 +324,8 @@ class ResourceMonitor:
         if watched is not None and watched.last:
             shares = dict(watched.last)
         elif pid > 0:
-            probe = Watched(container_id, "", "", 0.0, pid=pid, cgroup=self._find_cgroup(pid))
+            cgroup = self._find_cgroup(pid) if self.source != "stats" else None
+            probe = Watched(container_id, "", "", 0.0, pid=pid, cgroup=cgroup)
             try:
                 read = await self.sample(probe)
             except TrustplaneError as exc:
@@ -294,14 +344,20 @@ class ResourceMonitor:
         while True:
             try:
                 await self.tick()
-            except Exception:  # the monitor must outlive one bad sample
+            except Exception as exc:  # the monitor must outlive one bad sample
                 log.exception("monitor: sample failed")
+                self._account(f"sampling failed ({type(exc).__name__})")
             await asyncio.sleep(self.thresholds.interval)
 
     async def tick(self) -> None:
-        """Sample every watched container; stop the newest one over threshold long enough."""
+        """Sample every watched container; stop the newest one over threshold long enough.
+
+        A container that cannot be sampled stays watched while it runs; the
+        round counts toward blindness (see the module's docstring).
+        """
         now = time.monotonic()
         offenders: list[tuple[Watched, str, float, float]] = []
+        unsampled: list[Watched] = []
         limits = {
             "cpu_percent": self.thresholds.cpu_percent,
             "memory_percent": self.thresholds.memory_percent,
@@ -309,7 +365,10 @@ class ResourceMonitor:
         for watched in list(self.watched.values()):
             shares = await self.sample(watched)
             if shares is None:
-                self.watched.pop(watched.container_id, None)
+                if await self._running(watched):
+                    unsampled.append(watched)
+                else:
+                    self.watched.pop(watched.container_id, None)
                 continue
             for metric, limit in limits.items():
                 value = shares.get(metric)
@@ -319,9 +378,107 @@ class ResourceMonitor:
                 since = watched.over_since.setdefault(metric, now)
                 if now - since >= self.thresholds.sustain:
                     offenders.append((watched, metric, value, now - since))
+        if unsampled:
+            self._account(
+                f"{len(unsampled)} of {len(self.watched)} watched containers cannot be "
+                f"sampled: {unsampled[0].failure}"
+            )
+        elif not self.watched:
+            self._account(await self._probe())
+        else:
+            self._account(None)
         if offenders:
             watched, metric, value, sustained = max(offenders, key=lambda o: o[0].started)
             await self._stop(watched, metric, value, sustained)
+
+    async def _running(self, watched: Watched) -> bool:
+        """Is the container still running? (True when dockerd cannot say: keep it.)"""
+        try:
+            container = await self.docker.inspect("containers", watched.container_id)
+        except TrustplaneError:
+            return True
+        state = container.get("State") if container is not None else None
+        return isinstance(state, dict) and bool(state.get("Running"))
+
+    async def _probe(self) -> str | None:
+        """With nothing watched: why a container started now could not be sampled, or None."""
+        reasons: list[str] = []
+        if self.source != "stats":
+            if self._cgroup_readable():
+                return None
+            reasons.append(f"no readable cgroup files under {self.cgroup_root}")
+        if self.source != "cgroup":
+            try:
+                await self.docker.ping()
+            except TrustplaneError as exc:
+                reasons.append(f"the Engine stats API: {exc}")
+            else:
+                return None
+        return "; ".join(reasons)
+
+    def _cgroup_readable(self) -> bool:
+        """The cgroup root answers: v2's controller list, or v1's memory and cpuacct."""
+        root = self.cgroup_root
+        try:
+            if (root / "cgroup.controllers").exists():
+                (root / "cgroup.controllers").read_bytes()
+                return True
+            int((root / "memory" / "memory.usage_in_bytes").read_text())
+            for mount in ("cpuacct", "cpu,cpuacct"):
+                usage = root / mount / "cpuacct.usage"
+                if usage.exists():
+                    int(usage.read_text())
+                    return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def _account(self, problem: str | None) -> None:
+        """One round's outcome: blind after BLIND_AFTER failures in a row, seeing after one."""
+        if problem is None:
+            self._failed_rounds = 0
+            if self.blind is not None:
+                blind_for = time.time() - (self.blind_since or time.time())
+                log.warning("monitor: sampling again after %.1f s blind", blind_for)
+                self._report_status(
+                    "monitor recovered", reason=self.blind, blind_seconds=round(blind_for, 1)
+                )
+                self.blind, self.blind_since = None, None
+            return
+        self._failed_rounds += 1
+        if self.blind is not None:
+            self.blind = problem  # the latest reason
+            return
+        if self._failed_rounds >= BLIND_AFTER:
+            self.blind, self.blind_since = problem, time.time()
+            log.error("monitor: blind: %s; container starts are %s", problem, self._starts())
+            self._report_status("monitor blind", reason=problem, failed_rounds=self._failed_rounds)
+
+    def _starts(self) -> str:
+        return "allowed" if self.blind is None or self.allow_blind else "refused"
+
+    def _report_status(self, event: str, **details: str | int | float) -> None:
+        if self.reporter is not None:
+            self.reporter.report(
+                "gateway.status",
+                {
+                    "event": event,
+                    "watched": len(self.watched),
+                    "source": self.source,
+                    "starts": self._starts(),
+                    **details,
+                },
+            )
+
+    def refuse_start_if_blind(self) -> None:
+        """UnavailableError while the monitor that must watch a new container cannot see."""
+        if self.blind is not None and not self.allow_blind:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.blind_since or 0))
+            raise UnavailableError(
+                f"trustplane gateway: the resource monitor cannot sample ({self.blind}) since "
+                f"{since}; container starts are refused until it can (--allow-blind-monitor "
+                "starts them unwatched)"
+            )
 
     async def _stop(self, watched: Watched, metric: str, value: float, sustained: float) -> None:
         threshold = getattr(self.thresholds, metric)
@@ -361,11 +518,23 @@ class ResourceMonitor:
         if self.reporter is not None:
             self.reporter.report("gateway.monitor", record)
 
+    def health(self) -> dict[str, Any]:
+        """Whether the monitor can see (the gateway's health; no container names)."""
+        return {
+            "blind": self.blind is not None,
+            "reason": self.blind,
+            "since": self.blind_since,
+            "source": self.source,
+            "starts": self._starts(),
+            "watched": len(self.watched),
+        }
+
     def status(self) -> dict[str, Any]:
         """What is watched and its last shares (for status reports)."""
         return {
             "watched": len(self.watched),
             "stopped": len(self.stopped),
+            "blind": self.blind,
             "containers": {
                 w.name: {k: round(v, 2) for k, v in w.last.items()} for w in self.watched.values()
             },

@@ -14,8 +14,8 @@ reported to the control plane's log (`gateway.decision`). Commands go to
 dockerd directly:
 
 - `pull` {image}: only a repository the control plane registered;
-- `start` {container}: only a container whose image is authentic; watched
-  by the resource monitor afterwards;
+- `start` {container}: only a container whose image is authentic, and not
+  while the resource monitor is blind; watched by it afterwards;
 - `stop` {container}, `delete` {container};
 - `thresholds` {cpu_percent, memory_percent, sustain, interval}: the
   monitor's thresholds.
@@ -254,6 +254,7 @@ class MqttLink:
             raise NotFoundError(f"No such container: {container}")
         container_id = str(info.get("Id", ""))
         if command.command == "start":
+            self.monitor.refuse_start_if_blind()
             await self.images.for_start(str(info.get("Image", "")))
             status = await self.docker.command("POST", f"/containers/{container_id}/start")
             if status not in (204, 304):

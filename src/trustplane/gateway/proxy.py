@@ -9,6 +9,11 @@ framing. The answer is relayed as it arrives (logs -f, events, pull
 progress), and an upgraded (101) or hijacked (raw-stream) connection is
 piped both ways until either side is done.
 
+`GET /_trustplane/health` is answered by the gateway itself, without a
+token (health probes; `--allowed-uid` still applies): its own state, such
+as whether the resource monitor can sample, 200 when well and 503 when
+degraded. It names no container and forwards nothing.
+
 A denial is a Docker-style JSON error (`{"message": …}`) with its status,
 which the docker CLI prints as `Error response from daemon: …`; the
 connection is closed after it, so no unread body can be taken for a next
@@ -26,6 +31,7 @@ import struct
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from trustplane.errors import MalformedError, TrustplaneError, UnavailableError
 from trustplane.gateway.actions import Classified, classify
@@ -76,6 +82,8 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+HEALTH = ("_trustplane", "health")
+"""The gateway's own health path (never forwarded; not a Docker Engine API path)."""
 HEAD_CACHE = 512
 HEAD_CACHE_BYTES = 8192
 """At most HEAD_CACHE parsed request heads of at most this size are remembered."""
@@ -190,6 +198,10 @@ class GatewayProxy:
         head, target, framing, classified = parsed
         method = head.start[0]
         head_only = method == "HEAD"
+        if classified is None and target.segments == HEALTH and method in ("GET", "HEAD"):
+            status, document = self.gatekeeper.health(peer)
+            await _answer_json(writer, status, document, head_only)
+            raise _Close
         expect = head.get("expect")
         body = b""
         streamed = classified is not None and classified.stream_body
@@ -518,7 +530,14 @@ async def _pipe_both_ways(
 async def _answer_error(
     writer: asyncio.StreamWriter, status: int, message: str, head_only: bool
 ) -> None:
-    body = json.dumps({"message": message}).encode() + b"\n"
+    await _answer_json(writer, status, {"message": message}, head_only)
+
+
+async def _answer_json(
+    writer: asyncio.StreamWriter, status: int, document: dict[str, Any], head_only: bool
+) -> None:
+    """An answer made by the gateway itself; the connection closes after it."""
+    body = json.dumps(document).encode() + b"\n"
     try:
         reason = HTTPStatus(status).phrase
     except ValueError:

@@ -44,6 +44,11 @@ class Reporter:
         self.sent = 0
         self._dropped_reported = 0
 
+    @property
+    def queued(self) -> int:
+        """Reports waiting to be sent."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._send_forever())

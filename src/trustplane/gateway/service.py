@@ -20,7 +20,7 @@ from trustplane.gateway.decide import Gatekeeper
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.host_access import CATEGORIES
 from trustplane.gateway.image_signatures import SignatureCheck, SignaturePolicy
-from trustplane.gateway.monitor import ResourceMonitor, Thresholds
+from trustplane.gateway.monitor import CGROUP_ROOT, ResourceMonitor, Source, Thresholds
 from trustplane.gateway.mqtt_link import MqttConfig, MqttLink
 from trustplane.gateway.proxy import GatewayProxy
 from trustplane.gateway.reporter import Reporter
@@ -47,6 +47,12 @@ class GatewayConfig:
     """Keys whose image signatures this gateway trusts; whether it requires one."""
     require_scoped_tokens: bool = False
     """Refuse tokens not scoped to this gateway (unscoped ones included)."""
+    monitor_source: Source = "auto"
+    """Where the resource monitor samples: cgroup files, the Engine stats API, or both."""
+    cgroup_root: Path = CGROUP_ROOT
+    """Where the host's cgroup filesystem is mounted (another place in a container)."""
+    allow_blind_monitor: bool = False
+    """Let containers start while the resource monitor cannot sample (refused by default)."""
 
 
 def unix_path(url: str, option: str) -> Path:
@@ -83,7 +89,14 @@ async def serve(
     )
     docker = DockerApi(str(config.docker))
     reporter = Reporter(link)
-    monitor = ResourceMonitor(docker, config.thresholds, reporter)
+    monitor = ResourceMonitor(
+        docker,
+        config.thresholds,
+        reporter,
+        cgroup_root=config.cgroup_root,
+        source=config.monitor_source,
+        allow_blind=config.allow_blind_monitor,
+    )
     gatekeeper = Gatekeeper(
         link,
         docker,
