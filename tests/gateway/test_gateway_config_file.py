@@ -95,5 +95,5 @@ def test_the_monitor_source_and_blindness_options(tmp_path: Path) -> None:
     )
     assert (config.monitor_source, config.allow_blind_monitor) == ("cgroup", True)
     assert config.cgroup_root == Path("/host/cgroup")
-    with pytest.raises(UsageError, match="monitor.source"):
+    with pytest.raises(UsageError, match=r"monitor\.source"):
         load(write(tmp_path, '[monitor]\nsource = "psutil"\n'))
