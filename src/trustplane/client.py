@@ -112,6 +112,13 @@ class ControlClient:
         result: dict[str, Any] = self.json("GET", "/v1/auth/whoami")
         return result
 
+    def revoke(self, *, subject: str | None = None, token: str | None = None) -> dict[str, Any]:
+        """Revoke one token, or every token `subject` (user:NAME, node:NAME) holds."""
+        result: dict[str, Any] = self.json(
+            "POST", "/v1/auth/revoke", json={"subject": subject, "token": token}
+        )
+        return result
+
     def create_user(self, name: str, role: str, password: str | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self.json(
             "POST", "/v1/users", json={"name": name, "role": role, "password": password}

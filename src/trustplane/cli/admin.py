@@ -28,6 +28,23 @@ def create_user(
     stdout.print(f"user {answer['name']} ({answer['role']}) password: {answer['password']}")
 
 
+@user_app.command("revoke")
+def revoke_user(name: str, server: Server = None, ca: Ca = None) -> None:
+    """Revoke every token NAME holds: refused everywhere, gateways included, within
+    seconds. NAME can log in again."""
+    with connect(server, ca) as client:
+        answer = client.revoke(subject=f"user:{name}")
+    stdout.print(f"revoked {answer['revoked']}")
+
+
+@node_app.command("revoke")
+def revoke_node(name: str, server: Server = None, ca: Ca = None) -> None:
+    """Revoke every token node NAME holds (it can sign a new assertion for another)."""
+    with connect(server, ca) as client:
+        answer = client.revoke(subject=f"node:{name}")
+    stdout.print(f"revoked {answer['revoked']}")
+
+
 @node_app.command("register")
 def register_node(
     name: str,

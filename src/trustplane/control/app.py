@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustplane import __version__
+from trustplane.control.revocations import REFRESH
 from trustplane.control.routers import (
     attestation,
     auth,
@@ -86,6 +87,16 @@ async def _expire_silent_nodes(plane: ControlPlane) -> None:
             logger.error("attestation sweep failed: %s", type(exc).__name__)
 
 
+async def _read_revocations(plane: ControlPlane) -> None:
+    """Revocations made on other replicas come into force here within REFRESH seconds."""
+    while True:
+        await asyncio.sleep(REFRESH)
+        try:
+            await anyio.to_thread.run_sync(plane.revocations.refresh)
+        except Exception as exc:  # the next read retries
+            logger.error("reading revocations failed: %s", type(exc).__name__)
+
+
 _FRAMEWORK_ERRORS = {400: "MalformedError", 404: "NotFoundError", 405: "UsageError"}
 
 
@@ -107,13 +118,17 @@ def describe_invalid(errors: Sequence[Any], shown: int = 3) -> str:
 def create_app(plane: ControlPlane) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(_expire_silent_nodes(plane))
+        tasks = [
+            asyncio.create_task(_expire_silent_nodes(plane)),
+            asyncio.create_task(_read_revocations(plane)),
+        ]
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             plane.close()
 
     app = FastAPI(

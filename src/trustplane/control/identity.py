@@ -48,6 +48,9 @@ class Principal:
     token_id: str = ""
     gateways: frozenset[str] | None = None
     """Edge gateways (node names) this token is valid on; None: not scoped to any."""
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+    """The token's `iat` and `exp` (revocations name tokens by id or issue time)."""
 
     @property
     def subject(self) -> str:
@@ -154,6 +157,8 @@ def _principal_from_claims(claims: dict[str, Any]) -> Principal:
         scopes=frozenset(str(claims.get("scope", "")).split()),
         token_id=str(claims.get("jti", "")),
         gateways=frozenset(gateways) if gateways is not None else None,
+        issued_at=float(claims.get("iat", 0)),
+        expires_at=float(claims.get("exp", 0)),
     )
 
 

@@ -169,6 +169,23 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class Revocation(Base):
+    """A revoked token (`token_id`), or every token of `subject` issued up to
+    `issued_before` (Unix seconds). Kept until `expires`, when every token it
+    names has expired anyway. The id orders them: gateways ask for those
+    after the last one they have."""
+
+    __tablename__ = "revocations"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(160))
+    token_id: Mapped[str | None] = mapped_column(String(64))
+    issued_before: Mapped[float | None]
+    expires: Mapped[float] = mapped_column(index=True)
+    revoker: Mapped[str] = mapped_column(String(160))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
 class UsedNonce(Base):
     """Single-use values already seen (node assertion ids): replay protection
     that holds across replicas."""

@@ -32,6 +32,7 @@ from trustplane.control.kms import Kms
 from trustplane.control.models import Setting, User
 from trustplane.control.policy import Decision, PolicyFile
 from trustplane.control.replay import ReplayGuard
+from trustplane.control.revocations import Revocations
 from trustplane.control.settings import ServerSettings
 from trustplane.control.transparency import TransparencyLog
 from trustplane.errors import UsageError
@@ -54,6 +55,7 @@ class ControlPlane:
     tokens: TokenAuthority
     replays: ReplayGuard
     verifier: Verifier
+    revocations: Revocations
 
     def authorize(
         self, principal: Principal, action: str, resource: str, layer: int | None = None
@@ -123,7 +125,9 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
         ),
         replays=ReplayGuard(db),
         verifier=verifier,
+        revocations=Revocations(db),
     )
+    plane.revocations.refresh()
     password = _first_admin(db)
     if password is not None and announce:
         print(f"first start: created user 'admin'; one-time credential: {password}", flush=True)

@@ -48,6 +48,9 @@ class Caller:
     role: str
     gateways: frozenset[str] | None = None
     """The gateways the caller's token is scoped to; None: not scoped."""
+    token_id: str = ""
+    issued_at: float = 0.0
+    """The token's id and issue time, which revocations name (revocations.py)."""
 
     @property
     def kind_and_name(self) -> tuple[str, str]:
@@ -177,12 +180,16 @@ class ControlLink:
 
     # -- questions ----------------------------------------------------------------------
 
-    async def whoami(self, token: str) -> Caller:
-        """The caller behind a token; verified answers are cached for WHOAMI_TTL seconds."""
+    async def whoami(self, token: str, cached_ok: bool = True) -> Caller:
+        """The caller behind a token; verified answers are cached for WHOAMI_TTL seconds.
+
+        `cached_ok=False` asks the control plane even for a cached token (the
+        gateway's revocation list is stale: only a fresh answer counts).
+        """
         key = hashlib.sha256(token.encode()).digest()
         now = time.monotonic()
         cached = self._whoami.get(key)
-        if cached is not None and cached[0] > now:
+        if cached_ok and cached is not None and cached[0] > now:
             return cached[1]
         refused = self._refused.get(key)
         if refused is not None and refused[0] > now:
@@ -206,8 +213,10 @@ class ControlLink:
                 str(answer["subject"]),
                 str(answer["role"]),
                 frozenset(gateways) if gateways is not None else None,
+                str(answer.get("token_id") or ""),
+                float(answer.get("issued_at") or 0.0),
             )
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, ValueError):
             raise MalformedError("the control plane's whoami answer is malformed") from None
         self._whoami[key] = (now + WHOAMI_TTL, caller)
         while len(self._whoami) > WHOAMI_CACHE:
@@ -268,6 +277,15 @@ class ControlLink:
         if not isinstance(indexes, list):
             raise MalformedError("the control plane's report answer is malformed")
         return [int(index) for index in indexes]
+
+    async def revocations(self, since: int) -> dict[str, Any]:
+        """`GET /v1/auth/revocations?since=N`: the revocations after N (revocations.py)."""
+        answer = await self._call(
+            "GET", "/v1/auth/revocations", await self._own_token(), params={"since": since}
+        )
+        if not isinstance(answer, dict):
+            raise MalformedError("the control plane's revocation list is malformed")
+        return answer
 
     async def command_key(self) -> str:
         """The control plane's command key (PEM) that signs MQTT commands."""

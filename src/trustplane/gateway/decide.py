@@ -1,6 +1,7 @@
 """The gateway's decision for one request, in the seed's order.
 
-1. The caller: a token (`X-Trustplane-Token`) the control plane vouches for;
+1. The caller: a token (`X-Trustplane-Token`) the control plane vouches for
+   and has not revoked (revocations.py, checked beside the whoami cache);
    the local user behind the socket (SO_PEERCRED) is logged with it, and
    must be one of `--allowed-uid` when the gateway names any. A token
    scoped to gateways must name this one; an unscoped token is refused
@@ -47,6 +48,7 @@ from trustplane.gateway.image_signatures import SignatureCheck
 from trustplane.gateway.monitor import ResourceMonitor
 from trustplane.gateway.reporter import Reporter
 from trustplane.gateway.request import Target
+from trustplane.gateway.revocations import RevocationWatch
 
 TOKEN_HEADER = "x-trustplane-token"  # noqa: S105 - a header name
 SUPER_ROLES = frozenset({"operator", "admin"})
@@ -107,7 +109,10 @@ class Gatekeeper:
         signatures: SignatureCheck | None = None,
         require_scoped_tokens: bool = False,
         monitor: ResourceMonitor | None = None,
+        revocations: RevocationWatch | None = None,
     ) -> None:
+        self.revocations = revocations
+        """Tokens revoked at the control plane, learnt every second."""
         self.monitor = monitor
         """Reads a container's resource use for the decision's metadata."""
         self.link = link
@@ -189,7 +194,12 @@ class Gatekeeper:
             uid = "unknown" if peer is None else str(peer.uid)
             return 403, {"message": f"trustplane gateway: local user {uid} may not use it"}
         monitor = self.monitor.health() if self.monitor is not None else None
-        degraded = monitor is not None and bool(monitor["blind"])
+        revocations = None
+        if self.revocations is not None:
+            revocations = {"fresh": self.revocations.fresh(), "epoch": self.revocations.epoch}
+        degraded = (monitor is not None and bool(monitor["blind"])) or (
+            revocations is not None and not revocations["fresh"]
+        )
         reports = None
         if self.reporter is not None:
             reports = {
@@ -200,6 +210,7 @@ class Gatekeeper:
         document = {
             "status": "degraded" if degraded else "ok",
             "monitor": monitor,
+            "revocations": revocations,
             "reports": reports,
         }
         return (503 if degraded else 200), document
@@ -256,7 +267,10 @@ class Gatekeeper:
                 "trustplane gateway: send exactly one X-Trustplane-Token header "
                 '(docker: "HttpHeaders" in ~/.docker/config.json)'
             )
-        caller = await self.link.whoami(tokens[0])
+        watch = self.revocations
+        caller = await self.link.whoami(tokens[0], cached_ok=watch is None or watch.fresh())
+        if watch is not None:
+            watch.check(caller)
         verdict.caller = caller
         await self._check_token_scope(caller)
         if classified is None:

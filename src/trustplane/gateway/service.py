@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustplane.errors import UsageError
+from trustplane.errors import TrustplaneError, UsageError
 from trustplane.gateway.authz_plugin import AuthzPlugin
 from trustplane.gateway.control_link import ControlLink, NodeCredential
 from trustplane.gateway.decide import Gatekeeper
@@ -24,6 +24,7 @@ from trustplane.gateway.monitor import CGROUP_ROOT, ResourceMonitor, Source, Thr
 from trustplane.gateway.mqtt_link import MqttConfig, MqttLink
 from trustplane.gateway.proxy import GatewayProxy
 from trustplane.gateway.reporter import Reporter
+from trustplane.gateway.revocations import RevocationWatch
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,15 @@ async def serve(
         monitor=monitor,
     )
     proxy = GatewayProxy(config.listen, config.docker, gatekeeper, monitor)
+    revocations = RevocationWatch(link)
+    gatekeeper.revocations = revocations
     mqtt_link: MqttLink | None = None
     plugin: AuthzPlugin | None = None
     try:
         await link.ensure_identity()  # its identity must work before it accepts anyone
+        with contextlib.suppress(TrustplaneError):  # else stale: every token asked afresh
+            await revocations.poll()
+        revocations.start()
         reporter.start()
         monitor.start()
         if config.mqtt is not None and primary:
@@ -137,6 +143,7 @@ async def serve(
             await plugin.close()
         if mqtt_link is not None:
             await mqtt_link.close()
+        await revocations.close()
         await monitor.close()
         await reporter.close()
         await link.close()

@@ -1,12 +1,21 @@
-"""Tokens: users by password, nodes by a signed assertion (RFC 7523)."""
+"""Tokens: users by password, nodes by a signed assertion (RFC 7523); revocation.
+
+A token is revoked by presenting it (anyone may revoke a token of their
+own: logging out; another's needs the right to manage that principal), or
+all tokens of a principal issued so far at once (`subject`; the principal
+can log in again afterwards). Revoked tokens are refused by every replica
+at once (control/revocations.py) and by edge gateways, which ask for the
+revocations every second (`GET /v1/auth/revocations`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 
 from trustplane.control.identity import (
@@ -18,7 +27,7 @@ from trustplane.control.identity import (
 from trustplane.control.models import Node, User
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.control.routers.principals import NAME
-from trustplane.errors import AuthError, UsageError
+from trustplane.errors import AuthError, Forbidden, UsageError
 
 router = APIRouter(prefix="/v1/auth", tags=["identity"])
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -83,7 +92,80 @@ def whoami(caller: Caller) -> dict[str, Any]:
         "role": caller.role,
         "scopes": sorted(caller.scopes),
         "gateways": sorted(caller.gateways) if caller.gateways is not None else None,
+        "token_id": caller.token_id,
+        "issued_at": caller.issued_at,
     }
+
+
+class RevokeRequest(BaseModel):
+    token: str | None = Field(None, max_length=16384, description="This token")
+    subject: str | None = Field(
+        None,
+        pattern=r"^(user|node):[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$",
+        description="Every token this principal was issued so far",
+    )
+
+    @model_validator(mode="after")
+    def one(self) -> RevokeRequest:
+        if (self.token is None) == (self.subject is None):
+            raise ValueError("name exactly one of token and subject")
+        return self
+
+
+class Revoked(BaseModel):
+    revoked: str
+    epoch: int = Field(description="The revocation's id; gateways ask for those after theirs")
+
+
+@router.post("/revoke", response_model=Revoked)
+async def revoke(body: RevokeRequest, caller: Caller, plane: Plane) -> Revoked:
+    """Revoke a token, or every token of a principal issued until now (logged)."""
+    if body.token is not None:
+        try:
+            target = plane.tokens.verify(body.token)
+        except AuthError:
+            raise UsageError("that is not a valid token: there is nothing to revoke") from None
+        if target.subject != caller.subject:
+            _may_revoke(plane, caller, target.subject)
+        what = f"a token of {target.subject}"
+        epoch = await anyio.to_thread.run_sync(
+            plane.revocations.revoke_token, target, target.expires_at, caller.subject
+        )
+        entry: dict[str, Any] = {"token_id": target.token_id}
+    else:
+        assert body.subject is not None
+        _may_revoke(plane, caller, body.subject)
+        what = f"every token of {body.subject} issued so far"
+        epoch = await anyio.to_thread.run_sync(
+            plane.revocations.revoke_subject, body.subject, caller.subject
+        )
+        entry = {}
+    await plane.log.append_async(
+        "identity.revoke", {"subject": caller.subject, "revoked": what, "epoch": epoch, **entry}
+    )
+    return Revoked(revoked=what, epoch=epoch)
+
+
+def _may_revoke(plane: Plane, caller: Principal, subject: str) -> None:
+    """Revoking another's tokens is managing that principal."""
+    kind, _, name = subject.partition(":")
+    action = "user.manage" if kind == "user" else "node.register"
+    decision = plane.authorize(caller, action, f"{kind}:{name}")
+    if not decision.allowed:
+        raise Forbidden(f"{caller.subject} may not {action} {subject}: {decision.reason}")
+
+
+@router.get("/revocations")
+def revocations(caller: Caller, plane: Plane, since: int = 0) -> dict[str, Any]:
+    """The live revocations after `since` (nodes and admins; gateways ask every second).
+
+    `{"epoch": N, "revocations": [{id, subject, token_id, issued_before,
+    expires}]}`: a token is revoked when a row names its id, or its subject
+    and an `iat` at or before `issued_before`. Answered from memory.
+    """
+    if caller.role not in ("node", "admin"):
+        raise Forbidden("only nodes and admins read the revocation list")
+    return plane.revocations.since(since)
 
 
 def _known_gateways(plane: Plane, names: list[str]) -> frozenset[str]:

@@ -31,7 +31,9 @@ async def principal(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthError("this endpoint needs a bearer token (trustplane login)")
     control: ControlPlane = request.app.state.plane
-    return control.tokens.verify(credentials.credentials)
+    verified = control.tokens.verify(credentials.credentials)
+    control.revocations.check(verified)
+    return verified
 
 
 Plane = Annotated[ControlPlane, Depends(plane)]
