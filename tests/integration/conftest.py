@@ -29,12 +29,14 @@ from token_server import TokenServer
 
 from trustplane.client import ControlClient
 from trustplane.crypto.keys import generate_key_pair
+from trustplane.embedded.ceph import RunningCeph, start_ceph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
 from trustplane.embedded.mosquitto import RunningMosquitto, start_mosquitto
 from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
 from trustplane.embedded.sample_images import build_app_image, import_busybox_base
 from trustplane.embedded.swtpm import RunningSwtpm, start_swtpm
+from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
 from trustplane.embedded.tls import (
     CertificateAuthority,
     create_ca,
@@ -289,3 +291,33 @@ def mosquitto(work_dir: Path, test_ca: CertificateAuthority) -> Iterator[Running
         component_missing("mosquitto", str(exc))
     yield broker
     broker.stop()
+
+
+# -- storage and virtualisation (encrypted volumes, the layer store) ---------------
+
+
+@pytest.fixture(scope="session")
+def ceph(work_dir: Path) -> Iterator[RunningCeph]:
+    """A one-node Ceph cluster (mon, mgr, one BlueStore OSD on a sparse file, cephx).
+
+    `ceph.pool` is an RBD pool; `ceph.client` a cephx user with the rbd
+    profile on it (not admin), with its own ceph.conf and 0600 keyring, and
+    the monitor's host:port and key that libvirt takes instead.
+    """
+    try:
+        cluster = start_ceph(work_dir / "ceph")
+    except TrustplaneError as exc:
+        component_missing("Ceph", str(exc))
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tgtd(work_dir: Path) -> Iterator[RunningTgtd]:
+    """An iSCSI target daemon on 127.0.0.1; tests add their own targets and LUNs."""
+    try:
+        daemon = start_tgtd(work_dir / "tgtd")
+    except TrustplaneError as exc:
+        component_missing("tgtd", str(exc))
+    with daemon:
+        yield daemon
