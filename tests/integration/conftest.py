@@ -32,6 +32,7 @@ from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.ceph import RunningCeph, start_ceph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
+from trustplane.embedded.libvirtd import RunningLibvirtd, start_libvirtd
 from trustplane.embedded.mosquitto import RunningMosquitto, start_mosquitto
 from trustplane.embedded.registry import RunningRegistry, TokenAuth, start_registry
 from trustplane.embedded.sample_images import build_app_image, import_busybox_base
@@ -319,5 +320,16 @@ def tgtd(work_dir: Path) -> Iterator[RunningTgtd]:
         daemon = start_tgtd(work_dir / "tgtd")
     except TrustplaneError as exc:
         component_missing("tgtd", str(exc))
+    with daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
+def libvirtd(work_dir: Path) -> Iterator[RunningLibvirtd]:
+    """A private libvirtd (QEMU driver); connect with `libvirt.open(libvirtd.uri)`."""
+    try:
+        daemon = start_libvirtd(work_dir / "libvirtd")
+    except TrustplaneError as exc:
+        component_missing("libvirtd", str(exc))
     with daemon:
         yield daemon
