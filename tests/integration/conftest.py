@@ -30,6 +30,7 @@ from token_server import TokenServer
 from trustplane.client import ControlClient
 from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.ceph import RunningCeph, start_ceph
+from trustplane.embedded.containerd import RunningContainerd, start_containerd
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
 from trustplane.embedded.libvirtd import RunningLibvirtd, start_libvirtd
@@ -331,5 +332,25 @@ def libvirtd(work_dir: Path) -> Iterator[RunningLibvirtd]:
         daemon = start_libvirtd(work_dir / "libvirtd")
     except TrustplaneError as exc:
         component_missing("libvirtd", str(exc))
+    with daemon:
+        yield daemon
+
+
+# The proxy snapshotter that the session's containerd knows; its gRPC server
+# is the test's to start on `containerd.proxy_snapshotters[PROXY_SNAPSHOTTER]`.
+PROXY_SNAPSHOTTER = "trustplane"
+
+
+@pytest.fixture(scope="session")
+def containerd(work_dir: Path) -> Iterator[RunningContainerd]:
+    """A second containerd (own root, state, socket; CRI off) with one proxy snapshotter."""
+    directory = work_dir / "containerd"
+    try:
+        daemon = start_containerd(
+            directory,
+            proxy_snapshotters={PROXY_SNAPSHOTTER: directory / f"{PROXY_SNAPSHOTTER}.sock"},
+        )
+    except TrustplaneError as exc:
+        component_missing("containerd", str(exc))
     with daemon:
         yield daemon
