@@ -1,48 +1,22 @@
 """QEMU block tools against the real storage components (Ceph, tgtd), for the tests.
 
-Secrets reach the tools only as `--object secret,id=…,file=F` where F is a
-0600 file in a private (0700) directory that is removed as soon as the call
-returns (DESIGN.md, "QEMU LUKS"). The passphrase of a volume key is the hex
-of the raw key, as OpenStack derives it.
+Every call goes through the executor (trustplane.tools): keys reach QEMU only
+as `--object secret,id=…,file=F` where F is a 0600 file in a private
+directory that exists while the call runs (DESIGN.md, "QEMU LUKS"). The
+passphrase of a volume key is the hex of the raw key, as OpenStack derives it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable
+
+from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFile
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
-# qemu-img create -f luks calibrates its PBKDF on thread CPU time, which this
-# kernel counts in 4 ms ticks: it fails with this message now and then
-# (DESIGN.md); retry on it only.
-_CPU_USAGE_FLAKE = "Unable to get accurate CPU usage"
-_CREATE_TRIES = 8
 # Keys are random 256-bit values: a slow PBKDF buys nothing, and it is paid on every open.
 ITER_TIME_MS = 10
-
-
-@contextlib.contextmanager
-def secret_files(**secrets: bytes) -> Iterator[dict[str, Path]]:
-    """Each secret in a 0600 file of a fresh 0700 directory, all removed on exit."""
-    directory = Path(tempfile.mkdtemp(prefix="tp-secret-"))
-    try:
-        directory.chmod(0o700)
-        paths = {}
-        for name, value in secrets.items():
-            path = directory / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(value)
-            paths[name] = path
-        yield paths
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+EXECUTOR = Executor()
 
 
 def passphrase(key: bytes) -> bytes:
@@ -50,10 +24,9 @@ def passphrase(key: bytes) -> bytes:
     return key.hex().encode("ascii")
 
 
-def run(argv: Sequence[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+def key_object(key: bytes, object_id: str = "s0") -> SecretFile:
+    """QEMU's `--object secret` for a volume key, from a private 0600 file."""
+    return SecretFile(passphrase(key), f"secret,id={object_id},file={{}}")
 
 
 def qemu_img_create_luks(
@@ -61,54 +34,48 @@ def qemu_img_create_luks(
 ) -> None:
     """`qemu-img create -f luks` onto `target` (a file, rbd:… or iscsi://…).
 
-    Retries on the CPU-usage calibration failure only; `cleanup` removes what
-    a failed try left behind (an empty RBD image) before the next one.
+    Retries on qemu-img's PBKDF calibration failure only; `cleanup` removes
+    what a failed try left behind (an empty RBD image) before the next one.
     """
-    last = ""
-    with secret_files(key=passphrase(key)) as files:
-        for _ in range(_CREATE_TRIES):
-            argv = [
-                "qemu-img", "create", "-q", "-f", "luks",
-                "--object", f"secret,id=s0,file={files['key']}",
-                "-o", f"key-secret=s0,iter-time={ITER_TIME_MS}",
-                target, size,
-            ]  # fmt: skip
-            result = run(argv)
-            if result.returncode == 0:
-                return
-            last = result.stderr.strip()
-            if _CPU_USAGE_FLAKE not in last:
-                break
-            if cleanup is not None:
-                cleanup()
-    raise AssertionError(f"qemu-img create -f luks {target} failed: {last}")
+    retry = QEMU_PBKDF_CALIBRATION
+    if cleanup is not None:
+        retry = retry.with_cleanup(cleanup)
+    argv = [
+        "qemu-img", "create", "-q", "-f", "luks",
+        "--object", key_object(key),
+        "-o", f"key-secret=s0,iter-time={ITER_TIME_MS}",
+        target, size,
+    ]  # fmt: skip
+    EXECUTOR.run(argv, retry=retry)
 
 
-def qemu_io(image_opts: str, key: bytes, *commands: str) -> str:
+def qemu_io(image_opts: str, key: bytes, *commands: str | SecretFile) -> str:
     """`qemu-io --image-opts driver=luks,key-secret=s0,<image_opts> -c …`; returns stdout.
 
-    qemu-io reports some failures on stdout with status 0; callers check the
-    output, and an error line anywhere fails here.
+    A failure to open raises ToolError (QEMU's message, e.g. `Invalid
+    password`); qemu-io reports a failed command on stdout with status 0,
+    which fails here too.
     """
-    with secret_files(key=passphrase(key)) as files:
-        argv = [
-            "qemu-io",
-            "--object", f"secret,id=s0,file={files['key']}",
-            "--image-opts", f"driver=luks,key-secret=s0,{image_opts}",
-        ]  # fmt: skip
-        for command in commands:
-            argv += ["-c", command]
-        result = run(argv)
-    if result.returncode != 0 or result.stderr.strip() or " failed: " in result.stdout:
-        raise AssertionError(f"qemu-io failed: {(result.stdout + result.stderr).strip()}")
-    return result.stdout
+    argv: list[str | SecretFile] = [
+        "qemu-io",
+        "--object", key_object(key),
+        "--image-opts", f"driver=luks,key-secret=s0,{image_opts}",
+    ]  # fmt: skip
+    for command in commands:
+        argv += ["-c", command]
+    out = EXECUTOR.run(argv).text
+    assert " failed: " not in out, out
+    return out
 
 
 def qemu_io_write(image_opts: str, key: bytes, offset: int, data: bytes) -> None:
-    """Write `data` (a multiple of 512 bytes) at `offset` through the LUKS layer."""
+    """Write `data` (a multiple of 512 bytes) at `offset` through the LUKS layer.
+
+    The data comes from a private file too (`write -s FILE`): it is the plaintext.
+    """
     assert len(data) % 512 == 0
-    with secret_files(data=data) as files:
-        out = qemu_io(image_opts, key, f"write -s {files['data']} {offset} {len(data)}")
+    command = SecretFile(data, f"write -s {{}} {offset} {len(data)}")
+    out = qemu_io(image_opts, key, command)
     assert f"wrote {len(data)}/{len(data)} bytes" in out, out
 
 

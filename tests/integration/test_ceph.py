@@ -17,18 +17,19 @@ from pathlib import Path
 
 import pytest
 from storage_helpers import (
+    EXECUTOR,
     LUKS_MAGIC,
+    key_object,
     marker_block,
     passphrase,
     qemu_img_create_luks,
     qemu_io_read,
     qemu_io_write,
-    run,
-    secret_files,
 )
 
-from trustplane.embedded.ceph import RunningCeph, tool_env
-from trustplane.errors import UnavailableError
+from trustplane.embedded.ceph import RunningCeph
+from trustplane.errors import ToolError, UnavailableError
+from trustplane.tools import SecretFile
 
 
 def _image_name() -> str:
@@ -121,9 +122,24 @@ def test_client_user_is_not_admin(ceph: RunningCeph) -> None:
     assert ceph.client.key not in repr(ceph.client)
 
 
-def test_tools_run_without_a_foreign_pythonpath(tmp_path: Path) -> None:
-    env = tool_env({"PATH": "/usr/bin", "PYTHONPATH": str(tmp_path), "PYTHONHOME": "/x"})
-    assert env == {"PATH": "/usr/bin"}
+def test_ceph_tools_ignore_a_foreign_pythonpath(
+    ceph: RunningCeph, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our tests export PYTHONPATH; the `ceph` CLI (Debian's python3) must not see it."""
+    (tmp_path / "rados.py").write_text("raise ImportError('a foreign rados module')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    # Leaked, it breaks the tool...
+    leaked = subprocess.run(
+        ["ceph", "--conf", str(ceph.conf_file), "health"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert leaked.returncode != 0
+    assert "foreign rados module" in leaked.stderr
+    # ...and the cluster's own calls scrub it.
+    assert ceph.run("ceph", "health").strip() == "HEALTH_OK"
 
 
 def test_rbd_create_info_rm(ceph: RunningCeph, rbd_image: str) -> None:
@@ -157,7 +173,7 @@ def test_qemu_luks_on_rbd_leaves_no_plaintext_in_rados(ceph: RunningCeph, rbd_im
         assert marker not in data, f"plaintext marker in RADOS object {name}"
 
     # The wrong key opens nothing.
-    with pytest.raises(AssertionError, match="Invalid password"):
+    with pytest.raises(ToolError, match="Invalid password"):
         qemu_io_read(opts, secrets.token_bytes(32), 0, 512)
 
 
@@ -169,25 +185,24 @@ def test_qemu_reaches_rbd_with_libvirts_values_and_no_ceph_conf(
     _create_luks(ceph, rbd_image, key, "8M")
     block = marker_block(b"libvirt-values-", 4096)
     qemu_io_write(_rbd_opts(ceph, rbd_image), key, 0, block)
-    with secret_files(cephx=ceph.client.key.encode("ascii"), luks=passphrase(key)) as files:
-        opts = (
-            f"file.driver=rbd,file.pool={ceph.pool},file.image={rbd_image},"
-            f"file.user={ceph.client.user},file.key-secret=cephx,"
-            f"file.server.0.host={ceph.client.mon_host},"
-            f"file.server.0.port={ceph.client.mon_port},"
-            "file.conf=/dev/null"
-        )
-        argv = [
-            "qemu-io",
-            "--object", f"secret,id=cephx,file={files['cephx']},format=base64",
-            "--object", f"secret,id=s0,file={files['luks']}",
-            "--image-opts", f"driver=luks,key-secret=s0,{opts}",
-            "-c", "read -P 0x6c 0 1",
-        ]  # fmt: skip
-        result = run(argv)
+    opts = (
+        f"file.driver=rbd,file.pool={ceph.pool},file.image={rbd_image},"
+        f"file.user={ceph.client.user},file.key-secret=cephx,"
+        f"file.server.0.host={ceph.client.mon_host},"
+        f"file.server.0.port={ceph.client.mon_port},"
+        "file.conf=/dev/null"
+    )
+    cephx = SecretFile(ceph.client.key.encode("ascii"), "secret,id=cephx,file={},format=base64")
+    argv = [
+        "qemu-io",
+        "--object", cephx,
+        "--object", key_object(key),
+        "--image-opts", f"driver=luks,key-secret=s0,{opts}",
+        "-c", "read -P 0x6c 0 1",
+    ]  # fmt: skip
     # The first byte of the marker block is 'l' (0x6c): the volume opened and decrypted.
-    assert result.returncode == 0, result.stderr
-    assert "read 1/1 bytes" in result.stdout, result.stdout
+    out = EXECUTOR.run(argv).text
+    assert "read 1/1 bytes" in out, out
 
 
 def test_librbd_luks2_encryption_format(ceph: RunningCeph, rbd_image: str) -> None:
@@ -195,31 +210,25 @@ def test_librbd_luks2_encryption_format(ceph: RunningCeph, rbd_image: str) -> No
     spec = f"{ceph.pool}/{rbd_image}"
     key = secrets.token_bytes(32)
     ceph.run_as_client("rbd", "create", spec, "--size", "64M")
-    with secret_files(passphrase=passphrase(key)) as files:
-        ceph.run_as_client(
-            "rbd", "encryption", "format", spec, "luks2", str(files["passphrase"]), timeout=120
-        )
+    passfile = SecretFile(passphrase(key))
+    ceph.run_as_client("rbd", "encryption", "format", spec, "luks2", passfile, timeout=180)
     objects = _objects(ceph, rbd_image)
     header = objects[min(objects)]
     assert header.startswith(LUKS_MAGIC)
     assert header[6:8] == b"\x00\x02", "LUKS version 2"
 
-    def open_with(passphrase_bytes: bytes) -> subprocess.CompletedProcess[str]:
-        with secret_files(p=passphrase_bytes) as files:
-            argv = [
-                "qemu-io",
-                "--object", f"secret,id=s0,file={files['p']}",
-                "--image-opts",
-                f"driver=rbd,pool={ceph.pool},image={rbd_image},"
-                f"user={ceph.client.user},conf={ceph.client.conf_file},"
-                "encrypt.format=luks2,encrypt.key-secret=s0",
-                "-c", "read 0 4096",
-            ]  # fmt: skip
-            return run(argv, timeout=180)
+    def open_with(candidate: bytes) -> str:
+        argv = [
+            "qemu-io",
+            "--object", key_object(candidate),
+            "--image-opts",
+            f"driver=rbd,pool={ceph.pool},image={rbd_image},"
+            f"user={ceph.client.user},conf={ceph.client.conf_file},"
+            "encrypt.format=luks2,encrypt.key-secret=s0",
+            "-c", "read 0 4096",
+        ]  # fmt: skip
+        return EXECUTOR.run(argv, timeout=180).text
 
-    good = open_with(passphrase(key))
-    assert good.returncode == 0, good.stderr
-    assert "read 4096/4096 bytes" in good.stdout, good.stdout
-    bad = open_with(passphrase(secrets.token_bytes(32)))
-    assert bad.returncode != 0
-    assert "encryption load fail" in bad.stderr, bad
+    assert "read 4096/4096 bytes" in open_with(key)
+    with pytest.raises(ToolError, match="encryption load fail"):
+        open_with(secrets.token_bytes(32))

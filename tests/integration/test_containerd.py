@@ -15,10 +15,10 @@ from typing import Any
 import docker
 import grpc
 import pytest
-from conftest import PROXY_SNAPSHOTTER, component_missing
+from conftest import component_missing
 from google.protobuf import empty_pb2
 
-from trustplane.embedded.containerd import RunningContainerd
+from trustplane.embedded.containerd import RunningContainerd, start_containerd
 
 try:
     from trustplane_containerd_api.services.snapshots.v1 import (
@@ -47,11 +47,10 @@ def busybox_archive(
 
 
 def test_ctr_reaches_the_second_containerd(containerd: RunningContainerd) -> None:
-    plugins = containerd.ctr_checked("plugins", "ls")
+    plugins = containerd.ctr("plugins", "ls").text
     rows = [line.split() for line in plugins.splitlines()[1:] if line.strip()]
     status = {(row[0], row[1]): row[-1] for row in rows}
     assert status[("io.containerd.snapshotter.v1", "overlayfs")] == "ok"
-    assert status[("io.containerd.snapshotter.v1", PROXY_SNAPSHOTTER)] == "ok"
     assert not any(plugin == "cri" for _, plugin in status), "CRI is disabled"
     # Its own socket, root and state; not the one dockerd runs.
     assert containerd.address.is_socket()
@@ -62,19 +61,18 @@ def test_ctr_reaches_the_second_containerd(containerd: RunningContainerd) -> Non
 def test_import_docker_archive_and_run_with_overlayfs(
     containerd: RunningContainerd, busybox_archive: Path, busybox_base: str
 ) -> None:
-    out = containerd.ctr_checked("images", "import", str(busybox_archive))
+    out = containerd.ctr("images", "import", str(busybox_archive)).text
     assert "unpacking" in out
     assert "done" in out
     ref = f"docker.io/{busybox_base}"
-    assert ref in containerd.ctr_checked("images", "ls", "-q").split()
+    assert ref in containerd.ctr("images", "ls", "-q").text.split()
     word = secrets.token_hex(6)
     container = f"probe-{word}"
     result = containerd.ctr(
         "run", "--rm", "--snapshotter", "overlayfs", ref, container, "echo", f"hello {word}"
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"hello {word}"
-    assert container not in containerd.ctr_checked("containers", "ls", "-q").split()
+    assert result.text.strip() == f"hello {word}"
+    assert container not in containerd.ctr("containers", "ls", "-q").text.split()
 
 
 # -- a proxy snapshotter from the compiled snapshots API --------------------------------
@@ -87,6 +85,7 @@ class _RecordingSnapshotter:
 
     def __init__(self, source: Path) -> None:
         self.source = source
+        self.socket = Path()
         self.calls: list[tuple[str, str]] = []
         self.active: set[str] = set()
         self.lock = threading.Lock()
@@ -110,45 +109,69 @@ class _RecordingSnapshotter:
         return empty_pb2.Empty()
 
 
+PROXY_SNAPSHOTTER = "probe"
+
+
 @pytest.fixture
-def proxy_server(containerd: RunningContainerd, tmp_path: Path) -> Iterator[_RecordingSnapshotter]:
+def proxy_server(tmp_path: Path) -> Iterator[_RecordingSnapshotter]:
+    """The recording snapshotter served on a unix socket from the generated stubs."""
     if _API_ERROR is not None:
         component_missing(
             "containerd snapshots API (trustplane_containerd_api)",
             f"{_API_ERROR}; run scripts/run setup, which compiles it",
         )
-    socket = containerd.proxy_snapshotters[PROXY_SNAPSHOTTER]
-    socket.unlink(missing_ok=True)
+    socket = tmp_path / "snapshotter.sock"
     # The generated base class answers UNIMPLEMENTED for everything not overridden.
     servicer = type("Servicer", (_RecordingSnapshotter, snapshots_pb2_grpc.SnapshotsServicer), {})
-    instance = servicer(tmp_path)
+    instance = servicer(tmp_path / "source")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(instance, server)
-    server.add_insecure_port(f"unix://{socket}")
+    assert server.add_insecure_port(f"unix://{socket}") != 0
     server.start()
+    instance.socket = socket
     yield instance
     server.stop(grace=None)
-    socket.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def containerd_with_proxy(
+    proxy_server: _RecordingSnapshotter, tmp_path: Path
+) -> Iterator[RunningContainerd]:
+    """A containerd of its own whose proxy snapshotter is `proxy_server` (already serving)."""
+    with start_containerd(
+        tmp_path / "containerd", proxy_snapshotters={PROXY_SNAPSHOTTER: proxy_server.socket}
+    ) as daemon:
+        yield daemon
 
 
 def test_proxy_snapshotter_served_by_the_generated_stubs(
-    containerd: RunningContainerd, proxy_server: _RecordingSnapshotter, tmp_path: Path
+    containerd_with_proxy: RunningContainerd, proxy_server: _RecordingSnapshotter
 ) -> None:
+    containerd = containerd_with_proxy
+    plugins = containerd.ctr("plugins", "ls").text
+    assert any(
+        line.split()[:2] == ["io.containerd.snapshotter.v1", PROXY_SNAPSHOTTER]
+        and line.split()[-1] == "ok"
+        for line in plugins.splitlines()
+    ), plugins
     key = f"probe-{secrets.token_hex(4)}"
-    out = containerd.ctr_checked(
+    out = containerd.ctr(
         "snapshots", "--snapshotter", PROXY_SNAPSHOTTER, "prepare", "--mounts", key
-    )
+    ).text
     mounts = json.loads(out)
-    assert mounts == [{"Type": "bind", "Source": str(tmp_path), "Options": ["rbind", "rw"]}]
+    assert mounts == [
+        {"Type": "bind", "Source": str(proxy_server.source), "Options": ["rbind", "rw"]}
+    ]
     # containerd namespaces the key (NAMESPACE/ID/KEY) before it reaches the plugin.
     assert [(call, k.rsplit("/", 1)[-1]) for call, k in proxy_server.calls] == [("Prepare", key)]
     prepared_key = proxy_server.calls[0][1]
     assert prepared_key.startswith(f"{containerd.namespace}/")
 
     # `ctr snapshots rm` removes the metadata; the garbage collector (configured
-    # to run after each deletion) then calls the plugin's Remove.
-    containerd.ctr_checked("snapshots", "--snapshotter", PROXY_SNAPSHOTTER, "rm", key)
+    # to run after each deletion) then walks the plugin (List) and calls Remove.
+    containerd.ctr("snapshots", "--snapshotter", PROXY_SNAPSHOTTER, "rm", key)
     deadline = time.monotonic() + GC_TIMEOUT
     while ("Remove", prepared_key) not in proxy_server.calls:
         assert time.monotonic() < deadline, f"no Remove after GC: {proxy_server.calls}"
         time.sleep(0.05)
+    assert not proxy_server.active

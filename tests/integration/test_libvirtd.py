@@ -102,8 +102,8 @@ def test_ephemeral_private_secret_from_bytes(
             secret.value()
         refused = libvirtd.virsh("secret-get-value", secret_uuid)
         assert refused.returncode != 0
-        assert "private" in refused.stderr
-        assert value.hex() not in refused.stdout
+        assert b"private" in refused.stderr
+        assert value not in refused.stdout
         # Ephemeral: nothing about it is written to the daemon's config or state.
         for directory in (libvirtd.work_dir / "etc", libvirtd.work_dir / "lib"):
             for path in directory.rglob("*"):

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 from storage_helpers import (
+    EXECUTOR,
     LUKS_MAGIC,
     marker_block,
     qemu_img_create_luks,
     qemu_io_read,
     qemu_io_write,
-    run,
 )
 
 from trustplane.embedded.tgtd import Lun, RunningTgtd
-from trustplane.errors import UsageError
+from trustplane.errors import ToolError, UsageError
 
 LUN_SIZE = 64 * 1024 * 1024
 
@@ -49,9 +49,8 @@ def test_target_lists_its_lun_and_acl(tgtd: RunningTgtd, lun: Lun) -> None:
     assert f"Backing store path: {lun.backing_file}" in shown
     assert "ALL" in shown.split("ACL information:", 1)[1]
     assert tgtd.portal.startswith("127.0.0.1:")
-    info = run(["qemu-img", "info", "--output=json", lun.url])
-    assert info.returncode == 0, info.stderr
-    assert f'"virtual-size": {LUN_SIZE}' in info.stdout
+    info = EXECUTOR.run(["qemu-img", "info", "--output=json", lun.url]).text
+    assert f'"virtual-size": {LUN_SIZE}' in info
 
 
 def test_qemu_writes_luks_onto_the_lun_and_the_file_holds_no_plaintext(lun: Lun) -> None:
@@ -67,16 +66,17 @@ def test_qemu_writes_luks_onto_the_lun_and_the_file_holds_no_plaintext(lun: Lun)
     assert qemu_io_read(opts, key, 4096, len(block)) == block
     assert marker not in lun.backing_file.read_bytes()
 
-    with pytest.raises(AssertionError, match="Invalid password"):
+    with pytest.raises(ToolError, match="Invalid password"):
         qemu_io_read(opts, secrets.token_bytes(32), 0, 512)
 
 
 def test_removed_lun_and_target_are_gone(tgtd: RunningTgtd, tmp_path: Path) -> None:
     iqn = tgtd.add_target()
     lun = tgtd.add_lun(iqn, tmp_path / "gone.img", size=8 * 1024 * 1024)
-    assert run(["qemu-img", "info", lun.url]).returncode == 0
+    EXECUTOR.run(["qemu-img", "info", lun.url])
     tgtd.remove_lun(iqn, lun.lun)
-    assert run(["qemu-img", "info", lun.url]).returncode != 0
+    with pytest.raises(ToolError, match="qemu-img"):
+        EXECUTOR.run(["qemu-img", "info", lun.url])
     tgtd.remove_target(iqn)
     assert iqn not in tgtd.show()
     with pytest.raises(UsageError, match="no target"):

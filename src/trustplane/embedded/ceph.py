@@ -26,7 +26,8 @@ dead monitor.
 The Debian ``ceph``/``rbd``/``rados`` tools are Python programs or load
 Python-built plugins for Debian's own python3; a foreign ``PYTHONPATH`` (our
 tests export one) can break them, so every call here runs with the
-``PYTHON*`` variables removed (`tool_env`).
+``PYTHON*`` variables removed (`tool_env`; through the executor, which adds
+to our environment, they are set empty, which Python reads as unset).
 
 Clients get a user of their own (``client.<user>``, rbd profile on the
 pool, not admin), a ceph.conf and a 0600 keyring in a private directory, and
@@ -41,7 +42,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +52,10 @@ from trustplane.embedded.process import (
     TcpReady,
     free_port,
     require_binary,
-    run_checked,
 )
 from trustplane.errors import UnavailableError, UsageError
+from trustplane.tools import Executor, SecretFile
+from trustplane.tools.command import Arg
 
 HOST = "127.0.0.1"
 DEFAULT_POOL = "trustplane"
@@ -90,6 +92,19 @@ def tool_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     env = dict(os.environ if base is None else base)
     return {key: value for key, value in env.items() if not key.startswith("PYTHON")}
+
+
+def _run(argv: Sequence[Arg], timeout: float = _TOOL_TIMEOUT) -> str:
+    """One Ceph tool call through the executor; returns its stdout.
+
+    The executor passes our environment plus overrides, so the PYTHON*
+    variables are overridden with empty values (the same as unset for Python).
+    """
+    unset = {key: "" for key in os.environ if key.startswith("PYTHON")}
+    return _EXECUTOR.run(argv, timeout=timeout, env=unset).text
+
+
+_EXECUTOR = Executor()
 
 
 @dataclass(frozen=True)
@@ -140,34 +155,20 @@ class RunningCeph(StopsOnExit):
     def log_dir(self) -> Path:
         return self.work_dir / "log"
 
-    def run(self, tool: str, *args: str, timeout: float = _TOOL_TIMEOUT) -> str:
-        """Run a Ceph tool (`ceph`, `rbd`, `rados`) as client.admin; returns stdout."""
-        binary = require_binary(tool, _PACKAGES.get(tool, "ceph-common"))
-        result = run_checked(
-            [binary, "--conf", str(self.conf_file), *args],
-            timeout=timeout,
-            env=tool_env(),
-            what=f"{tool} {args[0] if args else ''}".strip(),
-        )
-        return result.stdout
+    def run(self, tool: str, *args: Arg, timeout: float = _TOOL_TIMEOUT) -> str:
+        """Run a Ceph tool (`ceph`, `rbd`, `rados`) as client.admin; returns stdout.
 
-    def run_as_client(self, tool: str, *args: str, timeout: float = _TOOL_TIMEOUT) -> str:
+        Secrets (a passphrase file for `rbd encryption format`) go in as
+        `SecretFile` placeholders. A failure is one ToolError.
+        """
+        binary = require_binary(tool, _PACKAGES.get(tool, "ceph-common"))
+        return _run([binary, "--conf", str(self.conf_file), *args], timeout)
+
+    def run_as_client(self, tool: str, *args: Arg, timeout: float = _TOOL_TIMEOUT) -> str:
         """Run a Ceph tool as the client user (its own conf and keyring)."""
         binary = require_binary(tool, _PACKAGES.get(tool, "ceph-common"))
-        result = run_checked(
-            [
-                binary,
-                "--conf",
-                str(self.client.conf_file),
-                "--id",
-                self.client.user,
-                *args,
-            ],
-            timeout=timeout,
-            env=tool_env(),
-            what=f"{tool} {args[0] if args else ''}".strip(),
-        )
-        return result.stdout
+        conf = str(self.client.conf_file)
+        return _run([binary, "--conf", conf, "--id", self.client.user, *args], timeout)
 
     def ceph_json(self, *args: str) -> object:
         """`ceph ARGS --format json`, parsed."""
@@ -235,7 +236,7 @@ class _Bootstrap:
         self.conf = self.dir / "ceph.conf"
         self.keys = self.dir / "keys"
         self.client_dir = self.dir / "client"
-        self.env = tool_env()
+        self.env = tool_env()  # for the daemons
         self.timings: dict[str, float] = {}
         self.started = time.monotonic()
 
@@ -347,9 +348,7 @@ class _Bootstrap:
         )
 
     def _authtool(self, *args: str) -> str:
-        return run_checked(
-            [self.binaries["ceph-authtool"], *args], env=self.env, timeout=_TOOL_TIMEOUT
-        ).stdout
+        return _run([self.binaries["ceph-authtool"], *args])
 
     def _make_keyrings(self) -> str:
         """Every key the cluster starts with, in the monitor's keyring; returns the user's."""
@@ -406,7 +405,7 @@ class _Bootstrap:
     def _start_mon(self) -> ManagedProcess:
         mon_keyring = self.keys / "mon.keyring"
         monmap = self.dir / "monmap"
-        run_checked(
+        _run(
             [
                 self.binaries["monmaptool"],
                 "--create",
@@ -416,8 +415,7 @@ class _Bootstrap:
                 MON_ID,
                 self.mon_host,
                 str(monmap),
-            ],
-            env=self.env,
+            ]
         )
         self._daemon_mkfs(
             "ceph-mon",
@@ -460,10 +458,8 @@ class _Bootstrap:
         """`ceph osd new` with a cephx secret of ours; returns the OSD's id and uuid."""
         osd_uuid = str(uuid.uuid4())
         secret = self._authtool("--gen-print-key").strip()
-        secrets_file = self.keys / "osd-secrets.json"
-        _write_private(secrets_file, json.dumps({"cephx_secret": secret}))
-        osd_id = self._ceph("osd", "new", osd_uuid, "-i", str(secrets_file)).strip()
-        secrets_file.unlink()
+        secrets_json = json.dumps({"cephx_secret": secret}).encode()
+        osd_id = self._ceph("osd", "new", osd_uuid, "-i", SecretFile(secrets_json)).strip()
         if not osd_id.isdigit():
             raise UnavailableError(f"ceph osd new returned {osd_id!r}, not an OSD id")
         osd_dir = self.dir / "osd" / f"ceph-{osd_id}"
@@ -493,11 +489,9 @@ class _Bootstrap:
         return process
 
     def _init_pool(self) -> None:
-        run_checked(
+        _run(
             [self.binaries["rbd"], "--conf", str(self.conf), "pool", "init", self.pool],
-            env=self.env,
             timeout=self._remaining(),
-            what="rbd pool init",
         )
         self._mark("rbd pool init")
 
@@ -520,21 +514,14 @@ class _Bootstrap:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _ceph(self, *args: str) -> str:
-        return run_checked(
+    def _ceph(self, *args: Arg) -> str:
+        return _run(
             [self.binaries["ceph"], "--conf", str(self.conf), *args],
-            env=self.env,
-            timeout=min(_TOOL_TIMEOUT, max(self._remaining(), 1.0)),
-            what=f"ceph {' '.join(args[:2])}",
-        ).stdout
+            timeout=min(_TOOL_TIMEOUT, self._remaining()),
+        )
 
     def _daemon_mkfs(self, daemon: str, args: list[str]) -> None:
-        run_checked(
-            [self.binaries[daemon], "-c", str(self.conf), *args],
-            env=self.env,
-            timeout=self._remaining(),
-            what=f"{daemon} --mkfs",
-        )
+        _run([self.binaries[daemon], "-c", str(self.conf), *args], timeout=self._remaining())
 
     def _remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 1.0)

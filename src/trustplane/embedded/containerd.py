@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,11 @@ from trustplane.embedded.process import (
     ManagedProcess,
     StopsOnExit,
     UnixSocketReady,
-    path_with_sbin,
     require_binary,
-    run_checked,
 )
 from trustplane.errors import UsageError
+from trustplane.tools import Executor, ToolResult
+from trustplane.tools.local import path_with_sbin
 
 START_TIMEOUT = 60.0
 STOP_GRACE = 15.0
@@ -60,36 +59,15 @@ class RunningContainerd(StopsOnExit):
     namespace: str = DEFAULT_NAMESPACE
     timings: dict[str, float] = field(default_factory=dict)
 
-    def ctr(
-        self, *args: str, timeout: float = 300.0, namespace: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """`ctr --address A --namespace NS ARGS`; not checked (callers read the status)."""
-        return subprocess.run(
-            [
-                require_binary("ctr", "containerd"),
-                "--address",
-                str(self.address),
-                "--namespace",
-                namespace or self.namespace,
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PATH": path_with_sbin()},
-            check=False,
-        )
+    def ctr(self, *args: str, timeout: float = 300.0, check: bool = True) -> ToolResult:
+        """`ctr --address A --namespace NS ARGS` through the executor.
 
-    def ctr_checked(self, *args: str, timeout: float = 300.0) -> str:
-        """`ctr ARGS`; a failure is one UnavailableError with ctr's last line. Returns stdout."""
+        With `check` a failure is one ToolError quoting ctr's last line;
+        without it the caller reads `returncode`.
+        """
         binary = require_binary("ctr", "containerd")
-        return run_checked(
-            [binary, "--address", str(self.address), "--namespace", self.namespace, *args],
-            timeout=timeout,
-            env={**os.environ, "PATH": path_with_sbin()},
-            what=f"ctr {' '.join(args[:2])}",
-        ).stdout
+        argv = [binary, "--address", str(self.address), "--namespace", self.namespace, *args]
+        return Executor().run(argv, timeout=timeout, check=check)
 
     def stop(self) -> None:
         """Stop the daemon (running tasks are the caller's to end first)."""

@@ -33,7 +33,6 @@ import os
 import pwd
 import shlex
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from trustplane.embedded.process import (
     unix_socket_accepts,
 )
 from trustplane.errors import UnavailableError, UsageError
+from trustplane.tools import Executor, ToolResult
 
 QEMU_USER: Final = "libvirt-qemu"
 DEFAULT_CACHE_DIR: Final = Path("/var/cache/trustplane-libvirt")
@@ -105,16 +105,11 @@ class RunningLibvirtd(StopsOnExit):
         """Where libvirt writes each domain's QEMU log (NAME.log)."""
         return self.work_dir / "log" / "qemu"
 
-    def virsh(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run `virsh -c URI ARGS` (not checked: callers look at the status)."""
-        return subprocess.run(
-            [require_binary("virsh", "libvirt-clients"), "-c", self.uri, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+    def virsh(self, *args: str, timeout: float = 60.0, check: bool = False) -> ToolResult:
+        """`virsh -c URI ARGS` through the executor (unchecked by default: callers
+        look at the status)."""
+        argv = [require_binary("virsh", "libvirt-clients"), "-c", self.uri, *args]
+        return Executor().run(argv, timeout=timeout, check=check)
 
     def restart(self) -> None:
         """Stop libvirtd only (domains keep running) and start it again."""
@@ -127,7 +122,7 @@ class RunningLibvirtd(StopsOnExit):
             return
         self._stopped = True
         if self.process.running():
-            for name in self.virsh("list", "--name", timeout=30).stdout.split():
+            for name in self.virsh("list", "--name", timeout=30).text.split():
                 self.virsh("destroy", name, timeout=30)
         self.process.stop()
         _kill_leftover_qemus(self.work_dir / "run" / "qemu")
@@ -245,24 +240,14 @@ def _launch(work_dir: Path, cache_dir: Path, timeout: float) -> tuple[ManagedPro
     # answers only once they are (the QEMU capability probe on a cold cache).
     uri = f"qemu:///system?socket={socket}"
     remaining = max(timeout - (time.monotonic() - started), 1.0)
+    virsh = require_binary("virsh", "libvirt-clients")
     try:
-        result = subprocess.run(
-            [require_binary("virsh", "libvirt-clients"), "-c", uri, "version"],
-            capture_output=True,
-            text=True,
-            timeout=remaining,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
+        Executor().run([virsh, "-c", uri, "version"], timeout=remaining)
+    except UnavailableError as exc:  # ToolError, ToolTimeout
         process.stop()
         raise UnavailableError(
-            f"libvirtd did not answer within {timeout:g} s; see {work_dir / 'log'}"
-        ) from None
-    if result.returncode != 0:
-        process.stop()
-        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UnavailableError(f"libvirtd does not answer on {socket}: {last}")
+            f"libvirtd does not answer on {socket}: {exc}; its log: {work_dir / 'log'}"
+        ) from exc
     return process, time.monotonic() - started
 
 

@@ -114,43 +114,6 @@ def unix_socket_accepts(path: Path, timeout: float = 1.0) -> bool:
         return True
 
 
-def run_checked(
-    argv: Sequence[str],
-    *,
-    timeout: float = 60.0,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    what: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a helper program (an admin tool of a component) to completion.
-
-    For setting components up, not for secrets: those go through the executor
-    (DESIGN.md, "External tools"). A failure or a timeout is one
-    UnavailableError naming the program (or `what`) and its last line of output.
-    """
-    name = what or Path(argv[0]).name
-    try:
-        result = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=None if env is None else dict(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise UnavailableError(f"{name} did not finish within {timeout:g} s") from exc
-    except OSError as exc:
-        raise UnavailableError(f"cannot run {name}: {exc}") from exc
-    if result.returncode != 0:
-        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        last = lines[-1] if lines else "(no output)"
-        raise UnavailableError(f"{name} failed (status {result.returncode}): {last}")
-    return result
-
-
 def tail_lines(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
     """Last `lines` lines of a log file, read from its end so a huge log costs nothing."""
     try:

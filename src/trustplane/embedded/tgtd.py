@@ -31,9 +31,9 @@ from trustplane.embedded.process import (
     TcpReady,
     free_port,
     require_binary,
-    run_checked,
 )
 from trustplane.errors import UnavailableError, UsageError
+from trustplane.tools import Executor
 
 HOST = "127.0.0.1"
 IPC_DIR = Path("/var/run/tgtd")
@@ -41,6 +41,7 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 IQN_PREFIX = "iqn.2024-01.dev.trustplane.test"
 _ATTEMPTS = 5
+_MAX_CONTROL_PORT = 32767
 _POLL_INTERVAL = 0.05
 _IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?")
 
@@ -80,11 +81,8 @@ class RunningTgtd(StopsOnExit):
     def tgtadm(self, *args: str) -> str:
         """`tgtadm -C N --lld iscsi ARGS`; a failure is one UnavailableError."""
         binary = require_binary("tgtadm", "tgt")
-        return run_checked(
-            [binary, "-C", str(self.control_port), "--lld", "iscsi", *args],
-            timeout=30,
-            what="tgtadm",
-        ).stdout
+        argv = [binary, "-C", str(self.control_port), "--lld", "iscsi", *args]
+        return Executor().run(argv, timeout=30).text
 
     def add_target(self, name: str | None = None) -> str:
         """A new target open to every initiator (bind ALL); returns its IQN."""
@@ -173,8 +171,9 @@ def start_tgtd(work_dir: Path, *, timeout: float = START_TIMEOUT) -> RunningTgtd
     last_error: UnavailableError | None = None
     for _ in range(_ATTEMPTS):
         port = free_port(HOST)
-        # Control ports in use have a socket file; the lock decides the rest.
-        control = secrets.randbelow(50000) + 10000
+        # tgtd takes control ports up to 32767. Ports in use have a socket
+        # file; for the rest, tgtd's lock on it decides (it exits if taken).
+        control = secrets.randbelow(_MAX_CONTROL_PORT - 1000) + 1000
         if (IPC_DIR / f"socket.{control}").exists():
             continue
         started = time.monotonic()
