@@ -21,13 +21,15 @@ Settings that matter on one node (DESIGN.md, "Ceph"): pool size 1 allowed,
 CRUSH chooses among OSDs rather than hosts, every address is 127.0.0.1, the
 free-space warnings are low (the test machine's disk is shared), the manager
 reports every second. Stop the OSD before the monitor, or it waits for the
-dead monitor.
+dead monitor. For a quick start (measured here: ~6 s to active+clean on a
+loaded machine, 13 s without them): a 50 ms Paxos proposal interval, one OSD
+op shard with a 20 ms AIO poll, and a manager that loads only the modules a
+cluster needs (`MGR_MODULES`).
 
-The Debian ``ceph``/``rbd``/``rados`` tools are Python programs or load
-Python-built plugins for Debian's own python3; a foreign ``PYTHONPATH`` (our
-tests export one) can break them, so every call here runs with the
-``PYTHON*`` variables removed (`tool_env`; through the executor, which adds
-to our environment, they are set empty, which Python reads as unset).
+The ``ceph`` CLI runs on Debian's python3 with Debian's ``rados`` module; a
+foreign ``PYTHONPATH`` (our tests export one) breaks it, so the daemons start
+without any ``PYTHON*`` variable and tool calls (through the executor, which
+adds to our environment) get them set empty, which Python reads as unset.
 
 Clients get a user of their own (``client.<user>``, rbd profile on the
 pool, not admin), a ceph.conf and a 0600 keyring in a private directory, and
@@ -42,7 +44,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,14 +94,9 @@ _PACKAGES = {
 }
 
 
-def tool_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for Ceph's tools: ours without any PYTHON* variable.
-
-    `ceph` runs on Debian's python3 with Debian's `rados` module; a foreign
-    PYTHONPATH (the tests export one) must not reach it.
-    """
-    env = dict(os.environ if base is None else base)
-    return {key: value for key, value in env.items() if not key.startswith("PYTHON")}
+def _daemon_env() -> dict[str, str]:
+    """Our environment without any PYTHON* variable (ceph-mgr embeds Python)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
 
 
 def _run(argv: Sequence[Arg], timeout: float = _TOOL_TIMEOUT) -> str:
@@ -244,7 +241,7 @@ class _Bootstrap:
         self.conf = self.dir / "ceph.conf"
         self.keys = self.dir / "keys"
         self.client_dir = self.dir / "client"
-        self.env = tool_env()  # for the daemons
+        self.env = _daemon_env()
         self.timings: dict[str, float] = {}
         self.started = time.monotonic()
 

@@ -60,7 +60,6 @@ BIND_MOUNTS: Final = {
 }
 CACHE_MOUNT: Final = Path("/var/cache/libvirt")
 _MAX_SOCKET_PATH: Final = 107
-_POLL_INTERVAL: Final = 0.05
 
 QEMU_CONF: Final = """\
 # Written by trustplane.embedded.libvirtd: a test daemon without systemd,
@@ -122,8 +121,10 @@ class RunningLibvirtd(StopsOnExit):
             return
         self._stopped = True
         if self.process.running():
-            for name in self.virsh("list", "--name", timeout=30).text.split():
-                self.virsh("destroy", name, timeout=30)
+            # A daemon that no longer answers still gets stopped, and its QEMUs killed.
+            with contextlib.suppress(UnavailableError):
+                for name in self.virsh("list", "--name", timeout=30).text.split():
+                    self.virsh("destroy", name, timeout=30)
         self.process.stop()
         _kill_leftover_qemus(self.work_dir / "run" / "qemu")
 
