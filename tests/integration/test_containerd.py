@@ -15,8 +15,8 @@ from typing import Any
 import docker
 import grpc
 import pytest
-from conftest import component_missing
 from google.protobuf import empty_pb2
+from missing import component_missing
 
 from trustplane.embedded.containerd import RunningContainerd, start_containerd
 

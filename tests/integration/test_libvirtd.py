@@ -14,8 +14,12 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 import pytest
+from missing import component_missing
 
+from trustplane.embedded.guest_kernel import guest_kernel
+from trustplane.embedded.initramfs import GUEST_SETUP, build_initramfs
 from trustplane.embedded.libvirtd import RunningLibvirtd, start_libvirtd
+from trustplane.errors import TrustplaneError
 
 BOOT_TIMEOUT = 60.0
 
@@ -175,3 +179,77 @@ def test_tcg_domain_runs_and_takes_a_hot_plugged_disk(
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+_READER_INIT = f"""#!/bin/sh
+{GUEST_SETUP}
+echo GUEST-UP
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "DISK:$(head -c 64 /dev/vda | tr -d '\\000')"
+echo GUEST-DONE
+poweroff -f
+"""
+
+
+def test_a_cloud_kernel_boots_under_libvirtd_and_reads_its_disk(
+    conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Debian's cloud kernel and a busybox initramfs (helper modules from
+    trustplane.embedded) boot in a TCG domain and print a marker from a virtio disk."""
+    try:
+        kernel = guest_kernel()
+    except TrustplaneError as exc:
+        component_missing("guest kernel (linux-image-cloud-amd64, downloaded)", str(exc))
+    initrd = build_initramfs(
+        tmp_path / "initrd.img", _READER_INIT, kernel=kernel, modules=("virtio_pci", "virtio_blk")
+    )
+    marker = f"libvirt-disk-marker-{secrets.token_hex(8)}"
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(marker.encode().ljust(1024 * 1024, b"\0"))
+    serial = tmp_path / "console.log"
+    name = f"kernel-{secrets.token_hex(4)}"
+    xml = f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel.vmlinuz}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+    dom = conn.createXML(xml, 0)
+    try:
+        _wait_for(
+            lambda: serial.exists() and b"GUEST-DONE" in serial.read_bytes(),
+            "the guest to read its disk",
+            timeout=180,
+        )
+        console = serial.read_bytes().decode("utf-8", errors="replace")
+        assert f"DISK:{marker}" in console, console[-2000:]
+        # poweroff -f ends the domain (on_poweroff = destroy).
+        _wait_for(lambda: not _is_active(conn, name), "the guest to power off", timeout=60)
+    finally:
+        if _is_active(conn, name):
+            dom.destroy()
+
+
+def _is_active(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        return bool(conn.lookupByName(name).isActive())
+    except libvirt.libvirtError:
+        return False  # a transient domain is gone once it stops
