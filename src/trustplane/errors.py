@@ -2,12 +2,17 @@
 
 Each class carries the exit code the CLI returns for it, so a failure reaches
 the user as one line and a stable number, never a traceback. Messages never
-contain secret material (keys, payloads, plaintext).
+contain secret material (keys, payloads, plaintext). `from_os_error` says which
+failed file operations are expected (a full disk, a missing directory) and how
+they read.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -23,6 +28,9 @@ class ExitCode(IntEnum):
     MALFORMED = 7
     UNAVAILABLE = 8
     UNSUPPORTED = 9
+    STORAGE = 10
+    INTERRUPTED = 130
+    """Ctrl-C (SIGINT): what was under way was undone (128 + SIGINT, as shells report it)."""
 
 
 class TrustplaneError(Exception):
@@ -101,3 +109,51 @@ class UnsupportedError(TrustplaneError):
     """A valid request that trustplane (or the destination) cannot honour."""
 
     exit_code = ExitCode.UNSUPPORTED
+
+
+class StorageError(TrustplaneError):
+    """Local storage refused: disk full, quota, read-only file system, permission, I/O error."""
+
+    exit_code = ExitCode.STORAGE
+
+
+_STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM}
+)
+
+
+def from_os_error(
+    exc: OSError, path: str | os.PathLike[str] | None = None
+) -> TrustplaneError | None:
+    """The expected failure behind a failed file operation, or None (then it is a bug).
+
+    `path` names the file or directory the user gave (default: the one in the
+    error). The message is one line: that path and what is wrong with it.
+    """
+    given = path if path is not None else exc.filename
+    where = Path(os.fsdecode(given)) if isinstance(given, str | bytes | os.PathLike) else None
+    reason = (exc.strerror or os.strerror(exc.errno)).lower() if exc.errno else str(exc)
+    prefix = f"{where}: " if where is not None else ""
+    if exc.errno in _STORAGE_ERRNOS:
+        return StorageError(f"{prefix}{reason}")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return NotFoundError(_missing(where) if where is not None else reason)
+    if exc.errno == errno.EISDIR:
+        return UsageError(f"{prefix}is a directory")
+    if exc.errno == errno.EEXIST and where is not None and not where.is_dir():
+        return UsageError(f"{prefix}exists and is not a directory")
+    if exc.errno == errno.EEXIST:
+        return UsageError(f"{prefix}exists already")
+    if exc.errno == errno.ENAMETOOLONG:
+        return UsageError(f"{prefix}file name too long")
+    return None
+
+
+def _missing(path: Path) -> str:
+    """Which part of `path` is missing, or is a file where a directory should be."""
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            return f"{path}: directory {parent} does not exist"
+        if not parent.is_dir():
+            return f"{path}: {parent} is not a directory"
+    return f"{path} does not exist"

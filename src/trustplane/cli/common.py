@@ -22,7 +22,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Platform = Annotated[
-    str | None, typer.Option(help="os/arch[/variant] to pick from a multi-platform index.")
+    # Help text is rich markup: the backslash keeps "[/variant]" from being a closing tag.
+    str | None, typer.Option(help="os/arch\\[/variant] to pick from a multi-platform index.")
 ]
 AuthFile = Annotated[
     Path | None, typer.Option(help="Registry auth file (containers auth.json or Docker config).")

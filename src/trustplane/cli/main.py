@@ -11,16 +11,17 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+import typer.main
 
 from trustplane import __version__
 from trustplane.cli import admin, image, key, kms, log, server
 from trustplane.cli.agent import agent
 from trustplane.cli.gateway import gateway
 from trustplane.cli.run import run as run_image_command
-from trustplane.errors import ExitCode, TrustplaneError
+from trustplane.errors import ExitCode, TrustplaneError, from_os_error
 
 app = typer.Typer(
     help="Confidential, trustworthy container images from build machine to edge host.",
@@ -65,23 +66,60 @@ def version() -> None:
     print(__version__)
 
 
-def run() -> None:
-    """Typer handles usage errors and --help (exit 2 and 0); we handle the rest."""
+def run(argv: list[str] | None = None) -> NoReturn:
+    """Parse and run one command; every way out is an exit code (README, "Exit codes").
+
+    The command tree is invoked here rather than through Typer's standalone
+    mode, which prints usage errors as a boxed panel and turns Ctrl-C into a
+    silent exit: here both are one `trustplane: error:` line like every other
+    expected failure.
+    """
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app()
+        with command.make_context(PROG, list(args)) as context:
+            command.invoke(context)
+    except typer.Exit as exc:  # --help, and commands that choose their code
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # the parser's own usage errors
+        _fail(_usage_message(exc), ExitCode.USAGE)
     except TrustplaneError as exc:
         _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted", ExitCode.INTERRUPTED)
+    except OSError as exc:
+        expected = from_os_error(exc)
+        if expected is None:
+            _bug(exc)
+        _fail(str(expected), expected.exit_code)
     except Exception as exc:
-        if os.environ.get("TRUSTPLANE_DEBUG"):
-            traceback.print_exc()
-        _fail(
-            f"internal error: {type(exc).__name__}: {exc} (a bug; TRUSTPLANE_DEBUG=1 shows where)",
-            ExitCode.INTERNAL,
-        )
+        _bug(exc)
+    sys.exit(ExitCode.OK)
 
 
-def _fail(message: str, code: int) -> None:
-    print(f"trustplane: error: {message}", file=sys.stderr)
+PROG = "trustplane"
+
+
+def _usage_message(exc: typer.TyperException) -> str:
+    """One line: which command, what is wrong, where to look."""
+    context = getattr(exc, "ctx", None)
+    path = context.command_path if context is not None else PROG
+    where = path.removeprefix(PROG).strip()
+    where = f"{where}: " if where else ""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already on stdout
+        return f"{where}missing command (see the list above)"
+    return f"{where}{exc.format_message()} (see {path} --help)"
+
+
+def _bug(exc: BaseException) -> NoReturn:
+    if os.environ.get("TRUSTPLANE_DEBUG"):
+        traceback.print_exc()
+    _fail(
+        f"internal error: {type(exc).__name__}: {exc} (a bug; TRUSTPLANE_DEBUG=1 shows where)",
+        ExitCode.INTERNAL,
+    )
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"trustplane: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)
