@@ -8,12 +8,12 @@ a CLI user sees the server's reason, not an HTTP trace.
 from __future__ import annotations
 
 import base64
-import ssl
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from trustplane.ca_bundle import client_context
 from trustplane.errors import (
     AuthError,
     DecryptionKeyError,
@@ -40,9 +40,7 @@ _ERRORS: dict[int, type[TrustplaneError]] = {
 class ControlClient:
     def __init__(self, url: str, ca_file: Path | None = None, token: str | None = None) -> None:
         self.url = url.rstrip("/")
-        if ca_file is not None and not ca_file.is_file():
-            raise NotFoundError(f"CA certificate {ca_file} does not exist")
-        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        verify = client_context(ca_file, "CA certificate")
         self.token = token
         self._http = httpx.Client(base_url=self.url, verify=verify, timeout=30.0)
 

@@ -137,7 +137,7 @@ def from_os_error(
     if exc.errno in _STORAGE_ERRNOS:
         return StorageError(f"{prefix}{reason}")
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        return NotFoundError(_missing(where) if where is not None else reason)
+        return missing(where) if where is not None else NotFoundError(reason)
     if exc.errno == errno.EISDIR:
         return UsageError(f"{prefix}is a directory")
     if exc.errno == errno.EEXIST and where is not None and not where.is_dir():
@@ -149,11 +149,12 @@ def from_os_error(
     return None
 
 
-def _missing(path: Path) -> str:
-    """Which part of `path` is missing, or is a file where a directory should be."""
+def missing(path: Path) -> NotFoundError:
+    """`path` is not there: says which part is missing, or is a file where a
+    directory should be."""
     for parent in reversed(path.parents):
         if not parent.exists():
-            return f"{path}: directory {parent} does not exist"
+            return NotFoundError(f"{path}: directory {parent} does not exist")
         if not parent.is_dir():
-            return f"{path}: {parent} is not a directory"
-    return f"{path} does not exist"
+            return NotFoundError(f"{path}: {parent} is not a directory")
+    return NotFoundError(f"{path} does not exist")

@@ -7,7 +7,6 @@ connect outbound to the broker, over TLS, with their own credentials.
 
 from __future__ import annotations
 
-import ssl
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +15,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from trustplane.ca_bundle import client_context
 from trustplane.errors import AuthError, UnavailableError, UsageError
 
 CONNECT_TIMEOUT = 10.0
@@ -34,7 +34,7 @@ def connect(
     """A connected client with its network loop running in a thread; raises when refused."""
     host, port = broker_address(url)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context = client_context(ca_file, "broker CA")
     client.tls_set_context(context)
     client.username_pw_set(user, password)
     connected = threading.Event()

@@ -85,11 +85,23 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unreadable_path_and_bad_tier(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="cannot read"):
-        parse_recipient(f"jwe:{tmp_path}")  # a directory
-    # Not a tier: taken as part of the file name, which does not exist.
+    with pytest.raises(UsageError, match="is a directory"):
+        parse_recipient(f"jwe:{tmp_path}")
     with pytest.raises(NotFoundError, match="does not exist"):
+        parse_recipient(f"jwe:{tmp_path / 'k.pem'}:tier=1")
+    # A malformed option is a usage error, not a file that does not exist.
+    with pytest.raises(UsageError, match="give a layer index"):
         parse_recipient(f"jwe:{tmp_path / 'k.pem'}:tier=x")
+    with pytest.raises(UsageError, match="give a layer index"):
+        parse_recipient(f"jwe:{tmp_path / 'k.pem'}:tier=-1")
+    with pytest.raises(UsageError, match="unknown option 'tear'"):
+        parse_recipient(f"jwe:{tmp_path / 'k.pem'}:tear=1")
+
+
+def test_a_file_whose_name_looks_like_an_option_is_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "k.pem:tier=x"
+    path.write_bytes(_public_pem())
+    assert parse_recipient(f"jwe:{path}").tier is None
 
 
 def test_not_a_key(tmp_path: Path) -> None:

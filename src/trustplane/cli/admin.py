@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from trustplane.cli.common import emit_json, stdout
+from trustplane.cli.common import emit_json, read_file, stdout
 from trustplane.cli.session import Ca, Server, connect
-from trustplane.errors import ExitCode, NotFoundError
+from trustplane.errors import Forbidden, UsageError
 
 user_app = typer.Typer(help="Users of the control plane.", no_args_is_help=True)
 node_app = typer.Typer(help="Hosts and edge gateways.", no_args_is_help=True)
 
 
+# The values the server accepts (control/routers/principals.py), checked here so
+# that a wrong one is a usage error naming the option, before any request.
+Role = Literal["admin", "operator", "user"]
+NodeKind = Literal["host", "gateway"]
+NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}")
+Name = Annotated[str, typer.Argument(help="Letters, digits, '.', '_' and '-'; 128 at most.")]
+
+
+def check_name(name: str, what: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UsageError(
+            f"{what} name {name!r}: use letters, digits, '.', '_' and '-' (128 at most), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
 @user_app.command("create")
 def create_user(
-    name: str,
-    role: Annotated[str, typer.Option(help="admin, operator or user.")] = "user",
+    name: Name,
+    role: Annotated[Role, typer.Option(help="What the user may do.")] = "user",
     server: Server = None,
     ca: Ca = None,
 ) -> None:
     """Create a user; prints the generated one-time password."""
+    check_name(name, "user")
     with connect(server, ca) as client:
         answer = client.create_user(name, role)
     stdout.print(f"user {answer['name']} ({answer['role']}) password: {answer['password']}")
@@ -47,18 +66,17 @@ def revoke_node(name: str, server: Server = None, ca: Ca = None) -> None:
 
 @node_app.command("register")
 def register_node(
-    name: str,
+    name: Name,
     public_key: Annotated[
         Path, typer.Option(help="PEM public key the node signs assertions with.")
     ],
-    kind: Annotated[str, typer.Option(help="host or gateway.")] = "host",
+    kind: Annotated[NodeKind, typer.Option(help="A host, or an edge gateway.")] = "host",
     server: Server = None,
     ca: Ca = None,
 ) -> None:
-    try:
-        pem = public_key.read_text()
-    except FileNotFoundError:
-        raise NotFoundError(f"{public_key} does not exist") from None
+    """Register a node by the public key it signs its token requests with."""
+    check_name(name, "node")
+    pem = read_file(public_key, "--public-key").decode()
     with connect(server, ca) as client:
         answer = client.register_node(name, kind, pem)
     stdout.print(f"node {answer['name']} ({answer['kind']}) key id {answer['key_id']}")
@@ -70,17 +88,24 @@ def authorize(
     subject: Annotated[
         str | None, typer.Option(help="user:NAME or node:NAME (default: you).")
     ] = None,
-    layer: Annotated[int | None, typer.Option(help="Image layer index, for tiered keys.")] = None,
+    layer: Annotated[
+        int | None, typer.Option(min=0, help="Image layer index, for tiered keys.")
+    ] = None,
     server: Server = None,
     ca: Ca = None,
 ) -> None:
-    """Ask the policy: may SUBJECT do ACTION on RESOURCE? (The question is logged.)"""
-    who = None
+    """Ask the policy: may SUBJECT do ACTION on RESOURCE? (The question is logged.)
+
+    Prints the decision as JSON; a denial is also exit 4 and one line on stderr.
+    """
+    who: tuple[str, str] | None = None
     if subject is not None:
         kind, _, name = subject.partition(":")
-        who = (kind, name)
+        if kind not in ("user", "node") or not name:
+            raise UsageError(f"--subject {subject!r}: give user:NAME or node:NAME")
+        who = (kind, check_name(name, kind))
     with connect(server, ca) as client:
         answer = client.authorize(action, resource, who, layer)
     emit_json(answer)
-    if answer["decision"] != "allow":
-        raise typer.Exit(ExitCode.AUTH)  # denied: the same code as any refusal
+    if answer["decision"] != "allow":  # the same code as any refusal
+        raise Forbidden(f"denied: {answer['reason']} (log entry {answer['log_index']})")

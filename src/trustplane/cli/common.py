@@ -11,9 +11,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from trustplane.ca_bundle import client_context
 from trustplane.crypto.keys import UnwrapKey, load_unwrap_key
-from trustplane.errors import NotFoundError, UsageError
-from trustplane.oci.credentials import Credentials
+from trustplane.errors import (
+    MalformedError,
+    TrustplaneError,
+    UsageError,
+    from_os_error,
+    missing,
+)
+from trustplane.oci.credentials import Credentials, lookup_credentials
 from trustplane.oci.transport import Endpoint
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -51,15 +58,33 @@ def endpoint(
     creds: str | None,
     authfile: Path | None,
     chunk_mib: int | None = None,
+    *,
+    side: str = "",
 ) -> Endpoint:
+    """How to reach one registry side, checked before any work starts.
+
+    `side` is the options' prefix ("src-", "dest-" or "") so that an error
+    names the option the user typed.
+    """
     if chunk_mib is not None and chunk_mib <= 0:
-        raise UsageError("--dest-chunk-size must be a positive number of MiB")
-    if ca_file is not None and not ca_file.is_file():
-        raise NotFoundError(f"CA bundle {ca_file} does not exist")
+        raise UsageError(f"--{side}chunk-size must be a positive number of MiB")
+    if tls_verify:
+        client_context(ca_file, f"--{side}cacert")  # a missing or non-PEM bundle fails here
+    elif ca_file is not None:
+        input_file(ca_file, f"--{side}cacert")
+    credentials = None
+    if creds is not None:
+        try:
+            credentials = Credentials.parse(creds)
+        except MalformedError:
+            raise UsageError(f"--{side}creds: give USER:PASSWORD") from None
+    if authfile is not None:
+        input_file(authfile, "--authfile")
+        lookup_credentials("", [authfile])  # parsed now: a broken file fails before any work
     return Endpoint(
         tls_verify=tls_verify,
         ca_file=ca_file,
-        credentials=Credentials.parse(creds) if creds else None,
+        credentials=credentials,
         authfile=authfile,
         chunk_size=chunk_mib << 20 if chunk_mib else None,
     )
@@ -68,17 +93,49 @@ def endpoint(
 def load_keys(paths: list[Path], passphrase_file: Path | None) -> list[UnwrapKey]:
     password = None
     if passphrase_file is not None:
-        password = _read(passphrase_file).rstrip(b"\r\n")
-    return [load_unwrap_key(_read(path), str(path), password) for path in paths]
+        password = read_file(passphrase_file, "--key-passphrase-file").rstrip(b"\r\n")
+    return [load_unwrap_key(read_file(path, "--key"), str(path), password) for path in paths]
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path, option: str | None = None) -> bytes:
+    """The bytes of a file the user named; a missing or unreadable one is one clear error."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path} does not exist") from None
     except OSError as exc:
-        raise NotFoundError(f"cannot read {path}: {exc.strerror}") from None
+        expected = from_os_error(exc, path)
+        if expected is None:
+            raise
+        raise _named(expected, option) from None
+
+
+def input_file(path: Path, option: str) -> Path:
+    """`path` must be an existing file (not a directory)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file")
+    if not path.exists():
+        raise _named(missing(path), option)
+    return path
+
+
+def output_file(path: Path, option: str) -> Path:
+    """`path` can be written: not a directory, and its directory exists."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise _named(missing(path), option)
+    return path
+
+
+def state_directory(path: Path, option: str) -> Path:
+    """`path` is a directory, or nothing yet (it will be made)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} exists and is not a directory")
+    return path
+
+
+def _named(error: TrustplaneError, option: str | None) -> TrustplaneError:
+    """The same error, its message led by the option that named the file."""
+    return type(error)(f"{option} {error}") if option else error
 
 
 def emit_json(value: Any) -> None:

@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from trustplane.cli.common import stdout
-from trustplane.cli.session import Ca
+from trustplane.cli.common import input_file, stdout
+from trustplane.cli.node_options import check_node_key
+from trustplane.cli.session import Ca, ServerUrl
 from trustplane.errors import UsageError
 
 
 def gateway(
-    server_url: Annotated[str, typer.Option("--server", help="Control plane URL.")],
+    server_url: ServerUrl,
     listen: Annotated[
         str, typer.Option(help="The gateway's socket (unix:///path).")
     ] = "unix:///run/trustplane/docker.sock",
@@ -23,7 +24,8 @@ def gateway(
     ca: Ca = None,
     node: Annotated[str | None, typer.Option(help="This gateway's registered node name.")] = None,
     node_key: Annotated[
-        Path | None, typer.Option(help="The node's private key (PEM) for its token.")
+        Path | None,
+        typer.Option(help="The node's private key (PEM) for its token.", callback=check_node_key),
     ] = None,
     token_file: Annotated[
         Path | None, typer.Option(help="Instead of a node key: a file holding a token.")
@@ -128,6 +130,14 @@ def gateway(
         raise UsageError("--node and --node-key go together")
     if node is None and token_file is None:
         raise UsageError("the gateway needs --node and --node-key, or --token-file")
+    for path, option in (
+        (token_file, "--token-file"),
+        (mqtt_password_file, "--mqtt-password-file"),
+        (mqtt_ca, "--mqtt-ca"),
+        *((key, "--signature-key") for key in signature_key or []),
+    ):
+        if path is not None:
+            input_file(path, option)
     try:
         mode = int(socket_mode, 8)
     except ValueError:

@@ -23,14 +23,15 @@ from trustplane.cli.common import (
     emit_json,
     endpoint,
     load_keys,
+    read_file,
     stderr,
     stdout,
 )
 from trustplane.cli.key import signing_password
 from trustplane.cli.log import State, check_log, state_path
-from trustplane.cli.session import Ca, Server, connect
+from trustplane.cli.session import Ca, Server, connect, url_checker
 from trustplane.crypto.signing import is_encrypted_private_key, load_signing_key, load_verify_key
-from trustplane.errors import IntegrityError, NotFoundError, UsageError
+from trustplane.errors import IntegrityError, UsageError
 from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
@@ -120,9 +121,9 @@ def encrypt(
         selector=LayerSelector.parse(layers or []),
         protect_config=protect_config,
         platform=platform,
-        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
+        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile, side="src-"),
         destination_endpoint=endpoint(
-            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
+            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size, side="dest-"
         ),
     )
     registering = client is not None and (register or (register is None and uses_kms))
@@ -195,11 +196,10 @@ def register(
     name = image_name or _repository(ref)
     if name is None:
         raise UsageError("registering needs --image-name for a source that is not docker://")
+    source_endpoint = endpoint(src_tls_verify, src_cacert, src_creds, authfile, side="src-")
     client = connect(server, ca)
     with client, Reporter(enabled=not quiet) as reporter:
-        plain = reference_image(
-            ref, endpoint(src_tls_verify, src_cacert, src_creds, authfile), platform, reporter
-        )
+        plain = reference_image(ref, source_endpoint, platform, reporter)
         log_index = client.register_image(
             name, plain.manifest_digest, [asdict(layer) for layer in plain.layers]
         )["log_index"]
@@ -230,7 +230,10 @@ def decrypt(
     ] = None,
     kms: Annotated[
         str | None,
-        typer.Option(help="Control plane URL whose KMS unwraps layer keys for us (after login)."),
+        typer.Option(
+            help="Control plane URL whose KMS unwraps layer keys for us (after login).",
+            callback=url_checker("--kms"),
+        ),
     ] = None,
     ca: Ca = None,
     key_passphrase_file: Passphrase = None,
@@ -262,9 +265,9 @@ def decrypt(
         remote=remote,
         truncate=truncate,
         platform=platform,
-        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
+        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile, side="src-"),
         destination_endpoint=endpoint(
-            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
+            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size, side="dest-"
         ),
     )
     with Reporter(enabled=not quiet) as reporter:
@@ -312,9 +315,9 @@ def copy(
         source=reference.parse(source),
         destination=reference.parse(destination),
         platform=platform,
-        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile),
+        source_endpoint=endpoint(src_tls_verify, src_cacert, src_creds, authfile, side="src-"),
         destination_endpoint=endpoint(
-            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size
+            dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size, side="dest-"
         ),
     )
     with Reporter(enabled=not quiet) as reporter:
@@ -380,7 +383,7 @@ def sign(
     as_json: AsJson = False,
 ) -> None:
     """Sign an image in cosign's format (the sha256-<digest>.sig tag next to it)."""
-    key_data = _read_file(key)
+    key_data = read_file(key, "--key")
     password = signing_password() if is_encrypted_private_key(key_data) else None
     signing_key = load_signing_key(key_data, str(key), password)
     optional = _annotations(annotation or [])
@@ -451,7 +454,7 @@ def verify(
     as_json: AsJson = False,
 ) -> None:
     """Check an image's cosign signatures with a public key (exit 5 when none is valid)."""
-    verify_key = load_verify_key(_read_file(key), str(key))
+    verify_key = load_verify_key(read_file(key, "--key"), str(key))
     result = verify_image(
         reference.parse(ref), verify_key, endpoint(tls_verify, cacert, creds, authfile)
     )
@@ -492,15 +495,6 @@ def verify(
         f"verified {ref} ({result.manifest_digest}): {len(result.verified)} valid "
         f"signature(s) by {key}{logged_text}"
     )
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path} does not exist") from None
-    except OSError as exc:
-        raise NotFoundError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _annotations(pairs: list[str]) -> dict[str, Any] | None:

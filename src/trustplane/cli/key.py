@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from trustplane.cli.common import stdout
+from trustplane.cli.common import output_file, read_file, stdout
 from trustplane.crypto.keys import KEY_TYPES, generate_key_pair, key_id
 from trustplane.crypto.signing import (
     SIGNING_KEY_TYPES,
     encrypt_private_key,
     generate_signing_key,
 )
-from trustplane.errors import NotFoundError, UsageError
-from trustplane.oci.layout import atomic_write
+from trustplane.errors import UsageError, from_os_error
+from trustplane.oci.layout import fsync_dir
 
 PASSWORD_ENV = "COSIGN_PASSWORD"  # noqa: S105 - the name of the variable, as cosign reads it
 
@@ -59,39 +60,71 @@ def generate(
     prefix = out or out_option
     if prefix is None or (out is not None and out_option is not None):
         raise UsageError("name the output once: OUT or --out PREFIX")
+    label = "OUT" if out is not None else "--out"
     if signing or key_type in ("ecdsa-p256", "ed25519"):
-        _generate_signing(prefix, key_type or "ecdsa-p256", force)
+        _generate_signing(prefix, key_type or "ecdsa-p256", force, label)
         return
     key_type = key_type or "ec-p256"
     if key_type not in KEY_TYPES:
         raise UsageError(f"--type {key_type!r}: choose one of {', '.join(KEY_TYPES)}")
     private_path, public_path = prefix.with_suffix(".pem"), prefix.with_suffix(".pub")
-    for path in (private_path, public_path):
-        if path.exists() and not force:
-            raise UsageError(f"{path} exists; use --force to overwrite it")
+    _check_outputs(private_path, public_path, force, label)
     private_pem, public_pem = generate_key_pair(key_type)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
-    public_path.write_bytes(public_pem)
+    _write_pair((private_path, private_pem), (public_path, public_pem))
     stdout.print(f"{private_path} {public_path} key id {key_id(public_pem, str(public_path))}")
 
 
-def _generate_signing(prefix: Path, key_type: str, force: bool) -> None:
+def _generate_signing(prefix: Path, key_type: str, force: bool, label: str) -> None:
     if key_type not in SIGNING_KEY_TYPES:
         raise UsageError(
             f"--type {key_type!r} for a signing key: choose one of {', '.join(SIGNING_KEY_TYPES)}"
         )
     private_path = prefix.with_name(prefix.name + ".key")
     public_path = prefix.with_name(prefix.name + ".pub")
-    for path in (private_path, public_path):
-        if path.exists() and not force:
-            raise UsageError(f"{path} exists; use --force to overwrite it")
+    _check_outputs(private_path, public_path, force, label)
     password = signing_password(confirm=True)
     key = generate_signing_key(key_type, str(private_path))
-    atomic_write(private_path, encrypt_private_key(key, password), mode=0o600)
-    atomic_write(public_path, key.public.public_pem())
+    _write_pair(
+        (private_path, encrypt_private_key(key, password)), (public_path, key.public.public_pem())
+    )
     stdout.print(f"{private_path} {public_path} key id {key.public.key_id}")
+
+
+def _check_outputs(private_path: Path, public_path: Path, force: bool, label: str) -> None:
+    for path in (private_path, public_path):
+        output_file(path, label)
+        if path.exists() and not force:
+            raise UsageError(f"{path} exists; use --force to overwrite it")
+
+
+def _write_pair(private: tuple[Path, bytes], public: tuple[Path, bytes]) -> None:
+    """Both files or neither, so a full disk or an interruption never leaves half a
+    pair (or, with --force, an old public key beside a new private key).
+
+    Not oci.layout.atomic_write twice: the two renames must follow two complete
+    temporary files, not one rename each as each file is done.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for (path, data), mode in ((private, 0o600), (public, 0o644)):
+            try:
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+                staged.append((Path(name), path))
+                with os.fdopen(fd, "wb") as handle:
+                    os.fchmod(handle.fileno(), mode)
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as exc:  # a full disk, a read-only directory: name the file
+                raise from_os_error(exc, path) or exc from None
+        for temporary, path in staged:
+            temporary.replace(path)
+    except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    for directory in {path.parent for _, path in staged}:
+        fsync_dir(directory)
 
 
 def signing_password(confirm: bool = False) -> bytes:
@@ -111,8 +144,4 @@ def show_id(
     path: Annotated[Path, typer.Argument(help="A public key, certificate or private key.")],
 ) -> None:
     """Print a key's id (RFC 7638 thumbprint), as `image inspect` shows it."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path} does not exist") from None
-    stdout.print(key_id(data, str(path)))
+    stdout.print(key_id(read_file(path), str(path)))

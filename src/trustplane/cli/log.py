@@ -45,7 +45,7 @@ def state_path(given: Path | None) -> Path:
 @app.command()
 def verify(
     entry: Annotated[
-        list[int] | None, typer.Option(help="Also prove that entry N is included.")
+        list[int] | None, typer.Option(min=0, help="Also prove that entry N is included.")
     ] = None,
     key: Annotated[
         str | None, typer.Option(help="The log's verifier key (default: pinned on first use).")
@@ -121,7 +121,7 @@ def check_log(
 
 @app.command()
 def show(
-    index: Annotated[int, typer.Argument(help="Entry number.")],
+    index: Annotated[int, typer.Argument(min=0, help="Entry number.")],
     server: Server = None,
     ca: Ca = None,
 ) -> None:

@@ -19,6 +19,7 @@ import typer.main
 from trustplane import __version__
 from trustplane.cli import admin, image, key, kms, log, server
 from trustplane.cli.agent import agent
+from trustplane.cli.common import state_directory
 from trustplane.cli.gateway import gateway
 from trustplane.cli.run import run as run_image_command
 from trustplane.errors import ExitCode, TrustplaneError, from_os_error
@@ -57,6 +58,8 @@ def demo(
     # command needs, and start-up time counts for every command.
     from trustplane.cli.demo import run_demo
 
+    if workdir is not None:
+        state_directory(workdir, "--workdir")
     run_demo(workdir)
 
 
@@ -108,7 +111,9 @@ def _usage_message(exc: typer.TyperException) -> str:
     where = f"{where}: " if where else ""
     if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already on stdout
         return f"{where}missing command (see the list above)"
-    return f"{where}{exc.format_message()} (see {path} --help)"
+    # Typer words a rejected choice "Value error, 'x' is not one of ...".
+    message = exc.format_message().replace("Value error, ", "")
+    return f"{where}{message} (see {path} --help)"
 
 
 def _bug(exc: BaseException) -> NoReturn:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -19,8 +21,36 @@ from trustplane.client import ControlClient
 from trustplane.errors import AuthError, MalformedError, UsageError
 from trustplane.oci.layout import atomic_write
 
+
+def url_checker(option: str) -> Callable[[str | None], str | None]:
+    """A parser callback: `option` must be an http(s) URL, so that `host:port` is
+    a usage error here rather than the HTTP library's words later."""
+
+    def check(url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+            raise UsageError(f"{option} {url!r}: give the control plane's URL, https://HOST:PORT")
+        return url
+
+    return check
+
+
 Server = Annotated[
-    str | None, typer.Option("--server", help="Control plane URL (default: from trustplane login).")
+    str | None,
+    typer.Option(
+        "--server",
+        help="Control plane URL (default: from trustplane login).",
+        callback=url_checker("--server"),
+    ),
+]
+ServerUrl = Annotated[
+    str, typer.Option("--server", help="Control plane URL.", callback=url_checker("--server"))
 ]
 Ca = Annotated[Path | None, typer.Option("--ca", help="CA certificate of the control plane.")]
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trustplane.crypto.keys import RecipientKey, load_recipient_key
-from trustplane.errors import NotFoundError, UsageError
+from trustplane.errors import UsageError, from_os_error
 
-_TIER = re.compile(r"^(?P<path>.+):tier=(?P<tier>\d+)$")
+_OPTION = re.compile(r"^(?P<path>.+):(?P<name>[a-z]+)=(?P<value>[^:/]*)$")
+"""A trailing `:NAME=VALUE`; `tier` is the only option there is."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,17 @@ def parse_recipient(spec: str, kms: Callable[[str], bytes] | None = None) -> Rec
             f"--recipient {spec!r}: expected jwe:PUBKEY.pem[:tier=N] or kms:NAME[:tier=N]"
         )
     tier = None
-    if match := _TIER.match(rest):
-        rest, tier = match["path"], int(match["tier"])
+    # A key file whose name merely looks like an option is taken as the file.
+    if (match := _OPTION.match(rest)) and not Path(rest).exists():
+        if match["name"] != "tier":
+            raise UsageError(
+                f"--recipient {spec!r}: unknown option {match['name']!r} (only tier=N)"
+            )
+        if not match["value"].isdigit():
+            raise UsageError(
+                f"--recipient {spec!r}: tier={match['value']!r}: give a layer index (0, 1, ...)"
+            )
+        rest, tier = match["path"], int(match["value"])
     if scheme == "kms":
         if kms is None:
             raise UsageError(f"--recipient {spec!r}: kms: recipients need a control plane (login)")
@@ -47,10 +57,11 @@ def parse_recipient(spec: str, kms: Callable[[str], bytes] | None = None) -> Rec
     path = Path(rest)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"--recipient {spec!r}: {path} does not exist") from None
     except OSError as exc:
-        raise NotFoundError(f"--recipient {spec!r}: cannot read {path}: {exc.strerror}") from None
+        error = from_os_error(exc, path)
+        if error is None:
+            raise
+        raise type(error)(f"--recipient {spec!r}: {error}") from None
     return Recipient(key=load_recipient_key(data, str(path)), tier=tier)
 
 

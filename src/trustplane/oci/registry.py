@@ -33,6 +33,7 @@ from urllib.parse import urljoin
 
 import httpx
 
+from trustplane.ca_bundle import client_context
 from trustplane.errors import (
     AuthError,
     IntegrityError,
@@ -88,9 +89,7 @@ class RegistryClient:
         self.options = options or RegistryOptions()
         verify: ssl.SSLContext | bool = self.options.tls_verify
         if self.options.tls_verify:
-            verify = ssl.create_default_context(
-                cafile=str(self.options.ca_file) if self.options.ca_file else None
-            )
+            verify = client_context(self.options.ca_file)
         self._http = httpx.Client(verify=verify, timeout=self.options.timeout)
         self._auth = Authenticator(host, self.options.credentials)
         self._base: str | None = None
