@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,9 +11,10 @@ from typing import Annotated
 
 import typer
 
-from trustplane.cli.common import stdout
-from trustplane.cli.session import Ca, Session, save
+from trustplane.cli.common import state_directory, stdout
+from trustplane.cli.session import Ca, ServerUrl, Session, save
 from trustplane.client import ControlClient
+from trustplane.errors import UsageError
 
 
 def server(
@@ -24,21 +26,24 @@ def server(
     database_url: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL (default SQLite).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes.")] = None,
 ) -> None:
     """Run the control plane: identity, policy, KMS and transparency log over HTTPS."""
-    from trustplane.control.server import serve
+    from trustplane.control.server import bind_listener, serve
     from trustplane.control.settings import load_settings
 
+    state_directory(data_dir, "--data-dir")
     settings = load_settings(
         data_dir, config, listen=listen, database_url=database_url, workers=workers
     )
+    state_directory(settings.data_dir, "data_dir")
+    listener = bind_listener(settings)  # a port in use fails here: nothing is made yet
     stdout.print(f"trustplane server on {settings.url} (data in {settings.data_dir})")
-    serve(settings)
+    serve(settings, listener)
 
 
 def login(
-    server_url: Annotated[str, typer.Option("--server", help="Control plane URL.")],
+    server_url: ServerUrl,
     user: Annotated[str, typer.Option(help="User name.")] = "admin",
     ca: Ca = None,
     password_stdin: Annotated[bool, typer.Option(help="Read the password from stdin.")] = False,
@@ -48,7 +53,7 @@ def login(
     ] = None,
 ) -> None:
     """Get a token and keep it for later commands (mode 0600)."""
-    password = sys.stdin.readline().rstrip("\n") if password_stdin else getpass.getpass()
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else _ask_password()
     with ControlClient(server_url, ca) as client:
         answer = client.login(user, password, gateways=gateway or None)
         who = client.whoami()
@@ -62,3 +67,17 @@ def login(
         )
     )
     stdout.print(f"logged in to {server_url} as {who['subject']} ({who['role']})")
+
+
+def _ask_password() -> str:
+    """A prompt on the terminal, as getpass does; without one, say how to pipe it."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        raise UsageError(
+            "no terminal to ask for the password: pipe it with --password-stdin"
+        ) from None
+    try:
+        return getpass.getpass()
+    except EOFError:
+        raise UsageError("no password given") from None

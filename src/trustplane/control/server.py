@@ -9,6 +9,8 @@ opens its own connections, log sequencer and caches.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import ipaddress
 import json
@@ -22,12 +24,13 @@ from typing import Any
 import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.supervisors import Multiprocess
 
 from trustplane.control.app import create_app
 from trustplane.control.service import build
 from trustplane.control.settings import ServerSettings
 from trustplane.embedded.tls import create_ca, issue_server_cert
-from trustplane.errors import UsageError
+from trustplane.errors import UnavailableError, UsageError
 
 _SETTINGS_ENV = "TRUSTPLANE_SERVER_SETTINGS_JSON"
 THREADS = 64
@@ -59,7 +62,42 @@ def tls_files(settings: ServerSettings) -> tuple[Path, Path]:
     return cert, key
 
 
-def serve(settings: ServerSettings) -> None:
+def bind_listener(settings: ServerSettings) -> socket.socket:
+    """The server's listening socket, bound before anything is initialised: a port
+    in use, or an address this host does not have, leaves the data directory as
+    it was (uvicorn would bind only after the data directory is set up)."""
+    host, port = settings.host_port
+    where = f"--listen {settings.listen}"
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise UsageError(f"{where}: unknown host ({exc.strerror})") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UnavailableError(f"{where}: the port is in use by another program") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"{where}: {host} is not an address of this host") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"{where}: permission denied (ports below 1024 need root)") from None
+        raise
+    listener.set_inheritable(True)  # worker processes serve on it too
+    return listener
+
+
+def serve(settings: ServerSettings, listener: socket.socket | None = None) -> None:
+    listener = listener or bind_listener(settings)
+    try:
+        _serve(settings, listener)
+    finally:
+        listener.close()
+
+
+def _serve(settings: ServerSettings, listener: socket.socket) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cert, key = tls_files(settings)
     host, port = settings.host_port
@@ -73,18 +111,27 @@ def serve(settings: ServerSettings) -> None:
         "timeout_keep_alive": 30,
         "backlog": 2048,
     }
+    # uvicorn.Server and Multiprocess on our socket: what uvicorn.run does after
+    # binding one itself.
     if settings.workers == 1:
         plane = build(settings)
-        uvicorn.run(_with_threads(create_app(plane)), **common)  # type: ignore[arg-type]
+        config = uvicorn.Config(_with_threads(create_app(plane)), **common)  # type: ignore[arg-type]
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop, as uvicorn.run
+            server.run(sockets=[listener])
+        if not server.started:
+            raise UnavailableError("the control plane did not start (see uvicorn's lines above)")
         return
     build(settings).close()  # schema, keys and the first admin, once
     os.environ[_SETTINGS_ENV] = settings.model_dump_json()
-    uvicorn.run(
+    config = uvicorn.Config(
         "trustplane.control.server:worker_app",
         factory=True,
         workers=settings.workers,
         **common,  # type: ignore[arg-type]
     )
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[listener]).run()
 
 
 def worker_app() -> FastAPI:

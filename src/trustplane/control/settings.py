@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -110,6 +110,8 @@ class ServerSettings(BaseSettings):
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit():
             raise UsageError(f"--listen {self.listen!r}: expected HOST:PORT")
+        if not 0 < int(port) < 1 << 16:
+            raise UsageError(f"--listen {self.listen!r}: a port is 1 to 65535")
         return host.strip("[]") or "127.0.0.1", int(port)
 
     @property
@@ -167,6 +169,12 @@ def load_settings(
     try:
         given = {k: v for k, v in overrides.items() if v is not None}
         return ServerSettings(data_dir=data_dir, **given)
+    except ValidationError as exc:  # one line: each setting and what is wrong with it
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise UsageError(f"invalid server settings: {problems}") from None
     except ValueError as exc:
         raise UsageError(f"invalid server settings: {exc}") from None
     finally:
