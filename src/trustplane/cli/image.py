@@ -284,9 +284,13 @@ def decrypt(
         )
         return
     if result.layer_count < result.source_layer_count:
-        opened = "none of the encrypted layers" if not result.decrypted_layers else "layers"
+        opened = (
+            f"encrypted layers {list(result.decrypted_layers)}"
+            if result.decrypted_layers
+            else "the protected config only"
+        )
         stderr.print(
-            f"the keys open {opened} below layer {result.layer_count}: the image is cut to "
+            f"the keys open {opened}, not layer {result.layer_count}: the image is cut to "
             f"its first {result.layer_count} of {result.source_layer_count} layers"
         )
     stdout.print(

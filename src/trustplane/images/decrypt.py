@@ -4,7 +4,8 @@ Every layer the keys can open is decrypted into private staging and checked
 (HMAC over the ciphertext, digest of the plaintext) before the first byte is
 published; the manifest is written last. Keys of a lower tier give the image
 cut just below the first layer they cannot open: manifest layers, config
-`diff_ids` and history cut together, a valid image that runs.
+`diff_ids` and history cut together, a valid image that runs. Keys that open
+no encrypted layer (nor the protected config) are refused.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
         image = resolve(source, request.platform)
         layers = image.manifest.layers
         opened, limit = _unwrap_all(layers, request.keys, request.remote, str(request.source))
+        visible = protected_config.reveal(image.manifest.config, request.keys)
+        if limit < len(layers) and not opened and visible is None:
+            # Keys that open nothing get what anyone gets without a key: that is
+            # no decryption, and a script must not take it for one.
+            raise DecryptionKeyError(
+                f"{request.source}: none of the given keys can open layer {limit}, "
+                "its lowest encrypted layer"
+            )
         if limit < len(layers) and not request.truncate:
             raise DecryptionKeyError(
                 f"{request.source}: the keys cannot open layer {limit} of {len(layers)}"
@@ -95,7 +104,6 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
                     reporter.bar(f"decrypt layer {index}", layer.size),
                 )
                 new_layers[index] = _plain_descriptor(layer, plain.digest, plain.size)
-            visible = protected_config.reveal(image.manifest.config, request.keys)
             config_desc, config = _config(image.manifest, image.config, limit, visible)
             _check_diff_ids(new_layers, config, str(request.source))
             # Phase 2: publish; the manifest goes last.
@@ -141,8 +149,6 @@ def _unwrap_all(
     for index in encrypted:
         state = unwrap_layer(layers[index], keys, f"{name}: layer {index}", remote)
         if state is None:
-            if index == 0:
-                raise DecryptionKeyError(f"{name}: none of the given keys can open layer 0")
             return opened, index
         opened[index] = state
     return opened, len(layers)
