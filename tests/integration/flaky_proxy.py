@@ -4,7 +4,8 @@ It sits in front of a plain-HTTP registry on 127.0.0.1 and forwards every
 request unchanged (the Host header included, so the Locations the registry
 builds point back at the proxy), except those that match a `Fault`: those get
 a 503, a dropped connection (before anything reaches the registry, or after
-half of the request body has), or a rewritten response body. Every exchange
+half of the request body has), or a rewritten response body. A chunked
+request body (a streamed upload) is read whole and forwarded with its length. Every exchange
 is recorded with the number of request-body bytes that reached the registry,
 so a test can tell a resumed upload from a restarted one.
 
@@ -15,6 +16,7 @@ connection, nothing to install.
 from __future__ import annotations
 
 import http.client
+import io
 import re
 import socket
 import threading
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, BinaryIO, Literal, Self
 
 Action = Literal["503", "drop", "drop-mid", "rewrite"]
 HOP_BY_HOP = frozenset(
@@ -191,10 +193,13 @@ def _handler_for(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
             self._handle()
 
         def _handle(self) -> None:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self._reply(501, b"chunked request bodies are not supported by the test proxy")
-                return
+            self._body: BinaryIO = self.rfile
             length = int(self.headers.get("Content-Length") or 0)
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                # Streamed uploads: read whole (test blobs are small), then
+                # forwarded and faulted like a body of that length.
+                decoded = self._read_chunked()
+                self._body, length = io.BytesIO(decoded), len(decoded)
             fault = proxy._fault_for(self.command, self.path)
             action = fault.action if fault is not None else "forward"
             content_range = self.headers.get("Content-Range")
@@ -242,10 +247,22 @@ def _handler_for(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
             connection.endheaders()
             return connection
 
+        def _read_chunked(self) -> bytes:
+            """A chunked request body (RFC 9112 7.1), decoded; trailers are dropped."""
+            body = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(body)
+                body += self.rfile.read(size)
+                self.rfile.readline()
+
         def _copy_body(self, length: int, sink: Callable[[bytes], Any]) -> int:
             remaining = length
             while remaining:
-                chunk = self.rfile.read(min(COPY_CHUNK, remaining))
+                chunk = self._body.read(min(COPY_CHUNK, remaining))
                 if not chunk:
                     break
                 sink(chunk)

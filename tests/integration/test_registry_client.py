@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import random
+import signal
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -272,14 +274,18 @@ def test_chunked_upload_sends_each_byte_once(
     assert proxy.forwarded("PUT") == 0  # the closing PUT carries only the digest
 
 
-def test_monolithic_upload_is_one_put(proxy: FlakyProxy, request: pytest.FixtureRequest) -> None:
+def test_streamed_upload_is_one_patch_and_an_empty_put(
+    proxy: FlakyProxy, request: pytest.FixtureRequest
+) -> None:
+    """As docker push: the whole blob in one streamed PATCH, then the digest."""
     repository = _repo(request)
     data = _random(MIB, seed=4)
     with RegistryClient(proxy.host) as client:
         digest = _push_blob(client, repository, data)
         assert _fetch(client, repository, digest) == data
-    assert proxy.exchanges("PATCH") == []
-    assert [e.forwarded for e in proxy.exchanges("PUT")] == [MIB]
+    patches = proxy.exchanges("PATCH")
+    assert [(e.forwarded, e.content_range, e.status) for e in patches] == [(MIB, None, 202)]
+    assert [e.forwarded for e in proxy.exchanges("PUT")] == [0]
 
 
 # -- cross-repository mount -------------------------------------------------------
@@ -590,28 +596,30 @@ def test_get_manifest_gives_up_after_bounded_attempts(
 
 
 @pytest.mark.parametrize("action", ["503", "drop", "drop-mid"])
-def test_monolithic_upload_survives_a_failed_put(
+def test_streamed_upload_survives_a_failed_patch(
     proxy: FlakyProxy,
     registry_plain: RunningRegistry,
     request: pytest.FixtureRequest,
     action: Action,
 ) -> None:
-    """A PUT that fails (even after half its body reached the registry) is redone."""
+    """A PATCH that fails (even after half its body reached the registry) is
+    redone in a new session."""
     repository = _repo(request)
     data = _random(MIB, seed=12)
-    fault = proxy.add(Fault("PUT", "/blobs/uploads/.", action))
+    fault = proxy.add(Fault("PATCH", "/blobs/uploads/.", action))
     with RegistryClient(proxy.host) as client:
         digest = _push_blob(client, repository, data)
         assert _fetch(client, repository, digest) == data
     assert fault.fired == 1
-    puts = proxy.exchanges("PUT", "/blobs/uploads/")
-    assert [p.status for p in puts] == [503 if action == "503" else None, 201]
-    assert puts[-1].forwarded == MIB
+    patches = proxy.exchanges("PATCH", "/blobs/uploads/")
+    assert [p.status for p in patches] == [503 if action == "503" else None, 202]
+    assert patches[-1].forwarded == MIB
+    assert len(proxy.exchanges("POST", "/blobs/uploads/$")) == 2
     if action == "drop-mid":
-        assert puts[0].forwarded == MIB // 2
+        assert patches[0].forwarded == MIB // 2
         assert _stale_sizes(registry_plain, repository) in ([], [MIB // 2])
     else:
-        assert puts[0].forwarded == 0
+        assert patches[0].forwarded == 0
         assert _stale_sizes(registry_plain, repository) == []
 
 
@@ -680,14 +688,15 @@ def test_chunked_upload_gives_up_after_bounded_attempts(
     assert _open_uploads(registry_plain, repository) == []
 
 
-def test_monolithic_upload_gives_up_after_bounded_attempts(
+def test_streamed_upload_gives_up_after_bounded_attempts(
     proxy: FlakyProxy, registry_plain: RunningRegistry, request: pytest.FixtureRequest
 ) -> None:
     repository = _repo(request)
-    proxy.add(Fault("PUT", "/blobs/uploads/.", "503", times=None))
+    proxy.add(Fault("PATCH", "/blobs/uploads/.", "503", times=None))
     with RegistryClient(proxy.host) as client, pytest.raises(UnavailableError):
         _push_blob(client, repository, _random(10_000, seed=16))
-    assert len(proxy.exchanges("PUT")) == ATTEMPTS
+    assert len(proxy.exchanges("PATCH")) == ATTEMPTS
+    assert proxy.exchanges("PUT") == []
     assert _open_uploads(registry_plain, repository) == []
 
 
@@ -797,12 +806,9 @@ def test_wrong_digest_upload_leaves_no_blob(
         assert not client.has_blob(repository, _digest(data))
     assert not _stored_blob(registry_plain, claimed).exists()
     assert not _stored_blob(registry_plain, _digest(data)).exists()
-    # After chunks, the client's DELETE removes the session. After a whole-blob
-    # PUT the registry cannot: its state in our Location says offset 0, it
-    # holds the rejected bytes, and its own cancel after the failed commit
-    # fails on the writer it has just closed. Those bytes never become a blob.
-    expected = [] if chunk_size else [len(data)]
-    assert _stale_sizes(registry_plain, repository) == expected
+    # The bytes went in complete PATCHes, so the session's state is current:
+    # the registry cancels it on the refused digest, or the client's DELETE does.
+    assert _stale_sizes(registry_plain, repository) == []
 
 
 def test_short_source_is_integrity_error(
@@ -814,9 +820,59 @@ def test_short_source_is_integrity_error(
         with pytest.raises(IntegrityError):
             client.upload_blob(repository, _digest(data), len(data) + 10, _opener(data))
         assert not client.has_blob(repository, _digest(data))
-    stale = _stale_sizes(registry_plain, repository)
-    assert len(stale) <= 1
-    assert sum(stale) <= len(data)
+    # The streamed body ends where the source did, cleanly, so the session the
+    # registry answered for is deleted: nothing of it is left.
+    assert _stale_sizes(registry_plain, repository) == []
+
+
+# -- Ctrl-C during an upload ---------------------------------------------------------
+
+
+class _CtrlCWhileRead(io.BytesIO):
+    """A source that gets SIGINT (Ctrl-C) while its second piece is being read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reads = 0
+
+    def readinto(self, buffer: Any, /) -> int:
+        self.reads += 1
+        if self.reads == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().readinto(buffer)
+
+
+@pytest.mark.parametrize("chunk_size", [None, CHUNK], ids=["streamed", "chunked"])
+@pytest.mark.parametrize("moment", ["reading the source", "sending a request"])
+def test_ctrl_c_during_an_upload_cancels_its_session(
+    registry_plain: RunningRegistry,
+    request: pytest.FixtureRequest,
+    chunk_size: int | None,
+    moment: str,
+) -> None:
+    """Ctrl-C never breaks a request off mid-body (that session could not be
+    deleted): the body or chunk under way ends cleanly, the session is deleted,
+    and KeyboardInterrupt goes on up. Nothing is left in the registry."""
+    repository = _repo(request)
+    data = _random(4 * MIB, seed=19)
+    source = _CtrlCWhileRead(data) if moment == "reading the source" else io.BytesIO(data)
+
+    def ctrl_c_as_the_data_goes_out(sent: Any) -> None:
+        if sent.method == "PATCH" and moment == "sending a request":
+            os.kill(os.getpid(), signal.SIGINT)  # between pieces: only marks the upload stopped
+
+    with RegistryClient(registry_plain.host, RegistryOptions(chunk_size=chunk_size)) as client:
+        client._http.event_hooks["request"].append(ctrl_c_as_the_data_goes_out)
+        with pytest.raises(KeyboardInterrupt):
+            client.upload_blob(
+                repository, _digest(data), len(data), lambda: contextlib.nullcontext(source)
+            )
+        client._http.event_hooks["request"].clear()
+        assert not client.has_blob(repository, _digest(data))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _open_uploads(registry_plain, repository) == []
+    uploads = registry_plain.storage_dir / "docker/registry/v2/repositories" / repository
+    assert (uploads / "_uploads").is_dir(), "the upload never started: the test proves nothing"
 
 
 def _tamper(body: bytes) -> bytes:

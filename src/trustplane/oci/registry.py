@@ -7,8 +7,9 @@ cross-repository mount, no resumption of a failed chunk, and it retries every
 request, including non-idempotent ones. This client is small on purpose:
 httpx does HTTP, TLS and redirects; we do the protocol.
 
-* blobs: HEAD, streamed GET, monolithic PUT and chunked PATCH uploads
-  (a failed chunk resumes from the offset the registry reports), and
+* blobs: HEAD, streamed GET, uploads as one streamed PATCH (as docker push)
+  or in PATCH chunks (a failed chunk resumes from the offset the registry
+  reports), cancelled (DELETE) when they fail or are interrupted, and
   cross-repository mount;
 * manifests: GET with the right Accept list and digest check, PUT;
 * auth: Basic over TLS and the Bearer token flow (see auth.py);
@@ -23,7 +24,9 @@ import functools
 import hashlib
 import io
 import ipaddress
+import signal
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -250,52 +253,101 @@ class RegistryClient:
         The registry checks the digest when the upload is finished, so a
         corrupt or truncated stream never becomes a blob.
 
-        A failed monolithic PUT is retried in a new upload session: the
-        distribution registry keeps whatever part of a broken request body
-        reached it, and then refuses the session whose state (offset) no
-        longer matches (BLOB_UPLOAD_INVALID), so the old one cannot be reused.
+        By default the bytes go in one streamed PATCH (chunked transfer
+        encoding, as `docker push` and skopeo send them), then a PUT with the
+        digest. Streamed, the body can be ended cleanly at any piece: when the
+        source fails or Ctrl-C is pressed, the registry still answers, with a
+        Location on which the session is then deleted. A request broken off
+        mid-body cannot be cleaned up that way: distribution keeps the part that
+        reached it and refuses every later request on that session (its offset
+        no longer matches the state in our Location, BLOB_UPLOAD_INVALID), so the
+        part would stay in its `_uploads` until upload purging. A failed upload
+        is retried in a new session.
         """
         scopes = (_scope(repository, "pull,push"),)
         chunked = bool(self.options.chunk_size) and size > 0
         failures = 0
-        while True:
-            upload = _Upload(self._start_upload(repository, digest))
-            try:
-                if chunked:
-                    self._patch_chunks(repository, digest, upload, size, opener, progress)
-                    body: Body | None = None
-                    headers = {"Content-Length": "0"}
-                else:
-
-                    def body() -> Iterator[bytes]:
-                        with opener() as stream:
-                            yield from _exactly(stream, size, progress)
-
-                    headers = {
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size),
-                    }
-                self._request(
-                    "PUT",
-                    upload.location,
-                    scopes=scopes,
-                    params={"digest": digest},
-                    headers=headers,
-                    body=body,
-                    expect=(201,),
-                    what=f"upload of {digest}",
-                    attempts=ATTEMPTS if chunked else 1,
-                )
-                return
-            except UnavailableError:
-                self._discard(upload.location, scopes)
-                failures += 1
-                if chunked or failures >= ATTEMPTS:
+        with _interrupts_deferred() as interrupt:
+            while True:
+                upload = _Upload(self._start_upload(repository, digest))
+                try:
+                    if chunked:
+                        self._patch_chunks(
+                            repository, digest, upload, size, opener, progress, interrupt
+                        )
+                    else:
+                        self._stream(repository, digest, upload, size, opener, progress, interrupt)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    self._request(
+                        "PUT",
+                        upload.location,
+                        scopes=scopes,
+                        params={"digest": digest},
+                        headers={"Content-Length": "0"},
+                        expect=(201,),
+                        what=f"upload of {digest}",
+                    )
+                    return
+                except UnavailableError:
+                    self._discard(upload.location, scopes)
+                    failures += 1
+                    if chunked or failures >= ATTEMPTS:
+                        raise
+                    time.sleep(BACKOFF * 2**failures)
+                except BaseException:
+                    self._discard(upload.location, scopes)
                     raise
-                time.sleep(BACKOFF * 2**failures)
-            except BaseException:
-                self._discard(upload.location, scopes)
+
+    def _stream(
+        self,
+        repository: str,
+        digest: str,
+        upload: _Upload,
+        size: int,
+        opener: Callable[[], AbstractContextManager[Readable]],
+        progress: Callable[[int], object] | None,
+        interrupt: _Interrupt,
+    ) -> None:
+        """PATCH the whole blob as one streamed body. A failure of the source (or
+        Ctrl-C while it is read) ends the body where it is; once the registry has
+        answered, with a Location the session can be deleted on, it is raised."""
+        failure: list[BaseException] = []
+
+        def body() -> Iterator[bytes]:
+            try:
+                with contextlib.ExitStack() as stack:
+                    with interrupt.reading_source():
+                        pieces = _exactly(stack.enter_context(opener()), size, progress)
+                    while not interrupt.requested:
+                        with interrupt.reading_source():
+                            piece = next(pieces, None)
+                        if piece is None:
+                            return
+                        yield piece
+            except GeneratorExit:  # httpx gave up on the request
                 raise
+            except BaseException as exc:  # raised once the registry has answered
+                failure.append(exc)
+
+        try:
+            response = self._request(
+                "PATCH",
+                upload.location,
+                scopes=(_scope(repository, "pull,push"),),
+                headers={"Content-Type": "application/octet-stream"},
+                body=body,
+                expect=(202,),
+                what=f"upload of {digest}",
+                attempts=1,  # a session a body reached is not resumed: retried in a new one
+            )
+        except TrustplaneError:
+            if failure:
+                raise failure[0] from None
+            raise
+        upload.location = self._location(response)
+        if failure:
+            raise failure[0]
 
     def _start_upload(self, repository: str, digest: str) -> str:
         start = self._request(
@@ -319,21 +371,28 @@ class RegistryClient:
         size: int,
         opener: Callable[[], AbstractContextManager[Readable]],
         progress: Callable[[int], object] | None,
+        interrupt: _Interrupt,
     ) -> None:
         """PATCH the blob in chunks; after a failure, ask where the upload
         stands and go on from there with a fresh stream. When the registry
         has dropped the session (a broken chunk reached it in part, which
-        distribution answers with BLOB_UPLOAD_INVALID), start a new one."""
+        distribution answers with BLOB_UPLOAD_INVALID), start a new one.
+        Ctrl-C lets the chunk under way finish (or stops the reading of the
+        next one), so the session's Location is current for its deletion."""
         chunk_size = self.options.chunk_size or DEFAULT_CHUNK
         scopes = (_scope(repository, "pull,push"),)
         offset = 0
         failures = 0
         while offset < size:
             with opener() as stream:
-                for _ in _exactly(stream, offset, None):
-                    pass  # skip what the registry already holds
+                with interrupt.reading_source():
+                    for _ in _exactly(stream, offset, None):
+                        pass  # skip what the registry already holds
                 while offset < size:
-                    data = read_upto(stream, min(chunk_size, size - offset))
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    with interrupt.reading_source():
+                        data = read_upto(stream, min(chunk_size, size - offset))
                     if not data:
                         raise IntegrityError(f"blob source ended at {offset} of {size} bytes")
                     end = offset + len(data) - 1
@@ -467,10 +526,61 @@ class RegistryClient:
                 time.sleep(_retry_after(response, attempt))
                 last_error = f"HTTP {response.status_code}"
                 continue
-            raise _error_for(response, self.host, what)
+            raise _error_for(response, self.host, what, self._auth)
         raise UnavailableError(
             f"registry {self.host}: {what} failed after {attempt} tries ({last_error})"
         )
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) while an upload runs: see `_interrupts_deferred`."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._reading = False
+
+    @contextlib.contextmanager
+    def reading_source(self) -> Iterator[None]:
+        """While the source is read, Ctrl-C raises at once: a streamed body then
+        ends right there, cleanly, and between chunks no request is under way."""
+        self._reading = True
+        try:
+            yield
+        finally:
+            self._reading = False
+
+    def signalled(self, _signum: int, _frame: object) -> None:
+        if self._reading or self.requested:  # nothing half sent, or a second Ctrl-C
+            self.requested = True
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[_Interrupt]:
+    """Ctrl-C during an upload stops it between request pieces, not inside one.
+
+    A request broken off mid-body leaves a session nobody can delete (see
+    `upload_blob`); so while an upload runs, SIGINT only marks it stopped
+    (unless the source is being read, or it is the second Ctrl-C): the
+    request under way ends cleanly, the session is deleted, and
+    KeyboardInterrupt is raised as usual. Only where Python's own SIGINT
+    handler is installed (the main thread of a program that kept it).
+    """
+    interrupt = _Interrupt()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield interrupt
+        return
+    signal.signal(signal.SIGINT, interrupt.signalled)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupt.requested:  # pressed as the upload finished: stop now
+        raise KeyboardInterrupt
 
 
 def _retry_after(response: httpx.Response, attempt: int) -> float:
@@ -480,7 +590,9 @@ def _retry_after(response: httpx.Response, attempt: int) -> float:
     return float(BACKOFF * 2**attempt)
 
 
-def _error_for(response: httpx.Response, host: str, what: str) -> TrustplaneError:
+def _error_for(
+    response: httpx.Response, host: str, what: str, auth: Authenticator
+) -> TrustplaneError:
     detail = ""
     with contextlib.suppress(ValueError, AttributeError, IndexError, TypeError):
         first = response.json()["errors"][0]
@@ -488,7 +600,20 @@ def _error_for(response: httpx.Response, host: str, what: str) -> TrustplaneErro
     status = response.status_code
     message = f"registry {host}: {what}: HTTP {status}{detail}"
     if status in (401, 403):
-        return AuthError(message)
+        # Say which it was: no credentials, credentials refused, or access denied.
+        user = auth.credentials.username if auth.credentials else None
+        scheme = auth.challenge.scheme if auth.challenge else None
+        if user is None:
+            return AuthError(
+                f"{message}; the registry wants credentials: give USER:PASSWORD "
+                "(--src-creds, --dest-creds) or an auth file"
+            )
+        if status == 401 and scheme == "basic":
+            return AuthError(
+                f"registry {host} refused the credentials of {user!r} ({what}: "
+                f"HTTP {status}{detail})"
+            )
+        return AuthError(f"registry {host} denied {what} to {user!r} (HTTP {status}{detail})")
     if status == 404:
         return NotFoundError(message)
     if status == 400 and "DIGEST_INVALID" in detail:
