@@ -37,7 +37,7 @@ from trustplane.crypto.layer_cipher import PrivateOptions
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_app_image
-from trustplane.errors import ExitCode, Forbidden
+from trustplane.errors import DecryptionKeyError, ExitCode, Forbidden
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.keys.remote import KmsUnwrapper
 from trustplane.oci import reference
@@ -347,16 +347,17 @@ def test_a_node_added_after_publication_decrypts_without_reencryption(
 
     source = reference.parse(published.reference)
     with node_client() as node:
-        # Registered, but not granted: the KMS refuses, the view stops at the base layer.
+        # Registered, but not granted: the KMS refuses, so nothing is decrypted.
         start = log_size(plane)
-        before = decrypt_image(
-            DecryptRequest(
-                source=source,
-                destination=reference.parse(f"oci:{tmp_path / 'before'}:1"),
-                remote=[KmsUnwrapper(node)],
+        with pytest.raises(DecryptionKeyError, match="can open layer 1, its lowest encrypted"):
+            decrypt_image(
+                DecryptRequest(
+                    source=source,
+                    destination=reference.parse(f"oci:{tmp_path / 'before'}:1"),
+                    remote=[KmsUnwrapper(node)],
+                )
             )
-        )
-        assert (before.layer_count, before.decrypted_layers) == (1, ())
+        assert not (tmp_path / "before").exists()
         assert unwraps_since(admin_client, start) == [
             (f"node:{name}", published.repository, 1, "deny")
         ]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from trustplane.cli.common import stdout
+from trustplane.cli.common import input_file, stdout
 from trustplane.cli.node_options import (
     DEFAULT_NODE_KEY,
     DEFAULT_PCR,
@@ -59,6 +59,7 @@ def agent(
 
     gateway = None  # checked before the agent touches its state: bad input changes nothing
     if gateway_config is not None:
+        input_file(gateway_config, "--gateway-config")
         gateway = load_gateway_config(
             gateway_config, server=server_url, ca_file=ca, node=node, node_key=node_key
         )

@@ -61,6 +61,8 @@ def generate(
     if prefix is None or (out is not None and out_option is not None):
         raise UsageError("name the output once: OUT or --out PREFIX")
     label = "OUT" if out is not None else "--out"
+    if prefix.is_dir():  # OUT.pem would land beside it, not in it
+        raise UsageError(f"{label} {prefix} is a directory; give a path prefix, as {prefix}/alice")
     if signing or key_type in ("ecdsa-p256", "ed25519"):
         _generate_signing(prefix, key_type or "ecdsa-p256", force, label)
         return

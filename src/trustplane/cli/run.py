@@ -12,7 +12,16 @@ from typing import Annotated
 
 import typer
 
-from trustplane.cli.common import AsJson, AuthFile, Quiet, emit_json, endpoint, stderr, stdout
+from trustplane.cli.common import (
+    AsJson,
+    AuthFile,
+    Quiet,
+    emit_json,
+    endpoint,
+    read_file,
+    stderr,
+    stdout,
+)
 from trustplane.cli.node_options import (
     DEFAULT_NODE_KEY,
     DEFAULT_PCR,
@@ -26,7 +35,7 @@ from trustplane.cli.node_options import (
     TpmTcti,
 )
 from trustplane.cli.session import Ca
-from trustplane.errors import NotFoundError, UsageError
+from trustplane.errors import UsageError
 from trustplane.oci import reference
 
 
@@ -70,10 +79,7 @@ def run(
     target = reference.parse(image)
     if not isinstance(target, reference.RegistryRef):
         raise UsageError(f"{image}: trustplane run takes a registry image, docker://HOST/REPO")
-    try:
-        verify_key = load_verify_key(key.read_bytes(), str(key))
-    except OSError as exc:
-        raise NotFoundError(f"cannot read {key}: {exc.strerror}") from None
+    verify_key = load_verify_key(read_file(key, "--key"), str(key))
     request = RunRequest(
         image=target,
         key=verify_key,

@@ -29,6 +29,7 @@ def server(
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes.")] = None,
 ) -> None:
     """Run the control plane: identity, policy, KMS and transparency log over HTTPS."""
+    from trustplane.control.db import database_url as check_database
     from trustplane.control.server import bind_listener, serve
     from trustplane.control.settings import load_settings
 
@@ -37,6 +38,7 @@ def server(
         data_dir, config, listen=listen, database_url=database_url, workers=workers
     )
     state_directory(settings.data_dir, "data_dir")
+    check_database(settings.db_url)
     listener = bind_listener(settings)  # a port in use fails here: nothing is made yet
     stdout.print(f"trustplane server on {settings.url} (data in {settings.data_dir})")
     serve(settings, listener)
@@ -75,7 +77,7 @@ def _ask_password() -> str:
         os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
     except OSError:
         raise UsageError(
-            "no terminal to ask for the password: pipe it with --password-stdin"
+            "no terminal to ask for the password on: pipe it in with --password-stdin"
         ) from None
     try:
         return getpass.getpass()

@@ -29,11 +29,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustplane.errors import UsageError
 
 
-def make_engine(url: str) -> Engine:
+def database_url(url: str) -> URL:
+    """`url` parsed, if it names a database the control plane supports."""
     try:
         parsed: URL = make_url(url)
     except ArgumentError:
         raise UsageError(f"database URL {url!r} is not valid") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UsageError(
+            f"database {parsed.get_backend_name()!r} is not supported (sqlite, postgresql)"
+        )
+    return parsed
+
+
+def make_engine(url: str) -> Engine:
+    parsed = database_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(
             parsed,
@@ -44,13 +54,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    if parsed.get_backend_name() == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, pool_size=16, max_overflow=16, pool_pre_ping=True)
-    raise UsageError(
-        f"database {parsed.get_backend_name()!r} is not supported (sqlite, postgresql)"
-    )
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, pool_size=16, max_overflow=16, pool_pre_ping=True)
 
 
 def _sqlite_connect(connection: Any, _: Any) -> None:

@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
 from trustplane.control.app import create_app
+from trustplane.control.db import database_url
 from trustplane.control.service import build
 from trustplane.control.settings import ServerSettings
 from trustplane.embedded.tls import create_ca, issue_server_cert
@@ -98,6 +99,7 @@ def serve(settings: ServerSettings, listener: socket.socket | None = None) -> No
 
 
 def _serve(settings: ServerSettings, listener: socket.socket) -> None:
+    database_url(settings.db_url)  # a wrong one is refused before the data directory exists
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cert, key = tls_files(settings)
     host, port = settings.host_port
