@@ -1,7 +1,8 @@
 """Progress bars (rich) for long operations, silent for small ones.
 
 Bars go to stderr so that `--json` output on stdout stays clean, and only
-appear for transfers over `THRESHOLD` bytes.
+appear on a terminal, for transfers over `THRESHOLD` bytes. When the
+operation fails they are cleared: its error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ class Reporter:
         tb: TracebackType | None,
     ) -> None:
         if self._progress is not None:
+            if exc_type is not None:  # a failure is one line on stderr: the bars go
+                self._progress.live.transient = True
             self._progress.stop()
             self._progress = None
 
     def bar(self, description: str, total: int) -> Advance:
         """A callback that advances a new bar by the bytes it is given."""
-        if not self.enabled or total < THRESHOLD:
+        if not self.enabled or total < THRESHOLD or not self.console.is_terminal:
             return _ignore
         if self._progress is None:
             self._progress = Progress(

@@ -349,6 +349,12 @@ CASES: dict[str, Case] = {
         ExitCode.NOT_FOUND,
         "--key {tmp}/none.pub does not exist",
     ),
+    "attestation interval below a second": Case(
+        ("agent", *NODE, "--interval", "0", "--node-key", "{alice_pem}", "--state-dir", "{tmp}/st"),
+        ExitCode.USAGE,
+        "'--interval'",
+        absent=("{tmp}/st",),
+    ),
     "PCR out of range": Case(
         ("agent", *NODE, "--pcr", "24", "--node-key", "{alice_pem}", "--state-dir", "{tmp}/st"),
         ExitCode.USAGE,

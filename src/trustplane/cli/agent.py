@@ -32,7 +32,7 @@ def agent(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     ca: Ca = None,
     pcr: Pcr = DEFAULT_PCR,
-    interval: Annotated[float, typer.Option(help="Seconds between attestations.")] = 60.0,
+    interval: Annotated[float, typer.Option(min=1.0, help="Seconds between attestations.")] = 60.0,
     once: Annotated[bool, typer.Option(help="Enrol and attest once, then exit.")] = False,
     docker: Annotated[
         str | None,
