@@ -48,7 +48,9 @@ SrcCreds = Annotated[str | None, typer.Option(help="USER:PASSWORD for the source
 DestCreds = Annotated[str | None, typer.Option(help="USER:PASSWORD for the destination registry.")]
 ChunkSize = Annotated[
     int | None,
-    typer.Option(help="Upload blobs in PATCH chunks of this many MiB (default: one PUT)."),
+    typer.Option(
+        help="Upload blobs in PATCH chunks of this many MiB (default: one streamed upload)."
+    ),
 ]
 
 
@@ -68,7 +70,7 @@ def endpoint(
     """
     if chunk_mib is not None and chunk_mib <= 0:
         raise UsageError(f"--{side}chunk-size must be a positive number of MiB")
-    if tls_verify:
+    if ca_file is not None and tls_verify:
         client_context(ca_file, f"--{side}cacert")  # a missing or non-PEM bundle fails here
     elif ca_file is not None:
         input_file(ca_file, f"--{side}cacert")
