@@ -62,6 +62,9 @@ CASES: dict[str, Case] = {
     "user name": Case(
         ("user", "create", "bad name!", "--server", NOWHERE), ExitCode.USAGE, "user name"
     ),
+    "revoking a name no user can have": Case(
+        ("user", "revoke", "bad name!", "--server", NOWHERE), ExitCode.USAGE, "user name"
+    ),
     "node kind": Case(
         ("node", "register", "n1", "--kind", "toaster", "--public-key", "{alice_pub}"),
         ExitCode.USAGE,

@@ -48,17 +48,19 @@ def create_user(
 
 
 @user_app.command("revoke")
-def revoke_user(name: str, server: Server = None, ca: Ca = None) -> None:
+def revoke_user(name: Name, server: Server = None, ca: Ca = None) -> None:
     """Revoke every token NAME holds: refused everywhere, gateways included, within
     seconds. NAME can log in again."""
+    check_name(name, "user")
     with connect(server, ca) as client:
         answer = client.revoke(subject=f"user:{name}")
     stdout.print(f"revoked {answer['revoked']}")
 
 
 @node_app.command("revoke")
-def revoke_node(name: str, server: Server = None, ca: Ca = None) -> None:
+def revoke_node(name: Name, server: Server = None, ca: Ca = None) -> None:
     """Revoke every token node NAME holds (it can sign a new assertion for another)."""
+    check_name(name, "node")
     with connect(server, ca) as client:
         answer = client.revoke(subject=f"node:{name}")
     stdout.print(f"revoked {answer['revoked']}")
