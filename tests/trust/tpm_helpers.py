@@ -65,7 +65,14 @@ def ak_public(key: ec.EllipticCurvePrivateKey, attrs: int = AK_ATTRS) -> bytes:
 
 
 def attest(
-    signer_name: bytes, nonce: bytes, pcr_values: list[bytes], pcrs: tuple[int, ...] = (23,)
+    signer_name: bytes,
+    nonce: bytes,
+    pcr_values: list[bytes],
+    pcrs: tuple[int, ...] = (23,),
+    *,
+    clock: int = 1000,
+    reset_count: int = 1,
+    restart_count: int = 0,
 ) -> bytes:
     bitmap = bytearray(3)
     for pcr in pcrs:
@@ -74,7 +81,7 @@ def attest(
         struct.pack(">IH", tpm.TPM_GENERATED_VALUE, tpm.TPM_ST_ATTEST_QUOTE)
         + tpm.tpm2b(signer_name)
         + tpm.tpm2b(nonce)
-        + struct.pack(">QIIB", 1000, 1, 0, 1)
+        + struct.pack(">QIIB", clock, reset_count, restart_count, 1)
         + struct.pack(">Q", 0x2023)
         + struct.pack(">I", 1)
         + u16(tpm.ALG_SHA256)

@@ -5,6 +5,12 @@ digest) into one PCR of the sha256 bank and records the extension in its
 event log. The verifier replays the log from the PCR's reset value (zeros)
 and accepts the log only when the replayed values hash to the quoted PCR
 digest, in a quote signed by the node's bound AK over the verifier's nonce.
+
+The check has two stages, because their failures mean different things:
+`verify_quote_signature` (is this a fresh quote by the node's TPM?) fails
+for a replay, a forgery or a misconfiguration; `check_event_log` (does the
+node's record explain its PCR?) fails only for a genuine quote whose log
+does not hold, which is the node's own evidence against it.
 Fails closed: any error in here is a failed attestation.
 """
 
@@ -12,16 +18,51 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from trustplane.errors import IntegrityError, MalformedError, TrustplaneError
+from trustplane.errors import IntegrityError, MalformedError, TrustplaneError, UsageError
 from trustplane.trust import tpm
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 KINDS = ("blob", "diff_id")
 MAX_EVENTS = 100_000
+_T = TypeVar("_T")
+
+DEFAULT_PCR = 13
+"""Where layer measurements go. A measurement PCR must be one that nobody on
+the node can reset without a reboot: PCRs 0-15 (PCR 16, the debug PCR, and
+23, the application PCR, are resettable from locality 0, so any root user
+can zero them with `tpm2_pcrreset`; 17-22 belong to dynamic launch). Of
+0-15, on Linux (the UAPI group's "Linux TPM PCR Registry"): 0-7 are the
+firmware's; 8 and 9 GRUB's (commands, files; the kernel also measures the
+initrd into 9); 10 IMA's; 11 systemd-stub's and systemd-pcrphase's; 12
+systemd-stub's (command line, credentials, confexts); 14 shim's (MOK
+lists); 15 systemd's (machine id, file systems, cryptsetup volume keys).
+13 is extended only by systemd-stub, for system extension images that a
+unified kernel image loads from the ESP: a GRUB + shim boot (Debian,
+Ubuntu, RHEL, Fedora's default) leaves it at zero."""
+
+NON_RESETTABLE_PCRS = range(16)
+RESETTABLE_PCRS = (16, 23)
+
+
+def check_measurement_pcr(pcr: int, *, allow_resettable_for_tests: bool = False) -> None:
+    """Refuse a PCR that cannot carry a measurement nobody may erase."""
+    if pcr in NON_RESETTABLE_PCRS:
+        return
+    if pcr in RESETTABLE_PCRS and allow_resettable_for_tests:
+        return
+    if pcr in RESETTABLE_PCRS:
+        raise UsageError(
+            f"PCR {pcr} can be reset from locality 0 (tpm2_pcrreset {pcr}) by any root user, "
+            f"so measurements in it prove nothing; use one of PCRs 0-15 (default {DEFAULT_PCR}); "
+            "a resettable PCR is accepted only by the test-only option"
+        )
+    raise UsageError(f"PCR {pcr} cannot hold measurements: use one of PCRs 0-15")
 
 
 @dataclass(frozen=True)
@@ -47,6 +88,10 @@ class Event:
             "layer": self.layer,
             "kind": self.kind,
         }
+
+    def canonical(self) -> bytes:
+        """The event as compact JSON with sorted keys: what a log digest hashes."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: Any) -> Event:
@@ -89,6 +134,24 @@ class VerifiedQuote:
     events: tuple[Event, ...]
 
 
+@dataclass(frozen=True)
+class SignedQuote:
+    """A quote the node's AK signed over the verifier's nonce (not yet its log)."""
+
+    quote: tpm.Quote
+    hash_alg: int
+    """The signature's hash algorithm, which also hashes the PCR digest."""
+
+
+def _fail_closed(what: str, call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except TrustplaneError:
+        raise
+    except Exception as exc:  # fail closed on anything unforeseen
+        raise IntegrityError(f"{what} failed ({type(exc).__name__})") from None
+
+
 def verify_quote(
     ak_public: bytes,
     attest: bytes,
@@ -103,24 +166,28 @@ def verify_quote(
     `pcrs` are the PCRs the verifier asked for: the quote must select exactly
     those in the sha256 bank, and the event log may extend no other.
     """
-    try:
-        return _verify(ak_public, attest, signature, nonce, events, pcrs)
-    except TrustplaneError:
-        raise
-    except Exception as exc:  # fail closed on anything unforeseen
-        raise IntegrityError(f"quote verification failed ({type(exc).__name__})") from None
+    signed = verify_quote_signature(ak_public, attest, signature, nonce, pcrs)
+    check_event_log(signed, events, pcrs)
+    return VerifiedQuote(quote=signed.quote, events=tuple(events))
 
 
-def _verify(
-    ak_public: bytes,
-    attest: bytes,
-    signature: bytes,
-    nonce: bytes,
-    events: list[Event],
-    pcrs: tuple[int, ...],
-) -> VerifiedQuote:
-    if len(events) > MAX_EVENTS:
-        raise MalformedError("the event log is too long")
+def verify_quote_signature(
+    ak_public: bytes, attest: bytes, signature: bytes, nonce: bytes, pcrs: tuple[int, ...]
+) -> SignedQuote:
+    """The first stage: a quote by the AK, over `nonce`, of exactly `pcrs`."""
+    return _fail_closed(
+        "quote verification", lambda: _verify_signature(ak_public, attest, signature, nonce, pcrs)
+    )
+
+
+def check_event_log(signed: SignedQuote, events: list[Event], pcrs: tuple[int, ...]) -> None:
+    """The second stage: the event log replays to the quoted PCR digest."""
+    _fail_closed("event-log replay", lambda: _check_log(signed, events, pcrs))
+
+
+def _verify_signature(
+    ak_public: bytes, attest: bytes, signature: bytes, nonce: bytes, pcrs: tuple[int, ...]
+) -> SignedQuote:
     ak = tpm.parse_public(ak_public)
     tpm.check_ak(ak)
     hash_alg = tpm.verify_signature(ak, attest, signature)
@@ -132,11 +199,17 @@ def _verify(
     wanted = tuple(sorted(set(pcrs)))
     if quote.pcr_selection != ((tpm.ALG_SHA256, wanted),):
         raise IntegrityError(f"the quote does not select exactly sha256 PCRs {list(wanted)}")
+    return SignedQuote(quote, hash_alg)
+
+
+def _check_log(signed: SignedQuote, events: list[Event], pcrs: tuple[int, ...]) -> None:
+    if len(events) > MAX_EVENTS:
+        raise MalformedError("the event log is too long")
+    wanted = tuple(sorted(set(pcrs)))
     stray = {event.pcr for event in events} - set(wanted)
     if stray:
         raise IntegrityError(f"the event log extends PCRs that were not quoted: {sorted(stray)}")
     values = replay(events)
-    expected = tpm.pcr_digest(hash_alg, [values.get(pcr, b"\0" * 32) for pcr in wanted])
-    if not hmac.compare_digest(expected, quote.pcr_digest):
+    expected = tpm.pcr_digest(signed.hash_alg, [values.get(pcr, b"\0" * 32) for pcr in wanted])
+    if not hmac.compare_digest(expected, signed.quote.pcr_digest):
         raise IntegrityError("the event log does not replay to the quoted PCR digest")
-    return VerifiedQuote(quote=quote, events=tuple(events))
