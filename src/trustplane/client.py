@@ -129,6 +129,13 @@ class ControlClient:
         )
         return result
 
+    def clear_node(self, name: str, reason: str) -> dict[str, Any]:
+        """Lift a node's attestation quarantine (administrators; logged)."""
+        result: dict[str, Any] = self.json(
+            "POST", f"/v1/attestation/nodes/{name}/clear", json={"reason": reason}
+        )
+        return result
+
     # -- policy -------------------------------------------------------------------------
 
     def authorize(

@@ -270,14 +270,16 @@ def cosign() -> str:
     component_missing("cosign", "run scripts/run setup (it fetches cosign from Debian trixie)")
 
 
-@pytest.fixture(scope="session")
-def swtpm(work_dir: Path) -> Iterator[RunningSwtpm]:
-    """A software TPM 2.0 on loopback (swtpm), cleared and started."""
+@pytest.fixture
+def swtpm(tmp_path: Path) -> Iterator[RunningSwtpm]:
+    """A software TPM 2.0 on loopback (swtpm), cleared and started; one per
+    test, as each node has its own: measurements stay in its PCR until it
+    reboots (`RunningSwtpm.power_cycle`)."""
     try:
-        tpm = start_swtpm(work_dir / "swtpm")
+        tpm = start_swtpm(tmp_path / "swtpm")
     except TrustplaneError as exc:
         component_missing("swtpm", str(exc))
-    with tpm:
+    with tpm:  # a test that power-cycles it stops the new one itself
         yield tpm
 
 

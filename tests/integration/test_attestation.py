@@ -3,15 +3,18 @@
 The control plane's policy lets nodes `node:att-*` have image layer keys
 only with `require_attestation: true`. Each node enrols its TPM (EK, AK,
 MakeCredential on the server, ActivateCredential in swtpm), measures the
-image's layers into PCR 23 with an event log, and is quoted against a fresh
-nonce. Only a node whose last quote passed, recently, with the reference
-measurements, gets a layer key; every verdict is in the transparency log.
+image's layers into PCR 13 (which nobody resets without a reboot) with an
+event log, and is quoted against a fresh nonce. Only a node whose last quote
+passed, recently, with the reference measurements, and that is not
+quarantined gets a layer key; every verdict is in the transparency log.
+Each test has its own swtpm (a node's measurements stay in its PCR).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import sys
 import time
@@ -34,7 +37,8 @@ from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_u
 from trustplane.crypto.layer_cipher import PrivateOptions
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.swtpm import RunningSwtpm
-from trustplane.errors import Forbidden, IntegrityError, TrustplaneError
+from trustplane.errors import Forbidden, IntegrityError, TrustplaneError, UsageError
+from trustplane.trust.attestation import Event, replay
 
 MAX_AGE = 4
 REPOSITORY = "registry.test/attested/app"
@@ -233,8 +237,9 @@ def test_a_tampered_layer_gets_nothing(
     verdict = node.attester.attest(node.client)
     assert not verdict.passed
     assert f"layer 1 of {REPOSITORY} measured diff_id {tampered.diff_id}" in verdict.reason
+    assert verdict.quarantined
     for layer in (0, 1):
-        with pytest.raises(Forbidden, match="last attestation failed"):
+        with pytest.raises(Forbidden, match="quarantined"):
             node.unwrap(image, layer)
     assert attestation_entries(admin, start, node.name) == [("attestation.quote", "fail")]
     assert len(unwrap_denials(admin, start, node.name)) == 2
@@ -246,11 +251,12 @@ def test_a_lying_event_log_gets_nothing(
     """The PCR holds a tampered digest while the log claims the reference one."""
     node.attester.enroll(node.client, node.transport_public)
     node.attester.measure(REPOSITORY, image.manifest, image.layers[:1])
-    node.attester.tpm.extend(23, hashlib.sha256(b"unlogged").digest())
+    node.attester.tpm.extend(node.attester.pcr, hashlib.sha256(b"unlogged").digest())
     verdict = node.attester.attest(node.client)
     assert not verdict.passed
+    assert verdict.quarantined
     assert "does not replay to the quoted PCR digest" in verdict.reason
-    with pytest.raises(Forbidden):
+    with pytest.raises(Forbidden, match="quarantined"):
         node.unwrap(image, 0)
 
 
@@ -380,19 +386,69 @@ def test_a_secret_is_released_to_a_node_only_once_attested(
     assert node.client.secret_payload(secret) == payload
 
 
-def test_the_attester_starts_a_new_log_when_the_pcr_no_longer_matches(
+def test_the_attester_never_resets_the_pcr_nor_drops_its_log(
     swtpm: RunningSwtpm, tmp_path: Path, image: Image
 ) -> None:
+    state = tmp_path / "agent"
     with Tpm(swtpm.tcti) as device:
-        attester = Attester(device, tmp_path / "agent")
+        attester = Attester(device, state)
+        assert attester.pcr == 13
         attester.measure(REPOSITORY, image.manifest, image.layers)
         assert len(attester.log.events) == 4
-        again = Attester(device, tmp_path / "agent")  # same TPM state: log kept
-        assert len(again.log.events) == 4
-        device.extend(23, hashlib.sha256(b"someone else").digest())
-        restarted = Attester(device, tmp_path / "agent")
-        assert restarted.log.events == []
-        assert device.read(23) == bytes(32)
+        assert Attester(device, state).log.events == attester.log.events  # same boot: kept
+        # A crash between logging an event and extending it: the next start
+        # finishes the extension (the log is written first).
+        extra = Event(13, digest(b"crash"), REPOSITORY, image.manifest, 1, "blob")
+        attester.log.append(extra)
+        resumed = Attester(device, state)
+        assert resumed.log.events[-1] == extra
+        assert replay(resumed.log.events)[13] == device.read(13)
+        # Another writer: nothing is reset, nothing dropped; the verifier will see both.
+        device.extend(13, hashlib.sha256(b"someone else").digest())
+        kept = Attester(device, state)
+        assert kept.log.events == resumed.log.events
+        assert device.read(13) not in (bytes(32), replay(kept.log.events)[13])
+        with pytest.raises(UsageError, match="tpm2_pcrreset 23"):
+            Attester(device, state, 23)
+        assert Attester(device, tmp_path / "test", 23, allow_resettable_pcr=True).pcr == 23
+    rebooted = swtpm.power_cycle()
+    with rebooted, Tpm(rebooted.tcti) as device:
+        fresh = Attester(device, state)  # a new boot: a new log; the old one is kept
+        assert fresh.log.events == []
+        (old,) = state.glob("event-log.boot-*.json")
+        assert len(json.loads(old.read_text())["events"]) == 5
+
+
+def test_an_old_quote_replayed_after_a_reboot_fails(
+    node: Node, image: Image, admin: ControlClient, plane: RunningControlPlane, swtpm: RunningSwtpm
+) -> None:
+    node.attester.enroll(node.client, node.transport_public)
+    node.attester.measure(REPOSITORY, image.manifest, image.layers)
+    nonce = bytes.fromhex(node.client.json("GET", "/v1/attestation/nonce")["nonce"])
+    old = node.attester.quote(nonce)
+    assert node.client.json("POST", "/v1/attestation/quote", json=old)["passed"]
+    node.attester.tpm.close()
+    rebooted = swtpm.power_cycle()
+    with rebooted, Tpm(rebooted.tcti) as device:
+        attester = Attester(device, node.attester.state_dir)
+        attester.measure(REPOSITORY, image.manifest, image.layers[:1])
+        assert attester.attest(node.client).passed  # the new boot's log, from zero
+        start = log_size(plane)
+        again = node.client.json("POST", "/v1/attestation/quote", json=old)
+        assert not again["passed"]
+        assert "already used nonce" in again["reason"]
+        fresh = node.client.json("GET", "/v1/attestation/nonce")["nonce"]
+        moved = node.client.json("POST", "/v1/attestation/quote", json={**old, "nonce": fresh})
+        assert not moved["passed"]
+        assert "does not carry the nonce" in moved["reason"]
+        assert not again["quarantined"]
+        assert not moved["quarantined"]  # a replay tells nothing about the node
+        assert attestation_entries(admin, start, node.name) == [
+            ("attestation.quote", "fail"),
+            ("attestation.quote", "fail"),
+        ]
+        assert attester.attest(node.client).passed
+        assert node.unwrap(image, 0) == image.options[0]
 
 
 def test_a_bound_node_cannot_move_to_another_tpm(node: Node, tmp_path: Path) -> None:

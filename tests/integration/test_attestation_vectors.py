@@ -146,12 +146,11 @@ def checkquote(ak_pem: Path, attest: bytes, signature: bytes, nonce: bytes, work
 def test_swtpm_quote_verifies_here_and_in_tpm2_checkquote(
     swtpm: RunningSwtpm, tmp_path: Path
 ) -> None:
-    with Tpm(swtpm.tcti) as device:
-        device.reset(23)
+    with Tpm(swtpm.tcti) as device:  # a fresh swtpm: PCR 13 is zero
         measured = "sha256:" + hashlib.sha256(b"layer").hexdigest()
-        device.extend(23, bytes.fromhex(measured[7:]))
+        device.extend(13, bytes.fromhex(measured[7:]))
         nonce = os.urandom(32)
-        quote = device.quote(nonce, (23,))
+        quote = device.quote(nonce, (13,))
         ak_public = device.identity().ak_public
     ak = tpm.parse_public(ak_public)
     pem = tmp_path / "ak.pem"
@@ -160,19 +159,19 @@ def test_swtpm_quote_verifies_here_and_in_tpm2_checkquote(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    events = [Event(23, measured, "repo", "sha256:" + "0" * 64, 0, "blob")]
-    verified = verify_quote(ak_public, quote.attest, quote.signature, nonce, events, (23,))
+    events = [Event(13, measured, "repo", "sha256:" + "0" * 64, 0, "blob")]
+    verified = verify_quote(ak_public, quote.attest, quote.signature, nonce, events, (13,))
     assert verified.quote.extra_data == nonce
     assert checkquote(pem, quote.attest, quote.signature, nonce, tmp_path)
 
     other = os.urandom(32)
     with pytest.raises(IntegrityError, match="nonce"):
-        verify_quote(ak_public, quote.attest, quote.signature, other, events, (23,))
+        verify_quote(ak_public, quote.attest, quote.signature, other, events, (13,))
     assert not checkquote(pem, quote.attest, quote.signature, other, tmp_path)
     # One flipped bit of the attested data: both refuse the signature.
     flipped = quote.attest[:-1] + bytes([quote.attest[-1] ^ 1])
     with pytest.raises(IntegrityError, match="signature"):
-        verify_quote(ak_public, flipped, quote.signature, nonce, events, (23,))
+        verify_quote(ak_public, flipped, quote.signature, nonce, events, (13,))
     assert not checkquote(pem, flipped, quote.signature, nonce, tmp_path)
     assert struct.unpack(">I", quote.attest[:4])[0] == tpm.TPM_GENERATED_VALUE
 

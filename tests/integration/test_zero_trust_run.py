@@ -4,7 +4,7 @@ control plane and dockerd.
 An app image (busybox base, public app layer, secret layer) is encrypted for
 the KMS, registered and signed. A node enrolled by `trustplane agent` runs
 it: signature, reference measurements, attestation (the layers measured into
-PCR 23 while the agent keeps attesting from another process on the same
+PCR 13 while the agent keeps attesting from another process on the same
 TPM), authorization, then the container starts. Then each check fails on
 its own: an unsigned image, a wrong key, a layer that does not match its
 registered reference, a node that never enrolled its TPM, and a node the
@@ -22,62 +22,33 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import docker
 import docker.errors
 import pytest
 from conftest import start_control_plane_or_fail
-from control_helpers import Cli, add_policy_rule, entries_since, log_size
-from cryptography.hazmat.primitives.asymmetric import ec
-from jwcrypto import jwk
+from control_helpers import add_policy_rule, entries_since, log_size
+from zero_trust_helpers import (
+    RULES,
+    SECRET,
+    Published,
+    assert_nothing_left,
+    assert_refused,
+    enrol,
+    events,
+    new_node,
+    node_args,
+    publish,
+    run_image,
+)
 
 from trustplane.client import ControlClient
-from trustplane.crypto.signing import generate_signing_key
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.registry import RunningRegistry
-from trustplane.embedded.sample_images import build_app_image
 from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.errors import ExitCode
-from trustplane.images.sign import sign_image
-from trustplane.oci import reference
-from trustplane.trust.attestation import Event
-
-RECIPIENT = "zt-images"
-APP_TAG = "trustplane/zt-app:test"
-SECRET = b"zero-trust secret 7f3a\n"
-RULES = """\
-  - subjects: ["node:zt-*"]
-    actions: [key.release]
-    resources: ["image:*"]
-    require_attestation: true
-  - subjects: ["node:zt-run-*"]
-    actions: [container.start]
-    resources: ["image:*"]
-"""
-
-
-@dataclass(frozen=True)
-class Published:
-    good: str
-    """docker://HOST/zt/app:1, registered and signed."""
-    unsigned: str
-    tampered: str
-    """Signed, but registered with another diff_id for layer 2."""
-    repository: str
-    image_id: str
-    public_key: Path
-    other_key: Path
-
-
-@dataclass(frozen=True)
-class NodeFiles:
-    name: str
-    key: Path
-    state: Path
-    tmp: Path
 
 
 @pytest.fixture(scope="module")
@@ -105,149 +76,7 @@ def published(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Published:
     work = tmp_path_factory.mktemp("zero-trust-publish")
-    cli = Cli(work / "admin.json")
-    cli.login(plane, "admin", plane.admin_password)
-    image_id = build_app_image(docker_client, busybox_base, APP_TAG, SECRET)
-    admin.create_recipient(RECIPIENT)
-    host = registry_plain.host
-
-    def encrypt(repository: str, register: bool) -> dict[str, object]:
-        result = cli(
-            "image",
-            "encrypt",
-            f"docker-daemon:{APP_TAG}",
-            f"docker://{host}/{repository}:1",
-            "--recipient",
-            f"kms:{RECIPIENT}",
-            "--layers",
-            "1,2",
-            "--register" if register else "--no-register",
-            "--quiet",
-            "--json",
-        )
-        assert result.returncode == 0, result.stderr
-        answer: dict[str, object] = json.loads(result.stdout)
-        return answer
-
-    encrypt("zt/app", register=True)
-    encrypt("zt/unsigned", register=True)
-    tampered = encrypt("zt/tampered", register=False)
-    (registered,) = admin.images(f"{host}/zt/app")
-    layers = [dict(layer) for layer in registered["layers"]]
-    layers[2]["diff_id"] = "sha256:" + "ab" * 32
-    admin.register_image(f"{host}/zt/tampered", str(tampered["manifestDigest"]), layers)
-
-    signer = generate_signing_key("ecdsa-p256")
-    for repository in ("zt/app", "zt/tampered"):
-        sign_image(reference.parse(f"docker://{host}/{repository}:1"), signer)
-    public = work / "cosign.pub"
-    public.write_bytes(signer.public.public_pem())
-    other = work / "other.pub"
-    other.write_bytes(generate_signing_key("ecdsa-p256").public.public_pem())
-    # The node must get the image from the registry, not find it in Docker.
-    docker_client.images.remove(APP_TAG, force=True)
-    return Published(
-        good=f"docker://{host}/zt/app:1",
-        unsigned=f"docker://{host}/zt/unsigned:1",
-        tampered=f"docker://{host}/zt/tampered:1",
-        repository=f"{host}/zt/app",
-        image_id=image_id,
-        public_key=public,
-        other_key=other,
-    )
-
-
-def new_node(admin: ControlClient, tmp_path: Path, prefix: str) -> NodeFiles:
-    name = f"{prefix}-{os.urandom(3).hex()}"
-    signing = ec.generate_private_key(ec.SECP256R1())
-    key = tmp_path / f"{name}.key"
-    key.write_bytes(jwk.JWK.from_pyca(signing).export_to_pem(private_key=True, password=None))
-    admin.register_node(name, "host", jwk.JWK.from_pyca(signing).export_to_pem().decode())
-    tmp = tmp_path / "tmp"
-    tmp.mkdir(exist_ok=True)
-    return NodeFiles(name, key, tmp_path / f"{name}-state", tmp)
-
-
-def trustplane(
-    *args: str, tmp: Path | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ}
-    env.pop("TRUSTPLANE_DEBUG", None)
-    if tmp is not None:
-        env["TMPDIR"] = str(tmp)
-    return subprocess.run(
-        [sys.executable, "-m", "trustplane", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def node_args(plane: RunningControlPlane, swtpm: RunningSwtpm, node: NodeFiles) -> list[str]:
-    return [
-        "--server",
-        plane.url,
-        "--ca",
-        str(plane.ca_file),
-        "--node",
-        node.name,
-        "--node-key",
-        str(node.key),
-        "--tpm",
-        swtpm.tcti,
-        "--state-dir",
-        str(node.state),
-    ]
-
-
-def enrol(plane: RunningControlPlane, swtpm: RunningSwtpm, node: NodeFiles) -> None:
-    result = trustplane("agent", *node_args(plane, swtpm, node), "--once")
-    assert result.returncode == 0, result.stderr
-    assert f"{node.name}: attested" in result.stdout
-
-
-def run_image(
-    plane: RunningControlPlane,
-    swtpm: RunningSwtpm,
-    daemon: DockerDaemon,
-    node: NodeFiles,
-    image: str,
-    key: Path,
-    container: str,
-    *command: str,
-) -> subprocess.CompletedProcess[str]:
-    args = ["run", image, "--key", str(key), *node_args(plane, swtpm, node)]
-    args += ["--docker", daemon.base_url, "--name", container, "--quiet", "--json"]
-    if command:
-        args += ["--", *command]
-    return trustplane(*args, tmp=node.tmp)
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], code: int, check: str) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"trustplane: error: {check}: "), lines[0]
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
-def assert_nothing_left(
-    client: docker.DockerClient, published: Published, node: NodeFiles, container: str
-) -> None:
-    assert client.containers.list(all=True, filters={"name": container}) == []
-    with pytest.raises(docker.errors.ImageNotFound):
-        client.images.get(published.image_id)
-    assert list(node.tmp.iterdir()) == []
-
-
-def events(node: NodeFiles) -> list[Event]:
-    path = node.state / "event-log.json"
-    if not path.exists():  # the attester writes it with the first event
-        return []
-    return [Event.from_json(raw) for raw in json.loads(path.read_text())]
+    return publish(plane, admin, registry_plain, docker_client, busybox_base, work)
 
 
 # -- refusals ----------------------------------------------------------------------------
@@ -315,10 +144,16 @@ def test_a_layer_unlike_its_reference_is_refused_and_spoils_the_node(
     assert "measured diff_id" in line
     assert "sha256:" + "ab" * 32 in line
     assert_nothing_left(docker_client, published, node, container)
-    # No key was asked for: the refusal came before any unwrap.
-    assert not [e for e in entries_since(admin, start) if e["kind"] == "kms.unwrap"]
+    # No key was asked for: the refusal came before any unwrap. The node
+    # quoted at once, so the verifier holds the mismatch: it is quarantined.
+    entries = entries_since(admin, start)
+    assert not [e for e in entries if e["kind"] == "kms.unwrap"]
+    (quote,) = [e for e in entries if e["kind"] == "attestation.quote"]
+    assert quote["result"] == "fail"
+    assert quote["quarantined"] is True
+    assert "zt/tampered measured diff_id" in quote["reason"]
     # The measurement stays in the PCR and the log: this node now gets nothing,
-    # not even the good image, until its TPM is reset.
+    # not even the good image, until an administrator clears it.
     assert any(e.image.endswith("zt/tampered") for e in events(node))
     again = run_image(
         plane, swtpm, docker_daemon, node, published.good, published.public_key, container

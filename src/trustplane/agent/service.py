@@ -1,8 +1,10 @@
 """The long-running node agent: enrol the TPM once, then attest on an interval.
 
 State directory (mode 0700): `transport.pem` (the transport private key,
-0600), `enrolment.json` (which AK was bound), `event-log.json`, `tpm.lock` (whose
-turn it is to use the TPM; see tpm_lock.py).
+0600), `enrolment.json` (which AK was bound), `event-log.json` (this boot's
+measurements; earlier boots' logs are kept beside it as
+`event-log.boot-R-S.json`), `tpm.lock` (whose turn it is to use the TPM; see
+tpm_lock.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import generate_key_pair
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.oci.layout import atomic_write
+from trustplane.trust.attestation import DEFAULT_PCR, check_measurement_pcr
 
 logger = logging.getLogger("trustplane.agent")
 RuntimeReport = Callable[[list[ContainerCheck]], None]
@@ -38,7 +41,9 @@ class AgentConfig:
     node_key: Path
     state_dir: Path
     ca_file: Path | None = None
-    pcr: int = 23
+    pcr: int = DEFAULT_PCR
+    allow_resettable_pcr: bool = False
+    """TESTS ONLY: accept PCR 16 or 23, which any root user can reset."""
     interval: float = 60.0
     audience: str | None = None
     docker_url: str | None = None
@@ -50,6 +55,7 @@ class AgentConfig:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        check_measurement_pcr(config.pcr, allow_resettable_for_tests=config.allow_resettable_pcr)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             self._signing = jwk.JWK.from_pem(config.node_key.read_bytes())
@@ -80,6 +86,15 @@ class Agent:
             client.close()
             raise
         return client
+
+    def attester(self, tpm: Tpm) -> Attester:
+        """The attester for this node's state directory and PCR, on `tpm`."""
+        return Attester(
+            tpm,
+            self.config.state_dir,
+            self.config.pcr,
+            allow_resettable_pcr=self.config.allow_resettable_pcr,
+        )
 
     def enrolled(self, tpm: Tpm) -> bool:
         path = self.config.state_dir / "enrolment.json"
@@ -143,7 +158,7 @@ class Agent:
             # `trustplane run` can measure and attest in between (tpm_lock.py).
             # A TPM that cannot be opened is an error, not a failed round.
             with node_tpm(self.config.tcti, self.config.state_dir) as tpm:
-                attester = Attester(tpm, self.config.state_dir, self.config.pcr)
+                attester = self.attester(tpm)
                 try:
                     with self.client() as client:
                         if not self.enrolled(tpm):

@@ -5,7 +5,8 @@
   when the TPM has one.
 - AK: a restricted ECDSA P-256 signing key, primary in the endorsement
   hierarchy (deterministic, so nothing secret is stored on disk).
-- PCR_Extend into the sha256 bank, Quote with a nonce, ActivateCredential,
+- PCR_Extend into the sha256 bank (never PCR_Reset: the agent has no use
+  for it), ReadClock, Quote with a nonce, ActivateCredential,
   and a TPM-made signature over the transport key (TPM2_Hash then Sign: a
   restricted key signs only data the TPM hashed and found not to start with
   TPM_GENERATED_VALUE, so it cannot be made to forge a quote).
@@ -61,6 +62,20 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class Boot:
+    """The TPM's clock information: a boot is one (reset_count, restart_count)."""
+
+    reset_count: int
+    restart_count: int
+    clock: int
+    """Milliseconds the TPM has run (kept across boots, roughly)."""
+
+    @property
+    def counters(self) -> tuple[int, int]:
+        return (self.reset_count, self.restart_count)
+
+
+@dataclass(frozen=True)
 class QuoteResult:
     attest: bytes
     """TPMS_ATTEST."""
@@ -105,8 +120,13 @@ class Tpm:
         except TSS2_Exception as exc:
             raise UnavailableError(f"cannot open the TPM at {tcti!r}: {exc}") from None
         self._ak: ESYS_TR | None = None
+        self._closed = False
 
     def close(self) -> None:
+        """Flush the AK and close the connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._ak is not None:
             self._flush(self._ak)
             self._ak = None
@@ -196,9 +216,10 @@ class Tpm:
         _, _, values = self._esapi.pcr_read(_sha256_selection((pcr,)))
         return bytes(values[0])
 
-    def reset(self, pcr: int) -> None:
-        """PCR_Reset (only the debug/application PCRs 16 and 23 allow it)."""
-        self._esapi.pcr_reset(getattr(ESYS_TR, f"PCR{pcr}"))
+    def boot(self) -> Boot:
+        """TPM2_ReadClock: which boot of the TPM this is (never obfuscated)."""
+        info = self._esapi.read_clock().clockInfo
+        return Boot(int(info.resetCount), int(info.restartCount), int(info.clock))
 
     def quote(self, nonce: bytes, pcrs: tuple[int, ...]) -> QuoteResult:
         ak, _ = self._ak_handle()

@@ -15,7 +15,9 @@ the check that failed (`signature:`, `measurement:`, `attestation:`,
    digest (from the signed manifest) is extended into the PCR with an
    event-log entry, then compared with the references. The measurement is
    made first on purpose: a signed image that does not match its
-   registration leaves its mark in the PCR, and the node's next quote fails.
+   registration leaves its mark in the PCR (which nobody resets without a
+   reboot), and the node quotes at once so that the verifier records the
+   mismatch: the node is quarantined until an administrator clears it.
 4. attest (fresh nonce, quote): the KMS may release layer keys only to a
    node whose fresh quote shows the image's layers.
 5. pull and decrypt into a private directory, with the layer keys from the
@@ -165,7 +167,7 @@ def run_image(request: RunRequest, reporter: Reporter = SILENT, say: Say = _quie
         ]
         with _attester(request, node) as attester:
             _measure(attester, events)
-        _compare(events, references, repository)
+        _compare_or_report(request, node, client, events, references, repository)
         say(f"measurement: {len(layers)} layers of {repository} match the reference")
 
         # 4. attest, so that the KMS releases the layer keys
@@ -193,7 +195,7 @@ def run_image(request: RunRequest, reporter: Reporter = SILENT, say: Say = _quie
             ]
             with _attester(request, node) as attester:
                 _measure(attester, content)
-            _compare(content, references, repository)
+            _compare_or_report(request, node, client, content, references, repository)
             _check_diff_ids(layout, plain, diff_ids, config, repository)
             say(f"measurement: the decrypted layers of {repository} match the reference")
 
@@ -258,7 +260,7 @@ def _attester(request: RunRequest, node: Agent) -> Iterator[Attester]:
                 f"attestation: node {request.node.node} has not enrolled this TPM "
                 "with the control plane (start trustplane agent first)"
             )
-        yield Attester(tpm, request.node.state_dir, request.node.pcr)
+        yield node.attester(tpm)
 
 
 def _measure(attester: Attester, events: Sequence[Event]) -> None:
@@ -279,6 +281,24 @@ def _compare(events: Sequence[Event], references: Sequence[dict[str, Any]], repo
                 f"measurement: layer {event.layer} of {repo} measured {event.kind} "
                 f"{event.digest}, the registered reference is {want}"
             )
+
+
+def _compare_or_report(
+    request: RunRequest,
+    node: Agent,
+    client: ControlClient,
+    events: Sequence[Event],
+    references: Sequence[dict[str, Any]],
+    repo: str,
+) -> None:
+    """Compare; on a mismatch, quote first, so the verifier holds the evidence
+    (and quarantines the node) before anyone on the node could touch it."""
+    try:
+        _compare(events, references, repo)
+    except IntegrityError:
+        with suppress(TrustplaneError), _attester(request, node) as attester:
+            attester.attest(client)
+        raise
 
 
 def _attest(request: RunRequest, node: Agent, client: ControlClient) -> str:

@@ -84,6 +84,28 @@ def register_node(
     stdout.print(f"node {answer['name']} ({answer['kind']}) key id {answer['key_id']}")
 
 
+@node_app.command("clear")
+def clear_node(
+    name: str,
+    reason: Annotated[str, typer.Option(help="Why the node may attest again (goes into the log).")],
+    server: Server = None,
+    ca: Ca = None,
+) -> None:
+    """Lift a node's quarantine after a measurement failure (administrators; logged).
+
+    The node's next quote must pass again; the events its TPM logged in the
+    current boot count as reviewed. A node whose log no longer explains its
+    PCR (evidence lost) attests again only after a reboot.
+    """
+    with connect(server, ca) as client:
+        answer = client.clear_node(name, reason)
+    stdout.print(
+        f"node {answer['node']} cleared (was quarantined: {answer['quarantine']}); "
+        f"{answer['reviewed_events']} events of its current boot reviewed; "
+        f"log entry {answer['log_index']}"
+    )
+
+
 def authorize(
     action: str,
     resource: str,

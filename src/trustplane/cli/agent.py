@@ -13,6 +13,7 @@ from trustplane.cli.node_options import (
     DEFAULT_PCR,
     DEFAULT_STATE_DIR,
     DEFAULT_TPM,
+    InsecureResettablePcr,
     NodeKey,
     NodeName,
     Pcr,
@@ -32,6 +33,7 @@ def agent(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     ca: Ca = None,
     pcr: Pcr = DEFAULT_PCR,
+    insecure_resettable_pcr_for_tests: InsecureResettablePcr = False,
     interval: Annotated[float, typer.Option(min=1.0, help="Seconds between attestations.")] = 60.0,
     once: Annotated[bool, typer.Option(help="Enrol and attest once, then exit.")] = False,
     docker: Annotated[
@@ -73,6 +75,7 @@ def agent(
             state_dir=state_dir,
             ca_file=ca,
             pcr=pcr,
+            allow_resettable_pcr=insecure_resettable_pcr_for_tests,
             interval=interval,
             docker_url=docker,
             runtime_interval=runtime_interval,

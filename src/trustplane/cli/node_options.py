@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from trustplane.cli.common import read_file, state_directory
 from trustplane.cli.session import ServerUrl as ServerUrl
 from trustplane.errors import MalformedError, UsageError
+from trustplane.trust.attestation import DEFAULT_PCR as DEFAULT_PCR  # the one default
 
 
 def check_tcti(tcti: str) -> str:
@@ -70,10 +71,24 @@ StateDir = Annotated[
     ),
 ]
 Pcr = Annotated[
-    int, typer.Option("--pcr", min=0, max=23, help="PCR (sha256 bank) for layer measurements.")
+    int,
+    typer.Option(
+        "--pcr",
+        min=0,
+        max=23,
+        help="PCR (sha256 bank) for layer measurements: one of 0-15, which nobody resets "
+        "without a reboot (13: unused by firmware, GRUB, shim and IMA).",
+    ),
+]
+InsecureResettablePcr = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-resettable-pcr-for-tests",
+        help="TESTS ONLY: accept --pcr 16 or 23, which any root user resets with "
+        "tpm2_pcrreset. Never on a real node.",
+    ),
 ]
 
 DEFAULT_TPM = "device:/dev/tpmrm0"
 DEFAULT_NODE_KEY = Path("node.key")
 DEFAULT_STATE_DIR = Path("/var/lib/trustplane/agent")
-DEFAULT_PCR = 23

@@ -27,6 +27,7 @@ from trustplane.cli.node_options import (
     DEFAULT_PCR,
     DEFAULT_STATE_DIR,
     DEFAULT_TPM,
+    InsecureResettablePcr,
     NodeKey,
     NodeName,
     Pcr,
@@ -55,6 +56,7 @@ def run(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     ca: Ca = None,
     pcr: Pcr = DEFAULT_PCR,
+    insecure_resettable_pcr_for_tests: InsecureResettablePcr = False,
     docker: Annotated[
         str,
         typer.Option(
@@ -91,6 +93,7 @@ def run(
             state_dir=state_dir,
             ca_file=ca,
             pcr=pcr,
+            allow_resettable_pcr=insecure_resettable_pcr_for_tests,
         ),
         docker_url=f"unix://{docker}" if docker.startswith("/") else docker,
         name=name,

@@ -11,7 +11,17 @@ the gate the KMS asks before releasing keys to a node.
    replay, and each measured layer against the reference values registered
    with the image. A pass is the node's attested state, for
    `max_age_seconds`; a failure removes it at once.
-4. continuity: nodes read the verifier's `interval_seconds` with every nonce
+4. boot record (trust/boot.py): within one boot of the node (the AK's
+   resetCount/restartCount unchanged) every event log must extend the one
+   accepted before and the TPM clock must not go back; a reboot starts a
+   new log.
+5. quarantine: a failure that shows the node measured something wrong (a
+   layer unlike its reference, an event log that does not explain the PCR,
+   tampering with the boot record) is sticky: the node gets no key, across
+   agent restarts, PCR resets and reboots, until an administrator clears it
+   (`clear`, logged). Failures that say nothing about the node's state (a
+   used or expired nonce, a bad signature, a timeout) are not sticky.
+6. continuity: nodes read the verifier's `interval_seconds` with every nonce
    and must quote that often; the sweep (`expire_silent`, run by the server
    in the background) turns a pass older than `max_age_seconds` into
    "stale", logged, so a node that goes silent loses its state visibly.
@@ -51,7 +61,8 @@ from trustplane.errors import (
     UsageError,
 )
 from trustplane.trust import tpm
-from trustplane.trust.attestation import Event, verify_quote
+from trustplane.trust.attestation import Event, check_event_log, verify_quote_signature
+from trustplane.trust.boot import BootRecord, continue_boot
 
 logger = logging.getLogger("trustplane.attestation")
 
@@ -61,6 +72,29 @@ class QuoteResult:
     passed: bool
     reason: str
     measured: int
+    quarantined: bool = False
+    """The node gets no keys until an administrator clears it."""
+
+
+@dataclass(frozen=True)
+class Cleared:
+    node: str
+    reason: str
+    """Why the node had been quarantined."""
+    reviewed: int
+    """Events of the current boot's log the administrator's clear covers."""
+    log_index: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a quote showed: its failure (and whether it sticks), the boot
+    record to keep, the measurements of a pass."""
+
+    failure: str | None = None
+    sticky: bool = False
+    record: BootRecord | None = None
+    measured: tuple[dict[str, object], ...] = ()
 
 
 def _now() -> datetime:
@@ -94,6 +128,44 @@ def _node(principal: Principal) -> str:
     if principal.kind != "node":
         raise Forbidden("only nodes attest")
     return principal.name
+
+
+def _boot_record(row: Attestation) -> BootRecord | None:
+    if (
+        row.boot_reset_count is None
+        or row.boot_restart_count is None
+        or row.boot_clock is None
+        or row.boot_digest is None
+        or row.boot_pcrs is None
+    ):
+        return None
+    return BootRecord(
+        reset_count=row.boot_reset_count,
+        restart_count=row.boot_restart_count,
+        clock=row.boot_clock,
+        events=row.boot_events,
+        digest=row.boot_digest,
+        pcrs=tuple(int(pcr) for pcr in row.boot_pcrs),
+        reviewed=row.boot_reviewed,
+    )
+
+
+def _store_boot_record(row: Attestation, record: BootRecord | None) -> None:
+    row.boot_reset_count = None if record is None else record.reset_count
+    row.boot_restart_count = None if record is None else record.restart_count
+    row.boot_clock = None if record is None else record.clock
+    row.boot_events = 0 if record is None else record.events
+    row.boot_digest = None if record is None else record.digest
+    row.boot_pcrs = None if record is None else list(record.pcrs)
+    row.boot_reviewed = 0 if record is None else record.reviewed
+
+
+def _quarantine_note(node: str, reason: str | None = None) -> str:
+    why = f" ({reason})" if reason else ""
+    return (
+        f"node {node} is quarantined{why}; an administrator must clear it "
+        f"(trustplane node clear {node} --reason ...)"
+    )
 
 
 class Verifier:
@@ -218,7 +290,11 @@ class Verifier:
                     why = str(exc) if isinstance(exc, TrustplaneError) else type(exc).__name__
                     reason = f"transport key not certified by the AK: {why}"
             if not reason:
-                # The new binding starts over: nothing measured under the old AK counts.
+                # The new binding starts over: nothing measured under the old AK
+                # counts. The boot record stays for the same AK (re-enrolling
+                # must not wipe it); the quarantine stays in every case.
+                if not hmac.compare_digest(row.ak_name, pending.ak_name):
+                    _store_boot_record(row, None)
                 row.ek_public, row.ek_cert = pending.ek_public, pending.ek_cert
                 row.ak_public, row.ak_name = pending.ak_public, pending.ak_name
                 row.bound, row.bound_at, row.transport_key = True, _now(), transport_key
@@ -265,22 +341,43 @@ class Verifier:
     ) -> QuoteResult:
         node = _node(principal)
         try:
-            measured = self._check_quote(node, nonce, attest, signature, events)
-            passed, reason = True, f"quote verified; {len(measured)} measurements match"
+            outcome, seen = self._check_quote(node, nonce, attest, signature, events)
         except TrustplaneError as exc:
-            measured, passed, reason = [], False, str(exc)
+            outcome, seen = _Outcome(failure=str(exc)), None
         except Exception as exc:  # fail closed
             logger.error("quote verification error for %s: %s", node, type(exc).__name__)
-            measured, passed, reason = [], False, f"verification error ({type(exc).__name__})"
+            outcome, seen = _Outcome(failure=f"verification error ({type(exc).__name__})"), None
+        reason = outcome.failure or f"quote verified; {len(outcome.measured)} measurements match"
+        quarantine: str | None = None
         with self.db.write_session() as session:
             row = session.get(Attestation, node)
             if row is not None:
+                if outcome.record is not None:
+                    if _boot_record(row) != seen:
+                        # Another quote of this node was recorded meanwhile: this
+                        # one was checked against a record that is gone.
+                        outcome = _Outcome(failure="a concurrent quote changed the boot record")
+                        reason = outcome.failure or ""
+                    else:
+                        _store_boot_record(row, outcome.record)
+                if outcome.sticky and row.quarantine_reason is None:
+                    row.quarantine_reason, row.quarantined_at = reason, _now()
+                quarantine = row.quarantine_reason
+                passed = outcome.failure is None and quarantine is None
+                if quarantine is not None and outcome.failure is None:
+                    reason = f"{reason}, but {_quarantine_note(node, quarantine)}"
+                elif quarantine is not None:
+                    reason = f"{reason}; {_quarantine_note(node)}"
                 row.last_result = "pass" if passed else "fail"
                 row.last_reason = reason
                 row.last_at = _now()
-                row.measurements = measured
-        self._record(node, "attestation.quote", passed, reason, measured=len(measured))
-        return QuoteResult(passed, reason, len(measured))
+                row.measurements = list(outcome.measured) if passed else []
+        passed = outcome.failure is None and quarantine is None
+        extra: dict[str, Any] = {"measured": len(outcome.measured) if passed else 0}
+        if quarantine is not None:
+            extra["quarantined"] = True
+        self._record(node, "attestation.quote", passed, reason, **extra)
+        return QuoteResult(passed, reason, extra["measured"], quarantine is not None)
 
     def _check_quote(
         self,
@@ -289,7 +386,11 @@ class Verifier:
         attest: bytes,
         signature: bytes,
         raw_events: list[dict[str, Any]],
-    ) -> list[dict[str, object]]:
+    ) -> tuple[_Outcome, BootRecord | None]:
+        """Check a quote; an error raised here is a failure that does not stick.
+
+        Returns the outcome and the boot record it was checked against.
+        """
         # The nonce is consumed first, whatever happens next: single use.
         with self.db.session() as session:
             consumed = session.execute(
@@ -304,15 +405,41 @@ class Verifier:
             raise IntegrityError("unknown, expired or already used nonce (replayed quote?)")
         if row is None or not row.bound:
             raise IntegrityError("the node's AK is not bound to its EK (no credential activation)")
-        events = [Event.from_json(raw) for raw in raw_events]
-        verify_quote(row.ak_public, attest, signature, nonce, events, tuple(self.settings.pcrs))
-        return self._check_references(events)
+        pcrs = tuple(self.settings.pcrs)
+        signed = verify_quote_signature(row.ak_public, attest, signature, nonce, pcrs)
+        # From here on the quote is the node's TPM speaking, now: what it and
+        # its log show is the node's own evidence, and a failure sticks.
+        seen = _boot_record(row)
+        try:
+            events = [Event.from_json(raw) for raw in raw_events]
+        except TrustplaneError as exc:
+            return _Outcome(failure=f"the event log is unusable: {exc}", sticky=True), seen
+        try:
+            record = continue_boot(seen, signed.quote, events, pcrs)
+        except TrustplaneError as exc:
+            return _Outcome(failure=str(exc), sticky=True), seen
+        try:
+            check_event_log(signed, events, pcrs)
+        except TrustplaneError as exc:
+            return _Outcome(failure=f"{exc} (the log does not explain the PCR)", sticky=True), seen
+        # The log is proven: it is the boot's record now, mismatches included.
+        measured, mismatch = self._check_references(events, record.reviewed)
+        if mismatch is not None:
+            return _Outcome(failure=mismatch, sticky=True, record=record), seen
+        return _Outcome(record=record, measured=tuple(measured)), seen
 
-    def _check_references(self, events: list[Event]) -> list[dict[str, object]]:
-        """Every measured layer must equal what the publisher registered."""
-        images: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
+    def _check_references(
+        self, events: list[Event], reviewed: int
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """Every measured layer must equal what the publisher registered.
+
+        Returns the measurements and the first mismatch. The first `reviewed`
+        events were reviewed by an administrator who cleared the node: a
+        mismatch among them is not counted again, nor as a measurement.
+        """
+        images: dict[tuple[str, str], dict[int, dict[str, object]] | None] = {}
         measured: list[dict[str, object]] = []
-        for event in events:
+        for position, event in enumerate(events):
             key = (event.image, event.manifest)
             if key not in images:
                 with self.db.session() as session:
@@ -322,20 +449,29 @@ class Verifier:
                             Image.manifest_digest == event.manifest,
                         )
                     )
-                if image is None:
-                    raise IntegrityError(
-                        f"measured image {event.image}@{event.manifest} is not registered"
-                    )
-                images[key] = {int(str(layer["index"])): layer for layer in image.layers}
-            reference = images[key].get(event.layer)
-            want = None
-            if reference is not None:
-                want = reference.get("digest" if event.kind == "blob" else "diff_id")
-            if want != event.digest:
-                raise IntegrityError(
-                    f"layer {event.layer} of {event.image} measured {event.kind} "
-                    f"{event.digest}, reference {want}"
+                images[key] = (
+                    None
+                    if image is None
+                    else {int(str(layer["index"])): layer for layer in image.layers}
                 )
+            layers = images[key]
+            mismatch = None
+            if layers is None:
+                mismatch = f"measured image {event.image}@{event.manifest} is not registered"
+            else:
+                reference = layers.get(event.layer)
+                want = None
+                if reference is not None:
+                    want = reference.get("digest" if event.kind == "blob" else "diff_id")
+                if want != event.digest:
+                    mismatch = (
+                        f"layer {event.layer} of {event.image} measured {event.kind} "
+                        f"{event.digest}, reference {want}"
+                    )
+            if mismatch is not None:
+                if position < reviewed:
+                    continue
+                return measured, mismatch
             measured.append(
                 {
                     "image": event.image,
@@ -345,7 +481,45 @@ class Verifier:
                     "digest": event.digest,
                 }
             )
-        return measured
+        return measured, None
+
+    # -- quarantine --------------------------------------------------------------------
+
+    def clear(self, principal: Principal, node: str, reason: str) -> Cleared:
+        """An administrator lets a quarantined node attest again (logged).
+
+        The clear covers the event log this boot has shown so far: its
+        events were reviewed, so a mismatch among them no longer counts; a
+        log that does not explain the PCR, or that lost evidence, still
+        fails until the node reboots.
+        """
+        if principal.kind != "user" or principal.role != "admin":
+            raise Forbidden(f"{principal.subject} may not clear node {node}: administrators only")
+        reason = reason.strip()
+        if len(reason) < 3:
+            raise UsageError("a clear needs a reason (--reason), for the log")
+        with self.db.write_session() as session:
+            row = session.get(Attestation, node)
+            if row is None:
+                raise NotFoundError(f"node {node} has never enrolled a TPM")
+            quarantine = row.quarantine_reason
+            if quarantine is None:
+                raise UsageError(f"node {node} is not quarantined")
+            row.quarantine_reason, row.quarantined_at = None, None
+            row.boot_reviewed = row.boot_events
+            reviewed = row.boot_events
+        receipt = self.log.append(
+            "attestation.clear",
+            {
+                "subject": f"node:{node}",
+                "result": "cleared",
+                "by": principal.subject,
+                "reason": reason,
+                "quarantine": quarantine,
+                "reviewed_events": reviewed,
+            },
+        )
+        return Cleared(node, quarantine, reviewed, receipt.index)
 
     # -- continuity ------------------------------------------------------------------
 
@@ -402,6 +576,11 @@ class Verifier:
             row = session.get(Attestation, principal.name)
         if row is None or not row.bound:
             return Decision(False, "attestation required: the node's AK is not bound to its EK")
+        if row.quarantine_reason is not None:
+            return Decision(
+                False,
+                "attestation required: " + _quarantine_note(principal.name, row.quarantine_reason),
+            )
         if row.last_result == "stale":
             return Decision(False, "attestation required: the last attestation is stale (silent)")
         if row.last_result != "pass":

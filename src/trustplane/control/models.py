@@ -197,11 +197,14 @@ class UsedNonce(Base):
 
 
 class Attestation(Base):
-    """A node's TPM identity and its last attestation result.
+    """A node's TPM identity, its last attestation result, its current boot and
+    whether it is quarantined.
 
     The AK counts only once `bound` (credential activation proved that the TPM
     holding the EK also holds the AK); the attested state counts only while
-    `last_result == "pass"` and `last_at` is recent enough.
+    `last_result == "pass"`, `last_at` is recent enough and the node is not
+    quarantined (`quarantine_reason`: a failure that means the node measured
+    something wrong, kept until an administrator clears it).
     """
 
     __tablename__ = "attestations"
@@ -230,6 +233,19 @@ class Attestation(Base):
     last_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     measurements: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list)
     """Events ({image, manifest, layer, kind, digest}) of the last passing quote."""
+    boot_reset_count: Mapped[int | None] = mapped_column(BigInteger)
+    """The boot record (trust/boot.py): the AK's last accepted resetCount, ..."""
+    boot_restart_count: Mapped[int | None] = mapped_column(BigInteger)
+    boot_clock: Mapped[int | None] = mapped_column(BigInteger)
+    boot_events: Mapped[int] = mapped_column(BigInteger, default=0)
+    """... and the event log accepted in that boot: its length and hash chain."""
+    boot_digest: Mapped[bytes | None] = mapped_column(LargeBinary)
+    boot_pcrs: Mapped[list[int] | None] = mapped_column(JSON)
+    boot_reviewed: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Events of this boot's log an administrator reviewed when clearing the node."""
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
+    """Why the node gets no keys until an administrator clears it (sticky)."""
+    quarantined_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 

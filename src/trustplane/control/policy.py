@@ -55,6 +55,7 @@ ACTIONS = frozenset(
         "secret.delete",
         "recipient.create",
         "node.register",
+        "node.clear",
         "user.manage",
         "kek.rotate",
         "log.read",

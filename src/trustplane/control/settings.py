@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from trustplane.errors import MalformedError, UsageError
+from trustplane.trust.attestation import DEFAULT_PCR, check_measurement_pcr
 
 
 class KmipSettings(BaseModel):
@@ -31,8 +32,14 @@ class KmipSettings(BaseModel):
 class AttestationSettings(BaseModel):
     """Remote attestation of nodes (TPM quotes) and what it gates."""
 
-    pcrs: list[int] = Field(default_factory=lambda: [23])
-    """PCRs (sha256 bank) the nodes measure image layers into and quote."""
+    pcrs: list[int] = Field(default_factory=lambda: [DEFAULT_PCR], min_length=1)
+    """PCRs (sha256 bank) the nodes measure image layers into and quote: one
+    of 0-15, which no one resets without a reboot (trust/attestation.py says
+    why 13 is the default)."""
+    insecure_resettable_pcrs_for_tests: bool = False
+    """TESTS ONLY: also accept PCR 16 or 23, which any root user on a node can
+    reset (tpm2_pcrreset); the verifier's boot record still catches a wiped
+    log, but a node could then hide what it measured before its first quote."""
     max_age_seconds: int = Field(default=300, ge=1)
     """How long a passed attestation counts for key release; a node silent for
     longer loses its attested state (the verifier's sweep marks it stale)."""
@@ -43,6 +50,17 @@ class AttestationSettings(BaseModel):
     challenge_ttl_seconds: int = Field(default=300, ge=1, le=86400)
     ek_ca_files: list[Path] = Field(default_factory=list)
     """PEM vendor CAs; when set, an EK certificate issued by one is required."""
+
+    @model_validator(mode="after")
+    def _measurement_pcrs(self) -> AttestationSettings:
+        for pcr in self.pcrs:
+            try:
+                check_measurement_pcr(
+                    pcr, allow_resettable_for_tests=self.insecure_resettable_pcrs_for_tests
+                )
+            except UsageError as exc:
+                raise ValueError(f"pcrs: {exc}") from None
+        return self
 
 
 class MqttSettings(BaseModel):

@@ -50,6 +50,13 @@ class RunningSwtpm(StopsOnExit):
     def stop(self) -> None:
         self.process.stop()
 
+    def power_cycle(self) -> RunningSwtpm:
+        """Turn the TPM off and on, as a reboot of its machine does: the same
+        state directory, a fresh TPM2_Startup(CLEAR) (PCRs 0-15 back to zero,
+        resetCount + 1). The TPM listens on new ports: use the returned one."""
+        self.stop()
+        return start_swtpm(self.state_dir.parent, existing=True)
+
 
 def manufacture(work_dir: Path, state_dir: Path) -> Path:
     """Provision EKs and their certificates into `state_dir` with a local CA;
@@ -93,13 +100,23 @@ def manufacture(work_dir: Path, state_dir: Path) -> Path:
 
 
 def start_swtpm(
-    work_dir: Path, timeout: float = START_TIMEOUT, *, ek_certificate: bool = False
+    work_dir: Path,
+    timeout: float = START_TIMEOUT,
+    *,
+    ek_certificate: bool = False,
+    existing: bool = False,
 ) -> RunningSwtpm:
-    """Start swtpm in `work_dir` (state in work_dir/state) and wait until it listens."""
+    """Start swtpm in `work_dir` (state in work_dir/state) and wait until it
+    listens; `existing`: the TPM made there before, as it was left."""
     binary = require_binary("swtpm", "swtpm")
     state_dir = work_dir / "state"
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ca_file = manufacture(work_dir, state_dir) if ek_certificate else None
+    ca_file = None
+    if existing:
+        issued = work_dir / "ca" / "issuercert.pem"
+        ca_file = issued if issued.exists() else None
+    elif ek_certificate:
+        ca_file = manufacture(work_dir, state_dir)
     host = "127.0.0.1"
     last_error: UnavailableError | None = None
     for _ in range(_PORT_ATTEMPTS):

@@ -10,11 +10,12 @@ import base64
 from typing import Any
 
 import anyio.to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.errors import MalformedError
+from trustplane.control.routers.principals import NAME
+from trustplane.errors import Forbidden, MalformedError
 
 router = APIRouter(prefix="/v1/attestation", tags=["attestation"])
 _B64 = 1 << 16
@@ -70,6 +71,22 @@ class QuoteVerdict(BaseModel):
     passed: bool
     reason: str
     measured: int
+    quarantined: bool = Field(
+        False, description="The node gets no keys until an administrator clears it"
+    )
+
+
+class ClearRequest(BaseModel):
+    reason: str = Field(min_length=3, max_length=2000, description="Why, for the log")
+
+
+class ClearAnswer(BaseModel):
+    node: str
+    quarantine: str = Field(description="Why the node had been quarantined")
+    reviewed_events: int = Field(
+        description="Events of the node's current boot the clear covers (not checked again)"
+    )
+    log_index: int
 
 
 @router.post("/enroll", response_model=Challenge)
@@ -126,4 +143,29 @@ async def quote(body: QuoteRequest, caller: Caller, plane: Plane) -> QuoteVerdic
         _bytes(body.signature, "signature"),
         body.event_log,
     )
-    return QuoteVerdict(passed=result.passed, reason=result.reason, measured=result.measured)
+    return QuoteVerdict(
+        passed=result.passed,
+        reason=result.reason,
+        measured=result.measured,
+        quarantined=result.quarantined,
+    )
+
+
+@router.post("/nodes/{name}/clear", response_model=ClearAnswer)
+async def clear(
+    body: ClearRequest,
+    caller: Caller,
+    plane: Plane,
+    name: str = Path(pattern=NAME),
+) -> ClearAnswer:
+    """An administrator lifts a node's quarantine (logged, with the reason)."""
+    decision = plane.authorize(caller, "node.clear", f"node:{name}")
+    if not decision.allowed:
+        raise Forbidden(f"{caller.subject} may not node.clear node:{name}: {decision.reason}")
+    cleared = await anyio.to_thread.run_sync(plane.verifier.clear, caller, name, body.reason)
+    return ClearAnswer(
+        node=cleared.node,
+        quarantine=cleared.reason,
+        reviewed_events=cleared.reviewed,
+        log_index=cleared.log_index,
+    )
