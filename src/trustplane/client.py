@@ -8,6 +8,7 @@ a CLI user sees the server's reason, not an HTTP trace.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,40 @@ class ControlClient:
 
     def log_entry(self, index: int) -> bytes:
         return base64.b64decode(self.json("GET", f"/v1/log/entries/{index}")["body"])
+
+    def log_entries(self, start: int, end: int) -> Iterator[list[bytes]]:
+        """The bodies of entries [start, end), in batches as they stream in.
+
+        A clean answer that ends early stops early (the caller names the
+        missing entry); one that breaks off is an UnavailableError.
+        """
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        params = {"start": start, "end": end}
+        try:
+            with self._http.stream("GET", "/v1/log/entries", params=params, headers=headers) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise _error(r)
+                pending = b""
+                for chunk in r.iter_bytes(1 << 20):
+                    data = pending + chunk if pending else chunk
+                    bodies, position, size = [], 0, len(data)
+                    while position + 4 <= size:
+                        length = int.from_bytes(data[position : position + 4], "big")
+                        stop = position + 4 + length
+                        if stop > size:
+                            break
+                        bodies.append(data[position + 4 : stop])
+                        position = stop
+                    pending = data[position:]
+                    if bodies:
+                        yield bodies
+                if pending:
+                    raise UnavailableError(f"control plane {self.url}: a log entry was cut off")
+        except httpx.HTTPError as exc:
+            raise UnavailableError(
+                f"control plane {self.url}: the log's answer broke off: {exc}"
+            ) from None
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         answer = self.json("GET", "/v1/log/proof/inclusion", params={"index": index, "size": size})

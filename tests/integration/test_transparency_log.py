@@ -17,17 +17,19 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from conftest import start_control_plane_or_fail
 from control_helpers import Cli, assert_fails, entries_since
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from durability_helpers import StateStore, fresh_schema, sqlite_store, write_server_config
 
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.process import free_port
-from trustplane.errors import ExitCode, Forbidden
+from trustplane.errors import ExitCode, Forbidden, UnavailableError
 from trustplane.trust.note import NoteSigner
 
 
@@ -218,27 +220,33 @@ def test_the_proof_api_refuses_nonsense(
 class Restartable:
     """A server of its own that a test stops, edits on disk, and starts again where it was."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, store: StateStore | None = None) -> None:
         self.work = work
         self.port = free_port()
+        self.store = store or sqlite_store(work / "data")
+        if self.store.database_url is not None:
+            write_server_config(work / "data", database_url=self.store.database_url)
         self.plane = start_control_plane_or_fail(work, port=self.port)
         self.auditor = Cli(work / "session.json", work / "log-state.json")
         self.auditor.login(self.plane, "admin", self.plane.admin_password)
 
-    @property
-    def database(self) -> Path:
-        return self.plane.data_dir / "trustplane.db"
-
     @contextlib.contextmanager
-    def offline(self) -> Iterator[sqlite3.Connection]:
-        """Stop the server and edit its database, as someone with the disk would."""
-        self.plane.stop()
-        db = sqlite3.connect(self.database)
+    def edit(self) -> Iterator[Any]:
+        """Edit the database behind the server's back (running or not), as
+        someone with access to it would; committed when the block ends."""
+        db = self.store.connect()
         try:
-            with db:  # commits on success
-                yield db
+            yield db
+            db.commit()
         finally:
             db.close()
+
+    @contextlib.contextmanager
+    def offline(self) -> Iterator[Any]:
+        """Stop the server and edit its database."""
+        self.plane.stop()
+        with self.edit() as db:
+            yield db
 
     def start(self) -> None:
         self.plane = start_control_plane(
@@ -247,6 +255,16 @@ class Restartable:
             port=self.port,
             admin_password=self.plane.admin_password,
         )
+
+    def restart(self) -> None:
+        self.plane.stop()
+        self.start()
+
+    def health(self) -> dict[str, Any]:
+        answer = httpx.get(f"{self.plane.url}/healthz", verify=self.plane.ssl_context(), timeout=10)
+        assert answer.status_code == 200
+        health: dict[str, Any] = answer.json()
+        return health
 
     def stop(self) -> None:
         self.plane.stop()
@@ -259,38 +277,85 @@ def restartable(tmp_path: Path) -> Iterator[Restartable]:
     server.stop()
 
 
-def test_a_rewritten_entry_fails_its_inclusion_proof(restartable: Restartable) -> None:
-    with restartable.plane.admin() as admin:
-        indexes = make_entries(admin, restartable.plane)
-    target = indexes["kms.release.deny"]
-    witness = restartable.auditor("log", "verify", "--entry", str(target))
-    assert witness.returncode == 0, witness.stderr
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
+    if request.param == "sqlite":
+        return sqlite_store(tmp_path / "data")
+    return fresh_schema(request.getfixturevalue("postgres"), "audit")
 
-    # An insider turns the refused release into a granted one.
-    with restartable.offline() as db:
-        (body,) = db.execute('SELECT body FROM log_leaves WHERE "index" = ?', (target,)).fetchone()
-        entry = json.loads(body)
-        assert entry["decision"] == "deny"
-        entry.update(decision="allow", reason="allowed by rule 1")
-        forged = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-        changed = db.execute(
-            'UPDATE log_leaves SET body = ? WHERE "index" = ?', (forged, target)
-        ).rowcount
-        assert changed == 1
-    restartable.start()
 
-    with restartable.plane.admin() as admin:
-        assert json.loads(admin.log_entry(target))["decision"] == "allow"  # the server lies
-    caught = restartable.auditor("log", "verify", "--entry", str(target))
-    assert_fails(
-        caught,
-        ExitCode.INTEGRITY,
-        f"entry {target} is not included in the signed tree: it was altered",
-    )
-    # The tree itself is intact: untouched entries still prove, and so does consistency.
-    honest = restartable.auditor("log", "verify", "--entry", str(indexes["authorize"]))
-    assert honest.returncode == 0, honest.stderr
-    assert "consistent with the checkpoint verified before" in honest.stdout
+def forge_release(db: Any, index: int) -> None:
+    """Turn a refused release into a granted one in the stored entry, not in the tree."""
+    mark = "?" if isinstance(db, sqlite3.Connection) else "%s"
+    select = f'SELECT body FROM log_leaves WHERE "index" = {mark}'  # noqa: S608
+    (body,) = db.execute(select, (index,)).fetchone()
+    entry = json.loads(bytes(body))
+    assert entry["decision"] == "deny"
+    entry.update(decision="allow", reason="allowed by rule 1")
+    forged = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+    update = f'UPDATE log_leaves SET body = {mark} WHERE "index" = {mark}'  # noqa: S608
+    assert db.execute(update, (forged, index)).rowcount == 1
+
+
+def test_an_altered_entry_is_named_by_the_audit_and_the_server_then_signs_nothing(
+    tmp_path: Path, store: StateStore
+) -> None:
+    server = Restartable(tmp_path, store)
+    try:
+        with server.plane.admin() as admin:
+            indexes = make_entries(admin, server.plane)
+            make_entries(admin, server.plane)
+        target = indexes["kms.release.deny"]
+        witness = server.auditor("log", "verify", "--audit")
+        assert witness.returncode == 0, witness.stderr
+        assert "the tree they make is the signed one" in witness.stdout
+
+        with server.edit() as db:  # the server keeps running
+            forge_release(db, target)
+        with server.plane.admin() as admin:
+            assert json.loads(admin.log_entry(target))["decision"] == "allow"  # the server lies
+        # A checkpoint and its consistency do not see it: the stored tree is intact.
+        plain = server.auditor("log", "verify")
+        assert plain.returncode == 0, plain.stderr
+        caught = server.auditor("log", "verify", "--entry", str(target))
+        assert_fails(
+            caught, ExitCode.INTEGRITY, f"entry {target} is not included in the signed tree"
+        )
+        # The monitor fetches everything and names the entry without being told.
+        audit = server.auditor("log", "verify", "--audit")
+        assert_fails(
+            audit,
+            ExitCode.INTEGRITY,
+            f"audit: entry {target} does not fit the signed checkpoint",
+        )
+
+        # Restarted, the server finds it itself and will vouch for nothing more.
+        with server.plane.admin() as admin:
+            _, size, _ = checkpoint(admin)
+        server.restart()
+        health = server.health()
+        assert health["status"] == "degraded"
+        assert health["log_error"] == (
+            f"entry {target} does not match the stored tree (its leaf hash)"
+        )
+        assert health["log_size"] == size
+        log_text = server.plane.process.log_file.read_text(errors="replace")
+        assert f"entry {target} does not match the stored tree" in log_text
+        refused = httpx.get(
+            f"{server.plane.url}/v1/log/checkpoint", verify=server.plane.ssl_context(), timeout=10
+        )
+        assert refused.status_code == 503
+        assert f"entry {target}" in refused.json()["error"]["message"]
+        with (
+            pytest.raises(UnavailableError, match=f"entry {target}"),
+            server.plane.admin() as admin,
+        ):
+            admin.authorize("image.pull", "image:registry.example/audit/app")
+        assert server.health()["log_size"] == size  # nothing appended
+        verify = server.auditor("log", "verify")
+        assert_fails(verify, ExitCode.UNAVAILABLE, f"entry {target} does not match")
+    finally:
+        server.stop()
 
 
 def test_rewritten_tree_nodes_or_head_fail_consistency(restartable: Restartable) -> None:
@@ -305,9 +370,10 @@ def test_rewritten_tree_nodes_or_head_fail_consistency(restartable: Restartable)
     assert new > old
     assert proof
 
-    # Rewrite one stored subtree hash that the consistency proof is made of.
+    # Rewrite one stored inner subtree hash that the consistency proof is made
+    # of (the server checks leaves and head at start, not every inner node).
     with restartable.offline() as db:
-        rows = db.execute('SELECT level, "index", hash FROM log_nodes').fetchall()
+        rows = db.execute('SELECT level, "index", hash FROM log_nodes WHERE level > 0').fetchall()
         level, index, original = next(row for row in rows if bytes(row[2]) in proof)
         forged = hashlib.sha256(b"rewritten" + bytes(original)).digest()
         db.execute(
@@ -315,6 +381,7 @@ def test_rewritten_tree_nodes_or_head_fail_consistency(restartable: Restartable)
             (forged, level, index),
         )
     restartable.start()
+    assert restartable.health()["log_error"] is None
     caught = restartable.auditor("log", "verify")
     assert_fails(
         caught,
@@ -329,16 +396,16 @@ def test_rewritten_tree_nodes_or_head_fail_consistency(restartable: Restartable)
             (original, level, index),
         )
     restartable.start()
-    restored = restartable.auditor("log", "verify")
+    restored = restartable.auditor("log", "verify", "--audit")
     assert restored.returncode == 0, restored.stderr
     assert f"consistent with the checkpoint verified before ({old} entries)" in restored.stdout
 
-    # Rewrite the head: the server signs whatever root it holds, and the auditor refuses it.
+    # Rewrite the head: the server no longer signs it, and says why.
     with restartable.offline() as db:
         assert db.execute("UPDATE log_head SET root = ? WHERE id = 1", (b"\x42" * 32,)).rowcount
     restartable.start()
-    with restartable.plane.admin() as admin:
-        _, size, root = checkpoint(admin)
-    assert (size, root) == (new, b"\x42" * 32)
+    health = restartable.health()
+    assert health["status"] == "degraded"
+    assert "the stored tree head does not match" in health["log_error"]
     head = restartable.auditor("log", "verify")
-    assert_fails(head, ExitCode.INTEGRITY, "same size, different root")
+    assert_fails(head, ExitCode.UNAVAILABLE, "the stored tree head does not match")

@@ -4,6 +4,9 @@ The client keeps the last checkpoint it verified (per server, in a state
 file) and pins the log's key on first use. Each run checks the new signed
 checkpoint, proves it consistent with the kept one, and optionally proves
 that an entry is included. A log whose history was rewritten fails here.
+With `--audit` it is a monitor: it fetches every entry, recomputes the tree
+and holds it to the checkpoint (trust/log_audit.py), so a stored entry that
+was altered behind the tree's back is found and named too.
 """
 
 from __future__ import annotations
@@ -11,17 +14,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trustplane.cli.common import stdout
 from trustplane.cli.session import Ca, Server, connect
 from trustplane.client import ControlClient
 from trustplane.errors import IntegrityError, MalformedError
 from trustplane.oci.layout import atomic_write
-from trustplane.trust import merkle
+from trustplane.trust import log_audit, merkle
 from trustplane.trust.checkpoint import open_checkpoint
 from trustplane.trust.note import parse_verifier_key
 
@@ -50,24 +56,38 @@ def verify(
     key: Annotated[
         str | None, typer.Option(help="The log's verifier key (default: pinned on first use).")
     ] = None,
+    audit: Annotated[
+        bool,
+        typer.Option(
+            "--audit",
+            help="Also fetch every entry, recompute the tree and compare it with the signed "
+            "checkpoint (a monitor); names the first entry that does not fit.",
+        ),
+    ] = False,
     state: State = None,
     server: Server = None,
     ca: Ca = None,
 ) -> None:
     """Check the signed checkpoint, its consistency with the last one seen, and inclusions."""
     with connect(server, ca) as client:
-        lines, _ = check_log(client, state_path(state), key, entry or [])
+        lines, _ = check_log(client, state_path(state), key, entry or [], audit=audit)
     for line in lines:
         stdout.print(line)
 
 
 def check_log(
-    client: ControlClient, path: Path, key: str | None, entries: list[int]
+    client: ControlClient,
+    path: Path,
+    key: str | None,
+    entries: list[int],
+    *,
+    audit: bool = False,
 ) -> tuple[list[str], dict[int, bytes]]:
     """Verify the signed checkpoint (key pinned in `path` on first use), its
-    consistency with the one verified before, and that each of `entries` is
-    included; keep the new checkpoint. Returns what was shown and the
-    entries' bodies, proven to be in the tree. Any failure: IntegrityError."""
+    consistency with the one verified before, that each of `entries` is
+    included, and (`audit`) every entry; keep the new checkpoint only when
+    all of it holds. Returns what was shown and the entries' bodies, proven
+    to be in the tree. Any failure: IntegrityError."""
     known: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     remembered = known.get(client.url, {})
     published = client.log_key()
@@ -109,6 +129,9 @@ def check_log(
             )
         bodies[index] = body
         lines.append(f"entry {index} included: {body.decode(errors='replace')}")
+    if audit:
+        seen = (old_size, old_root) if old_root is not None else None
+        lines.append(audit_entries(client, checkpoint.size, checkpoint.root, seen))
     known[client.url] = {
         "verifier_key": verifier_text,
         "size": checkpoint.size,
@@ -117,6 +140,42 @@ def check_log(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(known, indent=2).encode(), mode=0o600)
     return lines, bodies
+
+
+def audit_entries(
+    client: ControlClient, size: int, root: bytes, seen: tuple[int, bytes] | None
+) -> str:
+    """Fetch entries [0, size), recompute the tree, hold it to `root` (signed)
+    and to `seen` (verified before); IntegrityError naming what does not fit."""
+    started = time.monotonic()
+    with Progress(
+        TextColumn("[bold]auditing the log"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=size < _AUDIT_BAR,
+    ) as progress:
+        task = progress.add_task("entries", total=size)
+        result = log_audit.audit(
+            size,
+            root,
+            client.log_entries,
+            client.consistency_proof,
+            known=seen,
+            progress=lambda done: progress.update(task, completed=done),
+        )
+    if result.finding is not None:
+        raise IntegrityError(f"audit: {result.finding.reason}")
+    elapsed = max(time.monotonic() - started, 1e-9)
+    return (
+        f"audit: {size} entries fetched and hashed; the tree they make is the signed one "
+        f"({size / elapsed:,.0f} entries/s)"
+    )
+
+
+_AUDIT_BAR = 100_000
+"""Logs smaller than this audit in about a second: no bar."""
 
 
 @app.command()

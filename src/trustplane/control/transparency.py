@@ -8,6 +8,13 @@ leaves and newly completed subtree hashes are inserted, the head is moved.
 Each caller waits until its entry is committed, so an acknowledged entry is
 durable, and one fsync serves a whole batch. Replicas sharing a PostgreSQL
 database serialize on the head row.
+
+At start the server checks its stored entries against its stored tree
+(every leaf hash, then the head). A mismatch (a leaf row altered in the
+database, say) is reported on /healthz and in the server's log, and the
+log then signs no checkpoint and takes no entry: it will not vouch for a
+tree its own entries contradict. Monitors check the same from outside
+(`trustplane log verify --audit`), through `entries`: every entry, streamed.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
+import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +47,10 @@ from trustplane.trust.note import NoteSigner
 
 MAX_BATCH = 1024
 APPEND_TIMEOUT = 30.0
+MAX_ENTRIES_PAGE = 1 << 20
+"""Entries one `entries` request may ask for (the answer is streamed)."""
+_ROWS_PER_FETCH = 4096
+logger = logging.getLogger("trustplane.log")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,8 @@ class _Statements:
     nodes: str
     move_head: str
     mark: str
+    read_leaves: str
+    check_leaves: str
 
     @classmethod
     @functools.cache
@@ -77,6 +93,11 @@ class _Statements:
             move_head=f"UPDATE log_head SET size = {mark}, frontier = {mark}, root = {mark} "  # noqa: S608
             "WHERE id = 1",
             mark=mark,
+            read_leaves=f'SELECT "index", body FROM log_leaves WHERE "index" >= {mark} '  # noqa: S608
+            f'AND "index" < {mark} ORDER BY "index"',
+            check_leaves='SELECT l."index", l.body, n.hash FROM log_leaves l '  # noqa: S608
+            'LEFT JOIN log_nodes n ON n.level = 0 AND n."index" = l."index" '
+            f'WHERE l."index" < {mark} ORDER BY l."index"',
         )
 
     @classmethod
@@ -93,6 +114,21 @@ class _Statements:
     def _values(self, rows: int) -> str:
         row = f"({self.mark}, {self.mark}, {self.mark})"
         return ", ".join([row] * rows)
+
+
+def _rows(connection: Connection, sql: str, params: tuple[Any, ...]) -> Iterator[Sequence[Any]]:
+    """Rows in batches from the driver, streamed (PostgreSQL: a server-side cursor)."""
+    raw = connection.connection
+    if connection.dialect.name == "postgresql":
+        cursor = raw.cursor(name=f"trustplane_{uuid.uuid4().hex}")
+    else:
+        cursor = raw.cursor()
+    try:
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(_ROWS_PER_FETCH):
+            yield rows
+    finally:
+        cursor.close()
 
 
 def _flat(rows: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -180,6 +216,22 @@ class TransparencyLog:
         self.batch_wait = batch_wait
         self._queue: queue.SimpleQueue[_Waiter | None] = queue.SimpleQueue()
         self._ensure_head()
+        started = time.monotonic()
+        self.damage: str | None = self.check_stored_tree()
+        """Why the stored entries contradict the stored tree; None when they agree."""
+        if self.damage is not None:
+            logger.error(
+                "transparency log: %s; no checkpoint is signed and no entry appended until "
+                "the database is repaired",
+                self.damage,
+            )
+        else:
+            size, _ = self.head()
+            logger.info(
+                "transparency log: %d entries match the stored tree (checked in %.1f s)",
+                size,
+                time.monotonic() - started,
+            )
         self._thread = threading.Thread(target=self._sequence, name="trustplane-log", daemon=True)
         self._thread.start()
 
@@ -189,8 +241,16 @@ class TransparencyLog:
 
     # -- appending -------------------------------------------------------------
 
+    def _refuse_if_damaged(self) -> None:
+        if self.damage is not None:
+            raise UnavailableError(
+                f"the transparency log does not match its stored tree ({self.damage}); "
+                "it signs and takes nothing until the database is repaired"
+            )
+
     def append(self, kind: str, entry: dict[str, Any]) -> Receipt:
         """Add an entry; returns once it is committed to the database."""
+        self._refuse_if_damaged()
         future: Future[Receipt] = Future()
         self._queue.put(_Waiter(_body(kind, entry), kind, future, None))
         try:
@@ -201,6 +261,7 @@ class TransparencyLog:
     async def append_async(self, kind: str, entry: dict[str, Any]) -> Receipt:
         """`append` for request handlers on the event loop: the same durable
         commit, awaited without holding a thread while the batch is written."""
+        self._refuse_if_damaged()
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()
         self._queue.put(_Waiter(_body(kind, entry), kind, waiter, loop))
@@ -304,8 +365,70 @@ class TransparencyLog:
         return int(row.size), bytes(row.root)
 
     def checkpoint(self) -> bytes:
+        self._refuse_if_damaged()
         size, root = self.head()
         return sign_checkpoint(Checkpoint(origin=self.origin, size=size, root=root), self.signer)
+
+    def entries(self, start: int, end: int) -> Iterator[bytes]:
+        """Entries [start, end) framed for streaming: per entry a 4-byte
+        big-endian length, then the body. Ends early, cleanly, at the first
+        entry the database does not have (the reader names it)."""
+        size, _ = self.head()
+        if not 0 <= start < end <= size or end - start > MAX_ENTRIES_PAGE:
+            raise UsageError(
+                f"entries [{start}, {end}): the log has {size}; at most {MAX_ENTRIES_PAGE} at once"
+            )
+        return self._frames(start, end)
+
+    def _frames(self, start: int, end: int) -> Iterator[bytes]:
+        expected = start
+        with self.db.engine.connect() as connection:
+            sql = _Statements.for_connection(connection)
+            for rows in _rows(connection, sql.read_leaves, (start, end)):
+                parts: list[bytes] = []
+                for index, body in rows:
+                    if index != expected:
+                        logger.error("transparency log: entry %d is missing", expected)
+                        yield b"".join(parts)
+                        return
+                    data = bytes(body)
+                    parts.append(len(data).to_bytes(4, "big"))
+                    parts.append(data)
+                    expected += 1
+                yield b"".join(parts)
+
+    def check_stored_tree(self) -> str | None:
+        """Recompute every leaf hash from the stored entries and the head from
+        them; the first disagreement with the stored tree, or None."""
+        sha256 = hashlib.sha256
+        with self.db.engine.connect() as connection:
+            head = connection.execute(
+                select(LogHead.size, LogHead.frontier, LogHead.root).where(LogHead.id == 1)
+            ).one()
+            size = int(head.size)
+            state = merkle.TreeState()
+            expected = 0
+            sql = _Statements.for_connection(connection)
+            for rows in _rows(connection, sql.check_leaves, (size,)):
+                hashes: list[bytes] = []
+                for index, body, stored in rows:
+                    if index != expected:
+                        return f"entry {expected} is missing from the database"
+                    leaf = sha256(b"\x00" + bytes(body)).digest()
+                    if stored is None or bytes(stored) != leaf:
+                        return f"entry {index} does not match the stored tree (its leaf hash)"
+                    hashes.append(leaf)
+                    expected += 1
+                state = merkle.fold(state, hashes)
+        if expected != size:
+            return f"entry {expected} is missing from the database"
+        stored_state = merkle.TreeState.from_bytes(bytes(head.frontier))
+        if stored_state != state or merkle.root(state) != bytes(head.root):
+            return (
+                f"the stored tree head does not match the {size} stored entries (the head or "
+                "the tree's nodes were altered)"
+            )
+        return None
 
     def entry(self, index: int) -> bytes:
         with self.db.engine.connect() as connection:

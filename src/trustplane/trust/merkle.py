@@ -222,6 +222,28 @@ def append(state: TreeState, leaf_hashes: Sequence[bytes]) -> tuple[TreeState, l
     return TreeState(size, tuple(stack)), nodes
 
 
+def fold(state: TreeState, leaf_hashes: Iterable[bytes]) -> TreeState:
+    """`append` without the nodes: only the new head, for recomputing a whole
+    tree from its leaves (an audit) at the speed of the hashing."""
+    stack = list(state.frontier)
+    size = state.size
+    sha256, pop, push = _sha256, stack.pop, stack.append
+    for h in leaf_hashes:
+        n = size
+        while n & 1:
+            h = sha256(b"\x01" + pop() + h).digest()
+            n >>= 1
+        push(h)
+        size += 1
+    return TreeState(size, tuple(stack))
+
+
+def leaf_hashes(bodies: Iterable[bytes]) -> list[bytes]:
+    """`leaf_hash` of each body."""
+    sha256 = _sha256
+    return [sha256(b"\x00" + body).digest() for body in bodies]
+
+
 def root(state: TreeState) -> bytes:
     """The tree head MTH, folded from the frontier (smallest subtree first)."""
     if not state.frontier:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import StreamingResponse
 
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden
@@ -30,6 +31,25 @@ def checkpoint(plane: Plane) -> Response:
 def key(plane: Plane) -> dict[str, str]:
     """The note verifier key (`name+hash+base64`) to pin for `trustplane log verify`."""
     return {"origin": plane.log.origin, "verifier_key": plane.log.signer.verifier_key()}
+
+
+@router.get(
+    "/entries",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def entries(
+    caller: Caller,
+    plane: Plane,
+    start: int = Query(ge=0, le=2**63 - 1),
+    end: int = Query(ge=1, le=2**63 - 1),
+) -> StreamingResponse:
+    """Entries [start, end), streamed for monitors: per entry a 4-byte
+    big-endian length, then the exact bytes of its leaf. An answer that ends
+    early means the log has no entry where it ends."""
+    _may_read(plane, caller)
+    frames = plane.log.entries(start, end)
+    return StreamingResponse(frames, media_type="application/octet-stream")
 
 
 @router.get("/entries/{index}")

@@ -15,14 +15,16 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz")
 def healthz(plane: Plane) -> dict[str, Any]:
-    """Liveness and readiness: the database answers; policy problems are reported."""
+    """Liveness and readiness: the database answers; policy problems and a
+    transparency log whose entries contradict its stored tree are reported."""
     with plane.db.engine.connect() as connection:
         connection.execute(text("SELECT 1"))
     size, _ = plane.log.head()
     plane.policy.current()  # re-reads a changed file, so a broken one is reported now
     return {
-        "status": "ok",
+        "status": "ok" if plane.log.damage is None else "degraded",
         "log_size": size,
+        "log_error": plane.log.damage,
         "kek": plane.kek.kind,
         "policy_error": plane.policy.error,
     }
