@@ -8,7 +8,9 @@ a CLI user sees the server's reason, not an HTTP trace.
 from __future__ import annotations
 
 import base64
+import struct
 from collections.abc import Iterator
+from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +278,8 @@ class ControlClient:
         return base64.b64decode(self.json("GET", f"/v1/log/entries/{index}")["body"])
 
     def log_entries(self, start: int, end: int) -> Iterator[list[bytes]]:
-        """The bodies of entries [start, end), in batches as they stream in.
+        """The bodies of entries [start, end), a chunk at a time as they stream in
+        (the server's `frame_entries` format).
 
         A clean answer that ends early stops early (the caller names the
         missing entry); one that breaks off is an UnavailableError.
@@ -289,18 +292,11 @@ class ControlClient:
                     r.read()
                     raise _error(r)
                 pending = b""
-                for chunk in r.iter_bytes(1 << 20):
-                    data = pending + chunk if pending else chunk
-                    bodies, position, size = [], 0, len(data)
-                    while position + 4 <= size:
-                        length = int.from_bytes(data[position : position + 4], "big")
-                        stop = position + 4 + length
-                        if stop > size:
-                            break
-                        bodies.append(data[position + 4 : stop])
-                        position = stop
-                    pending = data[position:]
-                    if bodies:
+                for piece in r.iter_bytes(1 << 20):
+                    pending = pending + piece if pending else piece
+                    while (chunk := _take_chunk(pending)) is not None:
+                        bodies, used = chunk
+                        pending = pending[used:]
                         yield bodies
                 if pending:
                     raise UnavailableError(f"control plane {self.url}: a log entry was cut off")
@@ -316,6 +312,21 @@ class ControlClient:
     def consistency_proof(self, old: int, new: int) -> list[bytes]:
         answer = self.json("GET", "/v1/log/proof/consistency", params={"old": old, "new": new})
         return [base64.b64decode(h) for h in answer["proof"]]
+
+
+def _take_chunk(data: bytes) -> tuple[list[bytes], int] | None:
+    """One whole chunk of the log's entries stream at the start of `data`:
+    (the bodies, the bytes it took), or None while it is incomplete."""
+    if len(data) < 4:
+        return None
+    (count,) = struct.unpack_from(">I", data)
+    header = 4 + 4 * count
+    if len(data) < header:
+        return None
+    offsets = list(accumulate(struct.unpack_from(f">{count}I", data, 4), initial=header))
+    if len(data) < offsets[-1]:
+        return None
+    return [data[a:b] for a, b in pairwise(offsets)], offsets[-1]
 
 
 def _error(response: httpx.Response) -> TrustplaneError:

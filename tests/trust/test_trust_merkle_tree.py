@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustplane.errors import MalformedError, NotFoundError, UsageError
+from trustplane.trust import merkle
 from trustplane.trust.merkle import (
     EMPTY_ROOT,
     MemoryNodeStore,
@@ -275,3 +276,20 @@ def test_root_of_is_the_rfc_definition_for_small_trees() -> None:
     assert root_of([a, b, c]) == node_hash(node_hash(a, b), c)
     assert leaf_hash(b"x") == hashlib.sha256(b"\x00x").digest()
     assert node_hash(a, b) == hashlib.sha256(b"\x01" + a + b).digest()
+
+
+@pytest.mark.parametrize("pieces", [[1], [5, 0, 3], [64, 1, 200], [7] * 40])
+def test_fold_gives_the_head_append_gives(pieces: list[int]) -> None:
+    """The audit's fast paths (head only) against the store's `append`."""
+    bodies = [b"leaf %d" % i for i in range(sum(pieces))]
+    hashes = [merkle.leaf_hash(b) for b in bodies]
+    folded = appended = by_body = merkle.TreeState()
+    start = 0
+    for n in pieces:
+        folded = merkle.fold(folded, hashes[start : start + n])
+        by_body = merkle.fold_leaves(by_body, bodies[start : start + n])
+        appended, _ = merkle.append(appended, hashes[start : start + n])
+        start += n
+        assert folded == appended == by_body
+    assert merkle.root(folded) == merkle.root_of(hashes)
+    assert merkle.leaf_hashes(bodies) == hashes

@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 import uuid
@@ -78,7 +78,7 @@ class _Statements:
     move_head: str
     mark: str
     read_leaves: str
-    check_leaves: str
+    read_leaf_nodes: str
 
     @classmethod
     @functools.cache
@@ -95,9 +95,8 @@ class _Statements:
             mark=mark,
             read_leaves=f'SELECT "index", body FROM log_leaves WHERE "index" >= {mark} '  # noqa: S608
             f'AND "index" < {mark} ORDER BY "index"',
-            check_leaves='SELECT l."index", l.body, n.hash FROM log_leaves l '  # noqa: S608
-            'LEFT JOIN log_nodes n ON n.level = 0 AND n."index" = l."index" '
-            f'WHERE l."index" < {mark} ORDER BY l."index"',
+            read_leaf_nodes=f'SELECT "index", hash FROM log_nodes WHERE level = 0 '  # noqa: S608
+            f'AND "index" >= {mark} AND "index" < {mark} ORDER BY "index"',
         )
 
     @classmethod
@@ -129,6 +128,30 @@ def _rows(connection: Connection, sql: str, params: tuple[Any, ...]) -> Iterator
             yield rows
     finally:
         cursor.close()
+
+
+def _contiguous(batches: Iterator[Sequence[Any]], start: int) -> Iterator[Sequence[Any]]:
+    """Batches of rows whose first column counts up from `start` without a
+    gap; at a gap, the rows before it and then nothing (the index column is
+    a primary key, read in order: first and last tell a batch has no gap)."""
+    expected = start
+    for rows in batches:
+        if rows[0][0] == expected and rows[-1][0] == expected + len(rows) - 1:
+            yield rows
+            expected += len(rows)
+            continue
+        cut = next(n for n, row in enumerate(rows) if row[0] != expected + n)
+        logger.error("transparency log: entry %d is missing", expected + cut)
+        if cut:
+            yield rows[:cut]
+        return
+
+
+def frame_entries(bodies: Sequence[bytes]) -> bytes:
+    """One chunk of the entries stream: the count (4 bytes, big-endian), each
+    body's length (4 bytes each), then the bodies back to back. Lengths first
+    keep the framing out of a per-entry loop on both sides."""
+    return struct.pack(f">I{len(bodies)}I", len(bodies), *map(len, bodies)) + b"".join(bodies)
 
 
 def _flat(rows: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -370,9 +393,9 @@ class TransparencyLog:
         return sign_checkpoint(Checkpoint(origin=self.origin, size=size, root=root), self.signer)
 
     def entries(self, start: int, end: int) -> Iterator[bytes]:
-        """Entries [start, end) framed for streaming: per entry a 4-byte
-        big-endian length, then the body. Ends early, cleanly, at the first
-        entry the database does not have (the reader names it)."""
+        """Entries [start, end), streamed in chunks (`frame_entries`). Ends
+        early, cleanly, at the first entry the database does not have (the
+        reader names it)."""
         size, _ = self.head()
         if not 0 <= start < end <= size or end - start > MAX_ENTRIES_PAGE:
             raise UsageError(
@@ -381,47 +404,45 @@ class TransparencyLog:
         return self._frames(start, end)
 
     def _frames(self, start: int, end: int) -> Iterator[bytes]:
-        expected = start
         with self.db.engine.connect() as connection:
             sql = _Statements.for_connection(connection)
-            for rows in _rows(connection, sql.read_leaves, (start, end)):
-                parts: list[bytes] = []
-                for index, body in rows:
-                    if index != expected:
-                        logger.error("transparency log: entry %d is missing", expected)
-                        yield b"".join(parts)
-                        return
-                    data = bytes(body)
-                    parts.append(len(data).to_bytes(4, "big"))
-                    parts.append(data)
-                    expected += 1
-                yield b"".join(parts)
+            for rows in _contiguous(_rows(connection, sql.read_leaves, (start, end)), start):
+                yield frame_entries([bytes(row[1]) for row in rows])
 
     def check_stored_tree(self) -> str | None:
         """Recompute every leaf hash from the stored entries and the head from
-        them; the first disagreement with the stored tree, or None."""
-        sha256 = hashlib.sha256
+        them; the first disagreement with the stored tree, or None.
+
+        Entries and leaf nodes are read as two ordered streams side by side
+        (a join costs three times as much), compared a batch at a time.
+        """
         with self.db.engine.connect() as connection:
             head = connection.execute(
                 select(LogHead.size, LogHead.frontier, LogHead.root).where(LogHead.id == 1)
             ).one()
             size = int(head.size)
-            state = merkle.TreeState()
-            expected = 0
             sql = _Statements.for_connection(connection)
-            for rows in _rows(connection, sql.check_leaves, (size,)):
-                hashes: list[bytes] = []
-                for index, body, stored in rows:
-                    if index != expected:
-                        return f"entry {expected} is missing from the database"
-                    leaf = sha256(b"\x00" + bytes(body)).digest()
-                    if stored is None or bytes(stored) != leaf:
-                        return f"entry {index} does not match the stored tree (its leaf hash)"
-                    hashes.append(leaf)
-                    expected += 1
+            leaves = _contiguous(_rows(connection, sql.read_leaves, (0, size)), 0)
+            nodes = _contiguous(_rows(connection, sql.read_leaf_nodes, (0, size)), 0)
+            state, done, stored_hashes = merkle.TreeState(), 0, b""
+            for rows in leaves:
+                hashes = merkle.leaf_hashes([bytes(row[1]) for row in rows])
+                while len(stored_hashes) < 32 * len(hashes):
+                    batch = next(nodes, None)
+                    if batch is None:
+                        break
+                    stored_hashes += b"".join(bytes(row[1]) for row in batch)
+                joined = b"".join(hashes)
+                if stored_hashes[: len(joined)] != joined:
+                    for offset, leaf in enumerate(hashes):
+                        if stored_hashes[32 * offset : 32 * offset + 32] != leaf:
+                            index = done + offset
+                            return f"entry {index} does not match the stored tree (its leaf hash)"
+                stored_hashes = stored_hashes[len(joined) :]
                 state = merkle.fold(state, hashes)
-        if expected != size:
-            return f"entry {expected} is missing from the database"
+                done += len(hashes)
+        if done != size:
+            return f"entry {done} is missing from the database"
         stored_state = merkle.TreeState.from_bytes(bytes(head.frontier))
         if stored_state != state or merkle.root(state) != bytes(head.root):
             return (

@@ -20,7 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from trustplane.trust.merkle import TreeState, fold, leaf_hashes, root, verify_consistency
+from trustplane.trust.merkle import (
+    TreeState,
+    fold,
+    fold_leaves,
+    leaf_hashes,
+    root,
+    verify_consistency,
+)
 
 STRIDE = 1 << 16
 """Leaves between two kept heads of the rebuilt tree (the bisection's last step)."""
@@ -50,7 +57,7 @@ class Audit:
 
 
 class _Rebuild:
-    """The tree, rebuilt from leaf hashes, with its head kept every STRIDE
+    """The tree, rebuilt from the entries, with its head kept every STRIDE
     leaves and at the sizes in `marks`."""
 
     def __init__(self, marks: Iterable[int]) -> None:
@@ -58,17 +65,20 @@ class _Rebuild:
         self.kept: dict[int, TreeState] = {0: self.state}
         self.marks = sorted(set(marks))
 
-    def add(self, hashes: Sequence[bytes]) -> None:
+    def add(self, bodies: Sequence[bytes]) -> None:
         position = 0
-        while position < len(hashes):
+        while position < len(bodies):
             size = self.state.size
             boundary = (size // STRIDE + 1) * STRIDE
             for mark in self.marks:
                 if mark > size:
                     boundary = min(boundary, mark)
                     break
-            take = min(len(hashes) - position, boundary - size)
-            self.state = fold(self.state, hashes[position : position + take])
+            take = min(len(bodies) - position, boundary - size)
+            if position == 0 and take == len(bodies):
+                self.state = fold_leaves(self.state, bodies)
+            else:
+                self.state = fold_leaves(self.state, bodies[position : position + take])
             position += take
             if self.state.size == boundary:
                 self.kept[boundary] = self.state
@@ -91,7 +101,7 @@ def audit(
         for batch in entries(start, end):
             if done + len(batch) > end:
                 return Audit(size, b"", Finding(end, f"the log sent more entries than {end}"))
-            rebuild.add(leaf_hashes(batch))
+            rebuild.add(batch)
             done += len(batch)
             if progress is not None:
                 progress(done)

@@ -44,9 +44,10 @@ def entries(
     start: int = Query(ge=0, le=2**63 - 1),
     end: int = Query(ge=1, le=2**63 - 1),
 ) -> StreamingResponse:
-    """Entries [start, end), streamed for monitors: per entry a 4-byte
-    big-endian length, then the exact bytes of its leaf. An answer that ends
-    early means the log has no entry where it ends."""
+    """Entries [start, end), streamed for monitors, in chunks: the number of
+    entries n (4 bytes, big-endian), n lengths (4 bytes each), then the n
+    entries' exact bytes back to back. An answer that ends early means the
+    log has no entry where it ends."""
     _may_read(plane, caller)
     frames = plane.log.entries(start, end)
     return StreamingResponse(frames, media_type="application/octet-stream")
