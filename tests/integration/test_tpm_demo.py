@@ -1,6 +1,6 @@
 """The demo's TPM scene (cli/demo_tpm.py) with the session's dockerd and TLS registry:
 an attested node runs the image with `trustplane run`, a node that measured a
-tampered layer gets nothing."""
+tampered layer gets nothing, and root's attempt to wipe that is refused."""
 
 from __future__ import annotations
 
@@ -90,8 +90,15 @@ def test_the_tpm_scene_runs_on_the_attested_node_and_refuses_the_tampered_one(
     )
     assert ("output", f"secret: {secret}") in said
     refusals = [text for label, text in said if label == "tpm-node-2" and "refused" in text]
-    assert len(refusals) == 2
+    assert len(refusals) == 3
     assert "refused: measurement: layer 2 of" in refusals[0]
     assert "refused: attestation: " in refusals[1]
-    assert len(proved) == 2
+    assert "refused: attestation: " in refusals[2]
+    assert "quarantined" in refusals[2]
+    root = [text for label, text in said if label == "root"]
+    assert root[0].startswith("tpm2_pcrreset 13: refused by the TPM")
+    assert "locality" in root[0]
+    wiped = [text for label, text in said if label == "tpm-node-2" and "agent --once" in text]
+    assert "tampering: the event log holds 0 events" in wiped[-1]
+    assert len(proved) == 3
     assert not docker_client.containers.list(all=True, filters={"name": "demo-zero-trust"})

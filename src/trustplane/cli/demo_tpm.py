@@ -1,20 +1,26 @@
 """The demo's TPM scene: zero-trust start with `trustplane run` on a software TPM.
 
-swtpm stands in for the node's TPM. The publisher signs the image (cosign's
-format); the policy releases its layer keys only to freshly attested nodes.
+swtpm stands in for each node's TPM (one per node). The publisher signs the
+image (cosign's format); the policy releases its layer keys only to freshly
+attested nodes.
 
 - An attested node (`trustplane agent --once`, then `trustplane run`)
-  measures the layers into PCR 23, attests, gets the keys through the KMS
+  measures the layers into PCR 13, attests, gets the keys through the KMS
   and runs the image: the container reads the secret.
 - A second node is handed a signed image whose secret layer is not the one
   registered at publication: `trustplane run` refuses it by name, the
-  measurement stays in the node's PCR, and from then on the node gets
-  nothing: not even the genuine image, not even a layer key from the KMS.
+  measurement stays in the node's PCR, the verifier quarantines the node,
+  and from then on it gets nothing: not even the genuine image.
+- Root on that node tries to wipe the record: `tpm2_pcrreset 13` (the TPM
+  refuses: only a reboot resets PCRs 0-15) and deleting the agent's event
+  log (the verifier remembers the longer log of this boot: tampering). The
+  node still gets nothing; only an administrator's logged clear would help.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,18 +70,11 @@ class Scene:
 def tpm_scene(scene: Scene, say: Say, proved: Callable[[str], None]) -> None:
     """Run the scene; raises IntegrityError when something is not as shown."""
     scene.work.mkdir(parents=True, exist_ok=True)
-    swtpm = start_swtpm(scene.work / "swtpm")
-    try:
-        say("swtpm", f"software TPM 2.0 at {swtpm.tcti} (production: device:/dev/tpmrm0)")
-        with scene.control.admin() as admin:
-            _play(scene, admin, swtpm.tcti, say, proved)
-    finally:
-        swtpm.stop()
+    with scene.control.admin() as admin:
+        _play(scene, admin, say, proved)
 
 
-def _play(
-    scene: Scene, admin: ControlClient, tcti: str, say: Say, proved: Callable[[str], None]
-) -> None:
+def _play(scene: Scene, admin: ControlClient, say: Say, proved: Callable[[str], None]) -> None:
     signer = generate_signing_key("ecdsa-p256")
     public = scene.work / "cosign.pub"
     public.write_bytes(signer.public.public_pem())
@@ -96,7 +95,16 @@ def _play(
     say("policy", "nodes tpm-* get the layer keys only when attested, and may start it")
 
     # An attested node runs the image.
-    good = _Node(scene, admin, tcti, "tpm-node-1")
+    with _Node(scene, admin, "tpm-node-1") as good:
+        say("swtpm", f"{good.name}'s TPM: {good.tcti} (production: device:/dev/tpmrm0)")
+        _run_genuine(scene, good, public, say, proved)
+    with _Node(scene, admin, "tpm-node-2") as bad:
+        _run_tampered(scene, admin, bad, signer, public, say, proved)
+
+
+def _run_genuine(
+    scene: Scene, good: _Node, public: Path, say: Say, proved: Callable[[str], None]
+) -> None:
     say(good.name, good.agent_once())
     started = good.run(scene.published, public, "demo-zero-trust")
     if started.returncode != 0:
@@ -109,13 +117,22 @@ def _play(
     if scene.secret not in output:
         raise IntegrityError("the attested node did not get the secret layer")
     proved(
-        "signature, reference measurements, a fresh TPM quote with the layers in PCR 23 "
+        "signature, reference measurements, a fresh TPM quote with the layers in PCR 13 "
         "and the policy all agreed before the container started"
     )
 
-    # A signed image whose secret layer is not the registered one.
+
+def _run_tampered(
+    scene: Scene,
+    admin: ControlClient,
+    bad: _Node,
+    signer: SigningKey,
+    public: Path,
+    say: Say,
+    proved: Callable[[str], None],
+) -> None:
+    """A signed image whose secret layer is not the registered one, then root's wipe."""
     tampered = _publish_tampered(scene, admin, signer)
-    bad = _Node(scene, admin, tcti, "tpm-node-2")
     say(bad.name, bad.agent_once())
     refused = bad.run(tampered, public, "demo-zero-trust-tampered")
     reason = _refusal(refused, "measurement")
@@ -131,14 +148,44 @@ def _play(
         raise IntegrityError("a refused start left a container behind")
     proved(
         "the node that measured a tampered layer gets nothing: its PCR keeps the "
-        "measurement, its quotes fail, and without a passing quote the KMS releases no key"
+        "measurement, the verifier quarantines it, and the KMS releases no key"
+    )
+
+    # Root on the node tries to wipe the record.
+    reset = subprocess.run(
+        ["tpm2_pcrreset", "13"],
+        env={**os.environ, "TPM2TOOLS_TCTI": bad.tcti},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if reset.returncode == 0:
+        raise IntegrityError("tpm2_pcrreset reset the measurement PCR")
+    refusal = next((line for line in reset.stderr.splitlines() if "locality" in line), "")
+    say("root", f"tpm2_pcrreset 13: refused by the TPM ({refusal.strip() or 'error'})")
+    (bad.state / "event-log.json").unlink()
+    say("root", f"rm {bad.state / 'event-log.json'}")
+    wiped = _trustplane("agent", *bad.args, "--once")
+    if wiped.returncode == 0 or "tampering" not in wiped.stdout:
+        raise IntegrityError(f"the wiped node attested: {wiped.stdout.strip()}")
+    say(bad.name, f"trustplane agent --once: {_short(wiped.stdout.strip().split(': ', 1)[-1])}")
+    after = bad.run(scene.published, public, "demo-zero-trust-wiped")
+    say(bad.name, f"then the genuine image: refused: {_refusal(after, 'attestation')}")
+    proved(
+        "a wipe is refused: PCR 13 resets only with a reboot, and the verifier remembers "
+        "the event log of this boot, so a shorter one is tampering; the quarantine lasts "
+        "until an administrator clears it (trustplane node clear), logged"
     )
 
 
 class _Node:
-    def __init__(self, scene: Scene, admin: ControlClient, tcti: str, name: str) -> None:
+    """A node with its own TPM (swtpm), key and state directory."""
+
+    def __init__(self, scene: Scene, admin: ControlClient, name: str) -> None:
         self.scene = scene
         self.name = name
+        self.state = scene.work / f"{name}-state"
         key = ec.generate_private_key(ec.SECP256R1())
         self.key_file = scene.work / f"{name}.key"
         atomic_write(
@@ -147,6 +194,8 @@ class _Node:
             mode=0o600,
         )
         admin.register_node(name, "host", jwk.JWK.from_pyca(key).export_to_pem().decode())
+        self.swtpm = start_swtpm(scene.work / f"{name}-tpm")
+        self.tcti = self.swtpm.tcti
         self.args = [
             "--server",
             scene.control.url,
@@ -157,10 +206,16 @@ class _Node:
             "--node-key",
             str(self.key_file),
             "--tpm",
-            tcti,
+            self.tcti,
             "--state-dir",
-            str(scene.work / f"{name}-state"),
+            str(self.state),
         ]
+
+    def __enter__(self) -> _Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.swtpm.stop()
 
     def agent_once(self) -> str:
         result = _trustplane("agent", *self.args, "--once")
@@ -222,7 +277,10 @@ def _refusal(result: subprocess.CompletedProcess[str], check: str) -> str:
     prefix = f"trustplane: error: {check}: "
     if result.returncode == 0 or not line.startswith(prefix):
         raise IntegrityError(f"expected a refusal by the {check} check, got: {line or 'a start'}")
-    text = line.removeprefix("trustplane: error: ")
+    return _short(line.removeprefix("trustplane: error: "))
+
+
+def _short(text: str) -> str:
     return text if len(text) < 200 else text[:197] + "..."
 
 
