@@ -22,7 +22,7 @@ MANIFEST = "sha256:" + "ab" * 32
 
 
 def event(data: bytes, layer: int = 0, kind: str = "diff_id") -> Event:
-    return Event(23, "sha256:" + hashlib.sha256(data).hexdigest(), "repo", MANIFEST, layer, kind)
+    return Event(13, "sha256:" + hashlib.sha256(data).hexdigest(), "repo", MANIFEST, layer, kind)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_public_area_parsing_is_strict(rsa_ek: rsa.RSAPrivateKey) -> None:
 
 
 class SoftTpm:
-    """A restricted ECDSA AK in software, quoting PCR 23."""
+    """A restricted ECDSA AK in software, quoting PCR 13."""
 
     def __init__(self, attrs: int = AK_ATTRS) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -107,7 +107,7 @@ class SoftTpm:
 
     def quote(self, nonce: bytes, events: list[Event]) -> tuple[bytes, bytes]:
         values = replay(events)
-        body = attest(self.name, nonce, [values.get(23, bytes(32))])
+        body = attest(self.name, nonce, [values.get(13, bytes(32))])
         return body, sign(self.key, body)
 
 
@@ -116,7 +116,7 @@ def test_a_good_quote_verifies_and_replays() -> None:
     events = [event(b"a"), event(b"b", 1)]
     nonce = os.urandom(32)
     body, signature = soft.quote(nonce, events)
-    verified = verify_quote(soft.public, body, signature, nonce, events, (23,))
+    verified = verify_quote(soft.public, body, signature, nonce, events, (13,))
     assert verified.quote.extra_data == nonce
     value = extend(extend(bytes(32), events[0].digest), events[1].digest)
     assert verified.quote.pcr_digest == hashlib.sha256(value).digest()
@@ -140,7 +140,7 @@ def test_a_wrong_quote_fails(fault: str, message: str) -> None:
     events = [event(b"a")]
     nonce = os.urandom(32)
     body, signature = soft.quote(nonce, events)
-    given_nonce, given_events, pcrs, public = nonce, events, (23,), soft.public
+    given_nonce, given_events, pcrs, public = nonce, events, (13,), soft.public
     if fault == "nonce":
         given_nonce = os.urandom(32)
     elif fault == "log":
@@ -150,10 +150,10 @@ def test_a_wrong_quote_fails(fault: str, message: str) -> None:
     elif fault == "signer":
         public = SoftTpm().public
     elif fault == "pcrs":
-        pcrs = (16, 23)
+        pcrs = (12, 13)
     elif fault == "stray":
         given_events = [*events, Event(16, events[0].digest, "repo", MANIFEST, 0, "blob")]
-        pcrs = (23,)
+        pcrs = (13,)
     elif fault == "truncated":
         body = body[:-3]
         signature = sign(soft.key, body)
@@ -171,14 +171,14 @@ def test_an_ak_without_its_attributes_is_refused(missing: int) -> None:
     nonce = os.urandom(32)
     body, signature = soft.quote(nonce, [])
     with pytest.raises(IntegrityError, match="lacks the attributes"):
-        verify_quote(soft.public, body, signature, nonce, [], (23,))
+        verify_quote(soft.public, body, signature, nonce, [], (13,))
 
 
 def test_garbage_fails_closed() -> None:
     soft = SoftTpm()
     for body, signature in [(b"", b""), (os.urandom(200), os.urandom(70)), (b"\xff" * 50, b"")]:
         with pytest.raises(TrustplaneError):
-            verify_quote(soft.public, body, signature, b"n", [], (23,))
+            verify_quote(soft.public, body, signature, b"n", [], (13,))
 
 
 def test_event_log_entries_are_validated() -> None:
@@ -189,7 +189,7 @@ def test_event_log_entries_are_validated() -> None:
         {**good, "digest": "sha256:00"},
         {**good, "kind": "other"},
         {**good, "layer": -1},
-        {"pcr": 23},
+        {"pcr": 13},
         "string",
     ]:
         with pytest.raises(MalformedError):

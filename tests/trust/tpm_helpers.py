@@ -68,7 +68,7 @@ def attest(
     signer_name: bytes,
     nonce: bytes,
     pcr_values: list[bytes],
-    pcrs: tuple[int, ...] = (23,),
+    pcrs: tuple[int, ...] = (13,),
     *,
     clock: int = 1000,
     reset_count: int = 1,
