@@ -3,7 +3,7 @@
 Starts its own swtpm and `trustplane server` (SQLite) on 127.0.0.1, with a
 policy that releases image layer keys to `node:bench` only when attested.
 The node enrols (MakeCredential on the server, ActivateCredential in
-swtpm), measures a registered two-layer image into PCR 23, and then, for
+swtpm), measures a registered two-layer image into PCR 13, and then, for
 each round:
 
     GET /v1/attestation/nonce -> TPM2_Quote (swtpm) -> POST /v1/attestation/quote
@@ -151,7 +151,7 @@ def run(
     print(f"  goal p50 <= 50 ms: {'met' if p50 <= 50 else 'NOT met'}")
 
     def verify() -> None:
-        verify_quote(ak_public, quote.attest, quote.signature, nonce, events, (23,))
+        verify_quote(ak_public, quote.attest, quote.signature, nonce, events, (attester.pcr,))
 
     verify()
     rate = throughput(verify, args.seconds)
