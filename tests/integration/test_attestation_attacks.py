@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.errors import ExitCode
+from trustplane.tools import Executor, ToolResult
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +158,10 @@ def spoil(
     return start
 
 
-def pcrreset(swtpm: RunningSwtpm, pcr: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["tpm2_pcrreset", str(pcr)],
-        env={**os.environ, "TPM2TOOLS_TCTI": swtpm.tcti},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+def pcrreset(swtpm: RunningSwtpm, pcr: int) -> ToolResult:
+    """What root runs: tpm2_pcrreset (tpm2-tools) on the node's TPM."""
+    return Executor(timeout=60).run(
+        ["tpm2_pcrreset", str(pcr)], env={"TPM2TOOLS_TCTI": swtpm.tcti}, check=False
     )
 
 
@@ -186,7 +182,7 @@ def test_resetting_a_pcr_after_a_mismatch_gets_nothing(
     assert pcrreset(swtpm, 23).returncode == 0  # resettable, and holds nothing of ours
     refused = pcrreset(swtpm, 13)
     assert refused.returncode != 0
-    assert "bad locality" in refused.stderr
+    assert b"bad locality" in refused.stderr
     printed = agent_once(plane, swtpm, node)
     assert "measured diff_id" in printed
     assert "quarantined" in printed

@@ -20,7 +20,6 @@ attested nodes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from trustplane.images.sign import sign_image
 from trustplane.oci import reference
 from trustplane.oci.layout import atomic_write
 from trustplane.oci.transport import Endpoint
+from trustplane.tools import Executor
 
 Say = Callable[[str, str], None]
 TAMPERED_APP = "trustplane/demo-app:tampered"
@@ -152,17 +152,13 @@ def _run_tampered(
     )
 
     # Root on the node tries to wipe the record.
-    reset = subprocess.run(
-        ["tpm2_pcrreset", "13"],
-        env={**os.environ, "TPM2TOOLS_TCTI": bad.tcti},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    reset = Executor(timeout=60).run(
+        ["tpm2_pcrreset", "13"], env={"TPM2TOOLS_TCTI": bad.tcti}, check=False
     )
     if reset.returncode == 0:
         raise IntegrityError("tpm2_pcrreset reset the measurement PCR")
-    refusal = next((line for line in reset.stderr.splitlines() if "locality" in line), "")
+    lines = reset.stderr.decode(errors="replace").splitlines()
+    refusal = next((line for line in lines if "locality" in line), "")
     say("root", f"tpm2_pcrreset 13: refused by the TPM ({refusal.strip() or 'error'})")
     (bad.state / "event-log.json").unlink()
     say("root", f"rm {bad.state / 'event-log.json'}")
