@@ -158,7 +158,11 @@ class Attester:
             log = EventLog(path, self.pcr, boot)
             log.save()
         last = log.events[-1] if log.events else None
-        if last is not None and replay(log.events[:-1]).get(self.pcr, bytes(32)) == value:
+        if (
+            last is not None
+            and last.pcr == self.pcr
+            and replay(log.events[:-1]).get(self.pcr, bytes(32)) == value
+        ):
             # `record` logs before it extends: a crash in between left the
             # last event logged but not extended. Finish that extension.
             logger.info("completing the extension of PCR %d that a crash interrupted", self.pcr)

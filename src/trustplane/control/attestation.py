@@ -421,7 +421,7 @@ class Verifier:
         try:
             check_event_log(signed, events, pcrs)
         except TrustplaneError as exc:
-            return _Outcome(failure=f"{exc} (the log does not explain the PCR)", sticky=True), seen
+            return _Outcome(failure=str(exc), sticky=True), seen
         # The log is proven: it is the boot's record now, mismatches included.
         measured, mismatch = self._check_references(events, record.reviewed)
         if mismatch is not None:
