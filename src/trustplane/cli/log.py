@@ -148,13 +148,15 @@ def audit_entries(
     """Fetch entries [0, size), recompute the tree, hold it to `root` (signed)
     and to `seen` (verified before); IntegrityError naming what does not fit."""
     started = time.monotonic()
-    with Progress(
+    console = Console(stderr=True)
+    with Progress(  # on a terminal only, and gone when done: stderr keeps one error line
         TextColumn("[bold]auditing the log"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=size < _AUDIT_BAR,
+        console=console,
+        transient=True,
+        disable=size < _AUDIT_BAR or not console.is_terminal,
     ) as progress:
         task = progress.add_task("entries", total=size)
         result = log_audit.audit(
