@@ -19,25 +19,11 @@ import httpx
 from trustplane.ca_bundle import client_context
 from trustplane.errors import (
     AuthError,
-    DecryptionKeyError,
-    Forbidden,
-    IntegrityError,
-    MalformedError,
     NotFoundError,
     TrustplaneError,
     UnavailableError,
-    UsageError,
+    error_from_http,
 )
-
-_ERRORS: dict[int, type[TrustplaneError]] = {
-    400: UsageError,
-    401: AuthError,
-    403: Forbidden,
-    404: NotFoundError,
-    409: IntegrityError,
-    422: MalformedError,
-    503: UnavailableError,
-}
 
 
 class ControlClient:
@@ -330,11 +316,9 @@ def _take_chunk(data: bytes) -> tuple[list[bytes], int] | None:
 
 
 def _error(response: httpx.Response) -> TrustplaneError:
+    """The error table's class for an error answer (errors.py), with the server's message."""
     try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = f"HTTP {response.status_code}"
-    kind = _ERRORS.get(response.status_code, UnavailableError)
-    if response.status_code == 403 and "no recipient key" in message:
-        kind = DecryptionKeyError
-    return kind(f"control plane: {message}")
+        body = response.json()
+    except ValueError:
+        body = None
+    return error_from_http(response.status_code, body, "control plane")

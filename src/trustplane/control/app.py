@@ -44,15 +44,11 @@ from trustplane.control.routers import (
 )
 from trustplane.control.service import ControlPlane
 from trustplane.errors import (
-    AuthError,
-    DecryptionKeyError,
-    Forbidden,
-    IntegrityError,
     MalformedError,
     NotFoundError,
     TrustplaneError,
-    UnavailableError,
     UsageError,
+    error_body,
 )
 
 logger = logging.getLogger("trustplane.server")
@@ -63,17 +59,6 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
-
-_STATUS: list[tuple[type[TrustplaneError], int]] = [
-    (Forbidden, 403),
-    (AuthError, 401),
-    (NotFoundError, 404),
-    (DecryptionKeyError, 403),
-    (UsageError, 400),
-    (MalformedError, 422),
-    (IntegrityError, 409),
-    (UnavailableError, 503),
-]
 
 
 async def _expire_silent_nodes(plane: ControlPlane) -> None:
@@ -97,7 +82,11 @@ async def _read_revocations(plane: ControlPlane) -> None:
             logger.error("reading revocations failed: %s", type(exc).__name__)
 
 
-_FRAMEWORK_ERRORS = {400: "MalformedError", 404: "NotFoundError", 405: "UsageError"}
+_FRAMEWORK_ERRORS: dict[int, type[TrustplaneError]] = {
+    400: MalformedError,  # a body that does not parse
+    404: NotFoundError,
+    405: UsageError,
+}
 
 
 def describe_invalid(errors: Sequence[Any], shown: int = 3) -> str:
@@ -156,28 +145,25 @@ def create_app(plane: ControlPlane) -> FastAPI:
 
     @app.exception_handler(TrustplaneError)
     async def expected(_: Request, exc: TrustplaneError) -> JSONResponse:
-        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+        status = exc.http_status
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(
-            {"error": {"type": type(exc).__name__, "message": str(exc)}},
-            status_code=status,
-            headers=headers,
-        )
+        return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            {"error": {"type": "MalformedError", "message": describe_invalid(exc.errors())}},
-            status_code=422,
+            error_body(MalformedError(describe_invalid(exc.errors()))),
+            status_code=MalformedError.http_status,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def framework(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # The framework's own answers (an unparsable body, an unknown route or
         # method) get the same error shape as ours.
-        kind = _FRAMEWORK_ERRORS.get(exc.status_code, "HTTPError")
+        kind = _FRAMEWORK_ERRORS.get(exc.status_code)
+        name = kind.error_type if kind is not None else "HTTPError"
         return JSONResponse(
-            {"error": {"type": kind, "message": str(exc.detail)}},
+            {"error": {"type": name, "message": str(exc.detail)}},
             status_code=exc.status_code,
             headers=exc.headers,
         )
@@ -191,16 +177,11 @@ def create_app(plane: ControlPlane) -> FastAPI:
         logger.info(
             "unstorable value on %s %s: %s", request.method, request.url.path, type(exc).__name__
         )
-        return JSONResponse(
-            {
-                "error": {
-                    "type": "MalformedError",
-                    "message": "the request holds a value that cannot be stored (a NUL "
-                    "character, an unpaired surrogate, or a number or text out of range)",
-                }
-            },
-            status_code=422,
+        refusal = MalformedError(
+            "the request holds a value that cannot be stored (a NUL character, an "
+            "unpaired surrogate, or a number or text out of range)"
         )
+        return JSONResponse(error_body(refusal), status_code=refusal.http_status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -208,7 +189,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
             "internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__
         )
         return JSONResponse(
-            {"error": {"type": "InternalError", "message": "internal error"}}, status_code=500
+            error_body(TrustplaneError("internal error")), status_code=TrustplaneError.http_status
         )
 
     app.add_middleware(_Measure)

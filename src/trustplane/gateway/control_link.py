@@ -27,11 +27,10 @@ from jwcrypto import jwk, jwt
 
 from trustplane.errors import (
     AuthError,
-    Forbidden,
     MalformedError,
-    NotFoundError,
     TrustplaneError,
     UnavailableError,
+    error_from_http,
 )
 
 WHOAMI_TTL = 30.0
@@ -305,14 +304,10 @@ def _signing_alg(key: jwk.JWK) -> str:
 
 
 def _error(response: httpx.Response) -> TrustplaneError:
+    """The error table's class for an error answer (errors.py): a 400 or 409 is
+    the control plane refusing the question, not the control plane being down."""
     try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = f"HTTP {response.status_code}"
-    kind: type[TrustplaneError] = {
-        401: AuthError,
-        403: Forbidden,
-        404: NotFoundError,
-        422: MalformedError,
-    }.get(response.status_code, UnavailableError)
-    return kind(f"control plane: {message}")
+        body = response.json()
+    except ValueError:
+        body = None
+    return error_from_http(response.status_code, body, "control plane")

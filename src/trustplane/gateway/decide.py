@@ -37,7 +37,6 @@ from trustplane.errors import (
     MalformedError,
     NotFoundError,
     TrustplaneError,
-    UnavailableError,
 )
 from trustplane.gateway.actions import Classified, classify
 from trustplane.gateway.control_link import Caller, ControlLink
@@ -82,20 +81,16 @@ class Verdict:
     """The control plane logged this decision itself (`/v1/authorize`)."""
 
 
-_STATUS: dict[type[TrustplaneError], int] = {
-    AuthError: 401,
-    Forbidden: 403,
-    NotFoundError: 404,
-    MalformedError: 400,
-    UnavailableError: 503,
-}
-
-
 def _status(error: TrustplaneError) -> int:
-    for kind in type(error).__mro__:
-        if kind in _STATUS:
-            return _STATUS[kind]
-    return 403
+    """The status of a refusal, from the error table (errors.py), in the Docker
+    Engine API's terms: it answers bad input with 400 (it has no 422), and a
+    refusal is never a server error except "unavailable" (fail closed: 403)."""
+    status = error.http_status
+    if status == 422:
+        return 400
+    if status >= 500 and status != 503:
+        return 403
+    return status
 
 
 class Gatekeeper:
