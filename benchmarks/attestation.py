@@ -39,6 +39,7 @@ from jwcrypto import jwk
 
 from trustplane.agent.attester import Attester, Layer
 from trustplane.agent.tpm import Tpm
+from trustplane.api.images import LayerRecord
 from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
@@ -93,7 +94,7 @@ def run(
 ) -> None:
     admin = plane.admin()
     recipient = load_recipient_key(
-        admin.create_recipient("bench-images")["public_key"].encode(), "recipient"
+        admin.create_recipient("bench-images").public_key.encode(), "recipient"
     )
     layers = [Layer(i, digest(b"blob%d" % i), digest(b"diff%d" % i)) for i in range(2)]
     manifest = digest(b"manifest")
@@ -101,7 +102,7 @@ def run(
         REPOSITORY,
         manifest,
         [
-            {"index": x.index, "digest": x.blob, "encrypted": True, "diff_id": x.diff_id}
+            LayerRecord(index=x.index, digest=x.blob, encrypted=True, diff_id=x.diff_id)
             for x in layers
         ],
     )
@@ -128,7 +129,7 @@ def run(
             if not verdict.passed:
                 raise SystemExit(f"attestation failed: {verdict.reason}")
             answer = node.unwrap(annotation, transport_public.decode())
-            payload = keywrap.unwrap(answer["jwe"], [transport_key], "bench")
+            payload = keywrap.unwrap(answer.jwe, [transport_key], "bench")
             if payload is None or PrivateOptions.from_json(payload) != option:
                 raise SystemExit("the released key is not the layer's")
 

@@ -77,6 +77,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustplane.api.images import LayerRecord
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
@@ -219,13 +220,13 @@ def prepare(plane: RunningControlPlane) -> Fixture:
 
     digest = "sha256:" + hashlib.sha256(os.urandom(32)).hexdigest()
     options = PrivateOptions(symkey=os.urandom(32), nonce=os.urandom(16), digest=digest)
-    to_kms = load_recipient_key(recipient["public_key"].encode(), "kms:bench-recipient")
+    to_kms = load_recipient_key(recipient.public_key.encode(), "kms:bench-recipient")
     jwe = keywrap.wrap(options.to_json(), [to_kms])
     annotation = base64.b64encode(jwe.encode()).decode()
     client.register_image(
         REPOSITORY,
         "sha256:" + hashlib.sha256(b"manifest").hexdigest(),
-        [{"index": 0, "digest": digest, "encrypted": True, "diff_id": None}],
+        [LayerRecord(index=0, digest=digest, encrypted=True)],
     )
     transport = ec.generate_private_key(ec.SECP256R1())
     transport_pem = (
@@ -235,7 +236,7 @@ def prepare(plane: RunningControlPlane) -> Fixture:
     )
 
     # Each operation answers correctly once before it is measured.
-    check(client.secret_payload(secret["id"]) == payload, "the payload differs")
+    check(client.secret_payload(secret.id) == payload, "the payload differs")
     answer = client.unwrap(annotation, transport_pem)
     transport_private = load_unwrap_key(
         transport.private_bytes(
@@ -245,19 +246,19 @@ def prepare(plane: RunningControlPlane) -> Fixture:
         ),
         "transport key",
     )
-    opened = keywrap.unwrap(answer["jwe"], [transport_private], "unwrap answer")
+    opened = keywrap.unwrap(answer.jwe, [transport_private], "unwrap answer")
     check(opened is not None, "the unwrap answer does not open with the transport key")
     assert opened is not None
     check(PrivateOptions.from_json(opened) == options, "the unwrap answer differs")
     decision = client.authorize("image.pull", f"image:{REPOSITORY}")
-    check(decision["decision"] == "allow", f"authorize answers {decision}")
+    check(decision.decision == "allow", f"authorize answers {decision}")
     client.close()
 
     return Fixture(
         plane,
         client.token,
         {
-            "payload": Request("GET", f"/v1/secrets/{secret['id']}/payload", ""),
+            "payload": Request("GET", f"/v1/secrets/{secret.id}/payload", ""),
             "unwrap": Request(
                 "POST",
                 "/v1/unwrap",

@@ -230,7 +230,7 @@ def main() -> None:
             admin.register_node(node, "gateway", public.decode())
             created = admin.create_user(f"bench-op-{os.getpid()}", "operator")
         with plane.client() as client:
-            token = client.login(created["name"], created["password"])["access_token"]
+            token = client.login(created.name, created.password).access_token
         config_dir = work / "docker-config"
         config_dir.mkdir()
         (config_dir / "config.json").write_text(

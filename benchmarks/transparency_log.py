@@ -256,13 +256,13 @@ def audit(entries: int) -> None:
             plane = start_control_plane(work / "server", data_dir=data, admin_password=password)
             try:
                 with plane.admin() as admin:
-                    health = admin.json("GET", "/healthz")
-                assert health["log_size"] >= size
-                assert health["log_error"] is None
+                    health = admin.health()
+                assert health.log_size >= size
+                assert health.log_error is None
                 seconds, rate, peak = run_audit(plane, work)
             finally:
                 plane.stop()
-            total = health["log_size"]
+            total = health.log_size
             print(
                 f"audit of {total:,} entries (log filled in {filled:.0f} s): "
                 f"{total / seconds:,.0f} entries/s end to end ({seconds:.1f} s, CLI start "

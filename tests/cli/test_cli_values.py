@@ -1,14 +1,15 @@
 """The CLI refuses, before any request, exactly the values the control plane
-would: its choices are the server's (control/routers), checked here so that
-the two cannot drift apart."""
+would: its choices are the server's (the API's models, trustplane.api), checked
+here so that the two cannot drift apart."""
 
 from __future__ import annotations
 
 from typing import Any, get_args
 
+from trustplane.api.fields import NAME
+from trustplane.api.identity import NewNode, NewUser
+from trustplane.api.kms import NewRecipient
 from trustplane.cli import admin, kms
-from trustplane.control.routers.kms import NewRecipient
-from trustplane.control.routers.principals import NAME, NewNode, NewUser
 from trustplane.crypto.keys import KeyType
 
 

@@ -77,7 +77,7 @@ def entries_since(
 ) -> list[dict[str, Any]]:
     """Log entries [start, end) as parsed JSON, each with its `index` added."""
     if end is None:
-        end = int(client.json("GET", "/healthz")["log_size"])
+        end = client.health().log_size
     found = []
     for index in range(start, end):
         entry = json.loads(client.log_entry(index))

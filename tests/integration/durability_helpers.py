@@ -103,9 +103,9 @@ class LogAuditor:
     def pin(cls, client: ControlClient) -> LogAuditor:
         published = client.log_key()
         return cls(
-            published["origin"],
-            published["verifier_key"],
-            parse_verifier_key(published["verifier_key"]),
+            published.origin,
+            published.verifier_key,
+            parse_verifier_key(published.verifier_key),
         )
 
     def checkpoint(self, client: ControlClient) -> Checkpoint:

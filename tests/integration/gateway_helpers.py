@@ -21,6 +21,7 @@ from typing import Any
 import docker
 import pytest
 
+from trustplane.api.images import LayerRecord
 from trustplane.crypto.keys import new_private_key_file
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
@@ -239,7 +240,7 @@ def make_people(plane: RunningControlPlane, tag: str) -> People:
             name = f"{PREFIX}-{tag}-{role}"
             created = admin.create_user(name, role)
             with plane.client() as client:
-                tokens[role] = (name, client.login(name, created["password"])["access_token"])
+                tokens[role] = (name, client.login(name, created.password).access_token)
     return People(
         tokens["operator"][0], tokens["operator"][1], tokens["user"][0], tokens["user"][1]
     )
@@ -255,7 +256,7 @@ def register_local_image(plane: RunningControlPlane, client: docker.DockerClient
     diff_ids = image.attrs["RootFS"]["Layers"]
     repository = tag.rsplit(":", 1)[0]
     layers = [
-        {"index": i, "digest": d, "encrypted": False, "diff_id": d} for i, d in enumerate(diff_ids)
+        LayerRecord(index=i, digest=d, encrypted=False, diff_id=d) for i, d in enumerate(diff_ids)
     ]
     with plane.admin() as admin:
         admin.register_image(repository, image.id, layers)

@@ -30,6 +30,8 @@ from jwcrypto import jwk
 
 from trustplane.agent.attester import Attester, Layer
 from trustplane.agent.tpm import Tpm
+from trustplane.api.attestation import Enrollment
+from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
@@ -88,7 +90,7 @@ def admin(plane: RunningControlPlane) -> Iterator[ControlClient]:
 def image(admin: ControlClient) -> Image:
     """Two encrypted layers, registered with their reference digests."""
     recipient = admin.create_recipient("attested-images")
-    key = load_recipient_key(recipient["public_key"].encode(), "recipient")
+    key = load_recipient_key(recipient.public_key.encode(), "recipient")
     layers, annotations, options = [], [], []
     for index in range(2):
         plain = os.urandom(64)
@@ -103,7 +105,7 @@ def image(admin: ControlClient) -> Image:
         REPOSITORY,
         manifest,
         [
-            {"index": x.index, "digest": x.blob, "encrypted": True, "diff_id": x.diff_id}
+            LayerRecord(index=x.index, digest=x.blob, encrypted=True, diff_id=x.diff_id)
             for x in layers
         ],
     )
@@ -121,7 +123,7 @@ class Node:
     def unwrap(self, image: Image, layer: int) -> PrivateOptions:
         answer = self.client.unwrap(image.annotations[layer], self.transport_public)
         key = load_unwrap_key(self.transport_private, "transport")
-        payload = keywrap.unwrap(answer["jwe"], [key], "test")
+        payload = keywrap.unwrap(answer.jwe, [key], "test")
         assert payload is not None
         return PrivateOptions.from_json(payload)
 
@@ -265,23 +267,23 @@ def test_a_replayed_quote_gets_nothing(
 ) -> None:
     node.attester.enroll(node.client, node.transport_public)
     node.attester.measure(REPOSITORY, image.manifest, image.layers)
-    nonce = bytes.fromhex(node.client.json("GET", "/v1/attestation/nonce")["nonce"])
+    nonce = bytes.fromhex(node.client.nonce().nonce)
     old = node.attester.quote(nonce)
-    first = node.client.json("POST", "/v1/attestation/quote", json=old)
-    assert first["passed"], first["reason"]
+    first = node.client.quote(old)
+    assert first.passed, first.reason
     assert node.unwrap(image, 1) == image.options[1]
 
     start = log_size(plane)
-    again = node.client.json("POST", "/v1/attestation/quote", json=old)
-    assert not again["passed"]
-    assert "already used nonce" in again["reason"]
+    again = node.client.quote(old)
+    assert not again.passed
+    assert "already used nonce" in again.reason
     with pytest.raises(Forbidden, match="last attestation failed"):
         node.unwrap(image, 1)
     # The old quote under a fresh nonce: the TPM signed the old one.
-    fresh = node.client.json("GET", "/v1/attestation/nonce")["nonce"]
-    moved = node.client.json("POST", "/v1/attestation/quote", json={**old, "nonce": fresh})
-    assert not moved["passed"]
-    assert "does not carry the nonce" in moved["reason"]
+    fresh = node.client.nonce().nonce
+    moved = node.client.quote(old.model_copy(update={"nonce": fresh}))
+    assert not moved.passed
+    assert "does not carry the nonce" in moved.reason
     with pytest.raises(Forbidden):
         node.unwrap(image, 1)
     assert attestation_entries(admin, start, node.name) == [
@@ -294,14 +296,12 @@ def test_an_unbound_ak_gets_nothing(
     node: Node, image: Image, admin: ControlClient, plane: RunningControlPlane
 ) -> None:
     ident = node.attester.identity()
-    node.client.json(
-        "POST",
-        "/v1/attestation/enroll",
-        json={
-            "ek_public": base64.b64encode(ident.ek_public).decode(),
-            "ak_public": base64.b64encode(ident.ak_public).decode(),
-            "ak_name": base64.b64encode(ident.ak_name).decode(),
-        },
+    node.client.enroll(
+        Enrollment(
+            ek_public=base64.b64encode(ident.ek_public).decode(),
+            ak_public=base64.b64encode(ident.ak_public).decode(),
+            ak_name=base64.b64encode(ident.ak_name).decode(),
+        )
     )
     # No ActivateCredential: the node guesses the secret.
     start = log_size(plane)
@@ -332,14 +332,12 @@ def test_a_transport_key_the_tpm_did_not_certify_gets_nothing(node: Node, image:
 def test_an_ak_with_the_wrong_name_is_refused(node: Node) -> None:
     ident = node.attester.identity()
     with pytest.raises(TrustplaneError, match="AK name does not match"):
-        node.client.json(
-            "POST",
-            "/v1/attestation/enroll",
-            json={
-                "ek_public": base64.b64encode(ident.ek_public).decode(),
-                "ak_public": base64.b64encode(ident.ak_public).decode(),
-                "ak_name": base64.b64encode(ident.ak_name[:-1] + b"\0").decode(),
-            },
+        node.client.enroll(
+            Enrollment(
+                ek_public=base64.b64encode(ident.ek_public).decode(),
+                ak_public=base64.b64encode(ident.ak_public).decode(),
+                ak_name=base64.b64encode(ident.ak_name[:-1] + b"\0").decode(),
+            )
         )
 
 
@@ -377,7 +375,7 @@ def test_a_secret_is_released_to_a_node_only_once_attested(
     node: Node, admin: ControlClient, image: Image
 ) -> None:
     payload = os.urandom(32)
-    secret = admin.create_secret(payload, readers=[f"node:{node.name}"])["id"]
+    secret = admin.create_secret(payload, readers=[f"node:{node.name}"]).id
     with pytest.raises(Forbidden, match="not bound"):
         node.client.secret_payload(secret)
     node.attester.enroll(node.client, node.transport_public)
@@ -424,9 +422,9 @@ def test_an_old_quote_replayed_after_a_reboot_fails(
 ) -> None:
     node.attester.enroll(node.client, node.transport_public)
     node.attester.measure(REPOSITORY, image.manifest, image.layers)
-    nonce = bytes.fromhex(node.client.json("GET", "/v1/attestation/nonce")["nonce"])
+    nonce = bytes.fromhex(node.client.nonce().nonce)
     old = node.attester.quote(nonce)
-    assert node.client.json("POST", "/v1/attestation/quote", json=old)["passed"]
+    assert node.client.quote(old).passed
     node.attester.tpm.close()
     rebooted = swtpm.power_cycle()
     with rebooted, Tpm(rebooted.tcti) as device:
@@ -434,15 +432,15 @@ def test_an_old_quote_replayed_after_a_reboot_fails(
         attester.measure(REPOSITORY, image.manifest, image.layers[:1])
         assert attester.attest(node.client).passed  # the new boot's log, from zero
         start = log_size(plane)
-        again = node.client.json("POST", "/v1/attestation/quote", json=old)
-        assert not again["passed"]
-        assert "already used nonce" in again["reason"]
-        fresh = node.client.json("GET", "/v1/attestation/nonce")["nonce"]
-        moved = node.client.json("POST", "/v1/attestation/quote", json={**old, "nonce": fresh})
-        assert not moved["passed"]
-        assert "does not carry the nonce" in moved["reason"]
-        assert not again["quarantined"]
-        assert not moved["quarantined"]  # a replay tells nothing about the node
+        again = node.client.quote(old)
+        assert not again.passed
+        assert "already used nonce" in again.reason
+        fresh = node.client.nonce().nonce
+        moved = node.client.quote(old.model_copy(update={"nonce": fresh}))
+        assert not moved.passed
+        assert "does not carry the nonce" in moved.reason
+        assert not again.quarantined
+        assert not moved.quarantined  # a replay tells nothing about the node
         assert attestation_entries(admin, start, node.name) == [
             ("attestation.quote", "fail"),
             ("attestation.quote", "fail"),
@@ -457,14 +455,12 @@ def test_a_bound_node_cannot_move_to_another_tpm(node: Node, tmp_path: Path) -> 
     private = rsa.generate_private_key(65537, 2048)
     other_ek = rsa_ek_public(private.public_key())
     with pytest.raises(IntegrityError, match="bound to another TPM"):
-        node.client.json(
-            "POST",
-            "/v1/attestation/enroll",
-            json={
-                "ek_public": base64.b64encode(other_ek).decode(),
-                "ak_public": base64.b64encode(ident.ak_public).decode(),
-                "ak_name": base64.b64encode(ident.ak_name).decode(),
-            },
+        node.client.enroll(
+            Enrollment(
+                ek_public=base64.b64encode(other_ek).decode(),
+                ak_public=base64.b64encode(ident.ak_public).decode(),
+                ak_name=base64.b64encode(ident.ak_name).decode(),
+            )
         )
     node.attester.enroll(node.client, node.transport_public)  # the same TPM may re-enrol
 
@@ -479,14 +475,12 @@ def test_a_re_enrolment_that_is_never_activated_takes_nothing_away(
     node.attester.measure(REPOSITORY, image.manifest, image.layers)
     assert node.attester.attest(node.client).passed
     ident = node.attester.identity()
-    node.client.json(
-        "POST",
-        "/v1/attestation/enroll",
-        json={
-            "ek_public": base64.b64encode(ident.ek_public).decode(),
-            "ak_public": base64.b64encode(ident.ak_public).decode(),
-            "ak_name": base64.b64encode(ident.ak_name).decode(),
-        },
+    node.client.enroll(
+        Enrollment(
+            ek_public=base64.b64encode(ident.ek_public).decode(),
+            ak_public=base64.b64encode(ident.ak_public).decode(),
+            ak_name=base64.b64encode(ident.ak_name).decode(),
+        )
     )
     assert node.unwrap(image, 1) == image.options[1]  # still attested
     with pytest.raises(Forbidden, match="not bound"):  # a guessed credential

@@ -245,12 +245,10 @@ def test_deleting_the_event_log_of_a_sound_node_is_caught(
     node = new_node(admin, tmp_path, "zt-run")
     enrol(plane, swtpm, node)
     (registered,) = admin.images(published.repository)
-    layers = [
-        Layer(int(x["index"]), str(x["digest"]), str(x["diff_id"])) for x in registered["layers"]
-    ]
+    layers = [Layer(x.index, x.digest, str(x.diff_id)) for x in registered.layers]
     with node_tpm(swtpm.tcti, node.state) as device:
         Attester(device, node.state).measure(
-            published.repository, registered["manifest_digest"], layers
+            published.repository, registered.manifest_digest, layers
         )
     attested = trustplane("agent", *node_args(plane, swtpm, node), "--once")
     assert attested.returncode == 0, attested.stderr

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
 from trustplane.agent.tpm import Identity, Tpm
+from trustplane.api.attestation import Activation, Challenge, Enrollment
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import generate_key_pair
@@ -65,18 +66,15 @@ def node_client(plane: RunningControlPlane) -> tuple[str, ControlClient]:
     return name, client
 
 
-def enroll(client: ControlClient, ident: Identity, cert: bytes | None) -> dict[str, str]:
-    answer: dict[str, str] = client.json(
-        "POST",
-        "/v1/attestation/enroll",
-        json={
-            "ek_public": base64.b64encode(ident.ek_public).decode(),
-            "ek_certificate": base64.b64encode(cert).decode() if cert else None,
-            "ak_public": base64.b64encode(ident.ak_public).decode(),
-            "ak_name": base64.b64encode(ident.ak_name).decode(),
-        },
+def enroll(client: ControlClient, ident: Identity, cert: bytes | None) -> Challenge:
+    return client.enroll(
+        Enrollment(
+            ek_public=base64.b64encode(ident.ek_public).decode(),
+            ek_certificate=base64.b64encode(cert).decode() if cert else None,
+            ak_public=base64.b64encode(ident.ak_public).decode(),
+            ak_name=base64.b64encode(ident.ak_name).decode(),
+        )
     )
-    return answer
 
 
 def test_the_vendor_certified_tpm_enrols_and_activates(
@@ -91,21 +89,19 @@ def test_the_vendor_certified_tpm_enrols_and_activates(
         assert cert.issuer.rfc4514_string() == "CN=swtpm-localca"
         challenge = enroll(client, ident, ident.ek_cert)
         secret = device.activate_credential(
-            base64.b64decode(challenge["credential_blob"]),
-            base64.b64decode(challenge["encrypted_secret"]),
+            base64.b64decode(challenge.credential_blob),
+            base64.b64decode(challenge.encrypted_secret),
         )
         _, transport = generate_key_pair("ec-p256")
         signature = device.sign_external(transport)
-        answer = client.json(
-            "POST",
-            "/v1/attestation/activate",
-            json={
-                "secret": base64.b64encode(secret).decode(),
-                "transport_key": transport.decode(),
-                "transport_signature": base64.b64encode(signature).decode(),
-            },
+        answer = client.activate(
+            Activation(
+                secret=base64.b64encode(secret).decode(),
+                transport_key=transport.decode(),
+                transport_signature=base64.b64encode(signature).decode(),
+            )
         )
-        assert answer == {"bound": True}
+        assert answer.bound is True
     with plane.admin() as admin:
         results = [
             (e["kind"], e["result"])

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
+from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
@@ -63,7 +64,7 @@ def test_tokens_are_short_lived_es256_jwts(control_plane: RunningControlPlane) -
         answer = client.login("admin", control_plane.admin_password)
         header, claims = (
             json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-            for part in answer["access_token"].split(".")[:2]
+            for part in answer.access_token.split(".")[:2]
         )
         assert header["alg"] == "ES256"
         assert claims["sub"] == "user:admin"
@@ -72,8 +73,8 @@ def test_tokens_are_short_lived_es256_jwts(control_plane: RunningControlPlane) -
         assert 0 < claims["exp"] - claims["iat"] <= 900
         with pytest.raises(AuthError, match="wrong user name or password"):
             client.login("admin", "not the password")
-    tampered = answer["access_token"][:-4] + (
-        "AAAA" if not answer["access_token"].endswith("AAAA") else "BBBB"
+    tampered = answer.access_token[:-4] + (
+        "AAAA" if not answer.access_token.endswith("AAAA") else "BBBB"
     )
     with control_plane.client(tampered) as client, pytest.raises(AuthError):
         client.whoami()
@@ -87,19 +88,19 @@ def test_roles_and_deny_by_default(
     created = admin.create_user(f"op-{os.getpid()}", "operator")
     user = admin.create_user(f"user-{os.getpid()}", "user")
     with control_plane.client() as operator:
-        operator.login(created["name"], created["password"])
-        assert operator.authorize("container.start", "container:web")["decision"] == "allow"
+        operator.login(created.name, created.password)
+        assert operator.authorize("container.start", "container:web").decision == "allow"
     with control_plane.client() as normal:
-        normal.login(user["name"], user["password"])
+        normal.login(user.name, user.password)
         decision = normal.authorize("container.start", "container:web")
-        assert decision["decision"] == "deny"
-        assert "no rule allows" in decision["reason"]
+        assert decision.decision == "deny"
+        assert "no rule allows" in decision.reason
         with pytest.raises(Forbidden):
             normal.create_user("intruder", "admin")
         with pytest.raises(Forbidden, match="only nodes and admins"):
-            normal.authorize("image.pull", "image:x", subject=("user", created["name"]))
+            normal.authorize("image.pull", "image:x", subject=("user", created.name))
     unknown = admin.authorize("container.start", "container:web", subject=("user", "nobody"))
-    assert unknown["decision"] == "deny"
+    assert unknown.decision == "deny"
 
 
 def test_nodes_authenticate_with_their_key_once_per_assertion(
@@ -116,7 +117,7 @@ def test_nodes_authenticate_with_their_key_once_per_assertion(
     assertion = make_node_assertion(private, name, audience)
     with control_plane.client() as node:
         node.login_node(name, assertion)
-        assert node.whoami()["subject"] == f"node:{name}"
+        assert node.whoami().subject == f"node:{name}"
         with pytest.raises(AuthError, match="replay"):
             node.login_node(name, assertion)
         impostor = jwk.JWK.from_pyca(ec.generate_private_key(ec.SECP256R1()))
@@ -133,18 +134,18 @@ def test_policy_reloads_without_restart_and_keeps_the_last_good_one(
     policy = control_plane.data_dir / "policy.yaml"
     original = policy.read_text()
     with control_plane.client() as client:
-        client.login(user["name"], user["password"])
-        assert client.authorize("container.stop", "container:db")["decision"] == "deny"
+        client.login(user.name, user.password)
+        assert client.authorize("container.stop", "container:db").decision == "deny"
         try:
             policy.write_text(
                 original
-                + f"""  - subjects: ["user:{user["name"]}"]
+                + f"""  - subjects: ["user:{user.name}"]
     actions: [container.stop]
     resources: ["container:db"]
 """
             )
             _eventually(
-                lambda: client.authorize("container.stop", "container:db")["decision"] == "allow"
+                lambda: client.authorize("container.stop", "container:db").decision == "allow"
             )
             policy.write_text(
                 "version: 1\nrules:\n  - roles: [user]\n    actions: [no.such.action]\n"
@@ -157,12 +158,10 @@ def test_policy_reloads_without_restart_and_keeps_the_last_good_one(
                     is not None
                 )
             )
-            assert client.authorize("container.stop", "container:db")["decision"] == "allow"
+            assert client.authorize("container.stop", "container:db").decision == "allow"
         finally:
             policy.write_text(original)
-        _eventually(
-            lambda: client.authorize("container.stop", "container:db")["decision"] == "deny"
-        )
+        _eventually(lambda: client.authorize("container.stop", "container:db").decision == "deny")
 
 
 def test_kms_releases_payloads_only_to_acl_and_policy(
@@ -171,26 +170,26 @@ def test_kms_releases_payloads_only_to_acl_and_policy(
     alice = admin.create_user(f"alice-{os.getpid()}", "user")
     bob = admin.create_user(f"bob-{os.getpid()}", "user")
     with control_plane.client() as a, control_plane.client() as b:
-        a.login(alice["name"], alice["password"])
-        b.login(bob["name"], bob["password"])
+        a.login(alice.name, alice.password)
+        b.login(bob.name, bob.password)
         payload = os.urandom(48)
         ref = a.create_secret(payload, name="volume key", secret_type="opaque")
-        assert ref["secret_ref"] == f"{control_plane.url}/v1/secrets/{ref['id']}"
-        assert a.secret_payload(ref["id"]) == payload
-        assert a.secret(ref["id"])["creator"] == f"user:{alice['name']}"
+        assert ref.secret_ref == f"{control_plane.url}/v1/secrets/{ref.id}"
+        assert a.secret_payload(ref.id) == payload
+        assert a.secret(ref.id).creator == f"user:{alice.name}"
         with pytest.raises(NotFoundError):  # not on the ACL: it does not exist for bob
-            b.secret(ref["id"])
+            b.secret(ref.id)
         with pytest.raises(Forbidden, match="not on the ACL"):
-            b.secret_payload(ref["id"])
+            b.secret_payload(ref.id)
         with pytest.raises(Forbidden, match="not on the ACL"):  # admins manage, they do not read
-            admin.secret_payload(ref["id"])
-        shared = a.create_secret(payload, readers=[f"user:{bob['name']}"], secret_type="opaque")
-        assert b.secret_payload(shared["id"]) == payload
+            admin.secret_payload(ref.id)
+        shared = a.create_secret(payload, readers=[f"user:{bob.name}"], secret_type="opaque")
+        assert b.secret_payload(shared.id) == payload
         generated = a.create_secret()
-        assert len(a.secret_payload(generated["id"])) == 32
-        a.delete_secret(ref["id"])
+        assert len(a.secret_payload(generated.id)) == 32
+        a.delete_secret(ref.id)
         with pytest.raises(NotFoundError):
-            a.secret_payload(ref["id"])
+            a.secret_payload(ref.id)
         with pytest.raises(UsageError):
             a.secret_payload("not-a-uuid")
 
@@ -285,7 +284,7 @@ def test_operator_certificates_and_a_credential_printed_once(
     try:
         assert "one-time credential" not in second.process.log_file.read_text()
         with second.admin() as admin:
-            assert admin.whoami()["subject"] == "user:admin"
+            assert admin.whoami().subject == "user:admin"
     finally:
         second.stop()
 
@@ -324,7 +323,7 @@ def test_the_log_origin_is_fixed_at_the_first_start(tmp_path: Path) -> None:
     again = start_control_plane(tmp_path / "b", data_dir=data, admin_password=password)
     try:
         with again.admin() as admin:
-            assert admin.log_key()["origin"] == "example.test/log"
+            assert admin.log_key().origin == "example.test/log"
             assert admin.checkpoint().decode().split("\n")[0] == "example.test/log"
     finally:
         again.stop()
@@ -349,10 +348,10 @@ def test_an_encrypted_layer_claimed_by_another_publisher_is_refused(
     base_layer = "sha256:" + os.urandom(32).hex()
     suffix = os.urandom(3).hex()
 
-    def layers(encrypted: bool) -> list[dict[str, object]]:
+    def layers(encrypted: bool) -> list[LayerRecord]:
         return [
-            {"index": 0, "digest": base_layer, "encrypted": False},
-            {"index": 1, "digest": secret_layer, "encrypted": encrypted},
+            LayerRecord(index=0, digest=base_layer, encrypted=False),
+            LayerRecord(index=1, digest=secret_layer, encrypted=encrypted),
         ]
 
     def manifest() -> str:
@@ -361,7 +360,7 @@ def test_an_encrypted_layer_claimed_by_another_publisher_is_refused(
     with control_plane.admin() as admin:
         mallory = admin.create_user(f"mallory-{suffix}", "operator")
         with control_plane.client() as other:
-            other.login(mallory["name"], mallory["password"])
+            other.login(mallory.name, mallory.password)
             other.register_image(f"registry.test/mallory-{suffix}/app", manifest(), layers(False))
             # Its own mirror of the same layers: the same publisher, allowed.
             other.register_image(f"mirror.test/mallory-{suffix}/app", manifest(), layers(True))

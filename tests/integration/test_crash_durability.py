@@ -75,12 +75,12 @@ class Load:
                     if n % 2:
                         payload = secrets.token_bytes(32)
                         answer = client.create_secret(payload, name=f"crash-{number}-{n}")
-                        self.secrets_acked.append((answer["id"], payload))
+                        self.secrets_acked.append((answer.id, payload))
                     else:
                         resource = f"container:crash-{number}-{n}"
                         decision = client.authorize("container.start", resource)
-                        assert decision["decision"] == "allow", decision
-                        self.decisions_acked.append((int(decision["log_index"]), resource))
+                        assert decision.decision == "allow", decision
+                        self.decisions_acked.append((int(decision.log_index), resource))
             except BaseException as exc:  # the kill ends every writer; checked below
                 self.errors.append((time.monotonic(), f"writer {number}", exc))
 

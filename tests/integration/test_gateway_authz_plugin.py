@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from gateway_helpers import PREFIX, DockerCli, make_people, start_gateway
 
+from trustplane.api.images import LayerRecord
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
 from trustplane.embedded.sample_images import import_busybox_base
@@ -61,7 +62,7 @@ def test_dockerd_with_the_plugin_refuses_what_the_gateway_refuses(
         try:
             import_busybox_base(client, TAG)  # an operator's import: container.modify
             image = client.images.get(TAG)
-            layers = [{"index": i, "digest": d, "encrypted": False, "diff_id": d}
+            layers = [LayerRecord(index=i, digest=d, encrypted=False, diff_id=d)
                       for i, d in enumerate(image.attrs["RootFS"]["Layers"])]  # fmt: skip
         finally:
             client.close()

@@ -26,6 +26,8 @@ from gateway_helpers import cleanup as cleanup
 from gateway_helpers import registered_base as registered_base
 from test_gateway_reports import wait_for_entries
 
+from trustplane.api.commands import CommandName, CommandSent
+from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
 from trustplane.crypto.command_envelope import sign_command
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
@@ -106,11 +108,9 @@ def mqtt_gateway(
     )  # fmt: skip
 
 
-def send(admin: ControlClient, gateway: str, command: str, **args: Any) -> dict[str, Any]:
-    answer: dict[str, Any] = admin.json(
-        "POST", "/v1/commands", json={"gateway": gateway, "command": command, "args": args}
-    )
-    assert answer["published"] is True
+def send(admin: ControlClient, gateway: str, command: CommandName, **args: Any) -> CommandSent:
+    answer = admin.send_command(gateway, command, args)
+    assert answer.published is True
     return answer
 
 
@@ -130,7 +130,7 @@ def test_commands_are_executed_and_forgeries_and_replays_refused(
 ) -> None:
     with plane.admin() as admin:
         image = docker_client.images.get(registered_base)
-        layers = [{"index": i, "digest": d, "encrypted": False, "diff_id": d}
+        layers = [LayerRecord(index=i, digest=d, encrypted=False, diff_id=d)
                   for i, d in enumerate(image.attrs["RootFS"]["Layers"])]  # fmt: skip
         admin.register_image(registered_base.rsplit(":", 1)[0], image.id, layers)
         gateways = mqtt_gateway(tmp_path / "gw-mqtt", plane, docker_daemon, mosquitto)
@@ -145,27 +145,27 @@ def test_commands_are_executed_and_forgeries_and_replays_refused(
             container = docker_client.containers.create(registered_base, ["sleep", "1000"],
                                                         name=name)  # fmt: skip
             started = send(admin, gateway.node, "start", container=name)
-            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started["envelope"]))
+            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started.envelope))
             assert done["ok"] is True, done
             container.reload()
             assert container.status == "running"
 
             stopped = send(admin, gateway.node, "stop", container=name)
-            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(stopped["envelope"]))
+            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(stopped.envelope))
             assert done["ok"] is True, done
             container.reload()
             assert container.status == "exited"
 
             changed = send(admin, gateway.node, "thresholds", cpu_percent=42, sustain=5)
-            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(changed["envelope"]))
+            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(changed.envelope))
             assert "cpu_percent=42.0" in done["message"], done
 
             # Replay: the start command recorded off the wire, published again.
             publisher = connect(mosquitto.url, CONTROL_USER, mosquitto.control_password,
                                 mosquitto.ca_file, "replayer")  # fmt: skip
             topic = f"trustplane/gw/{gateway.node}/cmd"
-            publisher.publish(topic, started["envelope"], qos=1).wait_for_publish(10)
-            replay = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started["envelope"])
+            publisher.publish(topic, started.envelope, qos=1).wait_for_publish(10)
+            replay = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started.envelope)
                                    and d.get("ok") is False)  # fmt: skip
             assert "replayed" in replay["reason"]
             container.reload()
@@ -179,9 +179,8 @@ def test_commands_are_executed_and_forgeries_and_replays_refused(
                                     d.get("reason", ""))  # fmt: skip
             assert "not the control plane's" in refusal["reason"]
             # For another gateway, signed by the control plane: refused too.
-            other = admin.json("POST", "/v1/commands", json={
-                "gateway": "someone-else", "command": "delete", "args": {"container": name}})  # fmt: skip
-            publisher.publish(topic, other["envelope"], qos=1).wait_for_publish(10)
+            other = admin.send_command("someone-else", "delete", {"container": name})
+            publisher.publish(topic, other.envelope, qos=1).wait_for_publish(10)
             listener.wait(lambda t, d: "addressed to" in d.get("reason", ""))
             publisher.disconnect()
             publisher.loop_stop()
@@ -189,7 +188,7 @@ def test_commands_are_executed_and_forgeries_and_replays_refused(
             assert container.status == "exited"
 
             deleted = send(admin, gateway.node, "delete", container=name)
-            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(deleted["envelope"]))
+            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(deleted.envelope))
             assert done["ok"] is True, done
             with pytest.raises(docker.errors.NotFound):
                 docker_client.containers.get(name)
@@ -222,7 +221,7 @@ def test_a_command_replayed_after_a_restart_is_refused_by_its_recorded_nonce(
     the restart and delivered late was never accepted, and runs."""
     with plane.admin() as admin:
         image = docker_client.images.get(registered_base)
-        layers = [{"index": i, "digest": d, "encrypted": False, "diff_id": d}
+        layers = [LayerRecord(index=i, digest=d, encrypted=False, diff_id=d)
                   for i, d in enumerate(image.attrs["RootFS"]["Layers"])]  # fmt: skip
         admin.register_image(registered_base.rsplit(":", 1)[0], image.id, layers)
         directory = tmp_path / "gw-restart"
@@ -237,11 +236,11 @@ def test_a_command_replayed_after_a_restart_is_refused_by_its_recorded_nonce(
             container = docker_client.containers.create(registered_base, ["sleep", "1000"],
                                                         name=name)  # fmt: skip
             started = send(admin, gateway.node, "start", container=name)
-            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started["envelope"]))
+            done = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started.envelope))
             assert done["ok"] is True, done
             container.stop(timeout=1)  # directly on dockerd: a replayed start would show
             record = directory / "state" / "mqtt-nonces.json"
-            assert nonce_of(started["envelope"]) in json.loads(record.read_text())["nonces"]
+            assert nonce_of(started.envelope) in json.loads(record.read_text())["nonces"]
 
             gateway.process.stop()
             # Issued while the gateway is down: the broker keeps it for nobody; it
@@ -254,20 +253,20 @@ def test_a_command_replayed_after_a_restart_is_refused_by_its_recorded_nonce(
             publisher = connect(mosquitto.url, CONTROL_USER, mosquitto.control_password,
                                 mosquitto.ca_file, "replayer-after-restart")  # fmt: skip
             topic = f"trustplane/gw/{gateway.node}/cmd"
-            publisher.publish(topic, started["envelope"], qos=1).wait_for_publish(10)
-            replay = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started["envelope"])
+            publisher.publish(topic, started.envelope, qos=1).wait_for_publish(10)
+            replay = listener.wait(lambda t, d: d.get("nonce") == nonce_of(started.envelope)
                                    and d.get("ok") is False)  # fmt: skip
             assert "replayed" in replay["reason"], replay
             container.reload()
             assert container.status == "exited"  # not started again
 
-            publisher.publish(topic, late["envelope"], qos=1).wait_for_publish(10)
-            ran = listener.wait(lambda t, d: d.get("nonce") == nonce_of(late["envelope"]))
+            publisher.publish(topic, late.envelope, qos=1).wait_for_publish(10)
+            ran = listener.wait(lambda t, d: d.get("nonce") == nonce_of(late.envelope))
             assert ran["ok"] is True, ran
             assert "cpu_percent=55.0" in ran["message"]
             # ... once: the late command is a replay the second time.
-            publisher.publish(topic, late["envelope"], qos=1).wait_for_publish(10)
-            again = listener.wait(lambda t, d: d.get("nonce") == nonce_of(late["envelope"])
+            publisher.publish(topic, late.envelope, qos=1).wait_for_publish(10)
+            again = listener.wait(lambda t, d: d.get("nonce") == nonce_of(late.envelope)
                                   and d.get("ok") is False)  # fmt: skip
             assert "replayed" in again["reason"], again
             publisher.disconnect()
@@ -278,10 +277,10 @@ def test_a_command_replayed_after_a_restart_is_refused_by_its_recorded_nonce(
                          for e in entries if e["kind"] == "gateway.decision"]  # fmt: skip
             replayed = [d for d in decisions if d[0] == "deny" and "replayed" in d[2]]
             assert {d[1] for d in replayed} == {
-                nonce_of(started["envelope"]),
-                nonce_of(late["envelope"]),
+                nonce_of(started.envelope),
+                nonce_of(late.envelope),
             }, decisions
-            assert ("allow", nonce_of(late["envelope"])) in {(d[0], d[1]) for d in decisions}
+            assert ("allow", nonce_of(late.envelope)) in {(d[0], d[1]) for d in decisions}
         finally:
             listener.close()
             if restarted is not None:

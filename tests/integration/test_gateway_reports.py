@@ -103,7 +103,7 @@ def test_only_nodes_report_and_reports_are_bounded(
 ) -> None:
     one = {"kind": "gateway.decision", "time": time.time(), "details": {"reason": "x"}}
     with pytest.raises(Forbidden, match="only nodes"):
-        admin.json("POST", "/v1/reports", json={"reports": [one]})
+        admin.request("POST", "/v1/reports", json={"reports": [one]})
     ctx = control_plane.ssl_context()
     for bad in (
         {"reports": []},
@@ -123,4 +123,4 @@ def test_only_nodes_report_and_reports_are_bounded(
         )
         assert response.status_code == 422, (bad, response.text)
     with pytest.raises(MalformedError):
-        admin.json("POST", "/v1/reports", json={"reports": [{**one, "kind": "other"}]})
+        admin.request("POST", "/v1/reports", json={"reports": [{**one, "kind": "other"}]})

@@ -49,8 +49,8 @@ def test_a_revoked_token_is_refused_by_the_gateway_and_never_served_again(
         start = log_size(control_plane)
         operator.ok("ps")  # the gateway now has this token's caller in its cache
         user.ok("ps")
-        answer = admin.json("POST", "/v1/auth/revoke", json={"token": crew.operator_token})
-        assert answer["revoked"] == f"a token of user:{crew.operator}"
+        answer = admin.revoke(token=crew.operator_token)
+        assert answer.revoked == f"a token of user:{crew.operator}"
 
         result = refused_soon(operator)
         assert "revoked" in result.stderr, result.stderr
@@ -59,7 +59,7 @@ def test_a_revoked_token_is_refused_by_the_gateway_and_never_served_again(
         status, health = gateway.health()
         assert status == 200, health
         assert health["revocations"]["fresh"] is True
-        assert health["revocations"]["epoch"] >= answer["epoch"]
+        assert health["revocations"]["epoch"] >= answer.epoch
         for _ in range(3):  # and never served again
             operator.refused("ps", text="revoked")
         user.ok("ps")  # another caller's token is untouched
@@ -78,28 +78,28 @@ def test_a_revoked_token_is_refused_by_the_gateway_and_never_served_again(
         tokens = []
         for _ in range(2):
             with control_plane.client() as client:
-                tokens.append(client.login(victim["name"], victim["password"])["access_token"])
+                tokens.append(client.login(victim.name, victim.password).access_token)
         both = [DockerCli.make(gateway.host, tmp_path / f"v{i}", t) for i, t in enumerate(tokens)]
         for cli in both:
             cli.ok("ps")
         session = Cli(tmp_path / "admin-session")
         session.login(control_plane, "admin", control_plane.admin_password)
-        revoked = session("user", "revoke", victim["name"])
+        revoked = session("user", "revoke", victim.name)
         assert revoked.returncode == 0, revoked.stderr
-        assert f"user:{victim['name']}" in revoked.stdout
+        assert f"user:{victim.name}" in revoked.stdout
         for cli in both:
             assert "revoked" in refused_soon(cli).stderr
         user.ok("ps")
         # Logging in afterwards gives a token that works.
         time.sleep(1.1)  # a token of the same second as the revocation counts as before it
         with control_plane.client() as client:
-            third = client.login(victim["name"], victim["password"])["access_token"]
+            third = client.login(victim.name, victim.password).access_token
         DockerCli.make(gateway.host, tmp_path / "third", third).ok("ps")
 
         entries = [e for e in entries_since(admin, start) if e["kind"] == "identity.revoke"]
         assert [e["revoked"] for e in entries] == [
             f"a token of user:{crew.operator}",
-            f"every token of user:{victim['name']} issued so far",
+            f"every token of user:{victim.name} issued so far",
         ]
         assert all(e["subject"] == "user:admin" for e in entries)
     finally:
@@ -115,22 +115,22 @@ def test_who_may_revoke_and_read_revocations(
     with control_plane.client() as client:
         client.token = crew.user_token
         with pytest.raises(Forbidden, match=r"user\.manage"):
-            client.json("POST", "/v1/auth/revoke", json={"subject": f"user:{crew.operator}"})
+            client.revoke(subject=f"user:{crew.operator}")
         with pytest.raises(Forbidden, match="only nodes and admins"):
-            client.json("GET", "/v1/auth/revocations")
+            client.revocations()
         with pytest.raises(MalformedError, match="exactly one"):
-            client.json("POST", "/v1/auth/revoke", json={})
+            client.request("POST", "/v1/auth/revoke", json={})
         # Anyone may revoke a token of their own (logging out).
-        own = client.json("POST", "/v1/auth/revoke", json={"token": crew.user_token})
-        assert own["revoked"] == f"a token of user:{crew.user}"
+        own = client.revoke(token=crew.user_token)
+        assert own.revoked == f"a token of user:{crew.user}"
         with pytest.raises(AuthError, match="revoked"):
             client.whoami()
-    listing = admin.json("GET", "/v1/auth/revocations", params={"since": 0})
-    assert listing["epoch"] >= 1
-    mine = [r for r in listing["revocations"] if r.get("subject") == f"user:{crew.user}"]
+    listing = admin.revocations(since=0)
+    assert listing.epoch >= 1
+    mine = [r for r in listing.revocations if r.subject == f"user:{crew.user}"]
     assert mine
-    assert mine[0]["token_id"]
-    later = admin.json("GET", "/v1/auth/revocations", params={"since": listing["epoch"]})
-    assert later["epoch"] == listing["epoch"]
+    assert mine[0].token_id
+    later = admin.revocations(since=listing.epoch)
+    assert later.epoch == listing.epoch
     # Nothing new; recent rows come again (a smaller id may commit late on PostgreSQL).
-    assert {r["id"] for r in later["revocations"]} <= {r["id"] for r in listing["revocations"]}
+    assert {r.id for r in later.revocations} <= {r.id for r in listing.revocations}

@@ -97,12 +97,12 @@ def operator(control_plane: RunningControlPlane) -> Operator:
     name = f"{PREFIX}-sig-operator"
     with control_plane.admin() as admin:
         created = admin.create_user(name, "operator")
-    return Operator(name, str(created["password"]))
+    return Operator(name, str(created.password))
 
 
 def token(plane: RunningControlPlane, who: Operator, gateways: list[str] | None = None) -> str:
     with plane.client() as client:
-        return str(client.login(who.name, who.password, gateways=gateways)["access_token"])
+        return str(client.login(who.name, who.password, gateways=gateways).access_token)
 
 
 def cli_for(
@@ -139,7 +139,7 @@ def record(
         answer = admin.record_signature(
             repository, digest, payload, key.sign(payload), key.public.public_pem()
         )
-    return int(answer["log_index"])
+    return int(answer.log_index)
 
 
 @pytest.fixture
@@ -166,8 +166,8 @@ def test_a_trusted_signature_lets_the_image_run(
     index = record(control_plane, keys.trusted, repository, digest)
     with control_plane.admin() as admin:
         listed = admin.signatures(repository, digest)
-        assert [entry["log_index"] for entry in listed] == [index]
-        assert listed[0]["key_id"] == keys.trusted.public.key_id
+        assert [entry.log_index for entry in listed] == [index]
+        assert listed[0].key_id == keys.trusted.public.key_id
         assert admin.signatures(repository, "sha256:" + "0" * 64) == []
     cli = cli_for(checking, control_plane, operator, tmp_path / "op")
     assert cli.ok("run", "--rm", tag, "echo", "signed-and-ran").strip() == "signed-and-ran"
@@ -258,7 +258,7 @@ def test_a_token_cannot_be_scoped_to_an_unknown_gateway(
         token(control_plane, operator, [f"{PREFIX}-no-such-gateway"])
     with control_plane.client() as client:
         client.login(operator.name, operator.password)
-        assert client.whoami()["gateways"] is None
+        assert client.whoami().gateways is None
 
 
 def test_only_callers_who_may_pull_read_signatures(
@@ -275,7 +275,7 @@ def test_only_callers_who_may_pull_read_signatures(
 """,
     )
     with control_plane.client() as client:
-        client.login(nobody, str(created["password"]))
+        client.login(nobody, str(created.password))
         with pytest.raises(TrustplaneError, match=r"refuses image\.pull"):
             client.signatures(f"{PREFIX}/sig-good")
 
@@ -328,7 +328,7 @@ def test_a_gateway_with_a_token_file_learns_its_name_for_scoped_tokens(
         admin.register_node(node, "gateway", key.export_to_pem().decode())
     with control_plane.client() as client:
         assertion = make_node_assertion(key, node, control_plane.url + "/v1/auth/token")
-        node_token = str(client.login_node(node, assertion)["access_token"])
+        node_token = str(client.login_node(node, assertion).access_token)
     gateway = token_gateway(
         tmp_path / "gw", control_plane.url, control_plane.ca_file, docker_daemon, node_token
     )

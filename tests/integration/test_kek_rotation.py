@@ -122,7 +122,7 @@ def test_file_kek_rotates_under_load_and_survives_a_restart(
         account = new_account(admin)
     with account.client(plane) as owner:
         expected = {
-            owner.create_secret(payload, secret_type="opaque")["id"]: payload
+            owner.create_secret(payload, secret_type="opaque").id: payload
             for payload in (os.urandom(32 + i) for i in range(SECRETS))
         }
     kek_file = plane.data_dir / "kek.json"
@@ -161,28 +161,28 @@ def test_file_kek_rotates_under_load_and_survives_a_restart(
     during = [(b, e) for r in readers for b, e in r.reads if b < ended and e > began]
     assert during, "no read overlapped the rotation"
 
-    chain = [old] + [answer["kek_id"] for answer in answers]
+    chain = [old] + [answer.kek_id for answer in answers]
     assert len(set(chain)) == ROTATIONS + 1
     for previous, answer in zip(chain, answers, strict=False):
-        assert answer["failed"] == []
-        assert answer["retired"] == [previous]
+        assert answer.failed == []
+        assert answer.retired == [previous]
     answer, new = answers[-1], chain[-1]
     stored = kek_ids(plane.data_dir / "trustplane.db")
-    assert answer["rewrapped"] == len(stored) >= SECRETS  # the server's own keys too
+    assert answer.rewrapped == len(stored) >= SECRETS  # the server's own keys too
     assert set(stored.values()) == {new}
     keyring = json.loads(kek_file.read_text())
     assert [k["id"] for k in keyring["keys"]] == [new]
     assert keyring["current"] == new
     assert kek_file.stat().st_mode & 0o777 == 0o600
     with plane.admin() as admin:  # the readers' releases come after it: look back for it
-        size = int(admin.json("GET", "/healthz")["log_size"])
+        size = admin.health().log_size
         entry = next(
             e
             for e in (json.loads(admin.log_entry(i)) for i in range(size - 1, -1, -1))
             if e["kind"] == "kms.rotate"
         )
     assert (entry["subject"], entry["old"], entry["new"]) == ("user:admin", chain[-2], new)
-    assert entry["rewrapped"] == answer["rewrapped"]
+    assert entry["rewrapped"] == answer.rewrapped
 
     # A restart reads the new KEK file and the re-wrapped keys: everything still opens.
     plane.stop()
@@ -272,7 +272,7 @@ def test_kmip_kek_serves_rotates_and_fails_closed(
         account = new_account(admin)
     with account.client(plane) as owner:
         expected = {
-            owner.create_secret(payload, secret_type="opaque")["id"]: payload
+            owner.create_secret(payload, secret_type="opaque").id: payload
             for payload in (os.urandom(40) for _ in range(10))
         }
         for secret_id, payload in expected.items():
@@ -283,10 +283,10 @@ def test_kmip_kek_serves_rotates_and_fails_closed(
 
         with plane.admin() as admin:
             answer = admin.rotate_kek()
-        new = answer["kek_id"]
+        new = answer.kek_id
         assert new.startswith("kmip:v0002:")
-        assert answer["failed"] == []
-        assert answer["retired"] == [old]
+        assert answer.failed == []
+        assert answer.retired == [old]
         assert set(kek_ids(database).values()) == {new}
         assert kmip_versions(kmip) == (new,)  # the old KEK is destroyed on the KMIP server
         for secret_id, payload in expected.items():
@@ -294,7 +294,7 @@ def test_kmip_kek_serves_rotates_and_fails_closed(
 
         # A secret whose data key this server has not unwrapped yet (so none is cached).
         fresh_payload = os.urandom(40)
-        fresh = owner.create_secret(fresh_payload, secret_type="opaque")["id"]
+        fresh = owner.create_secret(fresh_payload, secret_type="opaque").id
         kmip.stop()
         try:
             with pytest.raises(UnavailableError) as refused:
@@ -320,6 +320,6 @@ def test_kmip_kek_serves_rotates_and_fails_closed(
 
         # The KEK store is back on the same address: the server recovers without a restart.
         assert owner.secret_payload(fresh) == fresh_payload
-        again = owner.create_secret(b"after the outage", secret_type="opaque")["id"]
+        again = owner.create_secret(b"after the outage", secret_type="opaque").id
         assert owner.secret_payload(again) == b"after the outage"
     assert set(kek_ids(database).values()) == {new}

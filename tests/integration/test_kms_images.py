@@ -99,7 +99,7 @@ def published(
     """`recipient create`, then `image encrypt --recipient kms:NAME --layers 1,2` to a registry."""
     created = admin_cli("recipient", "create", RECIPIENT)
     assert created.returncode == 0, created.stderr
-    kid = admin_client.recipient(RECIPIENT)["key_id"]
+    kid = admin_client.recipient(RECIPIENT).key_id
     assert created.stdout.strip() == f"recipient {RECIPIENT}: key id {kid}"
 
     repository = f"{registry_plain.host}/kms/app"
@@ -342,7 +342,7 @@ def test_a_node_added_after_publication_decrypts_without_reencryption(
         client = plane.client()
         assertion = make_node_assertion(jwk.JWK.from_pyca(key), name, plane.url + "/v1/auth/token")
         client.login_node(name, assertion)
-        assert client.whoami()["subject"] == f"node:{name}"
+        assert client.whoami().subject == f"node:{name}"
         return client
 
     source = reference.parse(published.reference)
@@ -448,7 +448,7 @@ def test_layers_of_an_unregistered_image_are_refused(
 
     annotation = manifest(layout, "1")["layers"][2]["annotations"][ENC_KEYS_JWE]
     with pytest.raises(Forbidden, match="belongs to no registered image"):
-        admin_client.unwrap(annotation, admin_client.recipient(RECIPIENT)["public_key"])
+        admin_client.unwrap(annotation, admin_client.recipient(RECIPIENT).public_key)
 
     refusals = [e for e in entries_since(admin_client, start) if e["kind"] == "kms.unwrap"]
     assert len(refusals) == 3  # one per refused unwrap: two decrypts, one direct call
@@ -470,18 +470,18 @@ def test_the_unwrap_answer_opens_only_with_the_transport_key(
 
     start = log_size(plane)
     answer = admin_client.unwrap(annotation, transport_public.decode())
-    assert (answer["repository"], answer["layer"]) == (published.repository, 2)
-    assert [r.kid for r in keywrap.recipients_of(answer["jwe"])] == [
+    assert (answer.repository, answer.layer) == (published.repository, 2)
+    assert [r.kid for r in keywrap.recipients_of(answer.jwe)] == [
         load_recipient_key(transport_public, "transport").kid
     ]
-    payload = keywrap.unwrap(answer["jwe"], [transport], "answer")
+    payload = keywrap.unwrap(answer.jwe, [transport], "answer")
     assert payload is not None
     options = PrivateOptions.from_json(payload)
     assert options.digest == published.layer_digests[2]
     assert len(options.symkey) == 32
 
     # Nobody else opens the answer, and the transport key does not open the layer itself.
-    assert keywrap.unwrap(answer["jwe"], [stranger], "answer") is None
+    assert keywrap.unwrap(answer.jwe, [stranger], "answer") is None
     original = base64.b64decode(annotation).decode()
     assert keywrap.unwrap(original, [transport], "layer") is None
     assert unwraps_since(admin_client, start) == [("user:admin", published.repository, 2, "allow")]

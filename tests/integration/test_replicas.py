@@ -113,9 +113,11 @@ def test_replicas_race_to_start_on_an_empty_database(
             # One system key of each kind, shared: the same JWKS and log key from both.
             assert store.count("settings", "WHERE key LIKE '%signing_key'") == 2
             with a.admin() as on_a, b.admin() as on_b:
-                assert on_a.json("GET", "/v1/auth/jwks") == on_b.json("GET", "/v1/auth/jwks")
+                assert on_a.request("GET", "/v1/auth/jwks").json() == (
+                    on_b.request("GET", "/v1/auth/jwks").json()
+                )
                 assert LogAuditor.pin(on_a) == LogAuditor.pin(on_b)
-                assert on_b.whoami()["subject"] == "user:admin"
+                assert on_b.whoami().subject == "user:admin"
         finally:
             for plane in started:
                 plane.stop()
@@ -132,37 +134,35 @@ def test_two_replicas_serve_one_state(
     with a.client() as on_a, b.client() as on_b:
         on_a.login("admin", a.admin_password)
         on_b.token = on_a.token
-        assert on_b.whoami()["subject"] == "user:admin"
+        assert on_b.whoami().subject == "user:admin"
         with b.admin() as from_b, a.client(from_b.token) as with_b_token:
-            assert with_b_token.whoami()["subject"] == "user:admin"
+            assert with_b_token.whoami().subject == "user:admin"
 
         # A secret stored through A is released by B; deleted through B, gone on A.
         payload = secrets.token_bytes(48)
         created = on_a.create_secret(payload, name="shared-volume-key", secret_type="opaque")
-        assert on_b.secret(created["id"])["name"] == "shared-volume-key"
-        assert on_b.secret_payload(created["id"]) == payload
-        on_b.delete_secret(created["id"])
+        assert on_b.secret(created.id).name == "shared-volume-key"
+        assert on_b.secret_payload(created.id) == payload
+        on_b.delete_secret(created.id)
         with pytest.raises(NotFoundError):
-            on_a.secret(created["id"])
+            on_a.secret(created.id)
 
         # A user made on A logs in on B; both replicas decide alike for both principals.
         user = on_a.create_user("replica-user", "user")
         with b.client() as user_on_b, a.client() as user_on_a:
-            user_on_b.login(user["name"], user["password"])
+            user_on_b.login(user.name, user.password)
             user_on_a.token = user_on_b.token
             for client in (user_on_a, user_on_b):
                 answer = client.authorize("container.start", "container:web")
-                assert answer["decision"] == "deny", answer
-                assert "no rule allows" in answer["reason"]
+                assert answer.decision == "deny", answer
+                assert "no rule allows" in answer.reason
         # A sha512 manifest digest fits (PostgreSQL enforces column lengths).
         sha512 = "sha512:" + "ab" * 64
         on_a.register_image("registry.test/replicas/long", sha512, [])
-        assert [i["manifest_digest"] for i in on_b.images("registry.test/replicas/long")] == [
-            sha512
-        ]
+        assert [i.manifest_digest for i in on_b.images("registry.test/replicas/long")] == [sha512]
         decided = [c.authorize("container.start", "container:web") for c in (on_a, on_b)]
-        assert [d["decision"] for d in decided] == ["allow", "allow"]
-        assert decided[0]["log_index"] != decided[1]["log_index"]
+        assert [d.decision for d in decided] == ["allow", "allow"]
+        assert decided[0].log_index != decided[1].log_index
 
         # Both publish the same log key; a checkpoint from A before the load.
         auditor = LogAuditor.pin(on_a)
@@ -186,7 +186,7 @@ def test_two_replicas_serve_one_state(
                     n += 1
                     resource = f"container:load-{number}-{n}"
                     answer = client.authorize("container.start", resource)
-                    acked.append((int(answer["log_index"]), "ab"[number % 2], resource))
+                    acked.append((int(answer.log_index), "ab"[number % 2], resource))
         except BaseException as exc:
             errors.append(exc)
 

@@ -25,6 +25,8 @@ from jwcrypto import jwk
 
 from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity, image_layer_dirs
 from trustplane.agent.service import Agent, AgentConfig
+from trustplane.api.images import LayerRecord, PublishedLayer
+from trustplane.api.runtime import DriftReport
 from trustplane.client import ControlClient
 from trustplane.control.identity import make_node_assertion
 from trustplane.control.reference_files import map_digest
@@ -308,9 +310,13 @@ def test_a_repeat_claim_is_checked_against_the_log(
     runtime.drift with exactly this content; otherwise the report is logged."""
     fingerprint = "1" * 64
     start = log_size(plane)
-    first = node.report_drift({**DRIFT, "fingerprint": fingerprint})
-    same = node.report_drift({**DRIFT, "fingerprint": fingerprint, "repeat_of": first["log_index"]})
-    assert (same["log_index"], same["repeated"]) == (first["log_index"], True)
+    first = node.report_drift(DriftReport.model_validate({**DRIFT, "fingerprint": fingerprint}))
+    same = node.report_drift(
+        DriftReport.model_validate(
+            {**DRIFT, "fingerprint": fingerprint, "repeat_of": first.log_index}
+        )
+    )
+    assert (same.log_index, same.repeated) == (first.log_index, True)
     assert log_size(plane) == start + 1
     # Another content under the same claim, another container, a claim naming an entry
     # of another kind: each is logged as new.
@@ -320,9 +326,11 @@ def test_a_repeat_claim_is_checked_against_the_log(
         {"container": "cd" * 32, "fingerprint": fingerprint},
         {"fingerprint": fingerprint, "repeat_of": start - 1},
     ):
-        answer = node.report_drift({**DRIFT, "repeat_of": first["log_index"], **change})
-        assert answer["repeated"] is False
-        assert answer["log_index"] > first["log_index"]
+        answer = node.report_drift(
+            DriftReport.model_validate({**DRIFT, "repeat_of": first.log_index, **change})
+        )
+        assert answer.repeated is False
+        assert answer.log_index > first.log_index
     assert len(drift_entries(admin, start)) == 4
 
 
@@ -400,15 +408,16 @@ def test_encrypt_register_sends_the_plain_layers_file_digests(
     )
     assert result.returncode == 0, result.stderr
     published = json.loads(result.stdout)
-    layers = admin.image_files(repository, published["manifestDigest"])["layers"]
-    assert [layer["index"] for layer in layers] == [0, 1]
-    assert layers[1]["files"] == {
+    layers = admin.image_files(repository, published["manifestDigest"]).layers
+    assert [layer.index for layer in layers] == [0, 1]
+    base, app = (layer.files or {} for layer in layers)
+    assert app == {
         "/app/run.sh": "sha256:" + hashlib.sha256(RUN_SH).hexdigest(),
-        "/app/conf": layers[1]["files"]["/app/conf"],
+        "/app/conf": app["/app/conf"],
     }
-    assert layers[0]["files"]["/bin/sh"] == "symlink:/bin/busybox"
+    assert base["/bin/sh"] == "symlink:/bin/busybox"
     entry = json.loads(admin.log_entry(published["registeredLogIndex"]))
-    assert entry["files"] == {str(layer["index"]): map_digest(layer["files"]) for layer in layers}
+    assert entry["files"] == {str(layer.index): map_digest(layer.files or {}) for layer in layers}
 
 
 # -- hostile input ------------------------------------------------------------------
@@ -436,8 +445,13 @@ def test_malformed_file_digests_are_refused_whole(
     admin: ControlClient, files: dict[str, object], message: str
 ) -> None:
     repository = f"hostile/{os.urandom(3).hex()}"
+    image = {
+        "repository": repository,
+        "manifest_digest": "sha256:" + "d" * 64,
+        "layers": [{**LAYER, "files": files}],
+    }
     with pytest.raises(MalformedError, match=message):
-        admin.register_image(repository, "sha256:" + "d" * 64, [{**LAYER, "files": files}])
+        admin.request("POST", "/v1/images", json=image)
     assert admin.images(repository) == []
 
 
@@ -445,18 +459,21 @@ def test_reference_files_are_never_replaced(admin: ControlClient) -> None:
     repository = f"hostile/{os.urandom(3).hex()}"
     manifest = "sha256:" + "e" * 64
     with pytest.raises(MalformedError, match="distinct"):
-        admin.register_image(repository, manifest, [LAYER, LAYER])
-    admin.register_image(repository, manifest, [{**LAYER, "files": GOOD_FILES}])
-    admin.register_image(repository, manifest, [{**LAYER, "files": GOOD_FILES}])  # same: fine
+        admin.register_image(repository, manifest, [LayerRecord(**LAYER), LayerRecord(**LAYER)])
+    good = PublishedLayer(**LAYER, files=GOOD_FILES)
+    admin.register_image(repository, manifest, [good])
+    admin.register_image(repository, manifest, [good])  # same: fine
     with pytest.raises(IntegrityError, match="not replaced"):
         admin.register_image(
-            repository, manifest, [{**LAYER, "files": {**GOOD_FILES, "/bin/sh": "whiteout"}}]
+            repository,
+            manifest,
+            [PublishedLayer(**LAYER, files={**GOOD_FILES, "/bin/sh": "whiteout"})],
         )
-    other = {**LAYER, "digest": "sha256:" + "f" * 64, "files": GOOD_FILES}
+    other = good.model_copy(update={"digest": "sha256:" + "f" * 64})
     with pytest.raises(IntegrityError, match="other layers"):
         admin.register_image(repository, manifest, [other])
-    [layer] = admin.image_files(repository, manifest)["layers"]
-    assert layer["files"] == GOOD_FILES
+    [layer] = admin.image_files(repository, manifest).layers
+    assert layer.files == GOOD_FILES
     with pytest.raises(NotFoundError, match="not registered"):
         admin.image_files(repository, "sha256:" + "0" * 64)
 
@@ -489,14 +506,14 @@ def test_malformed_drift_reports_are_refused_and_not_logged(
 ) -> None:
     start = log_size(plane)
     with pytest.raises(MalformedError, match=message):
-        node.report_drift({**DRIFT, **change})
+        node.request("POST", "/v1/runtime/drift", json={**DRIFT, **change})
     assert log_size(plane) == start
 
 
 def test_only_nodes_report_drift(admin: ControlClient, plane: RunningControlPlane) -> None:
     start = log_size(plane)
     with pytest.raises(Forbidden, match="only nodes"):
-        admin.report_drift(DRIFT)
+        admin.report_drift(DriftReport.model_validate(DRIFT))
     assert log_size(plane) == start
 
 

@@ -438,7 +438,7 @@ def test_signatures_go_to_the_transparency_log_and_verify_proves_inclusion(
     # A log index that points at another entry is caught: the entry is included,
     # but it does not record this signature.
     with control_plane.admin() as admin:
-        elsewhere = admin.authorize("image.pull", f"image:{image.repository}")["log_index"]
+        elsewhere = admin.authorize("image.pull", f"image:{image.repository}").log_index
     document = image.signature_manifest()
     for layer in document["layers"]:
         if "dev.trustplane.log.index" in layer.get("annotations", {}):

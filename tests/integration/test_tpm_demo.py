@@ -13,6 +13,7 @@ import docker
 import pytest
 from conftest import start_control_plane_or_fail
 
+from trustplane.api.images import LayerRecord
 from trustplane.cli.demo_tpm import Scene, tpm_scene
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
@@ -55,7 +56,7 @@ def test_the_tpm_scene_runs_on_the_attested_node_and_refuses_the_tampered_one(
     with plane.admin() as admin:
         admin.create_recipient(RECIPIENT)
         kms = parse_recipient(
-            f"kms:{RECIPIENT}", lambda name: str(admin.recipient(name)["public_key"]).encode()
+            f"kms:{RECIPIENT}", lambda name: str(admin.recipient(name).public_key).encode()
         )
         result = encrypt_image(
             EncryptRequest(
@@ -68,7 +69,9 @@ def test_the_tpm_scene_runs_on_the_attested_node_and_refuses_the_tampered_one(
             )
         )
         admin.register_image(
-            repository, result.manifest_digest, [asdict(layer) for layer in result.layers]
+            repository,
+            result.manifest_digest,
+            [LayerRecord(**asdict(layer)) for layer in result.layers],
         )
     said: list[tuple[str, str]] = []
     proved: list[str] = []

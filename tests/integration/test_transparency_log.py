@@ -26,6 +26,7 @@ from control_helpers import Cli, assert_fails, entries_since
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from durability_helpers import StateStore, fresh_schema, sqlite_store, write_server_config
 
+from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.process import free_port
@@ -82,29 +83,29 @@ def make_entries(admin: ControlClient, plane: RunningControlPlane) -> dict[str, 
     with plane.client() as writer:
         writer.login(user, password)
         secret = writer.create_secret(os.urandom(32), secret_type="opaque")
-        start = int(writer.json("GET", "/healthz")["log_size"])
-        writer.secret_payload(secret["id"])
+        start = writer.health().log_size
+        writer.secret_payload(secret.id)
     with pytest.raises(Forbidden):
-        admin.secret_payload(secret["id"])  # admins manage secrets, they do not read them
+        admin.secret_payload(secret.id)  # admins manage secrets, they do not read them
     releases = [e for e in entries_since(admin, start) if e["kind"] == "kms.release"]
     assert [(e["subject"], e["decision"]) for e in releases] == [
         (f"user:{user}", "allow"),
         ("user:admin", "deny"),
     ]
-    assert all(e["resource"] == f"secret:{secret['id']}" for e in releases)
+    assert all(e["resource"] == f"secret:{secret.id}" for e in releases)
     decision = admin.authorize("container.start", "container:web", subject=("user", user))
-    assert decision["decision"] == "deny"
+    assert decision.decision == "deny"
     digests = ["sha256:" + hashlib.sha256(os.urandom(8)).hexdigest() for _ in range(2)]
     registered = admin.register_image(
         "registry.example/audit/app",
         "sha256:" + hashlib.sha256(os.urandom(8)).hexdigest(),
-        [{"index": i, "digest": d, "encrypted": i == 1} for i, d in enumerate(digests)],
+        [LayerRecord(index=i, digest=d, encrypted=i == 1) for i, d in enumerate(digests)],
     )
     return {
         "kms.release": releases[0]["index"],
         "kms.release.deny": releases[1]["index"],
-        "authorize": int(decision["log_index"]),
-        "image.register": int(registered["log_index"]),
+        "authorize": int(decision.log_index),
+        "image.register": int(registered.log_index),
     }
 
 
@@ -139,15 +140,15 @@ def test_every_kind_of_entry_is_proved_by_log_verify(
     state = json.loads(auditor.log_state.read_text())  # type: ignore[union-attr]
     assert state[plane.url]["size"] == size
     assert base64.b64decode(state[plane.url]["root"]) == root
-    assert state[plane.url]["verifier_key"] == admin_client.log_key()["verifier_key"]
-    assert origin == admin_client.log_key()["origin"]
+    assert state[plane.url]["verifier_key"] == admin_client.log_key().verifier_key
+    assert origin == admin_client.log_key().origin
 
     # More entries, a second run: the new tree is proved an extension of the kept one.
     later = admin_client.authorize("image.pull", "image:registry.example/audit/app")
-    second = auditor("log", "verify", "--entry", str(later["log_index"]))
+    second = auditor("log", "verify", "--entry", str(later.log_index))
     assert second.returncode == 0, second.stderr
     assert f"consistent with the checkpoint verified before ({size} entries)" in second.stdout
-    assert f"entry {later['log_index']} included: " in second.stdout
+    assert f"entry {later.log_index} included: " in second.stdout
     _, new_size, _ = checkpoint(admin_client)
     assert new_size > size
     assert json.loads(auditor.log_state.read_text())[plane.url]["size"] == new_size  # type: ignore[union-attr]
@@ -161,7 +162,7 @@ def test_a_wrong_verifier_key_fails(
     kept = auditor.log_state.read_bytes()  # type: ignore[union-attr]
 
     # Another key under the log's own name: an impostor log, or a swapped key.
-    impostor = NoteSigner(admin_client.log_key()["origin"], Ed25519PrivateKey.generate())
+    impostor = NoteSigner(admin_client.log_key().origin, Ed25519PrivateKey.generate())
     wrong = auditor("log", "verify", "--key", impostor.verifier_key())
     assert_fails(wrong, ExitCode.INTEGRITY, "no signature from a trusted key")
 

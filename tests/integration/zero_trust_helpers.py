@@ -103,8 +103,8 @@ def publish(
     encrypt(f"{prefix}/unsigned", register=True)
     tampered = encrypt(f"{prefix}/tampered", register=False)
     (registered,) = admin.images(f"{host}/{prefix}/app")
-    layers = [dict(layer) for layer in registered["layers"]]
-    layers[2]["diff_id"] = "sha256:" + "ab" * 32
+    layers = list(registered.layers)
+    layers[2] = layers[2].model_copy(update={"diff_id": "sha256:" + "ab" * 32})
     admin.register_image(f"{host}/{prefix}/tampered", str(tampered["manifestDigest"]), layers)
 
     signer = generate_signing_key("ecdsa-p256")

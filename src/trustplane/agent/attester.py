@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trustplane.agent.tpm import Identity, Tpm
+from trustplane.api.attestation import Activation, Enrollment, QuoteRequest
 from trustplane.client import ControlClient
 from trustplane.errors import MalformedError
 from trustplane.oci.layout import atomic_write, fsync_dir
@@ -185,31 +186,27 @@ class Attester:
     def enroll(self, client: ControlClient, transport_key_pem: str) -> None:
         """Register EK and AK, activate the credential, certify the transport key."""
         ident = self.tpm.identity()
-        challenge = client.json(
-            "POST",
-            "/v1/attestation/enroll",
-            json={
-                "ek_public": _b64(ident.ek_public),
-                "ek_certificate": _b64(ident.ek_cert) if ident.ek_cert else None,
-                "ak_public": _b64(ident.ak_public),
-                "ak_name": _b64(ident.ak_name),
-            },
+        challenge = client.enroll(
+            Enrollment.model_construct(
+                ek_public=_b64(ident.ek_public),
+                ek_certificate=_b64(ident.ek_cert) if ident.ek_cert else None,
+                ak_public=_b64(ident.ak_public),
+                ak_name=_b64(ident.ak_name),
+            )
         )
         secret = self.tpm.activate_credential(
-            base64.b64decode(challenge["credential_blob"]),
-            base64.b64decode(challenge["encrypted_secret"]),
+            base64.b64decode(challenge.credential_blob),
+            base64.b64decode(challenge.encrypted_secret),
         )
         self.activate(client, secret, transport_key_pem)
 
     def activate(self, client: ControlClient, secret: bytes, transport_key_pem: str) -> None:
-        client.json(
-            "POST",
-            "/v1/attestation/activate",
-            json={
-                "secret": _b64(secret),
-                "transport_key": transport_key_pem,
-                "transport_signature": _b64(self.tpm.sign_external(transport_key_pem.encode())),
-            },
+        client.activate(
+            Activation.model_construct(
+                secret=_b64(secret),
+                transport_key=transport_key_pem,
+                transport_signature=_b64(self.tpm.sign_external(transport_key_pem.encode())),
+            )
         )
 
     def measure(self, image: str, manifest: str, layers: list[Layer]) -> None:
@@ -225,24 +222,20 @@ class Attester:
         self.log.append(event)
         self.tpm.extend(event.pcr, bytes.fromhex(event.digest.split(":", 1)[1]))
 
-    def quote(self, nonce: bytes) -> dict[str, Any]:
+    def quote(self, nonce: bytes) -> QuoteRequest:
         result = self.tpm.quote(nonce, (self.pcr,))
-        return {
-            "nonce": nonce.hex(),
-            "quote": _b64(result.attest),
-            "signature": _b64(result.signature),
-            "event_log": self.log.to_json(),
-        }
+        return QuoteRequest.model_construct(
+            nonce=nonce.hex(),
+            quote=_b64(result.attest),
+            signature=_b64(result.signature),
+            event_log=self.log.to_json(),
+        )
 
     def attest(self, client: ControlClient) -> Verdict:
         """One round: nonce, quote, verdict."""
-        challenge = client.json("GET", "/v1/attestation/nonce")
-        nonce = bytes.fromhex(challenge["nonce"])
-        answer = client.json("POST", "/v1/attestation/quote", json=self.quote(nonce))
-        interval = challenge.get("interval_seconds")
+        challenge = client.nonce()
+        nonce = bytes.fromhex(challenge.nonce)
+        answer = client.quote(self.quote(nonce))
         return Verdict(
-            bool(answer["passed"]),
-            str(answer["reason"]),
-            float(interval) if isinstance(interval, int | float) else None,
-            bool(answer.get("quarantined", False)),
+            answer.passed, answer.reason, float(challenge.interval_seconds), answer.quarantined
         )

@@ -40,6 +40,8 @@ from typing import Any, Literal
 import docker
 import docker.errors
 
+from trustplane.api.images import ImageEntry
+from trustplane.api.runtime import DriftCounts, DriftReport
 from trustplane.client import ControlClient
 from trustplane.errors import Forbidden, NotFoundError, TrustplaneError, UnavailableError
 from trustplane.trust.file_digests import FileDrift, compare, measure_tree
@@ -102,7 +104,7 @@ class RuntimeIntegrity:
             running = self.docker.containers(filters={"status": "running"})
         except (docker.errors.DockerException, OSError) as exc:
             raise UnavailableError(f"Docker engine at {self.docker_url}: {exc}") from None
-        listings: dict[str, list[dict[str, Any]]] = {}
+        listings: dict[str, list[ImageEntry]] = {}
         measured: dict[str, dict[str, str]] = {}
         results = []
         for summary in running:
@@ -130,7 +132,7 @@ class RuntimeIntegrity:
         self,
         control: ControlClient,
         container_id: str,
-        listings: dict[str, list[dict[str, Any]]],
+        listings: dict[str, list[ImageEntry]],
         measured: dict[str, dict[str, str]],
     ) -> ContainerCheck | None:
         attrs = self._inspect("container", container_id)
@@ -183,7 +185,7 @@ class RuntimeIntegrity:
         control: ControlClient,
         repositories: Sequence[str],
         diff_ids: tuple[str, ...],
-        listings: dict[str, list[dict[str, Any]]],
+        listings: dict[str, list[ImageEntry]],
     ) -> Reference | None:
         for repository in repositories:
             if repository not in listings:
@@ -192,10 +194,10 @@ class RuntimeIntegrity:
                 except (Forbidden, NotFoundError):
                     listings[repository] = []
             for record in listings[repository]:
-                layers = sorted(record["layers"], key=lambda layer: int(layer["index"]))
-                if tuple(str(layer.get("diff_id")) for layer in layers) != diff_ids:
+                layers = sorted(record.layers, key=lambda layer: layer.index)
+                if tuple(str(layer.diff_id) for layer in layers) != diff_ids:
                     continue
-                reference = self._files(control, repository, str(record["manifest_digest"]))
+                reference = self._files(control, repository, record.manifest_digest)
                 if reference is not None:
                     return reference
         return None
@@ -209,14 +211,15 @@ class RuntimeIntegrity:
                 answer = control.image_files(repository, manifest)
             except (Forbidden, NotFoundError):
                 return None
-            layers = sorted(answer["layers"], key=lambda layer: int(layer["index"]))
-            if not layers or any(layer.get("files") is None for layer in layers):
+            layers = sorted(answer.layers, key=lambda layer: layer.index)
+            files = [layer.files for layer in layers]
+            if not layers or any(f is None for f in files):
                 return None
             self._references[key] = Reference(
                 repository,
                 manifest,
-                tuple(str(layer["diff_id"]) for layer in layers),
-                tuple(dict(layer["files"]) for layer in layers),
+                tuple(str(layer.diff_id) for layer in layers),
+                tuple(dict(f or {}) for f in files),
             )
         return self._references[key]
 
@@ -253,27 +256,27 @@ class RuntimeIntegrity:
         previous = self._logged.get(result.container)
         repeat_of = previous[1] if previous is not None and previous[0] == fingerprint else None
         answer = control.report_drift(
-            {
-                "container": result.container,
-                "name": result.name or None,
-                "repository": reference.repository,
-                "manifest_digest": reference.manifest_digest,
-                "changed": list(drift.changed[:MAX_REPORTED]),
-                "missing": list(drift.missing[:MAX_REPORTED]),
-                "unexpected": list(drift.unexpected[:MAX_REPORTED]),
-                "counts": {
-                    "changed": len(drift.changed),
-                    "missing": len(drift.missing),
-                    "unexpected": len(drift.unexpected),
-                },
-                "reason": result.reason or None,
-                "fingerprint": fingerprint,
-                "repeat_of": repeat_of,
-            }
+            DriftReport.model_construct(
+                container=result.container,
+                name=result.name or None,
+                repository=reference.repository,
+                manifest_digest=reference.manifest_digest,
+                changed=list(drift.changed[:MAX_REPORTED]),
+                missing=list(drift.missing[:MAX_REPORTED]),
+                unexpected=list(drift.unexpected[:MAX_REPORTED]),
+                counts=DriftCounts.model_construct(
+                    changed=len(drift.changed),
+                    missing=len(drift.missing),
+                    unexpected=len(drift.unexpected),
+                ),
+                reason=result.reason or None,
+                fingerprint=fingerprint,
+                repeat_of=repeat_of,
+            )
         )
-        action = str(answer["action"])
-        repeated = bool(answer.get("repeated", False))
-        self._logged[result.container] = (fingerprint, int(answer["log_index"]))
+        action = answer.action
+        repeated = answer.repeated
+        self._logged[result.container] = (fingerprint, answer.log_index)
         logger.log(
             logging.DEBUG if repeated else logging.WARNING,
             "container %s (%s, image %s): %s: %d changed, %d missing, %d unexpected%s; %s",
@@ -285,14 +288,14 @@ class RuntimeIntegrity:
             len(drift.missing),
             len(drift.unexpected),
             f" ({result.reason})" if result.reason else "",
-            "as logged before" if repeated else f"logged at {answer['log_index']}",
+            "as logged before" if repeated else f"logged at {answer.log_index}",
         )
         stopped = False
         if action == "stop":
             try:
                 self.docker.stop(result.container, timeout=self.stop_grace)
                 stopped = True
-                logger.warning("stopped container %s: %s", result.name, answer["reason"])
+                logger.warning("stopped container %s: %s", result.name, answer.reason)
             except docker.errors.NotFound:
                 stopped = True  # already gone
             except (docker.errors.DockerException, OSError) as exc:
@@ -306,7 +309,7 @@ class RuntimeIntegrity:
             drift,
             action,
             stopped,
-            int(answer["log_index"]),
+            answer.log_index,
             repeated,
         )
 

@@ -48,6 +48,7 @@ from typing import Any
 from trustplane.agent.attester import Attester
 from trustplane.agent.service import Agent, AgentConfig
 from trustplane.agent.tpm_lock import node_tpm
+from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import load_unwrap_key
@@ -205,12 +206,12 @@ def run_image(request: RunRequest, reporter: Reporter = SILENT, say: Say = _quie
             # 7. authorize the start
             resource = f"image:{repository}"
             answer = client.authorize(START_ACTION, resource)
-            if answer.get("decision") != "allow":
+            if not answer.allowed:
                 raise Forbidden(
                     f"authorization: the control plane refuses {START_ACTION} on {resource}: "
-                    f"{answer.get('reason')}"
+                    f"{answer.reason}"
                 )
-            say(f"authorization: {START_ACTION} on {resource}: {answer.get('reason')}")
+            say(f"authorization: {START_ACTION} on {resource}: {answer.reason}")
 
             # 8. load and start
             started = _load_and_start(request, layout, plain, config, repository, digest)
@@ -223,22 +224,21 @@ def run_image(request: RunRequest, reporter: Reporter = SILENT, say: Say = _quie
         repository=repository,
         manifest_digest=digest,
         attestation=verdict,
-        authorization_log_index=int(answer.get("log_index", -1)),
+        authorization_log_index=answer.log_index,
     )
 
 
 # -- the checks ------------------------------------------------------------------------
 
 
-def _references(client: ControlClient, repository: str, digest: str) -> list[dict[str, Any]]:
+def _references(client: ControlClient, repository: str, digest: str) -> list[LayerRecord]:
     try:
         entries = client.images(repository)
     except AuthError as exc:
         raise refused("authorization", exc) from None
     for entry in entries:
-        if entry.get("manifest_digest") == digest:
-            layers = sorted(entry.get("layers") or [], key=lambda layer: int(layer["index"]))
-            return list(layers)
+        if entry.manifest_digest == digest:
+            return sorted(entry.layers, key=lambda layer: layer.index)
     raise IntegrityError(
         f"measurement: {repository}@{digest} is not registered with the control plane "
         "(no reference measurements)"
@@ -272,10 +272,10 @@ def _measure(attester: Attester, events: Sequence[Event]) -> None:
             known.add(event)
 
 
-def _compare(events: Sequence[Event], references: Sequence[dict[str, Any]], repo: str) -> None:
+def _compare(events: Sequence[Event], references: Sequence[LayerRecord], repo: str) -> None:
     for event in events:
-        field_name = "digest" if event.kind == "blob" else "diff_id"
-        want = references[event.layer].get(field_name)
+        reference = references[event.layer]
+        want = reference.digest if event.kind == "blob" else reference.diff_id
         if want != event.digest:
             raise IntegrityError(
                 f"measurement: layer {event.layer} of {repo} measured {event.kind} "
@@ -288,7 +288,7 @@ def _compare_or_report(
     node: Agent,
     client: ControlClient,
     events: Sequence[Event],
-    references: Sequence[dict[str, Any]],
+    references: Sequence[LayerRecord],
     repo: str,
 ) -> None:
     """Compare; on a mismatch, quote first, so the verifier holds the evidence
@@ -324,7 +324,7 @@ class _AttestedUnwrapper:
         except Forbidden as exc:
             check = "attestation" if "attestation required" in str(exc) else "authorization"
             raise refused(check, exc) from None
-        payload = keywrap.unwrap(answer["jwe"], [self._key], what)
+        payload = keywrap.unwrap(answer.jwe, [self._key], what)
         if payload is None:
             raise IntegrityError(f"{what}: the KMS answered with keys not wrapped for us")
         return payload

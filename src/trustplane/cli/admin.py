@@ -16,7 +16,7 @@ user_app = typer.Typer(help="Users of the control plane.", no_args_is_help=True)
 node_app = typer.Typer(help="Hosts and edge gateways.", no_args_is_help=True)
 
 
-# The values the server accepts (control/routers/principals.py), checked here so
+# The values the server accepts (trustplane/api/identity.py), checked here so
 # that a wrong one is a usage error naming the option, before any request.
 Role = Literal["admin", "operator", "user"]
 NodeKind = Literal["host", "gateway"]
@@ -44,7 +44,7 @@ def create_user(
     check_name(name, "user")
     with connect(server, ca) as client:
         answer = client.create_user(name, role)
-    stdout.print(f"user {answer['name']} ({answer['role']}) password: {answer['password']}")
+    stdout.print(f"user {answer.name} ({answer.role}) password: {answer.password}")
 
 
 @user_app.command("revoke")
@@ -54,7 +54,7 @@ def revoke_user(name: Name, server: Server = None, ca: Ca = None) -> None:
     check_name(name, "user")
     with connect(server, ca) as client:
         answer = client.revoke(subject=f"user:{name}")
-    stdout.print(f"revoked {answer['revoked']}")
+    stdout.print(f"revoked {answer.revoked}")
 
 
 @node_app.command("revoke")
@@ -63,7 +63,7 @@ def revoke_node(name: Name, server: Server = None, ca: Ca = None) -> None:
     check_name(name, "node")
     with connect(server, ca) as client:
         answer = client.revoke(subject=f"node:{name}")
-    stdout.print(f"revoked {answer['revoked']}")
+    stdout.print(f"revoked {answer.revoked}")
 
 
 @node_app.command("register")
@@ -81,7 +81,7 @@ def register_node(
     pem = read_file(public_key, "--public-key").decode()
     with connect(server, ca) as client:
         answer = client.register_node(name, kind, pem)
-    stdout.print(f"node {answer['name']} ({answer['kind']}) key id {answer['key_id']}")
+    stdout.print(f"node {answer.name} ({answer.kind}) key id {answer.key_id}")
 
 
 @node_app.command("clear")
@@ -100,9 +100,9 @@ def clear_node(
     with connect(server, ca) as client:
         answer = client.clear_node(name, reason)
     stdout.print(
-        f"node {answer['node']} cleared (was quarantined: {answer['quarantine']}); "
-        f"{answer['reviewed_events']} events of its current boot reviewed; "
-        f"log entry {answer['log_index']}"
+        f"node {answer.node} cleared (was quarantined: {answer.quarantine}); "
+        f"{answer.reviewed_events} events of its current boot reviewed; "
+        f"log entry {answer.log_index}"
     )
 
 
@@ -131,5 +131,5 @@ def authorize(
     with connect(server, ca) as client:
         answer = client.authorize(action, resource, who, layer)
     emit_json(answer)
-    if answer["decision"] != "allow":  # the same code as any refusal
-        raise Forbidden(f"denied: {answer['reason']} (log entry {answer['log_index']})")
+    if not answer.allowed:  # the same code as any refusal
+        raise Forbidden(f"denied: {answer.reason} (log entry {answer.log_index})")

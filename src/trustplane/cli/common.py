@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from trustplane.ca_bundle import client_context
@@ -141,4 +142,6 @@ def _named(error: TrustplaneError, option: str | None) -> TrustplaneError:
 
 
 def emit_json(value: Any) -> None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
     sys.stdout.write(json.dumps(value, indent=2) + "\n")

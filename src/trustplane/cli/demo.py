@@ -30,6 +30,7 @@ from jwcrypto import jwk
 from rich.console import Console
 from rich.panel import Panel
 
+from trustplane.api.images import LayerRecord
 from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import UnwrapKey, generate_key_pair, load_unwrap_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
@@ -173,7 +174,7 @@ class Demo:
         kms_key = self.admin.create_recipient(KMS_RECIPIENT)
         _said(
             "KMS",
-            f"recipient {KMS_RECIPIENT!r}, key id {kms_key['key_id']}: "
+            f"recipient {KMS_RECIPIENT!r}, key id {kms_key.key_id}: "
             "its private key never leaves the KMS",
         )
         return operator, contractor
@@ -182,7 +183,7 @@ class Demo:
         _step(f"Encrypt only the layers holding /secrets/** and push to {self.published}")
         kms = parse_recipient(
             f"kms:{KMS_RECIPIENT}",
-            lambda name: str(self.admin.recipient(name)["public_key"]).encode(),
+            lambda name: self.admin.recipient(name).public_key.encode(),
         )
         with Reporter() as reporter:
             result = encrypt_image(
@@ -197,9 +198,11 @@ class Demo:
                 reporter,
             )
         registered = self.admin.register_image(
-            self.repository, result.manifest_digest, [asdict(layer) for layer in result.layers]
+            self.repository,
+            result.manifest_digest,
+            [LayerRecord.model_construct(**asdict(layer)) for layer in result.layers],
         )
-        self.registration_entry = int(registered["log_index"])
+        self.registration_entry = registered.log_index
         info = inspect_image(reference.parse(self.published), self.endpoint)
         for layer in info["layers"]:
             who = ", ".join(r["keyID"][:12] for r in layer.get("recipients", []))
@@ -397,7 +400,7 @@ class Demo:
     def _checkpoint(self) -> Checkpoint:
         key = self.admin.log_key()
         return open_checkpoint(
-            self.admin.checkpoint(), parse_verifier_key(key["verifier_key"]), key["origin"]
+            self.admin.checkpoint(), parse_verifier_key(key.verifier_key), key.origin
         )
 
 

@@ -251,7 +251,7 @@ def _publish_tampered(scene: Scene, admin: ControlClient, signer: SigningKey) ->
         client.close()
     target = scene.published.rsplit(":", 1)[0] + ":tampered"
     kms = parse_recipient(
-        f"kms:{scene.kms_recipient}", lambda name: str(admin.recipient(name)["public_key"]).encode()
+        f"kms:{scene.kms_recipient}", lambda name: admin.recipient(name).public_key.encode()
     )
     result = encrypt_image(
         EncryptRequest(
@@ -263,7 +263,7 @@ def _publish_tampered(scene: Scene, admin: ControlClient, signer: SigningKey) ->
         )
     )
     genuine = admin.images(scene.repository)[0]
-    admin.register_image(scene.repository, result.manifest_digest, genuine["layers"])
+    admin.register_image(scene.repository, result.manifest_digest, genuine.layers)
     sign_image(reference.parse(target), signer, scene.endpoint)
     return target
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from trustplane.api.images import PublishedLayer
 from trustplane.cli.common import (
     AsJson,
     AuthFile,
@@ -112,7 +113,7 @@ def encrypt(
 
     def kms_key(key_name: str) -> bytes:
         assert client is not None
-        return str(client.recipient(key_name)["public_key"]).encode()
+        return client.recipient(key_name).public_key.encode()
 
     request = EncryptRequest(
         source=reference.parse(source),
@@ -148,10 +149,10 @@ def encrypt(
                 name,
                 result.manifest_digest,
                 [
-                    {**asdict(layer), "files": reference.files}
+                    PublishedLayer.model_construct(**asdict(layer), files=reference.files)
                     for layer, reference in zip(result.layers, plain.layers, strict=True)
                 ],
-            )["log_index"]
+            ).log_index
         stderr.print(f"registered {name} with the control plane (log entry {log_index})")
     if as_json:
         emit_json(
@@ -201,8 +202,10 @@ def register(
     with client, Reporter(enabled=not quiet) as reporter:
         plain = reference_image(ref, source_endpoint, platform, reporter)
         log_index = client.register_image(
-            name, plain.manifest_digest, [asdict(layer) for layer in plain.layers]
-        )["log_index"]
+            name,
+            plain.manifest_digest,
+            [PublishedLayer.model_construct(**asdict(layer)) for layer in plain.layers],
+        ).log_index
     files = sum(len(layer.files or ()) for layer in plain.layers)
     if as_json:
         emit_json(
@@ -404,7 +407,7 @@ def sign(
                 signed.signature,
                 signing_key.public.public_pem(),
             )
-        return int(answer["log_index"])
+        return answer.log_index
 
     result = sign_image(
         target,

@@ -44,7 +44,7 @@ def create_secret(
             secret_type="opaque" if payload else "symmetric",
             readers=reader or [],
         )
-    stdout.print(answer["secret_ref"])
+    stdout.print(answer.secret_ref)
 
 
 SecretId = Annotated[
@@ -118,7 +118,7 @@ def create_recipient(
     """A key pair in the KMS; encrypt for it with --recipient kms:NAME."""
     with connect(server, ca) as client:
         answer = client.create_recipient(name, key_type)
-    stdout.print(f"recipient {answer['name']}: key id {answer['key_id']}")
+    stdout.print(f"recipient {answer.name}: key id {answer.key_id}")
 
 
 @recipient_app.command("show")

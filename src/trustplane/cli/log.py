@@ -91,11 +91,11 @@ def check_log(
     known: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     remembered = known.get(client.url, {})
     published = client.log_key()
-    verifier_text = key or remembered.get("verifier_key") or published["verifier_key"]
-    if remembered.get("verifier_key") and published["verifier_key"] != remembered["verifier_key"]:
+    verifier_text = key or remembered.get("verifier_key") or published.verifier_key
+    if remembered.get("verifier_key") and published.verifier_key != remembered["verifier_key"]:
         raise IntegrityError("the log's signing key changed since it was pinned")
     verifier = parse_verifier_key(verifier_text)
-    checkpoint = open_checkpoint(client.checkpoint(), verifier, published["origin"])
+    checkpoint = open_checkpoint(client.checkpoint(), verifier, published.origin)
     lines = [
         f"checkpoint: {checkpoint.size} entries, root {checkpoint.root.hex()}, signature valid"
     ]

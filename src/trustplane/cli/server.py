@@ -63,12 +63,12 @@ def login(
         Session(
             server=server_url,
             ca_file=str(ca.resolve()) if ca else None,
-            token=answer["access_token"],
-            expires=time.time() + int(answer["expires_in"]) - 5,
-            subject=who["subject"],
+            token=answer.access_token,
+            expires=time.time() + answer.expires_in - 5,
+            subject=who.subject,
         )
     )
-    stdout.print(f"logged in to {server_url} as {who['subject']} ({who['role']})")
+    stdout.print(f"logged in to {server_url} as {who.subject} ({who.role})")
 
 
 def _ask_password() -> str:

@@ -43,7 +43,7 @@ class KmsUnwrapper:
             answer = self.client.unwrap(annotation, self.transport_pem)
         except Forbidden:
             return None
-        payload = keywrap.unwrap(answer["jwe"], [self._key], what)
+        payload = keywrap.unwrap(answer.jwe, [self._key], what)
         if payload is None:
             raise IntegrityError(f"{what}: the KMS answered with keys not wrapped for us")
         return payload

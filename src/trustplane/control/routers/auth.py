@@ -11,13 +11,20 @@ revocations every second (`GET /v1/auth/revocations`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter
-from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 
+from trustplane.api.identity import (
+    Revocations,
+    Revoked,
+    RevokeRequest,
+    TokenRequest,
+    TokenResponse,
+    WhoAmI,
+)
 from trustplane.control.identity import (
     USER_ROLES,
     Principal,
@@ -26,35 +33,10 @@ from trustplane.control.identity import (
 )
 from trustplane.control.models import Node, User
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.control.routers.principals import NAME
 from trustplane.errors import AuthError, Forbidden, UsageError
 
 router = APIRouter(prefix="/v1/auth", tags=["identity"])
-JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SCOPES = frozenset({"kms", "authorize", "images", "log", "admin"})
-
-
-class TokenRequest(BaseModel):
-    grant_type: Literal["password", "urn:ietf:params:oauth:grant-type:jwt-bearer"]
-    username: str | None = Field(None, max_length=128)
-    password: str | None = Field(None, max_length=1024)
-    node: str | None = Field(None, max_length=128)
-    assertion: str | None = Field(None, max_length=16384)
-    scope: str | None = Field(None, description="Space-separated subset of the role's scopes")
-    gateways: list[Annotated[str, Field(pattern=NAME)]] | None = Field(
-        None,
-        min_length=1,
-        max_length=32,
-        description="Edge gateways (registered node names) the token is valid on; "
-        "a gateway refuses a token scoped to others",
-    )
-
-
-class TokenResponse(BaseModel):
-    access_token: str
-    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth token type
-    expires_in: int
-    scope: str
 
 
 @router.post("/token", response_model=TokenResponse)
@@ -85,36 +67,16 @@ def jwks(plane: Plane) -> dict[str, Any]:
     return plane.tokens.jwks()
 
 
-@router.get("/whoami")
-def whoami(caller: Caller) -> dict[str, Any]:
-    return {
-        "subject": caller.subject,
-        "role": caller.role,
-        "scopes": sorted(caller.scopes),
-        "gateways": sorted(caller.gateways) if caller.gateways is not None else None,
-        "token_id": caller.token_id,
-        "issued_at": caller.issued_at,
-    }
-
-
-class RevokeRequest(BaseModel):
-    token: str | None = Field(None, max_length=16384, description="This token")
-    subject: str | None = Field(
-        None,
-        pattern=r"^(user|node):[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$",
-        description="Every token this principal was issued so far",
+@router.get("/whoami", response_model=WhoAmI)
+def whoami(caller: Caller) -> WhoAmI:
+    return WhoAmI(
+        subject=caller.subject,
+        role=caller.role,
+        scopes=sorted(caller.scopes),
+        gateways=sorted(caller.gateways) if caller.gateways is not None else None,
+        token_id=caller.token_id,
+        issued_at=caller.issued_at,
     )
-
-    @model_validator(mode="after")
-    def one(self) -> RevokeRequest:
-        if (self.token is None) == (self.subject is None):
-            raise ValueError("name exactly one of token and subject")
-        return self
-
-
-class Revoked(BaseModel):
-    revoked: str
-    epoch: int = Field(description="The revocation's id; gateways ask for those after theirs")
 
 
 @router.post("/revoke", response_model=Revoked)
@@ -155,8 +117,8 @@ def _may_revoke(plane: Plane, caller: Principal, subject: str) -> None:
         raise Forbidden(f"{caller.subject} may not {action} {subject}: {decision.reason}")
 
 
-@router.get("/revocations")
-def revocations(caller: Caller, plane: Plane, since: int = 0) -> dict[str, Any]:
+@router.get("/revocations", response_model=Revocations)
+def revocations(caller: Caller, plane: Plane, since: int = 0) -> Revocations:
     """The live revocations after `since` (nodes and admins; gateways ask every second).
 
     `{"epoch": N, "revocations": [{id, subject, token_id, issued_before,
@@ -165,7 +127,7 @@ def revocations(caller: Caller, plane: Plane, since: int = 0) -> dict[str, Any]:
     """
     if caller.role not in ("node", "admin"):
         raise Forbidden("only nodes and admins read the revocation list")
-    return plane.revocations.since(since)
+    return Revocations.model_validate(plane.revocations.since(since))
 
 
 def _known_gateways(plane: Plane, names: list[str]) -> frozenset[str]:

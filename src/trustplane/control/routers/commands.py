@@ -5,14 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from typing import Any, Literal
+from typing import Any
 
 import anyio.to_thread
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from fastapi import APIRouter, Request, status
-from pydantic import BaseModel, Field
 
+from trustplane.api.commands import CommandKey, CommandRequest, CommandSent
 from trustplane.control.commands import CommandCenter
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.control.service import ControlPlane, new_ed25519_pem, system_key
@@ -20,7 +20,6 @@ from trustplane.errors import Forbidden, MalformedError
 
 router = APIRouter(prefix="/v1", tags=["commands"])
 _lock = threading.Lock()
-Scalar = str | int | float | bool | None
 
 
 def _center(request: Request, plane: ControlPlane) -> CommandCenter:
@@ -37,28 +36,11 @@ def _center(request: Request, plane: ControlPlane) -> CommandCenter:
     return center
 
 
-class CommandKey(BaseModel):
-    public_key: str
-
-
 @router.get("/commands/key", response_model=CommandKey)
 async def command_key(request: Request, caller: Caller, plane: Plane) -> CommandKey:
     """The Ed25519 public key every command to a gateway is signed with."""
     center = await anyio.to_thread.run_sync(_center, request, plane)
     return CommandKey(public_key=center.public_pem)
-
-
-class CommandRequest(BaseModel):
-    gateway: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    command: Literal["pull", "start", "stop", "delete", "thresholds"]
-    args: dict[str, Scalar] = Field(default_factory=dict, max_length=16)
-    ttl: float = Field(default=60, gt=0, le=3600)
-
-
-class CommandSent(BaseModel):
-    envelope: str
-    log_index: int
-    published: bool
 
 
 @router.post("/commands", status_code=status.HTTP_201_CREATED, response_model=CommandSent)

@@ -9,62 +9,23 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
+from trustplane.api.fields import DIGEST, REPOSITORY
+from trustplane.api.images import (
+    ImageEntry,
+    ImageFiles,
+    ImageRecord,
+    LayerFilesEntry,
+    LayerRecord,
+    Registered,
+)
 from trustplane.control import reference_files
 from trustplane.control.models import Image
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden, NotFoundError
-from trustplane.trust.file_digests import VALUE, is_reference_path
 
 router = APIRouter(prefix="/v1", tags=["images"])
-DIGEST = r"^sha(256:[a-f0-9]{64}|512:[a-f0-9]{128})$"
-MAX_FILES = 500_000
-"""Files per layer a registration may describe (a full distribution has ~100k)."""
-
-
-class LayerRecord(BaseModel):
-    index: int = Field(ge=0, le=2**31 - 1)
-    digest: str = Field(pattern=DIGEST, description="Digest of the plain (unencrypted) blob")
-    encrypted: bool
-    diff_id: str | None = Field(None, pattern=DIGEST)
-
-
-class PublishedLayer(LayerRecord):
-    files: dict[str, str] | None = Field(
-        None,
-        max_length=MAX_FILES,
-        description="Runtime-integrity reference: absolute path -> sha256:HEX, "
-        "symlink:TARGET, whiteout, fifo, char:MAJ:MIN or block:MAJ:MIN",
-    )
-
-    @field_validator("files")
-    @classmethod
-    def reference_map(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for path, item in (value or {}).items():
-            if not is_reference_path(path):
-                raise ValueError(f"file path {path[:100]!r} is not absolute and normal")
-            if not VALUE.fullmatch(item):
-                raise ValueError(f"file {path[:100]!r} has an unknown reference value")
-        return value
-
-
-class ImageRecord(BaseModel):
-    repository: str = Field(min_length=1, max_length=256)
-    manifest_digest: str = Field(pattern=DIGEST)
-    layers: list[PublishedLayer] = Field(max_length=1024)
-
-    @field_validator("layers")
-    @classmethod
-    def distinct(cls, value: list[PublishedLayer]) -> list[PublishedLayer]:
-        if len({layer.index for layer in value}) != len(value):
-            raise ValueError("layer indexes must be distinct")
-        return value
-
-
-class Registered(BaseModel):
-    log_index: int
 
 
 @router.post("/images", status_code=status.HTTP_201_CREATED, response_model=Registered)
@@ -80,18 +41,11 @@ def register_image(body: ImageRecord, caller: Caller, plane: Plane) -> Registere
     return Registered(log_index=index)
 
 
-class ImageEntry(BaseModel):
-    repository: str
-    manifest_digest: str
-    layers: list[LayerRecord]
-    publisher: str
-
-
 @router.get("/images", response_model=list[ImageEntry])
 def list_images(
     caller: Caller,
     plane: Plane,
-    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=r"^[!-~]+$")],
+    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=REPOSITORY)],
 ) -> list[ImageEntry]:
     """What is registered for REPOSITORY (needs image.pull on image:REPOSITORY).
 
@@ -115,25 +69,11 @@ def list_images(
         ]
 
 
-class LayerFilesEntry(BaseModel):
-    index: int
-    digest: str
-    diff_id: str | None
-    files: dict[str, str] | None
-    """None: no file digests were registered for this layer."""
-
-
-class ImageFiles(BaseModel):
-    repository: str
-    manifest_digest: str
-    layers: list[LayerFilesEntry]
-
-
 @router.get("/images/files", response_model=ImageFiles)
 def image_files(
     caller: Caller,
     plane: Plane,
-    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=r"^[!-~]+$")],
+    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=REPOSITORY)],
     manifest_digest: Annotated[str, Query(pattern=DIGEST)],
 ) -> ImageFiles:
     """The file digests registered for one image (needs image.pull on image:REPOSITORY).

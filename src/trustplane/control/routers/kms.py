@@ -3,68 +3,26 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
-from typing import Any, Literal
+import re
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel, Field
 
+from trustplane.api.fields import UUID
+from trustplane.api.kms import (
+    KekRotated,
+    NewRecipient,
+    NewSecret,
+    RecipientInfo,
+    SecretInfo,
+    SecretRef,
+    UnwrapRequest,
+    UnwrapResponse,
+)
 from trustplane.control.kms import SecretMetadata
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden, UsageError
 
 router = APIRouter(prefix="/v1", tags=["kms"])
-UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-
-
-class NewSecret(BaseModel):
-    name: str | None = Field(None, max_length=256)
-    secret_type: Literal["symmetric", "opaque", "private", "passphrase"] = "symmetric"  # noqa: S105
-    payload: str | None = Field(None, description="Base64; omit to have an AES key generated")
-    algorithm: str | None = Field(None, max_length=32)
-    bit_length: int | None = Field(None, ge=8, le=8192)
-    readers: list[str] = Field(default_factory=list, description="Subjects that may read it")
-
-
-class SecretRef(BaseModel):
-    secret_ref: str
-    id: str
-
-
-class SecretInfo(BaseModel):
-    id: str
-    secret_ref: str
-    name: str | None
-    secret_type: str
-    algorithm: str | None
-    bit_length: int | None
-    creator: str
-    created: datetime
-    readers: list[str]
-
-
-class NewRecipient(BaseModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,127}$")
-    key_type: Literal["ec-p256", "ec-p384", "ec-p521", "rsa"] = "ec-p256"
-
-
-class RecipientInfo(BaseModel):
-    name: str
-    key_id: str
-    public_key: str
-
-
-class UnwrapRequest(BaseModel):
-    annotation: str = Field(
-        max_length=1 << 20, description="The layer's org.opencontainers.image.enc.keys.jwe value"
-    )
-    transport_key: str = Field(max_length=16384, description="PEM public key to re-wrap to")
-
-
-class UnwrapResponse(BaseModel):
-    jwe: str = Field(description="The layer's private options, as a JWE to the transport key")
-    repository: str
-    layer: int
 
 
 @router.post("/secrets", status_code=status.HTTP_201_CREATED, response_model=SecretRef)
@@ -116,13 +74,13 @@ def delete_secret(secret_id: str, caller: Caller, plane: Plane) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/kek/rotate")
-def rotate_kek(caller: Caller, plane: Plane) -> dict[str, Any]:
+@router.post("/kek/rotate", response_model=KekRotated)
+def rotate_kek(caller: Caller, plane: Plane) -> KekRotated:
     """A new KEK; every secret re-wrapped online."""
     decision = plane.authorize(caller, "kek.rotate", "kek:*")
     if not decision.allowed:
         raise Forbidden(f"policy refuses kek.rotate: {decision.reason}")
-    return plane.kms.rotate_kek(caller)
+    return KekRotated(**plane.kms.rotate_kek(caller))
 
 
 @router.post("/recipients", status_code=status.HTTP_201_CREATED, response_model=RecipientInfo)
@@ -168,7 +126,5 @@ def _info(plane: Plane, meta: SecretMetadata) -> SecretInfo:
 
 
 def _check_id(secret_id: str) -> None:
-    import re
-
     if not re.fullmatch(UUID, secret_id):
         raise UsageError("a secret id is a UUID")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
 
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
+from trustplane.api.log import ConsistencyProof, InclusionProof, LogEntry, LogKey
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden
 
@@ -27,10 +27,10 @@ def checkpoint(plane: Plane) -> Response:
     return Response(plane.log.checkpoint(), media_type="text/plain; charset=utf-8")
 
 
-@router.get("/key")
-def key(plane: Plane) -> dict[str, str]:
+@router.get("/key", response_model=LogKey)
+def key(plane: Plane) -> LogKey:
     """The note verifier key (`name+hash+base64`) to pin for `trustplane log verify`."""
-    return {"origin": plane.log.origin, "verifier_key": plane.log.signer.verifier_key()}
+    return LogKey(origin=plane.log.origin, verifier_key=plane.log.signer.verifier_key())
 
 
 @router.get(
@@ -53,29 +53,31 @@ def entries(
     return StreamingResponse(frames, media_type="application/octet-stream")
 
 
-@router.get("/entries/{index}")
-def entry(caller: Caller, plane: Plane, index: int = Path(ge=0, le=2**63 - 1)) -> dict[str, Any]:
+@router.get("/entries/{index}", response_model=LogEntry)
+def entry(caller: Caller, plane: Plane, index: int = Path(ge=0, le=2**63 - 1)) -> LogEntry:
     _may_read(plane, caller)
     body = plane.log.entry(index)
-    return {"index": index, "body": base64.b64encode(body).decode(), "entry": json.loads(body)}
+    return LogEntry(index=index, body=base64.b64encode(body).decode(), entry=json.loads(body))
 
 
-@router.get("/proof/inclusion")
+@router.get("/proof/inclusion", response_model=InclusionProof)
 def inclusion(
     caller: Caller, plane: Plane, index: int = Query(ge=0), size: int = Query(ge=1)
-) -> dict[str, Any]:
+) -> InclusionProof:
     _may_read(plane, caller)
     proof = plane.log.inclusion_proof(index, size)
-    return {"index": index, "size": size, "proof": [base64.b64encode(h).decode() for h in proof]}
+    return InclusionProof(
+        index=index, size=size, proof=[base64.b64encode(h).decode() for h in proof]
+    )
 
 
-@router.get("/proof/consistency")
+@router.get("/proof/consistency", response_model=ConsistencyProof)
 def consistency(
     caller: Caller, plane: Plane, old: int = Query(ge=1), new: int = Query(ge=1)
-) -> dict[str, Any]:
+) -> ConsistencyProof:
     _may_read(plane, caller)
     proof = plane.log.consistency_proof(old, new)
-    return {"old": old, "new": new, "proof": [base64.b64encode(h).decode() for h in proof]}
+    return ConsistencyProof(old=old, new=new, proof=[base64.b64encode(h).decode() for h in proof])
 
 
 def _may_read(plane: Plane, caller: Caller) -> None:

@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import anyio.to_thread
 from fastapi import APIRouter
-from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
+from trustplane.api.policy import AuthorizeRequest, AuthorizeResponse, Subject
 from trustplane.control.identity import Principal
 from trustplane.control.models import Node, User
 from trustplane.control.policy import Decision
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.control.routers.reports import Scalar, bounded_details
 from trustplane.errors import Forbidden
 
 router = APIRouter(prefix="/v1", tags=["policy"])
-
-
-class Subject(BaseModel):
-    """Whom to decide for; gateways name the user they act for."""
-
-    kind: Literal["user", "node"]
-    name: str = Field(min_length=1, max_length=128)
-
-
-class AuthorizeRequest(BaseModel):
-    subject: Subject | None = Field(None, description="Default: the caller itself")
-    action: str = Field(min_length=1, max_length=64)
-    resource: str = Field(min_length=1, max_length=512)
-    layer: int | None = Field(None, ge=0, description="For image layer keys: the layer index")
-    context: dict[str, Scalar] | None = Field(
-        None,
-        description="What the asker knows of the resource (a gateway: the container's id, "
-        "name, image, process id and resource use); logged with the decision, not decided on",
-    )
-
-    @field_validator("context")
-    @classmethod
-    def bounded(cls, value: dict[str, Scalar] | None) -> dict[str, Scalar] | None:
-        return None if value is None else bounded_details(value)
-
-
-class AuthorizeResponse(BaseModel):
-    decision: Literal["allow", "deny"]
-    reason: str
-    log_index: int
 
 
 @router.post("/authorize", response_model=AuthorizeResponse)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DuplicateRow
 
+from trustplane.api.identity import CreatedUser, NewNode, NewUser, NodeInfo
 from trustplane.control.identity import hash_password, new_password
 from trustplane.control.models import Node, User
 from trustplane.control.routers.deps import Caller, Plane
@@ -17,31 +16,6 @@ from trustplane.crypto.keys import load_recipient_key
 from trustplane.errors import Forbidden, UsageError
 
 router = APIRouter(prefix="/v1", tags=["identity"])
-NAME = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$"
-
-
-class NewUser(BaseModel):
-    name: str = Field(pattern=NAME)
-    role: Literal["admin", "operator", "user"]
-    password: str | None = Field(None, min_length=12, max_length=1024)
-
-
-class CreatedUser(BaseModel):
-    name: str
-    role: str
-    password: str | None = Field(None, description="Only when the server generated it")
-
-
-class NewNode(BaseModel):
-    name: str = Field(pattern=NAME)
-    kind: Literal["host", "gateway"]
-    public_key: str = Field(max_length=16384, description="PEM; the node signs assertions with it")
-
-
-class NodeInfo(BaseModel):
-    name: str
-    kind: str
-    key_id: str
 
 
 @router.post("/users", status_code=status.HTTP_201_CREATED, response_model=CreatedUser)

@@ -18,61 +18,18 @@ MAX_BATCH reports, each at most MAX_FIELDS flat fields of short scalars.
 from __future__ import annotations
 
 import asyncio
-import math
-from typing import Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, Field, field_validator
 
+from trustplane.api.reports import Reports, ReportsLogged
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden
 
 router = APIRouter(prefix="/v1", tags=["reports"])
 
-MAX_BATCH = 100
-MAX_FIELDS = 32
-MAX_TEXT = 1024
-ReportKind = Literal["gateway.decision", "gateway.monitor", "gateway.status"]
-Scalar = str | int | float | bool | None
 
-
-class Report(BaseModel):
-    kind: ReportKind
-    time: float = Field(ge=0, le=1e11, description="When the node saw it (Unix seconds)")
-    details: dict[str, Scalar] = Field(default_factory=dict)
-
-    @field_validator("details")
-    @classmethod
-    def bounded(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
-        return bounded_details(value, ("kind", "node", "time", "reported"))
-
-
-def bounded_details(value: dict[str, Scalar], reserved: tuple[str, ...] = ()) -> dict[str, Scalar]:
-    """Flat, short, finite scalars under plain names: what may go into a log entry."""
-    if len(value) > MAX_FIELDS:
-        raise ValueError(f"at most {MAX_FIELDS} details")
-    for key, item in value.items():
-        if not key or len(key) > 64 or not key.replace("_", "").isalnum() or not key.isascii():
-            raise ValueError("detail names are 1-64 letters, digits and underscores")
-        if key in reserved:
-            raise ValueError(f"detail name {key!r} is reserved")
-        if isinstance(item, str) and len(item) > MAX_TEXT:
-            raise ValueError(f"detail {key} is longer than {MAX_TEXT} characters")
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"detail {key} is not a finite number")
-    return value
-
-
-class Reports(BaseModel):
-    reports: list[Report] = Field(min_length=1, max_length=MAX_BATCH)
-
-
-class Logged(BaseModel):
-    log_indexes: list[int]
-
-
-@router.post("/reports", status_code=status.HTTP_201_CREATED, response_model=Logged)
-async def report(body: Reports, caller: Caller, plane: Plane) -> Logged:
+@router.post("/reports", status_code=status.HTTP_201_CREATED, response_model=ReportsLogged)
+async def report(body: Reports, caller: Caller, plane: Plane) -> ReportsLogged:
     """Log a node's own decisions, monitor actions and status (nodes only)."""
     if caller.role != "node":
         raise Forbidden("only nodes report gateway decisions")
@@ -85,4 +42,4 @@ async def report(body: Reports, caller: Caller, plane: Plane) -> Logged:
             for item in body.reports
         )
     )
-    return Logged(log_indexes=[receipt.index for receipt in receipts])
+    return ReportsLogged(log_indexes=[receipt.index for receipt in receipts])

@@ -21,12 +21,12 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, status
-from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from trustplane.api.fields import DIGEST, REPOSITORY
+from trustplane.api.signatures import SignatureEntry, SignatureLogged, SignatureRecord
 from trustplane.control.models import LogLeaf
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.control.routers.images import DIGEST
 from trustplane.crypto.signing import load_verify_key
 from trustplane.errors import (
     Forbidden,
@@ -40,21 +40,8 @@ from trustplane.oci.model import sha256_digest
 router = APIRouter(prefix="/v1", tags=["signatures"])
 
 
-class SignatureRecord(BaseModel):
-    repository: str = Field(min_length=1, max_length=256, description="HOST/REPO of the image")
-    manifest_digest: str = Field(pattern=DIGEST)
-    payload: str = Field(max_length=1 << 20, description="Base64 simple-signing payload")
-    signature: str = Field(max_length=16384, description="Base64 signature over the payload")
-    public_key: str = Field(max_length=16384, description="PEM public key of the signer")
-
-
-class Logged(BaseModel):
-    log_index: int
-    key_id: str
-
-
-@router.post("/signatures", status_code=status.HTTP_201_CREATED, response_model=Logged)
-def record_signature(body: SignatureRecord, caller: Caller, plane: Plane) -> Logged:
+@router.post("/signatures", status_code=status.HTTP_201_CREATED, response_model=SignatureLogged)
+def record_signature(body: SignatureRecord, caller: Caller, plane: Plane) -> SignatureLogged:
     """Log a verified image signature (needs image.publish on image:REPOSITORY)."""
     decision = plane.authorize(caller, "image.publish", f"image:{body.repository}")
     if not decision.allowed:
@@ -88,26 +75,14 @@ def record_signature(body: SignatureRecord, caller: Caller, plane: Plane) -> Log
             "signature_value": body.signature,
         },
     )
-    return Logged(log_index=receipt.index, key_id=key.key_id)
-
-
-class SignatureEntry(BaseModel):
-    repository: str
-    manifest_digest: str
-    key_id: str
-    payload: str | None = Field(
-        description="Base64 payload (None in entries logged before it was kept)"
-    )
-    signature: str | None = Field(description="Base64 signature (None in older entries)")
-    subject: str
-    log_index: int
+    return SignatureLogged(log_index=receipt.index, key_id=key.key_id)
 
 
 @router.get("/signatures", response_model=list[SignatureEntry])
 def list_signatures(
     caller: Caller,
     plane: Plane,
-    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=r"^[!-~]+$")],
+    repository: Annotated[str, Query(min_length=1, max_length=256, pattern=REPOSITORY)],
     digest: Annotated[str | None, Query(pattern=DIGEST)] = None,
 ) -> list[SignatureEntry]:
     """The logged signatures of REPOSITORY[@DIGEST] (needs image.pull on image:REPOSITORY)."""
