@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from trustplane.api.signatures import SignatureEntry
 from trustplane.crypto.signing import SigningKey, generate_signing_key
 from trustplane.errors import UsageError
 from trustplane.gateway.image_signatures import load_policy, verify_entry
@@ -23,13 +24,26 @@ DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
 
 
-def entry(key: SigningKey, digest: str = DIGEST, name: str = "acme/app") -> dict[str, Any]:
-    payload = simple_signing_payload(f"registry.example/{name}", digest)
-    return {
+def record(**fields: Any) -> SignatureEntry:
+    """A signature entry as `GET /v1/signatures` lists it."""
+    defaults: dict[str, Any] = {
+        "repository": "registry.example/acme/app",
+        "manifest_digest": DIGEST,
+        "key_id": "k",
+        "payload": None,
+        "signature": None,
+        "subject": "user:publisher",
         "log_index": 7,
-        "payload": base64.b64encode(payload).decode(),
-        "signature": base64.b64encode(key.sign(payload)).decode(),
     }
+    return SignatureEntry(**{**defaults, **fields})
+
+
+def entry(key: SigningKey, digest: str = DIGEST, name: str = "acme/app") -> SignatureEntry:
+    payload = simple_signing_payload(f"registry.example/{name}", digest)
+    return record(
+        payload=base64.b64encode(payload).decode(),
+        signature=base64.b64encode(key.sign(payload)).decode(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +57,15 @@ def test_a_trusted_signature_over_this_digest_and_name_is_accepted(key: SigningK
 
 def test_forged_moved_and_untrusted_signatures_are_refused(key: SigningKey) -> None:
     keys = (key.public,)
-    forged = entry(key)
-    raw = bytearray(base64.b64decode(forged["signature"]))
+    genuine = entry(key)
+    raw = bytearray(base64.b64decode(str(genuine.signature)))
     raw[-1] ^= 1
-    forged["signature"] = base64.b64encode(bytes(raw)).decode()
+    forged = genuine.model_copy(update={"signature": base64.b64encode(bytes(raw)).decode()})
     reason = verify_entry(forged, keys, DIGEST, "registry.example/acme/app")
     assert reason is not None
     assert "does not verify" in reason
-    tampered = entry(key)
-    tampered["payload"] = base64.b64encode(
-        simple_signing_payload("registry.example/acme/app", OTHER)
-    ).decode()
+    other_payload = simple_signing_payload("registry.example/acme/app", OTHER)
+    tampered = genuine.model_copy(update={"payload": base64.b64encode(other_payload).decode()})
     assert "does not verify" in str(verify_entry(tampered, keys, DIGEST, "x"))
     other_digest = verify_entry(entry(key, OTHER), keys, DIGEST, "registry.example/acme/app")
     assert other_digest is not None
@@ -77,7 +89,7 @@ def test_forged_moved_and_untrusted_signatures_are_refused(key: SigningKey) -> N
 def test_entries_without_a_verifiable_payload_are_refused(
     key: SigningKey, broken: dict[str, Any]
 ) -> None:
-    reason = verify_entry(broken, (key.public,), DIGEST, "registry.example/acme/app")
+    reason = verify_entry(record(**broken), (key.public,), DIGEST, "registry.example/acme/app")
     assert reason is not None
     assert "has no payload and signature to verify" in reason
 

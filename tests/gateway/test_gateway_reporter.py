@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
+from trustplane.api.reports import Report
 from trustplane.errors import UnavailableError
 from trustplane.gateway.reporter import Reporter
 
 
 class Sink:
     def __init__(self) -> None:
-        self.batches: list[list[dict[str, Any]]] = []
+        self.batches: list[list[Report]] = []
         self.failing = True
         self.hang = asyncio.Event()
 
-    async def report(self, reports: list[dict[str, Any]]) -> list[int]:
+    async def report(self, reports: list[Report]) -> list[int]:
         if self.failing:
             await asyncio.wait_for(self.hang.wait(), 0.05)  # a control plane that hangs
             raise UnavailableError("down")
@@ -38,15 +38,15 @@ def test_reports_are_queued_without_waiting_and_sent_when_the_plane_answers() ->
         sink.failing = False
         await reporter.flush(10)
         sent = [report for batch in sink.batches for report in batch]
-        decisions = [r for r in sent if r["kind"] == "gateway.decision"]
+        decisions = [r for r in sent if r.kind == "gateway.decision"]
         assert 50 <= len(decisions) <= 51
-        assert all(len(r["details"]["reason"]) <= 1000 for r in decisions)
-        assert [r["details"]["n"] for r in decisions] == sorted(
-            r["details"]["n"] for r in decisions
+        assert all(len(str(r.details["reason"])) <= 1000 for r in decisions)
+        assert [r.details["n"] for r in decisions] == sorted(
+            int(r.details["n"] or 0) for r in decisions
         )
-        dropped = [r for r in sent if r["kind"] == "gateway.status"]
+        dropped = [r for r in sent if r.kind == "gateway.status"]
         assert dropped
-        assert dropped[0]["details"]["dropped"] == reporter.dropped
+        assert dropped[0].details["dropped"] == reporter.dropped
         assert all(len(batch) <= 100 for batch in sink.batches)
         await reporter.close()
 

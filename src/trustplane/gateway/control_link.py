@@ -1,8 +1,11 @@
 """The gateway's questions to the control plane: who is this, may they, is it registered.
 
-Asynchronous (httpx.AsyncClient) so that one slow answer never holds up the
-other connections. Every failure (timeout, refusal, garbage) raises a
-TrustplaneError, which the gateway turns into a denial: fail closed.
+Built on the one client (client.py's `AsyncControlClient` and its `Call`s):
+asynchronous, so that one slow answer never holds up the other connections.
+What this adds is the gateway's own: its identity, and a short memory of
+whom the control plane vouched for. Every failure (timeout, refusal,
+garbage) raises a TrustplaneError of the error table, which the gateway
+turns into a denial: fail closed.
 
 The gateway has its own identity: a registered node signs a short-lived
 assertion (RFC 7523) with its key and gets a token, renewed before it
@@ -14,24 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ssl
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 from jwcrypto import jwk, jwt
 
-from trustplane.errors import (
-    AuthError,
-    MalformedError,
-    TrustplaneError,
-    UnavailableError,
-    error_from_http,
+from trustplane.api.fields import Scalar
+from trustplane.api.identity import Revocations
+from trustplane.api.images import ImageEntry
+from trustplane.api.reports import Report
+from trustplane.api.signatures import SignatureEntry
+from trustplane.client import (
+    AsyncControlClient,
+    authorize_call,
+    command_key_call,
+    images_call,
+    node_login_call,
+    report_call,
+    revocations_call,
+    signatures_call,
+    whoami_call,
 )
+from trustplane.errors import AuthError, MalformedError
 
 WHOAMI_TTL = 30.0
 WHOAMI_CACHE = 4096
@@ -79,9 +89,8 @@ class ControlLink:
             raise AuthError(
                 "the gateway needs its own identity: --node and --node-key, or --token-file"
             )
-        self.url = url.rstrip("/")
-        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        self._http = httpx.AsyncClient(base_url=self.url, verify=verify, timeout=timeout)
+        self.api = AsyncControlClient(url, ca_file, timeout)
+        self.url = self.api.url
         self._node = node
         self._token_file = token_file
         self._token: str | None = None
@@ -93,23 +102,9 @@ class ControlLink:
         """This gateway's own name (its node's), which scoped tokens must list."""
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self.api.close()
 
-    # -- plumbing -------------------------------------------------------------------
-
-    async def _call(self, method: str, path: str, token: str, **kwargs: Any) -> Any:
-        try:
-            response = await self._http.request(
-                method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs
-            )
-        except httpx.HTTPError as exc:
-            raise UnavailableError(f"control plane {self.url}: {type(exc).__name__}") from None
-        if response.status_code >= 400:
-            raise _error(response)
-        try:
-            return response.json()
-        except ValueError:
-            raise MalformedError("the control plane sent no JSON") from None
+    # -- the gateway's own identity ------------------------------------------------------
 
     async def ensure_identity(self) -> None:
         """Get the gateway's own token now: a gateway that cannot ask must not start."""
@@ -118,11 +113,10 @@ class ControlLink:
     async def own_name(self) -> str:
         """This gateway's name: its node's, or (a token file) whoever its token names."""
         if self.name is None:
-            answer = await self._call("GET", "/v1/auth/whoami", await self._own_token())
-            subject = answer.get("subject") if isinstance(answer, dict) else None
-            if not isinstance(subject, str) or ":" not in subject:
+            answer = await self.api.call(whoami_call(), await self._own_token())
+            if ":" not in answer.subject:
                 raise MalformedError("the control plane's whoami answer is malformed")
-            self.name = subject.partition(":")[2]
+            self.name = answer.subject.partition(":")[2]
         return self.name
 
     async def _own_token(self) -> str:
@@ -159,23 +153,10 @@ class ControlLink:
             },
         )
         assertion.make_signed_token(key)
-        try:
-            response = await self._http.post(
-                "/v1/auth/token",
-                json={
-                    "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                    "node": node.name,
-                    "assertion": assertion.serialize(),
-                },
-            )
-        except httpx.HTTPError as exc:
-            raise UnavailableError(f"control plane {self.url}: {type(exc).__name__}") from None
-        if response.status_code >= 400:
-            raise _error(response)
-        answer = response.json()
-        self._token = str(answer["access_token"])
+        answer = await self.api.call(node_login_call(node.name, assertion.serialize()), None)
+        self._token = answer.access_token
         # Renew well before expiry, so no request meets an expired token.
-        self._token_expires = time.time() + max(5, int(answer["expires_in"]) * 0.8)
+        self._token_expires = time.time() + max(5, answer.expires_in * 0.8)
 
     # -- questions ----------------------------------------------------------------------
 
@@ -194,7 +175,7 @@ class ControlLink:
         if refused is not None and refused[0] > now:
             raise AuthError(refused[1])
         try:
-            answer = await self._call("GET", "/v1/auth/whoami", token)
+            answer = await self.api.call(whoami_call(), token)
         except AuthError as exc:
             # Remember a refused token briefly: a flood of bad tokens must not
             # become a flood of questions to the control plane.
@@ -202,21 +183,13 @@ class ControlLink:
             while len(self._refused) > WHOAMI_CACHE:
                 self._refused.popitem(last=False)
             raise
-        try:
-            gateways = answer.get("gateways")
-            if gateways is not None and not (
-                isinstance(gateways, list) and all(isinstance(g, str) for g in gateways)
-            ):
-                raise TypeError
-            caller = Caller(
-                str(answer["subject"]),
-                str(answer["role"]),
-                frozenset(gateways) if gateways is not None else None,
-                str(answer.get("token_id") or ""),
-                float(answer.get("issued_at") or 0.0),
-            )
-        except (KeyError, TypeError, AttributeError, ValueError):
-            raise MalformedError("the control plane's whoami answer is malformed") from None
+        caller = Caller(
+            answer.subject,
+            answer.role,
+            frozenset(answer.gateways) if answer.gateways is not None else None,
+            answer.token_id,
+            answer.issued_at,
+        )
         self._whoami[key] = (now + WHOAMI_TTL, caller)
         while len(self._whoami) > WHOAMI_CACHE:
             self._whoami.popitem(last=False)
@@ -227,72 +200,37 @@ class ControlLink:
         caller: Caller,
         action: str,
         resource: str,
-        context: dict[str, str | int | float | bool | None] | None = None,
+        context: dict[str, Scalar] | None = None,
     ) -> tuple[bool, str]:
         """(allowed, reason); only an explicit `allow` is True.
 
         `context` (the container's metadata) is logged with the decision.
         """
-        kind, name = caller.kind_and_name
-        request: dict[str, Any] = {
-            "subject": {"kind": kind, "name": name},
-            "action": action,
-            "resource": resource,
-        }
-        if context:
-            request["context"] = context
-        answer = await self._call("POST", "/v1/authorize", await self._own_token(), json=request)
-        if not isinstance(answer, dict):
-            raise MalformedError("the control plane's authorize answer is malformed")
-        return answer.get("decision") == "allow", str(answer.get("reason", ""))
+        call = authorize_call(action, resource, caller.kind_and_name, context=context)
+        answer = await self.api.call(call, await self._own_token())
+        return answer.allowed, answer.reason
 
-    async def images(self, repository: str) -> list[dict[str, Any]]:
+    async def images(self, repository: str) -> list[ImageEntry]:
         """What the control plane registered for `repository` (possibly nothing)."""
-        answer = await self._call(
-            "GET", "/v1/images", await self._own_token(), params={"repository": repository}
-        )
-        if not isinstance(answer, list):
-            raise MalformedError("the control plane's image list is malformed")
-        return answer
+        return await self.api.call(images_call(repository), await self._own_token())
 
-    async def signatures(self, repository: str, digest: str) -> list[dict[str, Any]]:
+    async def signatures(self, repository: str, digest: str) -> list[SignatureEntry]:
         """The signatures the control plane logged for `repository@digest` (possibly none)."""
-        answer = await self._call(
-            "GET",
-            "/v1/signatures",
-            await self._own_token(),
-            params={"repository": repository, "digest": digest},
-        )
-        if not isinstance(answer, list) or not all(isinstance(a, dict) for a in answer):
-            raise MalformedError("the control plane's signature list is malformed")
-        return answer
+        return await self.api.call(signatures_call(repository, digest), await self._own_token())
 
-    async def report(self, reports: list[dict[str, Any]]) -> list[int]:
+    async def report(self, reports: list[Report]) -> list[int]:
         """Append the gateway's own reports to the log (`POST /v1/reports`); their indexes."""
-        answer = await self._call(
-            "POST", "/v1/reports", await self._own_token(), json={"reports": reports}
-        )
-        indexes = answer.get("log_indexes") if isinstance(answer, dict) else None
-        if not isinstance(indexes, list):
-            raise MalformedError("the control plane's report answer is malformed")
-        return [int(index) for index in indexes]
+        answer = await self.api.call(report_call(reports), await self._own_token())
+        return answer.log_indexes
 
-    async def revocations(self, since: int) -> dict[str, Any]:
+    async def revocations(self, since: int) -> Revocations:
         """`GET /v1/auth/revocations?since=N`: the revocations after N (revocations.py)."""
-        answer = await self._call(
-            "GET", "/v1/auth/revocations", await self._own_token(), params={"since": since}
-        )
-        if not isinstance(answer, dict):
-            raise MalformedError("the control plane's revocation list is malformed")
-        return answer
+        return await self.api.call(revocations_call(since), await self._own_token())
 
     async def command_key(self) -> str:
         """The control plane's command key (PEM) that signs MQTT commands."""
-        answer = await self._call("GET", "/v1/commands/key", await self._own_token())
-        key = answer.get("public_key") if isinstance(answer, dict) else None
-        if not isinstance(key, str):
-            raise MalformedError("the control plane's command key answer is malformed")
-        return key
+        answer = await self.api.call(command_key_call(), await self._own_token())
+        return answer.public_key
 
 
 def _signing_alg(key: jwk.JWK) -> str:
@@ -301,13 +239,3 @@ def _signing_alg(key: jwk.JWK) -> str:
     if key.get("kty") == "OKP":
         return "EdDSA"
     return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(str(key.get("crv")), "ES256")
-
-
-def _error(response: httpx.Response) -> TrustplaneError:
-    """The error table's class for an error answer (errors.py): a 400 or 409 is
-    the control plane refusing the question, not the control plane being down."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    return error_from_http(response.status_code, body, "control plane")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from trustplane.api.images import ImageEntry
 from trustplane.errors import Forbidden, NotFoundError
 from trustplane.gateway.control_link import ControlLink
 from trustplane.gateway.docker_api import DockerApi
@@ -70,15 +71,13 @@ class ImageAuthenticator:
         self.docker = docker
         self.signatures = signatures
 
-    async def _signed(self, record: dict[str, Any], familiar: str) -> None:
+    async def _signed(self, record: ImageEntry, familiar: str) -> None:
         """Forbidden unless the record's digest passes the signature check (if any)."""
         if self.signatures is not None:
-            repository = str(record.get("repository", ""))
-            digest = str(record.get("manifest_digest", ""))
-            await self.signatures.check(repository, digest, familiar)
+            await self.signatures.check(record.repository, record.manifest_digest, familiar)
 
-    async def _records(self, repository: str) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
+    async def _records(self, repository: str) -> list[ImageEntry]:
+        records: list[ImageEntry] = []
         for name in registered_names(repository):
             records.extend(await self.link.images(name))
         return records
@@ -90,13 +89,13 @@ class ImageAuthenticator:
         if not records:
             raise Forbidden(f"image {repository} is not registered with the control plane")
         if digest is not None:
-            pinned = [r for r in records if r.get("manifest_digest") == digest]
+            pinned = [r for r in records if r.manifest_digest == digest]
             if not pinned:
                 raise Forbidden(f"image {repository}@{digest} is not a registered digest")
             await self._first_signed(pinned, repository)
         return repository
 
-    async def _first_signed(self, records: list[dict[str, Any]], familiar: str) -> None:
+    async def _first_signed(self, records: list[ImageEntry], familiar: str) -> None:
         """At least one of the matching records passes the signature check."""
         refusal: Forbidden | None = None
         for record in records:
@@ -128,7 +127,7 @@ class ImageAuthenticator:
             matching = [
                 record
                 for record in await self._records(repository)
-                if record.get("manifest_digest") in digests or _same_layers(record, layers)
+                if record.manifest_digest in digests or _same_layers(record, layers)
             ]
             if matching:
                 await self._first_signed(matching, repository)
@@ -140,15 +139,11 @@ class ImageAuthenticator:
         )
 
 
-def _same_layers(record: dict[str, Any], layers: list[str]) -> bool:
-    recorded = record.get("layers")
-    if not isinstance(recorded, list) or not recorded or not layers:
+def _same_layers(record: ImageEntry, layers: list[str]) -> bool:
+    if not record.layers or not layers:
         return False
-    ordered = sorted(
-        (item for item in recorded if isinstance(item, dict)), key=lambda item: item.get("index", 0)
-    )
-    diff_ids = [item.get("diff_id") for item in ordered]
-    return diff_ids == layers
+    ordered = sorted(record.layers, key=lambda item: item.index)
+    return [item.diff_id for item in ordered] == layers
 
 
 def _strings(value: Any) -> list[str]:

@@ -20,8 +20,8 @@ import base64
 import binascii
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from trustplane.api.signatures import SignatureEntry
 from trustplane.crypto.signing import VerifyKey, load_verify_key
 from trustplane.errors import (
     Forbidden,
@@ -91,15 +91,15 @@ class SignatureCheck:
 
 
 def verify_entry(
-    entry: dict[str, Any], keys: tuple[VerifyKey, ...], digest: str, familiar: str
+    entry: SignatureEntry, keys: tuple[VerifyKey, ...], digest: str, familiar: str
 ) -> str | None:
     """None when `entry` verifies with a trusted key, else why not."""
-    what = f"signature (log entry {entry.get('log_index')})"
+    what = f"signature (log entry {entry.log_index})"
     if not keys:
         return f"{what}: this gateway trusts no signing key (--signature-key)"
     missing = f"{what} has no payload and signature to verify"
-    encoded_payload, encoded_signature = entry.get("payload"), entry.get("signature")
-    if not isinstance(encoded_payload, str) or not isinstance(encoded_signature, str):
+    encoded_payload, encoded_signature = entry.payload, entry.signature
+    if encoded_payload is None or encoded_signature is None:
         return missing
     try:
         payload = base64.b64decode(encoded_payload, validate=True)

@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
+from trustplane.api.fields import Scalar
+from trustplane.api.reports import Report, ReportKind
 from trustplane.errors import TrustplaneError
 
 QUEUE_SIZE = 10_000
@@ -24,21 +26,19 @@ BATCH = 100
 RETRY_MIN = 0.5
 RETRY_MAX = 30.0
 MAX_TEXT = 1000
-ReportKind = Literal["gateway.decision", "gateway.monitor", "gateway.status"]
-Scalar = str | int | float | bool | None
 log = logging.getLogger("trustplane.gateway")
 
 
 class ReportSink(Protocol):
     """Where reports go: ControlLink.report."""
 
-    async def report(self, reports: list[dict[str, Any]]) -> list[int]: ...
+    async def report(self, reports: list[Report]) -> list[int]: ...
 
 
 class Reporter:
     def __init__(self, sink: ReportSink, queue_size: int = QUEUE_SIZE) -> None:
         self._sink = sink
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Report] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.sent = 0
@@ -60,7 +60,9 @@ class Reporter:
                 key: value[:MAX_TEXT] if isinstance(value, str) else value
                 for key, value in details.items()
             }
-            self._queue.put_nowait({"kind": kind, "time": time.time(), "details": clean})
+            self._queue.put_nowait(
+                Report.model_construct(kind=kind, time=time.time(), details=clean)
+            )
         except asyncio.QueueFull:
             self.dropped += 1
         except Exception:  # a report must never break the decision it reports
@@ -89,11 +91,11 @@ class Reporter:
             taken = len(batch)
             if self.dropped > self._dropped_reported and len(batch) < BATCH:
                 batch.append(
-                    {
-                        "kind": "gateway.status",
-                        "time": time.time(),
-                        "details": {"event": "reports dropped", "dropped": self.dropped},
-                    }
+                    Report.model_construct(
+                        kind="gateway.status",
+                        time=time.time(),
+                        details={"event": "reports dropped", "dropped": self.dropped},
+                    )
                 )
             while True:
                 try:

@@ -22,9 +22,8 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from trustplane.errors import AuthError, MalformedError, TrustplaneError
+from trustplane.errors import AuthError, TrustplaneError
 from trustplane.gateway.control_link import Caller, ControlLink
 
 log = logging.getLogger("trustplane.gateway")
@@ -85,12 +84,11 @@ class RevocationWatch:
         """Ask once; TrustplaneError when the control plane does not answer well."""
         sent = time.monotonic()
         answer = await self.link.revocations(self.epoch)
-        try:
-            epoch = int(answer["epoch"])
-            rows = {int(r["id"]): _row(r) for r in answer["revocations"]}
-        except (KeyError, TypeError, ValueError):
-            raise MalformedError("the control plane's revocation list is malformed") from None
-        self._merge(rows, epoch)
+        rows = {
+            r.id: _Row(r.subject, r.token_id, r.issued_before, r.expires)
+            for r in answer.revocations
+        }
+        self._merge(rows, answer.epoch)
         self._fresh_at = sent
 
     def _merge(self, rows: dict[int, _Row], epoch: int) -> None:
@@ -134,14 +132,3 @@ class RevocationWatch:
                 "asked about afresh until it answers",
                 why,
             )
-
-
-def _row(document: Any) -> _Row:
-    token_id = document["token_id"]
-    issued_before = document["issued_before"]
-    return _Row(
-        str(document["subject"]),
-        None if token_id is None else str(token_id),
-        None if issued_before is None else float(issued_before),
-        float(document["expires"]),
-    )
