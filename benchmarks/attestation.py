@@ -40,10 +40,10 @@ from jwcrypto import jwk
 from trustplane.agent.attester import Attester, Layer
 from trustplane.agent.tpm import Tpm
 from trustplane.api.images import LayerRecord
-from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.swtpm import start_swtpm
 from trustplane.oci.layout import atomic_write

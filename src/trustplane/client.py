@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import httpx
+from jwcrypto import jwk
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trustplane.api.attestation import (
@@ -78,6 +79,7 @@ from trustplane.api.reports import Report, Reports, ReportsLogged
 from trustplane.api.runtime import DriftAnswer, DriftReport
 from trustplane.api.signatures import SignatureEntry, SignatureLogged, SignatureRecord
 from trustplane.ca_bundle import client_context
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.errors import (
     AuthError,
     MalformedError,
@@ -144,7 +146,13 @@ def login_call(username: str, password: str, gateways: Sequence[str] | None) -> 
     return Call("POST", "/v1/auth/token", _model(TokenResponse), body)
 
 
+def token_audience(url: str) -> str:
+    """What a node's assertion names as its audience: the control plane's token URL."""
+    return url.rstrip("/") + "/v1/auth/token"
+
+
 def node_login_call(node: str, assertion: str) -> Call[TokenResponse]:
+    """Trade a node's signed assertion (crypto/node_assertion.py) for a token."""
     body = TokenRequest.model_construct(grant_type=JWT_BEARER, node=node, assertion=assertion)
     return Call("POST", "/v1/auth/token", _model(TokenResponse), body)
 
@@ -304,6 +312,11 @@ class ControlClient:
         answer = self.call(node_login_call(node, assertion))
         self.token = answer.access_token
         return answer
+
+    def login_as_node(self, node: str, key: jwk.JWK, audience: str | None = None) -> TokenResponse:
+        """Log in as `node`: a fresh assertion signed with its key, traded for a token."""
+        assertion = make_node_assertion(key, node, audience or token_audience(self.url))
+        return self.login_node(node, assertion)
 
     def whoami(self) -> WhoAmI:
         return self.call(whoami_call())

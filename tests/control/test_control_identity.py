@@ -6,7 +6,7 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwcrypto import jwk, jwt
 
 from trustplane.control.identity import (
@@ -14,9 +14,9 @@ from trustplane.control.identity import (
     TokenAuthority,
     check_password,
     hash_password,
-    make_node_assertion,
     verify_node_assertion,
 )
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.errors import AuthError
 
 ALICE = Principal("user", "alice", "operator", frozenset({"kms", "log"}))
@@ -79,9 +79,18 @@ def test_foreign_expired_and_altered_tokens_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate]
+    "make",
+    [
+        lambda: ec.generate_private_key(ec.SECP256R1()),
+        lambda: ec.generate_private_key(ec.SECP384R1()),
+        lambda: ec.generate_private_key(ec.SECP521R1()),
+        ed25519.Ed25519PrivateKey.generate,
+        lambda: rsa.generate_private_key(65537, 2048),
+    ],
+    ids=["P-256", "P-384", "P-521", "Ed25519", "RSA"],
 )
 def test_node_assertions(make: object) -> None:
+    """Made by crypto/node_assertion.py (every node), checked here (the control plane)."""
     assert callable(make)
     key = make()
     pem = (

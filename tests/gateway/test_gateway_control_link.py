@@ -11,6 +11,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
 from trustplane.control.app import create_app
@@ -22,9 +24,10 @@ from trustplane.errors import (
     IntegrityError,
     TrustplaneError,
     UnavailableError,
+    UnsupportedError,
     UsageError,
 )
-from trustplane.gateway.control_link import REFUSED_TTL, Caller, ControlLink
+from trustplane.gateway.control_link import REFUSED_TTL, Caller, ControlLink, NodeCredential
 from trustplane.gateway.decide import Gatekeeper
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.request import parse_target
@@ -116,5 +119,31 @@ def test_a_control_plane_that_does_not_answer_denies(tmp_path: Path) -> None:
                 await link.whoami("caller-token")
         finally:
             await link.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unsupported_node_key_is_refused_before_any_question(tmp_path: Path) -> None:
+    """The same one line as the agent's (crypto/node_assertion.py), not a wrong signature."""
+    key_file = tmp_path / "gw.pem"
+    key_file.write_bytes(
+        ec.generate_private_key(ec.SECP256K1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    async def scenario() -> None:
+        link = ControlLink("http://127.0.0.1:9", None, node=NodeCredential("gw-1", key_file))
+        try:
+            with pytest.raises(UnsupportedError) as refused:
+                await link.ensure_identity()
+        finally:
+            await link.close()
+        assert str(refused.value) == (
+            f"node key {key_file}: an EC key on curve secp256k1 cannot sign node assertions; "
+            "use EC P-256, P-384 or P-521, Ed25519, or RSA"
+        )
 
     asyncio.run(scenario())

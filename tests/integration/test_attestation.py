@@ -33,10 +33,10 @@ from trustplane.agent.tpm import Tpm
 from trustplane.api.attestation import Enrollment
 from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.errors import Forbidden, IntegrityError, TrustplaneError, UsageError

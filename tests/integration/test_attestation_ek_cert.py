@@ -24,8 +24,8 @@ from jwcrypto import jwk
 from trustplane.agent.tpm import Identity, Tpm
 from trustplane.api.attestation import Activation, Challenge, Enrollment
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import generate_key_pair
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.swtpm import RunningSwtpm, start_swtpm
 from trustplane.errors import IntegrityError, TrustplaneError

@@ -22,7 +22,7 @@ from jwcrypto import jwk
 
 from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tls import CertificateAuthority, issue_server_cert
 from trustplane.errors import (

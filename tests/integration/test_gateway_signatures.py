@@ -31,7 +31,7 @@ from test_gateway_failclosed import token_gateway
 from test_gateway_reports import wait_for_entries
 
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.crypto.signing import SigningKey, generate_signing_key
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon

@@ -30,10 +30,10 @@ from jwcrypto import jwk
 from oci_helpers import manifest
 
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_app_image

@@ -28,8 +28,8 @@ from trustplane.agent.service import Agent, AgentConfig
 from trustplane.api.images import LayerRecord, PublishedLayer
 from trustplane.api.runtime import DriftReport
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
 from trustplane.control.reference_files import map_digest
+from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.registry import RunningRegistry

@@ -16,15 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from jwcrypto import jwk
-
 from trustplane.agent.attester import Attester, Verdict
 from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity
 from trustplane.agent.tpm import Tpm
 from trustplane.agent.tpm_lock import node_tpm
 from trustplane.client import ControlClient
-from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import generate_key_pair
+from trustplane.crypto.node_assertion import load_node_key
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.oci.layout import atomic_write
 from trustplane.trust.attestation import DEFAULT_PCR, check_measurement_pcr
@@ -58,9 +56,10 @@ class Agent:
         check_measurement_pcr(config.pcr, allow_resettable_for_tests=config.allow_resettable_pcr)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self._signing = jwk.JWK.from_pem(config.node_key.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--node-key {config.node_key}: {exc}") from None
+            pem = config.node_key.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--node-key {config.node_key}: {exc.strerror}") from None
+        self._signing = load_node_key(pem, f"--node-key {config.node_key}")
         self.transport_public = self._transport_key()
         self.runtime = RuntimeIntegrity(config.docker_url) if config.docker_url else None
         self._next_runtime = 0.0
@@ -77,11 +76,8 @@ class Agent:
     def client(self) -> ControlClient:
         """A client logged in as the node (a fresh single-use assertion)."""
         client = ControlClient(self.config.server_url, self.config.ca_file)
-        audience = self.config.audience or self.config.server_url.rstrip("/") + "/v1/auth/token"
         try:
-            client.login_node(
-                self.config.node, make_node_assertion(self._signing, self.config.node, audience)
-            )
+            client.login_as_node(self.config.node, self._signing, self.config.audience)
         except BaseException:
             client.close()
             raise

@@ -31,7 +31,6 @@ from rich.console import Console
 from rich.panel import Panel
 
 from trustplane.api.images import LayerRecord
-from trustplane.control.identity import make_node_assertion
 from trustplane.crypto.keys import UnwrapKey, generate_key_pair, load_unwrap_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
@@ -261,10 +260,7 @@ class Demo:
             "registered now, granted key.release on the image by one policy rule (live reload)",
         )
         with self.control.client() as node:
-            assertion = make_node_assertion(
-                jwk.JWK.from_pyca(key), NODE, self.control.url + "/v1/auth/token"
-            )
-            node.login_node(NODE, assertion)
+            node.login_as_node(NODE, jwk.JWK.from_pyca(key))
             output, layers = self._decrypt_and_run("demo/app:edge-1", remote=[KmsUnwrapper(node)])
         _said(NODE, f"{layers} layers; the app says:")
         _quote(output)

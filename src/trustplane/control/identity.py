@@ -6,8 +6,8 @@ verified tokens are cached until they expire; the cache holds only what the
 signature already vouched for.
 
 Nodes have no password: they sign a short-lived assertion (RFC 7523 JWT
-bearer grant) with their own key, registered by an administrator; each
-assertion can be used once.
+bearer grant, crypto/node_assertion.py) with their own key, registered by an
+administrator; it is checked here, and each assertion can be used once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Literal
 from jwcrypto import jwk, jwt
 from jwcrypto.common import JWException
 
+from trustplane.crypto.node_assertion import ALGORITHMS
 from trustplane.errors import AuthError
 
 Role = Literal["admin", "operator", "user", "node"]
@@ -171,7 +172,7 @@ def verify_node_assertion(
         parsed = jwt.JWT(
             jwt=assertion,
             key=key,
-            algs=["ES256", "ES384", "ES512", "EdDSA", "RS256", "PS256"],
+            algs=list(ALGORITHMS),
             check_claims={"iss": node, "sub": node, "aud": audience, "exp": None, "jti": None},
         )
         claims = json.loads(parsed.claims)
@@ -183,31 +184,3 @@ def verify_node_assertion(
     if lifetime > ASSERTION_MAX_LIFETIME:
         raise AuthError(f"node {node}: assertions may live at most {ASSERTION_MAX_LIFETIME} s")
     return str(claims["jti"])
-
-
-def make_node_assertion(private_key: jwk.JWK, node: str, audience: str, lifetime: int = 60) -> str:
-    """What a node sends to get a token (used by the agent and the tests)."""
-    issued = int(time.time())
-    token = jwt.JWT(
-        header={"alg": signing_alg(private_key)},
-        claims={
-            "iss": node,
-            "sub": node,
-            "aud": audience,
-            "iat": issued,
-            "exp": issued + lifetime,
-            "jti": str(uuid.uuid4()),
-        },
-    )
-    token.make_signed_token(private_key)
-    serialized: str = token.serialize()
-    return serialized
-
-
-def signing_alg(key: jwk.JWK) -> str:
-    """The JWS algorithm for a key: its curve decides for EC, EdDSA for OKP."""
-    if key.get("kty") == "RSA":
-        return "RS256"
-    if key.get("kty") == "OKP":
-        return "EdDSA"
-    return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}[str(key.get("crv"))]

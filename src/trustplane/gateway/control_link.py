@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
-from jwcrypto import jwk, jwt
 
 from trustplane.api.fields import Scalar
 from trustplane.api.identity import Revocations
@@ -39,14 +36,15 @@ from trustplane.client import (
     report_call,
     revocations_call,
     signatures_call,
+    token_audience,
     whoami_call,
 )
+from trustplane.crypto.node_assertion import load_node_key, make_node_assertion
 from trustplane.errors import AuthError, MalformedError
 
 WHOAMI_TTL = 30.0
 WHOAMI_CACHE = 4096
 REFUSED_TTL = 5.0
-ASSERTION_LIFETIME = 60
 
 
 @dataclass(frozen=True)
@@ -137,23 +135,12 @@ class ControlLink:
 
     async def _login_node(self, node: NodeCredential) -> None:
         try:
-            key = jwk.JWK.from_pem(node.key_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise AuthError(f"node key {node.key_file}: {exc}") from None
-        issued = int(time.time())
-        assertion = jwt.JWT(
-            header={"alg": _signing_alg(key)},
-            claims={
-                "iss": node.name,
-                "sub": node.name,
-                "aud": self.url + "/v1/auth/token",
-                "iat": issued,
-                "exp": issued + ASSERTION_LIFETIME,
-                "jti": str(uuid.uuid4()),
-            },
-        )
-        assertion.make_signed_token(key)
-        answer = await self.api.call(node_login_call(node.name, assertion.serialize()), None)
+            pem = node.key_file.read_bytes()
+        except OSError as exc:
+            raise AuthError(f"node key {node.key_file}: {exc.strerror}") from None
+        key = load_node_key(pem, f"node key {node.key_file}")
+        assertion = make_node_assertion(key, node.name, token_audience(self.url))
+        answer = await self.api.call(node_login_call(node.name, assertion), None)
         self._token = answer.access_token
         # Renew well before expiry, so no request meets an expired token.
         self._token_expires = time.time() + max(5, answer.expires_in * 0.8)
@@ -231,11 +218,3 @@ class ControlLink:
         """The control plane's command key (PEM) that signs MQTT commands."""
         answer = await self.api.call(command_key_call(), await self._own_token())
         return answer.public_key
-
-
-def _signing_alg(key: jwk.JWK) -> str:
-    if key.get("kty") == "RSA":
-        return "RS256"
-    if key.get("kty") == "OKP":
-        return "EdDSA"
-    return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(str(key.get("crv")), "ES256")
