@@ -336,7 +336,9 @@ def test_an_ak_with_the_wrong_name_is_refused(node: Node) -> None:
             Enrollment(
                 ek_public=base64.b64encode(ident.ek_public).decode(),
                 ak_public=base64.b64encode(ident.ak_public).decode(),
-                ak_name=base64.b64encode(ident.ak_name[:-1] + b"\0").decode(),
+                ak_name=base64.b64encode(
+                    ident.ak_name[:-1] + bytes([ident.ak_name[-1] ^ 1])
+                ).decode(),
             )
         )
 

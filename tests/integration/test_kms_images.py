@@ -39,7 +39,7 @@ from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_app_image
 from trustplane.errors import DecryptionKeyError, ExitCode, Forbidden
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
-from trustplane.keys.remote import KmsUnwrapper
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.oci import reference
 from trustplane.oci.annotations import ENC_KEYS_JWE
 

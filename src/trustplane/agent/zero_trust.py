@@ -50,8 +50,6 @@ from trustplane.agent.service import Agent, AgentConfig
 from trustplane.agent.tpm_lock import node_tpm
 from trustplane.api.images import LayerRecord
 from trustplane.client import ControlClient
-from trustplane.crypto import keywrap
-from trustplane.crypto.keys import load_unwrap_key
 from trustplane.crypto.signing import VerifyKey
 from trustplane.errors import (
     AuthError,
@@ -63,6 +61,7 @@ from trustplane.errors import (
     UsageError,
 )
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.images.resolve import resolve
 from trustplane.images.sign import verify_image
 from trustplane.oci import daemon, docker_archive, mediatypes
@@ -309,25 +308,22 @@ def _attest(request: RunRequest, node: Agent, client: ControlClient) -> str:
     return verdict.reason
 
 
-class _AttestedUnwrapper:
+class _AttestedUnwrapper(KmsUnwrapper):
     """Layer keys from the KMS, to the transport key the TPM certified at
     enrolment. A refusal is an error naming its check, never a cut image."""
 
     def __init__(self, client: ControlClient, state_dir: Path) -> None:
-        self.client = client
-        self.public = (state_dir / "transport.pub.pem").read_text()
-        self._key = load_unwrap_key((state_dir / "transport.pem").read_bytes(), "transport key")
+        super().__init__(
+            client,
+            (
+                (state_dir / "transport.pem").read_bytes(),
+                (state_dir / "transport.pub.pem").read_text(),
+            ),
+        )
 
-    def open_layer(self, annotation: str, what: str) -> bytes | None:
-        try:
-            answer = self.client.unwrap(annotation, self.public)
-        except Forbidden as exc:
-            check = "attestation" if "attestation required" in str(exc) else "authorization"
-            raise refused(check, exc) from None
-        payload = keywrap.unwrap(answer.jwe, [self._key], what)
-        if payload is None:
-            raise IntegrityError(f"{what}: the KMS answered with keys not wrapped for us")
-        return payload
+    def on_refusal(self, refusal: Forbidden) -> bytes | None:
+        check = "attestation" if "attestation required" in str(refusal) else "authorization"
+        raise refused(check, refusal) from None
 
 
 def _read_layout(root: Path) -> tuple[tuple[Descriptor, ...], bytes]:

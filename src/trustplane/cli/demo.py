@@ -43,9 +43,9 @@ from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, Unwrapper, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.inspect import inspect_image
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.images.recipients import Recipient, parse_recipient
 from trustplane.images.selection import LayerSelector
-from trustplane.keys.remote import KmsUnwrapper
 from trustplane.oci import reference
 from trustplane.oci.credentials import Credentials
 from trustplane.oci.layout import Layout, blob_path

@@ -37,11 +37,11 @@ from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
 from trustplane.images.inspect import inspect_image
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.images.recipients import parse_recipient
 from trustplane.images.reference_files import reference_image
 from trustplane.images.selection import LayerSelector
 from trustplane.images.sign import Signed, check_log_entry, sign_image, verify_image
-from trustplane.keys.remote import KmsUnwrapper
 from trustplane.oci import reference
 from trustplane.progress import Reporter
 

@@ -28,15 +28,20 @@ from trustplane.control.identity import (
     hash_password,
     new_password,
 )
-from trustplane.control.kms import Kms
+from trustplane.control.image_inventory import ImageInventory
+from trustplane.control.key_broker import KeyBroker
 from trustplane.control.models import Setting, User
 from trustplane.control.policy import Decision, PolicyFile
+from trustplane.control.release import Gate
 from trustplane.control.replay import ReplayGuard
 from trustplane.control.revocations import Revocations
+from trustplane.control.secret_rows import SqlSecretRows
+from trustplane.control.secrets import Secrets
 from trustplane.control.settings import ServerSettings
 from trustplane.control.transparency import TransparencyLog
 from trustplane.errors import UsageError
 from trustplane.keys.kek import KekProvider
+from trustplane.keys.secret_store import SecretStore
 from trustplane.trust.note import NoteSigner
 
 log = logging.getLogger("trustplane.server")
@@ -51,7 +56,13 @@ class ControlPlane:
     kek: KekProvider
     policy: PolicyFile
     log: TransparencyLog
-    kms: Kms
+    store: SecretStore
+    """The KMS's secret store (keys/): sealed secrets and their ACL."""
+    secrets: Secrets
+    """The secret store as the API serves it: ACL, policy, log."""
+    images: ImageInventory
+    broker: KeyBroker
+    """The ocicrypt layer-key broker: KMS recipients and unwrap."""
     tokens: TokenAuthority
     replays: ReplayGuard
     verifier: Verifier
@@ -96,10 +107,11 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
     kek = open_kek(settings)
     policy = PolicyFile(settings.policy_path)
 
-    # The log needs its signing key before the KMS exists: the system keys
-    # are sealed directly, with the same envelope the KMS uses.
-    log_key = system_key(db, kek, "log_signing_key", new_ed25519_pem)
-    token_key = system_key(db, kek, "token_signing_key", new_p256_pem)
+    # The log needs its signing key before the services that log exist: the
+    # system keys come straight from the secret store.
+    store = SecretStore(SqlSecretRows(db), kek)
+    log_key = system_key(db, store, "log_signing_key", new_ed25519_pem)
+    token_key = system_key(db, store, "token_signing_key", new_p256_pem)
     origin = _log_origin(db, settings.log_origin)
     signer = NoteSigner(
         origin,
@@ -110,16 +122,19 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
     def authorize(principal: Principal, action: str, resource: str, layer: int | None) -> Decision:
         return policy.current().decide(principal, action, resource, layer)
 
-    kms = Kms(db, kek, transparency, authorize)
     verifier = Verifier(db, transparency, settings.attestation)
-    kms.attestation = verifier.gate
+    gate = Gate(verifier.gate)
+    images = ImageInventory(db, transparency, authorize)
     plane = ControlPlane(
         settings=settings,
         db=db,
         kek=kek,
         policy=policy,
         log=transparency,
-        kms=kms,
+        store=store,
+        secrets=Secrets(store, transparency, authorize, gate),
+        images=images,
+        broker=KeyBroker(db, store, images, transparency, authorize, gate),
         tokens=TokenAuthority(
             jwk.JWK.from_pem(token_key), settings.token_ttl_seconds, settings.audience
         ),
@@ -175,53 +190,27 @@ def _log_origin(db: Database, configured: str | None) -> str:
     return stored.value
 
 
-def system_key(db: Database, kek: KekProvider, name: str, make: Callable[[], bytes]) -> bytes:
-    """A key the replicas share: sealed in the database, created by whoever starts first."""
-    from trustplane.control.models import Secret
-    from trustplane.keys.envelope import SealedSecret, open_sealed, seal
-
+def system_key(db: Database, store: SecretStore, name: str, make: Callable[[], bytes]) -> bytes:
+    """A key the replicas share: sealed in the secret store, made by whoever starts first."""
     with db.session() as session:
         setting = session.get(Setting, name)
     if setting is None:
-        secret_id = str(uuid.uuid4())
-        payload: bytes = make()
-        sealed = seal(secret_id, payload, kek)
+        record = store.create(
+            SYSTEM,
+            name=name,
+            secret_type="private",  # noqa: S106 - a kind of secret
+            payload=make(),
+            system=True,
+        )
         try:
             with db.session() as session:
-                session.add(
-                    Secret(
-                        id=secret_id,
-                        name=name,
-                        secret_type="private",  # noqa: S106 - a kind of secret
-                        algorithm=None,
-                        bit_length=None,
-                        creator=SYSTEM.subject,
-                        ciphertext=sealed.ciphertext,
-                        wrapped_key=sealed.wrapped_key,
-                        kek_id=sealed.kek_id,
-                        readers=[],
-                        system=True,
-                    )
-                )
-                session.flush()
-                session.add(Setting(key=name, value=secret_id))
+                session.add(Setting(key=name, value=record.id))
         except DuplicateRow:
-            pass  # another replica made it first: use theirs
+            store.rows.delete(record.id)  # another replica made it first: use theirs
         with db.session() as session:
             setting = session.get(Setting, name)
         assert setting is not None
-    with db.session() as session:
-        row = session.get(Secret, setting.value)
-    assert row is not None
-    return open_sealed(
-        row.id,
-        SealedSecret(
-            ciphertext=row.ciphertext,
-            wrapped_key=row.wrapped_key,
-            kek_id=row.kek_id,
-        ),
-        kek,
-    )
+    return store.system_payload(setting.value)
 
 
 def _first_admin(db: Database) -> str | None:

@@ -28,7 +28,7 @@ def _center(request: Request, plane: ControlPlane) -> CommandCenter:
         with _lock:
             center = getattr(request.app.state, "commands", None)
             if center is None:
-                pem = system_key(plane.db, plane.kek, "command_signing_key", new_ed25519_pem)
+                pem = system_key(plane.db, plane.store, "command_signing_key", new_ed25519_pem)
                 key = serialization.load_pem_private_key(pem, password=None)
                 assert isinstance(key, ed25519.Ed25519PrivateKey)
                 center = CommandCenter(key, plane.settings.mqtt)

@@ -1,7 +1,7 @@
-"""Image registration: which plain layer digests sit at which index.
+"""Image registration and lookup: the image inventory's API (control/image_inventory.py).
 
-The KMS reads a layer's real index (and so its tier) from this record
-when it unwraps, never from the caller.
+The layer-key broker reads a layer's real index (and so its tier) from
+these records when it unwraps, never from the caller.
 """
 
 from __future__ import annotations
@@ -9,21 +9,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from sqlalchemy import select
 
 from trustplane.api.fields import DIGEST, REPOSITORY
-from trustplane.api.images import (
-    ImageEntry,
-    ImageFiles,
-    ImageRecord,
-    LayerFilesEntry,
-    LayerRecord,
-    Registered,
-)
-from trustplane.control import reference_files
-from trustplane.control.models import Image
+from trustplane.api.images import ImageEntry, ImageFiles, ImageRecord, Registered
 from trustplane.control.routers.deps import Caller, Plane
-from trustplane.errors import Forbidden, NotFoundError
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
@@ -31,14 +20,7 @@ router = APIRouter(prefix="/v1", tags=["images"])
 @router.post("/images", status_code=status.HTTP_201_CREATED, response_model=Registered)
 def register_image(body: ImageRecord, caller: Caller, plane: Plane) -> Registered:
     """Record a published image (needs image.publish on image:REPOSITORY)."""
-    index = plane.kms.register_image(
-        caller,
-        body.repository,
-        body.manifest_digest,
-        [layer.model_dump(exclude={"files"}) for layer in body.layers],
-        {layer.index: layer.files for layer in body.layers if layer.files is not None},
-    )
-    return Registered(log_index=index)
+    return Registered(log_index=plane.images.register(caller, body))
 
 
 @router.get("/images", response_model=list[ImageEntry])
@@ -51,22 +33,7 @@ def list_images(
 
     Edge gateways read it to authenticate an image before a pull or a start.
     """
-    decision = plane.authorize(caller, "image.pull", f"image:{repository}")
-    if not decision.allowed:
-        raise Forbidden(f"policy refuses image.pull of {repository}: {decision.reason}")
-    with plane.db.session() as session:
-        rows = session.scalars(
-            select(Image).where(Image.repository == repository).order_by(Image.id)
-        ).all()
-        return [
-            ImageEntry(
-                repository=row.repository,
-                manifest_digest=row.manifest_digest,
-                layers=[LayerRecord.model_validate(layer) for layer in row.layers],
-                publisher=row.publisher,
-            )
-            for row in rows
-        ]
+    return plane.images.images(caller, repository)
 
 
 @router.get("/images/files", response_model=ImageFiles)
@@ -80,28 +47,4 @@ def image_files(
 
     Node agents read them to re-measure running containers (runtime integrity).
     """
-    decision = plane.authorize(caller, "image.pull", f"image:{repository}")
-    if not decision.allowed:
-        raise Forbidden(f"policy refuses image.pull of {repository}: {decision.reason}")
-    with plane.db.session() as session:
-        row = session.scalar(
-            select(Image).where(
-                Image.repository == repository, Image.manifest_digest == manifest_digest
-            )
-        )
-        if row is None:
-            raise NotFoundError(f"{repository}@{manifest_digest} is not registered")
-        files = reference_files.read(session, row)
-        return ImageFiles(
-            repository=row.repository,
-            manifest_digest=row.manifest_digest,
-            layers=[
-                LayerFilesEntry(
-                    index=int(str(layer["index"])),
-                    digest=str(layer["digest"]),
-                    diff_id=None if layer.get("diff_id") is None else str(layer["diff_id"]),
-                    files=files.get(int(str(layer["index"]))),
-                )
-                for layer in row.layers
-            ],
-        )
+    return plane.images.files(caller, repository, manifest_digest)

@@ -18,9 +18,9 @@ from trustplane.api.kms import (
     UnwrapRequest,
     UnwrapResponse,
 )
-from trustplane.control.kms import SecretMetadata
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden, UsageError
+from trustplane.keys.secret_store import SecretRecord
 
 router = APIRouter(prefix="/v1", tags=["kms"])
 
@@ -37,7 +37,7 @@ def create_secret(body: NewSecret, caller: Caller, plane: Plane) -> SecretRef:
             payload = base64.b64decode(body.payload, validate=True)
         except ValueError:  # binascii.Error, or non-ASCII characters
             raise UsageError("payload must be base64") from None
-    meta = plane.kms.create(
+    meta = plane.secrets.create(
         caller,
         name=body.name,
         secret_type=body.secret_type,
@@ -52,7 +52,7 @@ def create_secret(body: NewSecret, caller: Caller, plane: Plane) -> SecretRef:
 @router.get("/secrets/{secret_id}", response_model=SecretInfo)
 def secret_metadata(secret_id: str, caller: Caller, plane: Plane) -> SecretInfo:
     _check_id(secret_id)
-    return _info(plane, plane.kms.metadata(caller, secret_id))
+    return _info(plane, plane.secrets.metadata(caller, secret_id))
 
 
 @router.get(
@@ -63,14 +63,14 @@ def secret_metadata(secret_id: str, caller: Caller, plane: Plane) -> SecretInfo:
 async def secret_payload(secret_id: str, caller: Caller, plane: Plane) -> Response:
     """The payload, to principals both the ACL and the policy allow."""
     _check_id(secret_id)
-    payload = await plane.kms.payload_async(caller, secret_id)
+    payload = await plane.secrets.payload_async(caller, secret_id)
     return Response(payload, media_type="application/octet-stream")
 
 
 @router.delete("/secrets/{secret_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_secret(secret_id: str, caller: Caller, plane: Plane) -> Response:
     _check_id(secret_id)
-    plane.kms.delete(caller, secret_id)
+    plane.secrets.delete(caller, secret_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -80,7 +80,13 @@ def rotate_kek(caller: Caller, plane: Plane) -> KekRotated:
     decision = plane.authorize(caller, "kek.rotate", "kek:*")
     if not decision.allowed:
         raise Forbidden(f"policy refuses kek.rotate: {decision.reason}")
-    return KekRotated(**plane.kms.rotate_kek(caller))
+    rotation = plane.secrets.rotate_kek(caller)
+    return KekRotated(
+        kek_id=rotation.kek_id,
+        rewrapped=rotation.rewrapped,
+        retired=rotation.retired,
+        failed=rotation.failed,
+    )
 
 
 @router.post("/recipients", status_code=status.HTTP_201_CREATED, response_model=RecipientInfo)
@@ -89,29 +95,28 @@ def create_recipient(body: NewRecipient, caller: Caller, plane: Plane) -> Recipi
     decision = plane.authorize(caller, "recipient.create", f"recipient:{body.name}")
     if not decision.allowed:
         raise Forbidden(f"policy refuses recipient.create: {decision.reason}")
-    row = plane.kms.create_recipient(caller, body.name, body.key_type)
+    row = plane.broker.create_recipient(caller, body.name, body.key_type)
     return RecipientInfo(name=row.name, key_id=row.key_id, public_key=row.public_key)
 
 
 @router.get("/recipients/{name}", response_model=RecipientInfo)
 def recipient(name: str, caller: Caller, plane: Plane) -> RecipientInfo:
     """The public key encryptors use for `--recipient kms:NAME`."""
-    row = plane.kms.recipient(name)
+    row = plane.broker.recipient(name)
     return RecipientInfo(name=row.name, key_id=row.key_id, public_key=row.public_key)
 
 
 @router.post("/unwrap", response_model=UnwrapResponse)
 async def unwrap(body: UnwrapRequest, caller: Caller, plane: Plane) -> UnwrapResponse:
     """A layer's key options for an authorized caller, re-wrapped to its transport key."""
-    answer = await plane.kms.unwrap_async(caller, body.annotation, body.transport_key)
-    return UnwrapResponse(**answer)
+    return await plane.broker.unwrap_async(caller, body.annotation, body.transport_key)
 
 
 def _ref(plane: Plane, secret_id: str) -> str:
     return f"{plane.settings.url}/v1/secrets/{secret_id}"
 
 
-def _info(plane: Plane, meta: SecretMetadata) -> SecretInfo:
+def _info(plane: Plane, meta: SecretRecord) -> SecretInfo:
     return SecretInfo(
         id=meta.id,
         secret_ref=_ref(plane, meta.id),
@@ -121,7 +126,7 @@ def _info(plane: Plane, meta: SecretMetadata) -> SecretInfo:
         bit_length=meta.bit_length,
         creator=meta.creator,
         created=meta.created,
-        readers=meta.readers,
+        readers=list(meta.readers),
     )
 
 
