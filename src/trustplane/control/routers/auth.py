@@ -11,6 +11,7 @@ revocations every second (`GET /v1/auth/revocations`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import anyio.to_thread
@@ -36,6 +37,7 @@ from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import AuthError, Forbidden, UsageError
 
 router = APIRouter(prefix="/v1/auth", tags=["identity"])
+logger = logging.getLogger("trustplane.server")
 SCOPES = frozenset({"kms", "authorize", "images", "log", "admin"})
 
 
@@ -157,7 +159,12 @@ def _user(plane: Plane, username: str | None, password: str | None) -> Principal
         user = session.scalar(select(User).where(User.name == username))
     if user is None or user.disabled or not check_password(password, user.password_hash):
         raise refused
-    assert user.role in USER_ROLES
+    if user.role not in USER_ROLES:
+        # A row no API call writes (a "node" or unknown role): a user must never
+        # log in with a role users cannot have. A check, not an assert: asserts
+        # are gone under `python -O`.
+        logger.error("user %r has the role %r, which users cannot have", user.name, user.role)
+        raise refused
     return Principal("user", user.name, user.role, role_scopes(user.role))
 
 
