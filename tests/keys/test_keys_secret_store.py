@@ -86,7 +86,7 @@ def test_what_cannot_be_stored_is_refused_and_nothing_is_stored(
 ) -> None:
     with pytest.raises(UsageError, match=message):
         store.create(ALICE, name=None, secret_type=kind, payload=payload, bit_length=bits)
-    assert store.rows.kek_ids_in_use() == set()
+    assert store.rows.ids_not_under("no KEK") == []  # no row at all
 
 
 def test_the_acl_lets_the_creator_and_readers_read_and_nobody_else(store: SecretStore) -> None:

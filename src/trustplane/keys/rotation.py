@@ -6,16 +6,22 @@ current, and the work list is fixed up front, so a rotation by another
 replica meanwhile cannot make this one chase a moving target; a secret
 that cannot be re-wrapped is reported, not retried forever. Payload
 ciphertexts are never touched: only 32-byte data keys are re-wrapped.
+
+A KEK is retired only through the store's KEK guard (`retire_unused`): the
+decision that no row uses it and the mark that makes every later write
+refuse it are one step, so a write sealed under it a moment before (a new
+secret, another rotation's re-wrap) is either counted as a use or refused
+and sealed again: no acknowledged secret is left under a retired KEK.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trustplane.errors import TrustplaneError
+from trustplane.errors import TrustplaneError, UnavailableError
 from trustplane.keys.envelope import rewrap
 from trustplane.keys.kek import KekProvider
-from trustplane.keys.secret_store import SecretRows
+from trustplane.keys.secret_store import SEAL_ATTEMPTS, KekRetired, SecretRecord, SecretRows
 
 BATCH = 200
 
@@ -40,15 +46,24 @@ def rotate_kek(rows: SecretRows, kek: KekProvider, batch: int = BATCH) -> Rotati
     for start in range(0, len(pending), batch):
         for record in rows.records(pending[start : start + batch], kek.current_id()):
             try:
-                fresh = rewrap(record.id, record.sealed, kek)
+                moved += _rewrap(rows, kek, record)
             except TrustplaneError:
                 failed.append(record.id)
-                continue
-            if rows.replace_sealed(record.id, record.kek_id, fresh):
-                moved += 1
-    in_use = rows.kek_ids_in_use()
-    retired = []
-    for kek_id in set(kek.known_ids()) - in_use - {kek.current_id()}:
+    # Known first, then current (a provider that caches its versions re-reads
+    # them for known_ids): a KEK made after this read is never a candidate.
+    known = set(kek.known_ids())
+    retired = sorted(rows.retire_unused(known - {kek.current_id()}))
+    for kek_id in retired:
         kek.retire(kek_id)
-        retired.append(kek_id)
-    return Rotation(old=old, kek_id=new, rewrapped=moved, retired=sorted(retired), failed=failed)
+    return Rotation(old=old, kek_id=new, rewrapped=moved, retired=retired, failed=failed)
+
+
+def _rewrap(rows: SecretRows, kek: KekProvider, record: SecretRecord) -> int:
+    """Re-wrap one row under the current KEK; 1 if this rotation moved it."""
+    for _ in range(SEAL_ATTEMPTS):
+        fresh = rewrap(record.id, record.sealed, kek)
+        try:
+            return int(rows.replace_sealed(record.id, record.kek_id, fresh))
+        except KekRetired:
+            kek.known_ids()  # another rotation retired the KEK just used: the newest, then
+    raise UnavailableError(f"secret {record.id}: the KEK keeps changing under this re-wrap")

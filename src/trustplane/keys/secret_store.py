@@ -10,7 +10,10 @@ Whether the policy also agrees, and the log of it, is the control plane's
 part (control/secrets.py).
 
 Where the rows live is the caller's: a `SecretRows` (the control plane's is
-control/secret_rows.py, on its database).
+control/secret_rows.py, on its database). Rows are written only through
+the KEK guard (`SecretRows.insert`/`replace_sealed` refuse a KEK that a
+rotation retired, rotation.py), so that no secret is ever acknowledged
+under a KEK that is going away.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -36,6 +39,8 @@ from trustplane.keys.kek import KekProvider
 
 SECRET_TYPES = ("symmetric", "opaque", "private", "passphrase")
 MAX_PAYLOAD = 64 << 10
+SEAL_ATTEMPTS = 5
+"""Seals of one write, at most: each retry follows a rotation that retired the KEK used."""
 logger = logging.getLogger("trustplane.kms")
 
 
@@ -70,11 +75,21 @@ class SecretRecord:
         return self.sealed.kek_id
 
 
+class KekRetired(Exception):
+    """The row was not written: its sealed data key names a KEK a rotation retired."""
+
+
 class SecretRows(Protocol):
-    """Where the store keeps its rows; every method is one atomic unit of work."""
+    """Where the store keeps its rows; every method is one atomic unit of work.
+
+    The writes go through the KEK guard: they refuse (`KekRetired`) a KEK that
+    `retire_unused` marked, and `retire_unused` waits for writes in progress,
+    so a row is either written before a KEK's retirement is decided (and
+    counts as a use of it) or refused after.
+    """
 
     def insert(self, record: SecretRecord) -> None:
-        """Store a new row."""
+        """Store a new row; KekRetired if its KEK is retired."""
         ...
 
     def get(self, secret_id: str) -> SecretRecord | None: ...
@@ -82,7 +97,8 @@ class SecretRows(Protocol):
     def delete(self, secret_id: str) -> None: ...
 
     def replace_sealed(self, secret_id: str, expected_kek: str, sealed: SealedSecret) -> bool:
-        """Swap the sealed data key if the row is still under `expected_kek`; whether it was."""
+        """Swap the sealed data key if the row is still under `expected_kek`; whether it was.
+        KekRetired if `sealed` names a retired KEK."""
         ...
 
     def ids_not_under(self, kek_id: str) -> list[str]:
@@ -93,8 +109,9 @@ class SecretRows(Protocol):
         """The rows among `ids` still not under `not_under`."""
         ...
 
-    def kek_ids_in_use(self) -> set[str]:
-        """The KEKs some row's data key is wrapped by."""
+    def retire_unused(self, candidates: set[str]) -> set[str]:
+        """Mark retired, and return, the candidate KEKs that no row uses: atomically,
+        after every write in progress, before any write that follows."""
         ...
 
 
@@ -155,8 +172,16 @@ class SecretStore:
             sealed=seal(secret_id, payload, self.kek),
             system=system,
         )
-        self.rows.insert(record)
-        return record
+        for _ in range(SEAL_ATTEMPTS):
+            try:
+                self.rows.insert(record)
+                return record
+            except KekRetired:
+                # Sealed under a KEK that a rotation retired meanwhile: seal
+                # again under the current one (the payload is still at hand).
+                self.kek.known_ids()  # a provider that caches its versions re-reads them
+                record = replace(record, sealed=seal(secret_id, payload, self.kek))
+        raise UnavailableError("the KEK keeps changing under this write; try again")
 
     def visible(self, requester: Requester, secret_id: str) -> SecretRecord:
         """A secret the requester may know of; absent otherwise (references are not
