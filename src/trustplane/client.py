@@ -227,7 +227,7 @@ def _unreachable(url: str, exc: httpx.HTTPError) -> TrustplaneError:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             return AuthError(f"{url}: the server's certificate does not verify; give its CA (--ca)")
         return UnavailableError(f"control plane {url} unreachable: {exc}")
-    return UnavailableError(f"control plane {url}: {exc or type(exc).__name__}")
+    return UnavailableError(f"control plane {url}: {str(exc) or type(exc).__name__}")
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
