@@ -1,0 +1,98 @@
+"""The one base class of every storage backend (os-brick's shape).
+
+A backend manages raw storage on the storage side: it creates a volume of
+a given size, deletes it, and locates it (`Location`: what QEMU and libvirt
+need to reach it). It knows nothing about encryption; an encryptor formats
+what a backend created (`trustplane.volumes.encryptors`).
+
+Some storage is made by QEMU itself while it writes the LUKS header
+(`qemu-img create -f luks` onto `rbd:pool/image` creates the image;
+onto a file path, the file): such a backend says `qemu_creates_storage`
+and gives the target name QEMU creates (`qemu_create_target`) and a
+cleanup for a failed try (`remove_leftover`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from trustplane.errors import NotFoundError, UnsupportedError, UsageError
+from trustplane.tools import Executor
+from trustplane.tools.command import Arg
+from trustplane.volumes.access import NodeCredentials, raw_reader
+from trustplane.volumes.header import RawReader
+from trustplane.volumes.location import AnyLocation, check_name
+from trustplane.volumes.spec import MIB, BackendKind
+
+
+class Backend(ABC):
+    """Raw storage for volumes: create(size) / delete / locate."""
+
+    kind: ClassVar[BackendKind]
+    qemu_creates_storage: ClassVar[bool] = False
+    """`qemu-img create -f luks TARGET` makes the storage (file, rbd) rather than
+    formatting storage that exists (an iSCSI LUN, a logical volume)."""
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        self.executor = executor or Executor()
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        """A volume name the backend can use in paths, IQNs, LVM and RBD names."""
+        try:
+            return check_name(name, "volume name")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    @staticmethod
+    def check_size(size: int) -> int:
+        if size <= 0 or size % MIB:
+            raise UsageError(f"a volume size is a positive whole number of MiB, not {size}")
+        return size
+
+    @abstractmethod
+    def create(self, name: str, size: int) -> AnyLocation:
+        """Make raw storage of exactly `size` bytes; UsageError if `name` exists."""
+
+    @abstractmethod
+    def delete(self, location: AnyLocation) -> None:
+        """Destroy the storage. Idempotent: a volume already gone is not an error."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """True when storage named `name` exists."""
+
+    @abstractmethod
+    def location(self, name: str) -> AnyLocation:
+        """Where `name` is or would be, without looking."""
+
+    @abstractmethod
+    def size(self, location: AnyLocation) -> int:
+        """The raw size in bytes."""
+
+    def locate(self, name: str) -> AnyLocation:
+        """Where volume `name` is; NotFoundError when there is no such storage."""
+        if not self.exists(self.check_name(name)):
+            raise NotFoundError(f"{self.kind} volume {name} does not exist")
+        return self.location(name)
+
+    def credentials(self) -> NodeCredentials:
+        """What a host needs besides the location to reach this backend's volumes."""
+        return NodeCredentials()
+
+    def reader(self, location: AnyLocation) -> RawReader:
+        """Reads the raw (encrypted) bytes of a volume of this backend."""
+        return raw_reader(location, self.executor, self.credentials())
+
+    def qemu_create_target(self, location: AnyLocation) -> Arg:
+        """The filename `qemu-img create` makes (a backend with `qemu_creates_storage`)."""
+        raise UnsupportedError(f"QEMU does not create {self.kind} volumes")
+
+    def qemu_format_target(self, location: AnyLocation) -> Arg:
+        """The filename `qemu-img create -f luks` formats in place (existing storage)."""
+        raise UnsupportedError(f"QEMU does not format existing {self.kind} volumes in place")
+
+    def remove_leftover(self, location: AnyLocation) -> None:
+        """Remove what a failed `qemu-img create` left (an empty image). Default: delete."""
+        self.delete(location)
