@@ -168,6 +168,11 @@ def parse_size(text: str | int) -> int:
         if not number.isdigit():
             raise UsageError(f"not a size: {text!r} (examples: 512M, 10G)")
         value = int(number) * factor
-    if value <= 0 or value % MIB:
-        raise UsageError(f"a volume size is a positive whole number of MiB, not {text!r}")
-    return value
+    return check_volume_size(value)
+
+
+def check_volume_size(size: int) -> int:
+    """A volume's usable size: a positive whole number of MiB."""
+    if size <= 0 or size % MIB:
+        raise UsageError(f"a volume size is a positive whole number of MiB, not {size}")
+    return size

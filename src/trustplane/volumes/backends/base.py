@@ -23,7 +23,9 @@ from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, raw_reader
 from trustplane.volumes.header import RawReader
 from trustplane.volumes.location import AnyLocation, check_name
-from trustplane.volumes.spec import MIB, BackendKind
+from trustplane.volumes.spec import BackendKind
+
+SECTOR = 512
 
 
 class Backend(ABC):
@@ -47,8 +49,9 @@ class Backend(ABC):
 
     @staticmethod
     def check_size(size: int) -> int:
-        if size <= 0 or size % MIB:
-            raise UsageError(f"a volume size is a positive whole number of MiB, not {size}")
+        """Raw sizes are whole sectors (a usable size is whole MiB: `spec.check_volume_size`)."""
+        if size <= 0 or size % SECTOR:
+            raise UsageError(f"a raw volume size is a positive multiple of 512 bytes, not {size}")
         return size
 
     @abstractmethod

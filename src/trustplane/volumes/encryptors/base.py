@@ -38,7 +38,12 @@ from trustplane.volumes.header import (
     verify,
 )
 from trustplane.volumes.location import AnyLocation
-from trustplane.volumes.spec import VOLUME_KEY_BYTES, EncryptionSpec, Engine
+from trustplane.volumes.spec import (
+    VOLUME_KEY_BYTES,
+    EncryptionSpec,
+    Engine,
+    check_volume_size,
+)
 
 DEFAULT_ITER_TIME_MS = 10
 """QEMU's PBKDF time per open: 10 ms (DESIGN.md: 2000 ms default → 2.2 s per open)."""
@@ -111,7 +116,7 @@ class Encryptor(ABC):
         Refuses a name that exists; a failure removes what it made.
         """
         backend.check_name(name)
-        backend.check_size(size)
+        check_volume_size(size)
         check_key_bytes(key)
         if backend.exists(name):
             raise UsageError(

@@ -1,0 +1,74 @@
+"""Volumes as files on the storage host (a directory the compute hosts share).
+
+A volume is `ROOT/NAME.img`, created sparse and 0600 with O_EXCL (so two
+creators never share one). QEMU's LUKS driver formats it in place
+(`qemu-img create -f luks FILE` truncates the file it finds and writes the
+header), after the encryptor has checked it carries no LUKS header.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from trustplane.errors import UsageError
+from trustplane.tools import Executor
+from trustplane.tools.command import Arg
+from trustplane.volumes.backends.base import Backend
+from trustplane.volumes.location import AnyLocation, FileLocation
+from trustplane.volumes.spec import BackendKind
+
+SUFFIX = ".img"
+
+
+class FileBackend(Backend):
+    kind: ClassVar[BackendKind] = BackendKind.FILE
+
+    def __init__(self, root: Path, executor: Executor | None = None) -> None:
+        super().__init__(executor)
+        if "," in os.fspath(root):
+            raise UsageError(f"volume directory {root}: QEMU options cannot hold ','")
+        self.root = root.absolute()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, name: str) -> Path:
+        return self.root / (self.check_name(name) + SUFFIX)
+
+    def location(self, name: str) -> FileLocation:
+        return FileLocation(path=os.fspath(self._path(name)))
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def create(self, name: str, size: int) -> FileLocation:
+        self.check_size(size)
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            raise UsageError(f"file volume {name} exists already") from None
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return self.location(name)
+
+    def delete(self, location: AnyLocation) -> None:
+        Path(_file(location).path).unlink(missing_ok=True)
+
+    def size(self, location: AnyLocation) -> int:
+        return Path(_file(location).path).stat().st_size
+
+    def qemu_format_target(self, location: AnyLocation) -> Arg:
+        return _file(location).path
+
+
+def _file(location: AnyLocation) -> FileLocation:
+    if not isinstance(location, FileLocation):
+        raise UsageError(f"{location.describe()} is not a file volume")
+    return location

@@ -1,0 +1,156 @@
+"""LUKS1 through QEMU's native driver: `qemu-img create -f luks`, opened in user space.
+
+QEMU 7.2 reads and writes LUKS1 only. The header is written by
+`qemu-img create -f luks` straight onto the backend's storage (a file, an
+iSCSI LUN through libiscsi, `rbd:pool/image` through librbd: for RBD QEMU
+creates the image itself). The same volume opens in a VM through libvirt's
+`<encryption format='luks'>` (QEMU decrypts), or on a host through
+`qemu-storage-daemon` (`attachers.userspace`).
+
+Create options: `cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,
+hash-alg=sha256` (cryptsetup's and Cinder's default cipher spelled out, so
+a changed QEMU default cannot change new volumes) and a 10 ms PBKDF
+(`iter-time`), paid at every open. qemu-img calibrates its PBKDF on thread
+CPU time, which this kernel counts in 4 ms ticks; it then fails with
+`Unable to get accurate CPU usage` in 1 of 5 to 1 of 2 creates: retried on
+that message only (`QEMU_PBKDF_CALIBRATION`), an empty RBD image left by a
+failed try removed first (DESIGN.md, "QEMU LUKS").
+
+Speed: QEMU's cipher backend on Debian 12 is nettle (libnettle 3.8), whose
+XTS runs one 16-byte block per call, without the pipelining or VAES that
+OpenSSL's AES-XTS has; QEMU adds 512-byte sectors and a bounce buffer.
+`benchmarks/volumes.py` measures the share of the AES-XTS bound it reaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar
+
+from trustplane.errors import TrustplaneError, UsageError
+from trustplane.tools import QEMU_PBKDF_CALIBRATION
+from trustplane.tools.command import Arg
+from trustplane.volumes.access import NodeCredentials, qemu_node
+from trustplane.volumes.attachers.userspace import (
+    KEY_OBJECT,
+    UserspaceVolume,
+    key_object,
+    open_userspace,
+    protocol_blockdev,
+)
+from trustplane.volumes.backends.base import Backend
+from trustplane.volumes.encryptors.base import WRONG_KEY, Encryptor, check_key_bytes
+from trustplane.volumes.location import AnyLocation
+from trustplane.volumes.spec import (
+    EncryptionSpec,
+    Engine,
+    Provider,
+    check_volume_size,
+    passphrase,
+)
+
+# QEMU 7.2's LUKS1 layout: 4096 header bytes, then 8 key slots of
+# key_bytes * 4000 stripes, each rounded up to 4096 bytes (measured here:
+# payload offset 4040 sectors for a 512-bit master key, 2056 for 256 bits).
+_HEADER_BYTES = {512: 4040 * 512, 256: 2056 * 512}
+_CREATE_TIMEOUT = 300.0
+
+
+class QemuLuksEncryptor(Encryptor):
+    engine: ClassVar[Engine] = Engine.QEMU
+
+    def header_bytes(self, spec: EncryptionSpec) -> int:
+        self._check(spec)
+        return _HEADER_BYTES[spec.key_size]
+
+    @staticmethod
+    def _check(spec: EncryptionSpec) -> None:
+        if spec.provider is not Provider.LUKS:
+            raise UsageError("QEMU's LUKS driver (QEMU 7.2) writes and reads LUKS1 only")
+
+    def _create_argv(self, key: bytes, spec: EncryptionSpec, target: Arg, size: int) -> list[Arg]:
+        options = (
+            f"key-secret={KEY_OBJECT},cipher-alg=aes-{spec.aes_bits},cipher-mode=xts,"
+            f"ivgen-alg=plain64,hash-alg=sha256,iter-time={self.iter_time_ms}"
+        )
+        return [
+            "qemu-img", "create", "-q", "-f", "luks",
+            "--object", key_object(passphrase(key)),
+            "-o", options, target, str(size),
+        ]  # fmt: skip
+
+    def create(
+        self, backend: Backend, name: str, size: int, key: bytes, spec: EncryptionSpec
+    ) -> AnyLocation:
+        """QEMU creates RBD images itself while formatting; other storage is made first."""
+        if not backend.qemu_creates_storage:
+            return super().create(backend, name, size, key, spec)
+        self._check(spec)
+        backend.check_name(name)
+        check_volume_size(size)
+        check_key_bytes(key)
+        if backend.exists(name):
+            raise UsageError(
+                f"{backend.kind} volume {name} exists already; trustplane never formats "
+                "a volume that exists"
+            )
+        location = backend.location(name)
+        target = backend.qemu_create_target(location)
+        retry = QEMU_PBKDF_CALIBRATION.with_cleanup(lambda: backend.remove_leftover(location))
+        try:
+            self.executor.run(
+                self._create_argv(key, spec, target, size), retry=retry, timeout=_CREATE_TIMEOUT
+            )
+        except BaseException:
+            with contextlib.suppress(TrustplaneError):
+                backend.remove_leftover(location)
+            raise
+        return location
+
+    def _format(
+        self, backend: Backend, location: AnyLocation, key: bytes, spec: EncryptionSpec
+    ) -> None:
+        self._check(spec)
+        payload = backend.size(location) - self.header_bytes(spec)
+        if payload <= 0:
+            raise UsageError(f"{location.describe()} is too small for a LUKS header")
+        argv = self._create_argv(key, spec, backend.qemu_format_target(location), payload)
+        self.executor.run(argv, retry=QEMU_PBKDF_CALIBRATION, timeout=_CREATE_TIMEOUT)
+
+    def open(
+        self,
+        location: AnyLocation,
+        key: bytes,
+        credentials: NodeCredentials | None = None,
+        *,
+        writable: bool = True,
+        loop: bool = True,
+    ) -> UserspaceVolume:
+        check_key_bytes(key)
+        node = qemu_node(location, credentials)
+        ro = "off" if writable else "on"
+        blockdevs = [
+            protocol_blockdev(node, "proto", writable=writable),
+            f"driver=luks,node-name=volume,file=proto,key-secret={KEY_OBJECT},read-only={ro}",
+        ]
+        return open_userspace(
+            self.executor,
+            blockdevs,
+            "volume",
+            [key_object(passphrase(key)), *node.objects],
+            writable=writable,
+            loop=loop,
+        )
+
+    def check_key(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
+    ) -> None:
+        check_key_bytes(key)
+        node = qemu_node(location, credentials)
+        argv: list[Arg] = [
+            "qemu-io", "-r", "-U", "--object", key_object(passphrase(key)),
+            *node.object_args(), "--image-opts",
+            f"driver=luks,key-secret={KEY_OBJECT},{node.opts('file.')}",
+            "-c", "read 0 512",
+        ]  # fmt: skip
+        self.executor.run(argv, failures=WRONG_KEY, timeout=120)

@@ -1,0 +1,71 @@
+"""The calls the block-storage service makes: create and delete a volume.
+
+The service orders a key from the KMS, calls `create_volume` with it and
+stores what comes back (`CreatedVolume`: location, engine, header
+fingerprint, all JSON) with the key's UUID, never the key. Everything
+about tools, formats and backends stays in this package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from pydantic import BaseModel, ConfigDict
+
+from trustplane.errors import TrustplaneError, UsageError
+from trustplane.volumes.backends.base import Backend
+from trustplane.volumes.encryptors import encryptor_for
+from trustplane.volumes.header import HeaderFingerprint
+from trustplane.volumes.location import Location
+from trustplane.volumes.spec import Engine, VolumeTypeSpec, check_volume_size
+
+
+class CreatedVolume(BaseModel):
+    """What the volume record keeps about a new volume (no secret in it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    location: Location
+    size: int
+    """Usable bytes (the LUKS header comes on top)."""
+    engine: Engine | None
+    fingerprint: HeaderFingerprint | None
+
+
+def create_volume(
+    backend: Backend,
+    volume_type: VolumeTypeSpec,
+    name: str,
+    size: int,
+    key: bytes | None,
+) -> CreatedVolume:
+    """Create volume `name` of `size` usable bytes on `backend`, encrypted under `key`.
+
+    A plain type takes no key. A failure leaves no storage behind; a name
+    that exists is refused (nothing is ever formatted twice).
+    """
+    if volume_type.backend is not backend.kind:
+        raise UsageError(f"the volume type is for {volume_type.backend}, not {backend.kind}")
+    engine = volume_type.engine
+    if engine is None or volume_type.encryption is None:
+        if key is not None:
+            raise UsageError("a plain volume type takes no key")
+        backend.check_name(name)
+        location = backend.create(name, check_volume_size(size))
+        return CreatedVolume(location=location, size=size, engine=None, fingerprint=None)
+    if key is None:
+        raise UsageError("an encrypted volume type needs a key from the KMS")
+    encryptor = encryptor_for(engine, backend.executor)
+    location = encryptor.create(backend, name, size, key, volume_type.encryption)
+    try:
+        fingerprint = encryptor.fingerprint(backend.reader(location))
+    except BaseException:
+        with contextlib.suppress(TrustplaneError):
+            backend.delete(location)
+        raise
+    return CreatedVolume(location=location, size=size, engine=engine, fingerprint=fingerprint)
+
+
+def delete_volume(backend: Backend, location: Location) -> None:
+    """Destroy the volume's storage (idempotent). The service destroys the key first."""
+    backend.delete(location)
