@@ -87,7 +87,7 @@ def test_create_formats_luks1_the_header_is_fingerprinted_and_the_size_is_usable
     assert "xts-plain64" in dump
     encryptor = QemuLuksEncryptor()
     with encryptor.open(created.location, key, loop=False) as opened:
-        assert os.path.getsize(opened.path) == 16 * MIB
+        assert Path(opened.path).stat().st_size == 16 * MIB
     delete_volume(backend, created.location)
     assert not path.exists()
     delete_volume(backend, created.location)  # idempotent
@@ -170,7 +170,7 @@ def test_userspace_open_reads_and_writes_plaintext_and_close_leaves_nothing(
         assert phrase not in Path(f"/proc/{daemon_pid}/cmdline").read_bytes()
         assert phrase not in Path(f"/proc/{daemon_pid}/environ").read_bytes()
         assert _secret_dirs() == []
-        with open(opened.device, "r+b") as device:
+        with Path(opened.device).open("r+b") as device:
             device.seek(MIB)
             device.write(marker.ljust(4096, b"\0"))
             device.flush()
@@ -182,10 +182,12 @@ def test_userspace_open_reads_and_writes_plaintext_and_close_leaves_nothing(
     assert not opened.directory.exists()
     assert _loop_devices_of(path) == []
     assert not Path(f"/proc/{daemon_pid}").exists()
-    with encryptor.open(created.location, key, writable=False, loop=False) as again:
-        with open(again.path, "rb") as plain:
-            plain.seek(MIB)
-            assert plain.read(len(marker)) == marker
+    with (
+        encryptor.open(created.location, key, writable=False, loop=False) as again,
+        Path(again.path).open("rb") as plain,
+    ):
+        plain.seek(MIB)
+        assert plain.read(len(marker)) == marker
 
 
 def test_volume_formatted_the_os_brick_way_opens_here_and_ours_opens_there(
@@ -213,9 +215,11 @@ def test_volume_formatted_the_os_brick_way_opens_here_and_ours_opens_there(
     encryptor = QemuLuksEncryptor()
     encryptor.check_key(location, key)
     marker = _marker()
-    with encryptor.open(location, key, loop=False) as opened:
-        with open(opened.path, "r+b") as plain:
-            plain.write(marker.ljust(4096, b"\0"))
+    with (
+        encryptor.open(location, key, loop=False) as opened,
+        Path(opened.path).open("r+b") as plain,
+    ):
+        plain.write(marker.ljust(4096, b"\0"))
     assert not _holds(theirs, marker)
     assert fingerprint(FileRawReader(theirs)).version == 1
 

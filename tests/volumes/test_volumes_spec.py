@@ -54,7 +54,7 @@ def test_each_backend_gets_the_engine_that_opens_it(
 
 
 def test_combinations_nothing_opens_are_refused_in_one_line() -> None:
-    with pytest.raises(UnsupportedError, match="reads LUKS1 only.*control location back-end"):
+    with pytest.raises(UnsupportedError, match=r"reads LUKS1 only.*control location back-end"):
         engine_for(BackendKind.RBD, FRONT_LUKS2)
     with pytest.raises(UnsupportedError, match="reads LUKS1 only"):
         engine_for(BackendKind.ISCSI, FRONT_LUKS2)
@@ -137,6 +137,6 @@ def test_locations_round_trip_as_json_and_hold_no_secret() -> None:
     ],
 )
 def test_a_malformed_location_is_one_line(text: str) -> None:
-    with pytest.raises(MalformedError, match="^not a volume location: ") as caught:
+    with pytest.raises(MalformedError, match=r"^not a volume location: ") as caught:
         load_location(text)
     assert "\n" not in str(caught.value)

@@ -1,0 +1,123 @@
+"""A TCG guest under the test libvirtd that reports every disk it sees.
+
+It boots Debian's cloud kernel with a busybox initramfs whose /init scans
+`/sys/block/vd*` five times a second and prints, for each disk it has not
+seen, `DISK serial=S dev=D data=…` (the first 64 bytes, printable) on the
+serial console, and `GONE serial=S` when one leaves. The guest names disks
+in probe order, so tests look for the serial libvirt gave the disk, never
+for a target name.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from trustplane.embedded.guest_kernel import GuestKernel
+from trustplane.embedded.initramfs import GUEST_SETUP, build_initramfs
+
+BOOT_TIMEOUT = 240.0
+DISK_TIMEOUT = 120.0
+
+SCANNER_INIT = f"""#!/bin/sh
+{GUEST_SETUP}
+echo GUEST-UP
+seen=" "
+while :; do
+    now=" "
+    for b in /sys/block/vd*; do
+        [ -e "$b/serial" ] || continue
+        d=${{b##*/}}
+        s=$(cat "$b/serial")
+        [ -n "$s" ] || continue
+        now="$now$s "
+        case "$seen" in *" $s "*) continue ;; esac
+        data=$(head -c 64 "/dev/$d" | tr -d '\\000' | tr -c 'A-Za-z0-9._:-' '?')
+        echo "DISK serial=$s dev=$d data=$data"
+    done
+    for s in $seen; do
+        case "$now" in *" $s "*) ;; *) echo "GONE serial=$s" ;; esac
+    done
+    seen="$now"
+    sleep 0.2
+done
+"""
+
+
+def build_scanner_initrd(out: Path, kernel: GuestKernel) -> Path:
+    return build_initramfs(out, SCANNER_INIT, kernel=kernel, modules=("virtio_pci", "virtio_blk"))
+
+
+@dataclass
+class ScannerGuest:
+    """A persistent domain running the scanner (start it, read its console)."""
+
+    conn: Any
+    name: str
+    console: Path
+    domain: Any
+
+    @classmethod
+    def define(cls, conn: Any, directory: Path, kernel: GuestKernel, initrd: Path) -> ScannerGuest:
+        name = f"volguest-{secrets.token_hex(4)}"
+        console = directory / f"{name}.console"
+        xml = f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel.vmlinuz}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+        return cls(conn, name, console, conn.defineXML(xml))
+
+    def start(self) -> None:
+        self.domain.create()
+        self.wait_for("GUEST-UP", BOOT_TIMEOUT)
+
+    def text(self) -> str:
+        if not self.console.exists():
+            return ""
+        return self.console.read_bytes().decode("utf-8", errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = DISK_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"guest never printed {needle!r}:\n{self.text()[-2000:]}")
+            time.sleep(0.2)
+        return self.text()
+
+    def disk_data(self, serial: str, timeout: float = DISK_TIMEOUT) -> str:
+        """What the guest read from the start of the disk with `serial`."""
+        self.wait_for(f"DISK serial={serial} ", timeout)
+        found = re.search(rf"DISK serial={re.escape(serial)} dev=(\S+) data=(\S*)", self.text())
+        assert found is not None
+        return found.group(2)
+
+    def wait_gone(self, serial: str, timeout: float = DISK_TIMEOUT) -> None:
+        self.wait_for(f"GONE serial={serial}\n", timeout)
+
+    def remove(self) -> None:
+        try:
+            if self.domain.isActive():
+                self.domain.destroy()
+            self.domain.undefine()
+        except libvirt.libvirtError:
+            pass

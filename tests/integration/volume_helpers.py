@@ -1,0 +1,73 @@
+"""Backends on the session's real components, and what an attacker with the
+storage (not the key) can read: the raw file, the LUN's backing file, the
+RADOS objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trustplane.embedded.ceph import RunningCeph
+from trustplane.embedded.tgtd import RunningTgtd
+from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
+from trustplane.volumes.location import AnyLocation, Endpoint, RbdLocation
+
+
+def file_backend(directory: Path) -> FileBackend:
+    return FileBackend(directory)
+
+
+def iscsi_backend(tgtd: RunningTgtd, directory: Path) -> IscsiBackend:
+    return IscsiBackend(
+        directory, Endpoint(host="127.0.0.1", port=tgtd.port), control_port=tgtd.control_port
+    )
+
+
+def rbd_backend(ceph: RunningCeph) -> RbdBackend:
+    client = ceph.client
+    monitor = Endpoint(host=client.mon_host, port=client.mon_port)
+    return RbdBackend(ceph.pool, client.user, [monitor], client.key_bytes)
+
+
+def rados_objects(ceph: RunningCeph, image: str) -> dict[str, bytes]:
+    """Every RADOS object of an image's data, fetched with `rados get` as the client."""
+    info = json.loads(ceph.run_as_client("rbd", "info", f"{ceph.pool}/{image}", "--format", "json"))
+    prefix = info["block_name_prefix"] + "."
+    names = sorted(
+        name
+        for name in ceph.run_as_client("rados", "-p", ceph.pool, "ls").split()
+        if name.startswith(prefix)
+    )
+    out = {}
+    scratch = ceph.work_dir / "tmp"
+    for name in names:
+        target = scratch / f"{name}.obj"
+        ceph.run_as_client("rados", "-p", ceph.pool, "get", name, str(target))
+        out[name] = target.read_bytes()
+        target.unlink()
+    return out
+
+
+def raw_holds(
+    backend: Backend, location: AnyLocation, needle: bytes, ceph: RunningCeph | None = None
+) -> bool:
+    """True when the storage itself (what the storage's admin reads) holds `needle`."""
+    if isinstance(backend, FileBackend):
+        return needle in Path(location.path).read_bytes()  # type: ignore[union-attr]
+    if isinstance(backend, IscsiBackend):
+        return needle in backend.backing_file(location).read_bytes()
+    assert ceph is not None
+    assert isinstance(location, RbdLocation)
+    return any(needle in data for data in rados_objects(ceph, location.image).values())
+
+
+def files_holding(root: Path, needle: bytes) -> list[Path]:
+    """Regular files under `root` that contain `needle` (unreadable ones skipped)."""
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(path)
+        except OSError:
+            continue
+    return found
