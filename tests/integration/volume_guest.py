@@ -92,9 +92,10 @@ class ScannerGuest:
         self.wait_for("GUEST-UP", BOOT_TIMEOUT)
 
     def text(self) -> str:
+        """The console so far, its serial line endings (CRLF) made plain."""
         if not self.console.exists():
             return ""
-        return self.console.read_bytes().decode("utf-8", errors="replace")
+        return self.console.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
 
     def wait_for(self, needle: str, timeout: float = DISK_TIMEOUT) -> str:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,350 @@
+"""Encrypted volumes: sequential I/O against plain on the same backend, create and open.
+
+Starts its own tgtd and one-node Ceph cluster on 127.0.0.1 (temporary
+directory), then for each backend (file, iSCSI, RBD) creates a plain volume
+and encrypted ones with trustplane's drivers and measures, through QEMU's
+block layer (`qemu-io`, 4 MiB requests, sequential, the figure qemu-io
+itself times, so process start and open are left out):
+
+- raw (plain volume);
+- QEMU LUKS1, aes-256-xts-plain64 (the default: what a VM's QEMU runs);
+- QEMU LUKS1 cipher variants, to see what QEMU's crypto backend
+  accelerates: aes-128-xts, and aes-256-cbc-essiv (not a candidate for
+  new volumes: CBC writes are serial and ESSIV is the older scheme);
+- RBD: librbd's own encryption, LUKS2 (4096-byte sectors) and LUKS1.
+
+Bounds: the single-core AES-256-XTS rate (`openssl speed -evp aes-256-xts`,
+one process) and the XTS rate of the library QEMU's cipher code calls
+(Debian's QEMU 7.2 uses nettle: `nettle_xts_encrypt_message` over 4 MiB,
+called through ctypes). Times: `create_volume` per engine, and the open of
+an encrypted volume (qemu-io open with the key, minus the same for raw; and
+the user-space open: qemu-storage-daemon FUSE export + loop device ready).
+
+One run, ratios reported; no thresholds. The machine may be shared: the
+figures of one run are comparable with each other, not across runs.
+
+    python benchmarks/volumes.py [--size-mib 256] [--opens 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import os
+import re
+import secrets
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustplane.embedded.ceph import start_ceph
+from trustplane.embedded.tgtd import start_tgtd
+from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFile
+from trustplane.tools.command import Arg
+from trustplane.volumes.access import QemuNode, qemu_node
+from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
+from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
+from trustplane.volumes.encryptors import encryptor_for
+from trustplane.volumes.location import AnyLocation, Endpoint
+from trustplane.volumes.spec import (
+    BackendKind,
+    ControlLocation,
+    EncryptionSpec,
+    Provider,
+    VolumeTypeSpec,
+    passphrase,
+)
+from trustplane.volumes.volume import create_volume
+
+MIB = 1 << 20
+REQUEST = 4 * MIB
+EXECUTOR = Executor(timeout=1800)
+# qemu-io: "256 MiB, 64 ops; 00.50 sec (512.000 MiB/sec and 128.0000 ops/sec)"
+_RATE = re.compile(r"\(([\d.]+) (bytes|KiB|MiB|GiB)/sec and")
+_SCALE = {"bytes": 1 / MIB, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}
+DEFAULT = "QEMU LUKS1 aes-256-xts (default)"
+VARIANTS = (
+    ("QEMU LUKS1 aes-128-xts", "cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain64"),
+    (
+        "QEMU LUKS1 aes-256-cbc-essiv",
+        "cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
+    ),
+)
+CANDIDATES = ("QEMU LUKS1 aes-256-xts", "QEMU LUKS1 aes-128-xts", "librbd")
+"""Encrypted paths fit for new volumes (CBC-ESSIV is measured, not offered)."""
+_OPENSSL = re.compile(r"^aes-256-xts\s+.*?([\d.]+)k\s*$", re.MULTILINE | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class IoPath:
+    """One way to reach a volume's plaintext through QEMU."""
+
+    label: str
+    image_opts: str
+    objects: tuple[SecretFile, ...]
+
+
+def _objects(objects: tuple[SecretFile, ...]) -> list[Arg]:
+    args: list[Arg] = []
+    for secret in objects:
+        args += ["--object", secret]
+    return args
+
+
+def qemu_io_rate(path: IoPath, operation: str, size: int) -> float:
+    """MiB/s of sequential `operation` (write/read) in 4 MiB requests, as qemu-io times it."""
+    commands: list[Arg] = []
+    for offset in range(0, size, REQUEST):
+        verb = "write -P 0x5a" if operation == "write" else "read"
+        commands += ["-c", f"{verb} {offset} {REQUEST}"]
+    argv: list[Arg] = [
+        "qemu-io", *_objects(path.objects), "--image-opts", path.image_opts, *commands,
+    ]  # fmt: skip
+    out = EXECUTOR.run(argv).text
+    assert " failed: " not in out, out[-500:]
+    seconds = sum(4 / (float(m.group(1)) * _SCALE[m.group(2)]) for m in _RATE.finditer(out))
+    return (size / MIB) / seconds
+
+
+def qemu_io_open_seconds(path: IoPath, rounds: int) -> float:
+    """Median wall time of `qemu-io -c 'read 0 512'` (process, open, one read)."""
+    argv: list[Arg] = [
+        "qemu-io", "-r", *_objects(path.objects), "--image-opts", path.image_opts,
+        "-c", "read 0 512",
+    ]  # fmt: skip
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        EXECUTOR.run(argv)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def openssl_xts_bound() -> float:
+    """Single-core AES-256-XTS in MB/s (OpenSSL, 16 KiB blocks, one process)."""
+    out = EXECUTOR.run(
+        ["openssl", "speed", "-seconds", "3", "-bytes", "16384", "-evp", "aes-256-xts"]
+    ).text
+    found = _OPENSSL.search(out)
+    if found is None:
+        raise SystemExit(f"openssl speed printed no aes-256-xts rate:\n{out}")
+    return float(found.group(1)) * 1000 / 1e6
+
+
+def nettle_xts_rate() -> float | None:
+    """MB/s of nettle's AES-256-XTS over 4 MiB in one call (QEMU 7.2's cipher backend)."""
+    name = ctypes.util.find_library("nettle")
+    if name is None:
+        return None
+    nettle = ctypes.CDLL(name)
+    context = ctypes.create_string_buffer(512)
+    tweak = ctypes.create_string_buffer(512)
+    nettle.nettle_aes256_set_encrypt_key(context, os.urandom(32))
+    nettle.nettle_aes256_set_encrypt_key(tweak, os.urandom(32))
+    size = 64 * MIB
+    source = ctypes.create_string_buffer(size)
+    target = ctypes.create_string_buffer(size)
+    iv = ctypes.create_string_buffer(16)
+    started = time.process_time()
+    for offset in range(0, size, REQUEST):
+        nettle.nettle_xts_encrypt_message(
+            context, tweak, nettle.nettle_aes256_encrypt, iv, REQUEST,
+            ctypes.byref(target, offset), ctypes.byref(source, offset),
+        )  # fmt: skip
+    return size / (time.process_time() - started) / 1e6
+
+
+def luks_path(label: str, node: QemuNode, key: bytes) -> IoPath:
+    return IoPath(
+        label,
+        f"driver=luks,key-secret={KEY_OBJECT},{node.opts('file.')}",
+        (key_object(passphrase(key)), *node.objects),
+    )
+
+
+def raw_path(node: QemuNode) -> IoPath:
+    return IoPath("raw", f"driver=raw,{node.opts('file.')}", node.objects)
+
+
+def librbd_path(label: str, node: QemuNode, key: bytes, luks: str) -> IoPath:
+    return IoPath(
+        label,
+        f"{node.opts()},encrypt.format={luks},encrypt.key-secret={KEY_OBJECT}",
+        (key_object(passphrase(key)), *node.objects),
+    )
+
+
+def qemu_variant(backend: Backend, name: str, size: int, key: bytes, options: str) -> AnyLocation:
+    """A QEMU LUKS1 volume with cipher `options` other than the spec's (benchmark only)."""
+    header = 4 << 20  # room enough for any variant's header
+    argv_options = f"key-secret={KEY_OBJECT},iter-time=10,{options}"
+    if backend.qemu_creates_storage:
+        location = backend.location(name)
+        target = backend.qemu_create_target(location)
+        retry = QEMU_PBKDF_CALIBRATION.with_cleanup(lambda: backend.remove_leftover(location))
+        payload = size
+    else:
+        location = backend.create(name, size + header)
+        target = backend.qemu_format_target(location)
+        retry = QEMU_PBKDF_CALIBRATION
+        payload = size
+    EXECUTOR.run(
+        ["qemu-img", "create", "-q", "-f", "luks", "--object", key_object(passphrase(key)),
+         "-o", argv_options, target, str(payload)],
+        retry=retry,
+    )  # fmt: skip
+    return location
+
+
+@contextmanager
+def volumes_of(backend: Backend) -> Iterator[list[AnyLocation]]:
+    made: list[AnyLocation] = []
+    try:
+        yield made
+    finally:
+        for location in made:
+            backend.delete(location)
+
+
+def bench_backend(
+    kind: BackendKind, backend: Backend, size: int, opens: int, report: list[str]
+) -> dict[str, float]:
+    key = secrets.token_bytes(32)
+    rates: dict[str, float] = {}
+    with volumes_of(backend) as made:
+        plain_type = VolumeTypeSpec(backend=kind, encryption=None)
+        plain = create_volume(backend, plain_type, "plain", size, None)
+        made.append(plain.location)
+        started = time.perf_counter()
+        created = create_volume(backend, VolumeTypeSpec(backend=kind), "luks", size, key)
+        create_s = time.perf_counter() - started
+        assert created.engine is not None
+        luks_location = created.location
+        made.append(luks_location)
+        credentials = backend.credentials()
+        paths = [
+            raw_path(qemu_node(plain.location, credentials)),
+            luks_path(DEFAULT, qemu_node(luks_location, credentials), key),
+        ]
+        for label, options in VARIANTS:
+            name = "v" + secrets.token_hex(3)
+            location = qemu_variant(backend, name, size, key, options)
+            made.append(location)
+            paths.append(luks_path(label, qemu_node(location, credentials), key))
+        librbd_create_s = None
+        if kind is BackendKind.RBD:
+            for provider, luks in ((Provider.LUKS2, "luks2"), (Provider.LUKS, "luks")):
+                spec = EncryptionSpec(provider=provider, control_location=ControlLocation.BACK_END)
+                volume_type = VolumeTypeSpec(backend=kind, encryption=spec)
+                started = time.perf_counter()
+                made_volume = create_volume(backend, volume_type, f"librbd-{luks}", size, key)
+                if provider is Provider.LUKS2:
+                    librbd_create_s = time.perf_counter() - started
+                location = made_volume.location
+                made.append(location)
+                label = (
+                    f"librbd {luks.upper()} ({'4096' if luks == 'luks2' else '512'}-byte sectors)"
+                )
+                paths.append(librbd_path(label, qemu_node(location, credentials), key, luks))
+        for path in paths:
+            write = qemu_io_rate(path, "write", size)
+            read = qemu_io_rate(path, "read", size)
+            rates[f"{path.label} write"] = write
+            rates[f"{path.label} read"] = read
+        raw_open = qemu_io_open_seconds(paths[0], opens)
+        luks_open = qemu_io_open_seconds(paths[1], opens)
+        encryptor = encryptor_for(created.engine)
+        userspace = []
+        for _ in range(opens):
+            started = time.perf_counter()
+            opened = encryptor.open(luks_location, key, credentials)
+            userspace.append(time.perf_counter() - started)
+            opened.close()
+        report.append(f"\n## {kind} ({size // MIB} MiB, 4 MiB sequential requests, qemu-io)")
+        raw_w, raw_r = rates["raw write"], rates["raw read"]
+        for path in paths:
+            w, r = rates[f"{path.label} write"], rates[f"{path.label} read"]
+            report.append(
+                f"  {path.label:40s} write {w:8.0f} MiB/s ({w / raw_w:4.2f}x raw)"
+                f"   read {r:8.0f} MiB/s ({r / raw_r:4.2f}x raw)"
+            )
+        report.append(f"  create (QEMU LUKS1, create_volume):      {create_s:6.2f} s")
+        if librbd_create_s is not None:
+            report.append(f"  create (librbd LUKS2, create_volume):    {librbd_create_s:6.2f} s")
+        report.append(
+            f"  open: qemu-io LUKS {luks_open * 1000:6.0f} ms vs raw {raw_open * 1000:6.0f} ms"
+            f" (LUKS open adds {(luks_open - raw_open) * 1000:5.0f} ms);"
+            f" user-space open (FUSE + loop) p50 {statistics.median(userspace) * 1000:5.0f} ms"
+        )
+        if kind is BackendKind.RBD:
+            libopen = qemu_io_open_seconds(
+                next(p for p in paths if p.label.startswith("librbd LUKS2")), opens
+            )
+            report.append(f"  open: qemu-io librbd LUKS2 {libopen * 1000:6.0f} ms")
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--opens", type=int, default=10)
+    args = parser.parse_args()
+    size = args.size_mib * MIB
+    report: list[str] = []
+    bound = openssl_xts_bound()
+    nettle = nettle_xts_rate()
+    report.append("# Encrypted volumes (benchmarks/volumes.py)")
+    report.append(
+        f"AES-256-XTS bound, one core (openssl speed -evp aes-256-xts): {bound:8.0f} MB/s"
+    )
+    if nettle is not None:
+        report.append(
+            f"nettle AES-256-XTS (QEMU 7.2's cipher backend), 4 MiB a call: {nettle:8.0f} MB/s"
+            f" = {nettle / bound:.2f}x the bound"
+        )
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="tp-bench-volumes-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        results["file"] = bench_backend(
+            BackendKind.FILE, FileBackend(work / "files"), size, args.opens, report
+        )
+        with start_tgtd(work / "tgtd") as tgtd:
+            iscsi = IscsiBackend(
+                work / "luns", Endpoint(host="127.0.0.1", port=tgtd.port),
+                control_port=tgtd.control_port,
+            )  # fmt: skip
+            results["iscsi"] = bench_backend(BackendKind.ISCSI, iscsi, size, args.opens, report)
+        with start_ceph(work / "ceph") as ceph:
+            client = ceph.client
+            rbd = RbdBackend(
+                ceph.pool, client.user, [Endpoint(host=client.mon_host, port=client.mon_port)],
+                client.key_bytes,
+            )  # fmt: skip
+            results["rbd"] = bench_backend(BackendKind.RBD, rbd, size, args.opens, report)
+    report.append("\n## Goal: encrypted >= 0.6x plain on the faster encrypted path per backend")
+    for kind, rates in results.items():
+
+        def ratio(label: str, rates: dict[str, float] = rates) -> float:
+            return min(
+                rates[f"{label} write"] / rates["raw write"],
+                rates[f"{label} read"] / rates["raw read"],
+            )
+
+        labels = [key.removesuffix(" write") for key in rates if key.endswith(" write")]
+        best = max((label for label in labels if label.startswith(CANDIDATES)), key=ratio)
+        verdict = "met" if ratio(best) >= 0.6 else "NOT met"
+        share = rates[f"{DEFAULT} write"] * MIB / 1e6 / bound
+        report.append(
+            f"  {kind:6s} faster path: {best}: min(write, read) {ratio(best):.2f}x plain:"
+            f" {verdict}; QEMU LUKS1 default writes at {share:.2f}x the AES-XTS bound"
+        )
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
