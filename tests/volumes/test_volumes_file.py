@@ -266,3 +266,28 @@ def test_a_plain_file_has_no_header_to_fingerprint(tmp_path: Path) -> None:
     plain.write_bytes(os.urandom(8192))
     with pytest.raises(MalformedError, match="no LUKS header"):
         fingerprint(FileRawReader(plain))
+
+
+def test_userspace_open_mounts_a_file_system_for_containers(
+    backend: FileBackend, tmp_path: Path
+) -> None:
+    """What the Docker volume plugin needs: FUSE export, loop device, ext4, mount."""
+    key = secrets.token_bytes(32)
+    created = create_volume(backend, FILE_TYPE, "vol-fs", 32 * MIB, key)
+    encryptor = QemuLuksEncryptor()
+    with encryptor.open(created.location, key) as opened:
+        assert opened.device is not None
+        mkfs = ["mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
+        EXECUTOR.run([*mkfs, opened.device])
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    marker = _marker()
+    with encryptor.open(created.location, key, mountpoint=mountpoint):
+        assert str(mountpoint) in mount_points(EXECUTOR)
+        (mountpoint / "data").write_bytes(marker)
+    assert str(mountpoint) not in mount_points(EXECUTOR)
+    assert not (mountpoint / "data").exists()
+    assert not _holds(Path(created.location.path), marker)
+    with encryptor.open(created.location, key, writable=False, mountpoint=mountpoint):
+        assert (mountpoint / "data").read_bytes() == marker
+    assert _loop_devices_of(Path(created.location.path)) == []

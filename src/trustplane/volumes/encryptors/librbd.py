@@ -105,6 +105,7 @@ class LibrbdEncryptor(Encryptor):
         *,
         writable: bool = True,
         loop: bool = True,
+        mountpoint: Path | None = None,
         luks_version: int | None = None,
     ) -> UserspaceVolume:
         """`luks_version` (the fingerprint's) spares reading the header to learn it."""
@@ -118,6 +119,7 @@ class LibrbdEncryptor(Encryptor):
             [key_object(passphrase(key)), *node.objects],
             writable=writable,
             loop=loop,
+            mountpoint=mountpoint,
         )
 
     def _provider(

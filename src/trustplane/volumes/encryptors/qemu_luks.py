@@ -25,6 +25,7 @@ OpenSSL's AES-XTS has; QEMU adds 512-byte sectors and a bounce buffer.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import ClassVar
 
 from trustplane.errors import TrustplaneError, UsageError
@@ -125,6 +126,7 @@ class QemuLuksEncryptor(Encryptor):
         *,
         writable: bool = True,
         loop: bool = True,
+        mountpoint: Path | None = None,
     ) -> UserspaceVolume:
         check_key_bytes(key)
         node = qemu_node(location, credentials)
@@ -140,6 +142,7 @@ class QemuLuksEncryptor(Encryptor):
             [key_object(passphrase(key)), *node.objects],
             writable=writable,
             loop=loop,
+            mountpoint=mountpoint,
         )
 
     def check_key(
