@@ -29,7 +29,7 @@ from trustplane.errors import TrustplaneError
 from trustplane.tools import Executor, SecretFile, ToolProcess, is_mounted, unmount
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import QemuNode
-from trustplane.volumes.encryptors.base import WRONG_KEY, OpenVolume
+from trustplane.volumes.opening import WRONG_KEY, OpenVolume
 
 DAEMON = "qemu-storage-daemon"
 READY_TIMEOUT = 60.0

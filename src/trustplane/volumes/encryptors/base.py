@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar
 
-from trustplane.errors import DecryptionKeyError, MalformedError, TrustplaneError, UsageError
+from trustplane.errors import MalformedError, TrustplaneError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials, raw_reader
 from trustplane.volumes.backends.base import Backend
@@ -38,6 +37,7 @@ from trustplane.volumes.header import (
     verify,
 )
 from trustplane.volumes.location import AnyLocation
+from trustplane.volumes.opening import OpenVolume
 from trustplane.volumes.spec import (
     VOLUME_KEY_BYTES,
     EncryptionSpec,
@@ -50,43 +50,11 @@ DEFAULT_ITER_TIME_MS = 10
 PBKDF2_ITERATIONS = 1000
 """cryptsetup's minimum: a random 256-bit key needs no stretching."""
 
-WRONG_KEY: dict[str, type[TrustplaneError]] = {
-    # QEMU's LUKS driver (qemu-img, qemu-io, qemu-storage-daemon, a VM's QEMU)
-    "Invalid password, cannot unlock any keyslot": DecryptionKeyError,
-    # cryptsetup
-    "No key available with this passphrase": DecryptionKeyError,
-    # librbd
-    "encryption load fail": DecryptionKeyError,
-}
-"""Tool messages that mean the key is wrong (mapped to DecryptionKeyError)."""
-
 
 def check_key_bytes(key: bytes) -> bytes:
     if not isinstance(key, bytes) or len(key) != VOLUME_KEY_BYTES:
         raise UsageError(f"a volume key is {VOLUME_KEY_BYTES} random bytes")
     return key
-
-
-class OpenVolume(ABC):
-    """An encrypted volume opened on a host: `path` reads and writes plaintext."""
-
-    path: str
-    """A block device (dm-crypt, a loop device) or a file (a FUSE export)."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Undo the open: nothing of it (mapping, process, mount, key) is left. Idempotent."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Encryptor(ABC):

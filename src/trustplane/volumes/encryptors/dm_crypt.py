@@ -31,14 +31,9 @@ from trustplane.errors import UnsupportedError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors.base import (
-    PBKDF2_ITERATIONS,
-    WRONG_KEY,
-    Encryptor,
-    OpenVolume,
-    check_key_bytes,
-)
+from trustplane.volumes.encryptors.base import PBKDF2_ITERATIONS, Encryptor, check_key_bytes
 from trustplane.volumes.location import AnyLocation, LvmLocation
+from trustplane.volumes.opening import WRONG_KEY, OpenVolume
 from trustplane.volumes.spec import EncryptionSpec, Engine, Provider, passphrase
 
 HEADER_BYTES = {Provider.LUKS: 2 << 20, Provider.LUKS2: 16 << 20}

@@ -33,9 +33,10 @@ from trustplane.volumes.attachers.userspace import (
     open_userspace,
 )
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors.base import WRONG_KEY, Encryptor, check_key_bytes
+from trustplane.volumes.encryptors.base import Encryptor, check_key_bytes
 from trustplane.volumes.encryptors.dm_crypt import format_argv
 from trustplane.volumes.location import AnyLocation, RbdLocation
+from trustplane.volumes.opening import WRONG_KEY
 from trustplane.volumes.spec import EncryptionSpec, Engine, Provider, passphrase
 
 HEADER_BYTES = {Provider.LUKS: 4 << 20, Provider.LUKS2: 16 << 20}

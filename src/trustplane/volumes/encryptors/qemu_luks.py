@@ -40,8 +40,9 @@ from trustplane.volumes.attachers.userspace import (
     protocol_blockdev,
 )
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors.base import WRONG_KEY, Encryptor, check_key_bytes
+from trustplane.volumes.encryptors.base import Encryptor, check_key_bytes
 from trustplane.volumes.location import AnyLocation
+from trustplane.volumes.opening import WRONG_KEY
 from trustplane.volumes.spec import (
     EncryptionSpec,
     Engine,
