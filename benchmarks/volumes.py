@@ -102,8 +102,11 @@ def qemu_io_rate(path: IoPath, operation: str, size: int) -> float:
     for offset in range(0, size, REQUEST):
         verb = "write -P 0x5a" if operation == "write" else "read"
         commands += ["-c", f"{verb} {offset} {REQUEST}"]
+    # Write-back: writes land in the host's page cache (or librbd's and tgtd's),
+    # so both sides measure the block layer and the cipher, not a disk's flushes.
     argv: list[Arg] = [
-        "qemu-io", *_objects(path.objects), "--image-opts", path.image_opts, *commands,
+        "qemu-io", "-t", "writeback", *_objects(path.objects), "--image-opts", path.image_opts,
+        *commands,
     ]  # fmt: skip
     out = EXECUTOR.run(argv).text
     assert " failed: " not in out, out[-500:]
@@ -157,6 +160,44 @@ def nettle_xts_rate() -> float | None:
             ctypes.byref(target, offset), ctypes.byref(source, offset),
         )  # fmt: skip
     return size / (time.process_time() - started) / 1e6
+
+
+def gnutls_xts_rate() -> float | None:
+    """MB/s of GnuTLS's AES-256-XTS over 4 MiB a call (CPU time).
+
+    What QEMU's cipher code would call if it were built with GnuTLS as its
+    crypto backend instead of nettle (and what nbdkit's luks filter calls).
+    """
+    name = ctypes.util.find_library("gnutls")
+    if name is None:
+        return None
+    gnutls = ctypes.CDLL(name)
+    gnutls.gnutls_cipher_get_id.argtypes = [ctypes.c_char_p]
+    algorithm = gnutls.gnutls_cipher_get_id(b"AES-256-XTS")
+
+    class Datum(ctypes.Structure):
+        _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_uint)]
+
+    key = ctypes.create_string_buffer(os.urandom(64), 64)
+    iv = ctypes.create_string_buffer(16)
+    handle = ctypes.c_void_p()
+    status = gnutls.gnutls_cipher_init(
+        ctypes.byref(handle), algorithm,
+        ctypes.byref(Datum(ctypes.cast(key, ctypes.c_void_p), 64)),
+        ctypes.byref(Datum(ctypes.cast(iv, ctypes.c_void_p), 16)),
+    )  # fmt: skip
+    if status != 0:
+        return None
+    source = ctypes.create_string_buffer(REQUEST)
+    target = ctypes.create_string_buffer(REQUEST)
+    rounds = 16
+    started = time.process_time()
+    for _ in range(rounds):
+        gnutls.gnutls_cipher_set_iv(handle, iv, 16)
+        gnutls.gnutls_cipher_encrypt2(handle, source, REQUEST, target, REQUEST)
+    seconds = time.process_time() - started
+    gnutls.gnutls_cipher_deinit(handle)
+    return rounds * REQUEST / seconds / 1e6
 
 
 def luks_path(label: str, node: QemuNode, key: bytes) -> IoPath:
@@ -298,6 +339,7 @@ def main() -> None:
     report: list[str] = []
     bound = openssl_xts_bound()
     nettle = nettle_xts_rate()
+    gnutls = gnutls_xts_rate()
     report.append("# Encrypted volumes (benchmarks/volumes.py)")
     report.append(
         f"AES-256-XTS bound, one core (openssl speed -evp aes-256-xts): {bound:8.0f} MB/s"
@@ -306,6 +348,11 @@ def main() -> None:
         report.append(
             f"nettle AES-256-XTS (QEMU 7.2's cipher backend), 4 MiB a call: {nettle:8.0f} MB/s"
             f" = {nettle / bound:.2f}x the bound"
+        )
+    if gnutls is not None:
+        report.append(
+            f"GnuTLS AES-256-XTS (a gnutls-built QEMU, nbdkit's luks filter): {gnutls:8.0f} MB/s"
+            f" = {gnutls / bound:.2f}x the bound"
         )
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tp-bench-volumes-", dir="/var/tmp") as tmp:
@@ -338,10 +385,11 @@ def main() -> None:
         labels = [key.removesuffix(" write") for key in rates if key.endswith(" write")]
         best = max((label for label in labels if label.startswith(CANDIDATES)), key=ratio)
         verdict = "met" if ratio(best) >= 0.6 else "NOT met"
-        share = rates[f"{DEFAULT} write"] * MIB / 1e6 / bound
+        # Reads of cached data: the cipher is the only work beside the copy.
+        share = rates[f"{DEFAULT} read"] * MIB / 1e6 / bound
         report.append(
             f"  {kind:6s} faster path: {best}: min(write, read) {ratio(best):.2f}x plain:"
-            f" {verdict}; QEMU LUKS1 default writes at {share:.2f}x the AES-XTS bound"
+            f" {verdict}; QEMU LUKS1 (default) reads at {share:.3f}x the AES-XTS bound"
         )
     print("\n".join(report))
 
