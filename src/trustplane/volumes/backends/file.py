@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
-from trustplane.errors import UsageError
+from trustplane.errors import UsageError, from_os_error
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.backends.base import Backend
@@ -48,12 +48,16 @@ class FileBackend(Backend):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
             raise UsageError(f"file volume {name} exists already") from None
+        except OSError as exc:
+            raise _os_error(exc, path) from None
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _os_error(exc, path) from None
             raise
         os.close(fd)
         return self.location(name)
@@ -66,6 +70,11 @@ class FileBackend(Backend):
 
     def qemu_format_target(self, location: AnyLocation) -> Arg:
         return _file(location).path
+
+
+def _os_error(exc: OSError, path: Path) -> Exception:
+    """A full disk or a missing directory as one trustplane error; anything else as it is."""
+    return from_os_error(exc, path) or exc
 
 
 def _file(location: AnyLocation) -> FileLocation:
