@@ -61,6 +61,7 @@ from trustplane.volumes.spec import (
     EncryptionSpec,
     Provider,
     VolumeTypeSpec,
+    default_encryption,
     passphrase,
 )
 from trustplane.volumes.volume import create_volume
@@ -71,7 +72,7 @@ EXECUTOR = Executor(timeout=1800)
 # qemu-io: "256 MiB, 64 ops; 00.50 sec (512.000 MiB/sec and 128.0000 ops/sec)"
 _RATE = re.compile(r"\(([\d.]+) (bytes|KiB|MiB|GiB)/sec and")
 _SCALE = {"bytes": 1 / MIB, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}
-DEFAULT = "QEMU LUKS1 aes-256-xts (default)"
+DEFAULT = "QEMU LUKS1 aes-256-xts"
 VARIANTS = (
     ("QEMU LUKS1 aes-128-xts", "cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain64"),
     (
@@ -266,7 +267,8 @@ def bench_backend(
         plain = create_volume(backend, plain_type, "plain", size, None)
         made.append(plain.location)
         started = time.perf_counter()
-        created = create_volume(backend, VolumeTypeSpec(backend=kind), "luks", size, key)
+        qemu_type = VolumeTypeSpec(backend=kind, encryption=EncryptionSpec())
+        created = create_volume(backend, qemu_type, "luks", size, key)
         create_s = time.perf_counter() - started
         assert created.engine is not None
         luks_location = created.location
@@ -395,7 +397,7 @@ def main() -> None:
             results["rbd"] = bench_backend(
                 BackendKind.RBD, rbd, size, args.opens, args.repeat, report
             )
-    report.append("\n## Goal: encrypted >= 0.6x plain on the faster encrypted path per backend")
+    report.append("\n## Goal: encrypted >= 0.6x plain (min of write and read) per backend")
     for kind, rates in results.items():
 
         def ratio(label: str, rates: dict[str, float] = rates) -> float:
@@ -406,12 +408,21 @@ def main() -> None:
 
         labels = [key.removesuffix(" write") for key in rates if key.endswith(" write")]
         best = max((label for label in labels if label.startswith(CANDIDATES)), key=ratio)
-        verdict = "met" if ratio(best) >= 0.6 else "NOT met"
+        default = (
+            "librbd LUKS2" if default_encryption(BackendKind(kind)).provider == "luks2" else DEFAULT
+        )
+        default_label = next(label for label in labels if label.startswith(default))
         # Reads of cached data: the cipher is the only work beside the copy.
         share = rates[f"{DEFAULT} read"] * MIB / 1e6 / bound
         report.append(
-            f"  {kind:6s} faster path: {best}: min(write, read) {ratio(best):.2f}x plain:"
-            f" {verdict}; QEMU LUKS1 (default) reads at {share:.3f}x the AES-XTS bound"
+            f"  {kind:6s} default ({default_label}): {ratio(default_label):.2f}x plain,"
+            f" {'met' if ratio(default_label) >= 0.6 else 'NOT met'};"
+            f" faster path measured: {best}, {ratio(best):.2f}x"
+            f" ({'met' if ratio(best) >= 0.6 else 'NOT met'})"
+        )
+        report.append(
+            f"         QEMU's LUKS1 (aes-256-xts) reads at {share:.3f}x the AES-XTS bound"
+            f" ({rates[f'{DEFAULT} read'] * MIB / 1e6:.0f} MB/s)"
         )
     print("\n".join(report))
 

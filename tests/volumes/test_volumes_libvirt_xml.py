@@ -100,7 +100,7 @@ def test_refusals_that_never_reach_libvirt() -> None:
     key = secrets.token_bytes(32)
     with pytest.raises(UnsupportedError, match=r"libvirt 9\.0 cannot hot-plug"):
         attacher.attach("vm", "v1", RBD, key, FINGERPRINT, engine=Engine.LIBRBD)
-    with pytest.raises(UnsupportedError, match="dm-crypt volume is opened by the host"):
+    with pytest.raises(UnsupportedError, match="LUKS2 dm-crypt volume is opened by the host"):
         attacher.attach("vm", "v1", LvmLocation(vg="vg", lv="v1"), key, FINGERPRINT,
                         engine=Engine.DM_CRYPT)  # fmt: skip
     with pytest.raises(UsageError, match="cephx key"):

@@ -21,7 +21,9 @@ What Nova does for a LUKS volume, in one place:
 Every failure is one line and undoes what this attach did: a wrong key
 (QEMU: `Invalid password, cannot unlock any keyslot`) is DecryptionKeyError
 with no secret left; libvirt that does not answer fails the attach closed
-(its secrets were ephemeral: they went with the daemon). libvirt 9.0 cannot
+(its secrets were ephemeral: they went with the daemon). A LUKS1 volume
+that dm-crypt formatted (LVM) is attached the same way: QEMU reads it
+(Nova's native LUKS). libvirt 9.0 cannot
 hot-plug a disk with librbd encryption (`blockdev-add: No secret with id
 'libvirt-N-format-encryption-secret0'`): such a disk goes into the
 persistent definition and takes effect when the domain starts.
@@ -176,10 +178,13 @@ class LibvirtAttacher:
         if not (live or persistent):
             raise UsageError(f"{what}: nothing to do (neither live nor persistent)")
         if engine is Engine.DM_CRYPT:
-            raise UnsupportedError(
-                f"{what}: a dm-crypt volume is opened by the host (cryptsetup) and "
-                "attached as a plain block device"
-            )
+            if fingerprint.version != 1:
+                raise UnsupportedError(
+                    f"{what}: a LUKS2 dm-crypt volume is opened by the host (cryptsetup) and "
+                    "attached as a plain block device; QEMU 7.2 reads LUKS1 only"
+                )
+            # cryptsetup's LUKS1 is the format QEMU's driver reads: QEMU decrypts it.
+            engine = Engine.QEMU
         if engine is Engine.LIBRBD and live:
             raise UnsupportedError(
                 f"{what}: libvirt 9.0 cannot hot-plug a disk with librbd encryption "
