@@ -87,9 +87,13 @@ class LibrbdEncryptor(Encryptor):
             self.executor.run(argv, timeout=_TIMEOUT)
 
     def blockdev(
-        self, location: AnyLocation, credentials: NodeCredentials | None, provider: Provider,
-        *, writable: bool,
-    ) -> str:  # fmt: skip
+        self,
+        location: AnyLocation,
+        credentials: NodeCredentials | None,
+        provider: Provider,
+        *,
+        writable: bool,
+    ) -> str:
         """The rbd node with librbd's encryption loaded: the volume's plaintext."""
         node = qemu_node(_image(location), credentials)
         return (
