@@ -291,3 +291,18 @@ def test_userspace_open_mounts_a_file_system_for_containers(
     with encryptor.open(created.location, key, writable=False, mountpoint=mountpoint):
         assert (mountpoint / "data").read_bytes() == marker
     assert _loop_devices_of(Path(created.location.path)) == []
+
+
+def test_a_failed_in_place_format_try_leaves_the_retry_a_private_file(
+    backend: FileBackend,
+) -> None:
+    """qemu-img deletes the file when a create fails (its PBKDF calibration); the
+    retry's cleanup makes it again 0600, or QEMU would create it 0644."""
+    location = backend.create("vol-retry", 4 * MIB)
+    path = Path(location.path)
+    path.unlink()
+    backend.before_format_retry(location)
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    backend.before_format_retry(location)
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -96,6 +96,13 @@ class Backend(ABC):
         """The filename `qemu-img create -f luks` formats in place (existing storage)."""
         raise UnsupportedError(f"QEMU does not format existing {self.kind} volumes in place")
 
+    def before_format_retry(self, location: AnyLocation) -> None:
+        """Undo what a failed in-place `qemu-img create -f luks` did, before it runs again.
+
+        Default: nothing (a LUN or a logical volume is written, not deleted).
+        """
+        return
+
     def remove_leftover(self, location: AnyLocation) -> None:
         """Remove what a failed `qemu-img create` left (an empty image). Default: delete."""
         self.delete(location)

@@ -3,7 +3,9 @@
 A volume is `ROOT/NAME.img`, created sparse and 0600 with O_EXCL (so two
 creators never share one). QEMU's LUKS driver formats it in place
 (`qemu-img create -f luks FILE` truncates the file it finds and writes the
-header), after the encryptor has checked it carries no LUKS header.
+header), after the encryptor has checked it carries no LUKS header. A try
+that fails deletes the file (QEMU cleans up after itself); it is made again,
+0600, before the next.
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ class FileBackend(Backend):
 
     def qemu_format_target(self, location: AnyLocation) -> Arg:
         return _file(location).path
+
+    def before_format_retry(self, location: AnyLocation) -> None:
+        """QEMU deletes the file when `qemu-img create -f luks` fails (its PBKDF
+        calibration, say): make it again, 0600, so the retry does not create it
+        with the default mode."""
+        path = Path(_file(location).path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            path.chmod(0o600)
+            return
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        os.close(fd)
 
 
 def _os_error(exc: OSError, path: Path) -> Exception:

@@ -117,7 +117,8 @@ class QemuLuksEncryptor(Encryptor):
         if payload <= 0:
             raise UsageError(f"{location.describe()} is too small for a LUKS header")
         argv = self._create_argv(key, spec, backend.qemu_format_target(location), payload)
-        self.executor.run(argv, retry=QEMU_PBKDF_CALIBRATION, timeout=_CREATE_TIMEOUT)
+        retry = QEMU_PBKDF_CALIBRATION.with_cleanup(lambda: backend.before_format_retry(location))
+        self.executor.run(argv, retry=retry, timeout=_CREATE_TIMEOUT)
 
     def open(
         self,
