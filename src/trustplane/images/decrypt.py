@@ -74,7 +74,7 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
     try:
         image = resolve(source, request.platform)
         layers = image.manifest.layers
-        opened, limit = _unwrap_all(layers, request.keys, request.remote, str(request.source))
+        opened, limit = unwrap_all(layers, request.keys, request.remote, str(request.source))
         visible = protected_config.reveal(image.manifest.config, request.keys)
         if limit < len(layers) and not opened and visible is None:
             # Keys that open nothing get what anyone gets without a key: that is
@@ -137,7 +137,7 @@ def decrypt_image(request: DecryptRequest, reporter: Reporter = SILENT) -> Decry
     )
 
 
-def _unwrap_all(
+def unwrap_all(
     layers: Sequence[Descriptor],
     keys: Sequence[UnwrapKey],
     remote: Sequence[Unwrapper],

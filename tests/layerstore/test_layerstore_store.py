@@ -1,0 +1,366 @@
+"""The store: import, views by tier, containers, removal, and crashes, with the real tools.
+
+Keys come from `LocalChains` here (the control plane's broker is exercised in
+tests/integration/test_layerstore_*.py); everything else is real: qemu-img,
+qemu-storage-daemon, losetup, mount, mkfs.ext4, overlayfs, runc.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zstandard
+from conftest import leftovers
+from layer_helpers import (
+    BuiltImage,
+    LocalChains,
+    d,
+    f,
+    tar_bytes,
+    whiteout,
+    write_layout,
+)
+
+from trustplane.embedded.sample_images import busybox_rootfs_tar
+from trustplane.errors import IntegrityError, UsageError
+from trustplane.layerstore import ImportRequest, LayerStore, StoredImage
+from trustplane.layerstore.keys import ChainRef
+from trustplane.oci.reference import LayoutRef
+
+SIZE = 1 << 30
+
+
+def _markers() -> list[bytes]:
+    return [f"marker-of-layer-{i}-{os.urandom(8).hex()}".encode() for i in range(3)]
+
+
+def _image(path: Path, markers: list[bytes]) -> BuiltImage:
+    """0: busybox (gzip), 1: /app (zstd), 2: /secrets/token, /app/old removed (plain)."""
+    base = busybox_rootfs_tar()
+    app = tar_bytes(
+        [
+            d("app"),
+            f("app/run.sh", b"#!/bin/sh\necho app says " + markers[1] + b"\n", mode=0o755),
+            f("app/old", b"to be removed"),
+            f("etc/marker0", markers[0]),
+        ]
+    )
+    secret = tar_bytes([d("secrets", 0o700), f("secrets/token", markers[2]), whiteout("app/old")])
+    return write_layout(path, [base, app, secret], ["gzip", "zstd", "none"])
+
+
+def _request(image: BuiltImage, **kw: object) -> ImportRequest:
+    return ImportRequest(
+        source=LayoutRef(image.layout, image.tag),
+        repository="registry.example/shop/app",
+        size=SIZE,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LayerStore:
+    return LayerStore(tmp_path / "store")
+
+
+@dataclass(frozen=True)
+class Imported:
+    store: LayerStore
+    image: BuiltImage
+    stored: StoredImage
+    keys: LocalChains
+    markers: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
+    """One image imported once for the tests that only read it."""
+    root = tmp_path_factory.mktemp("imported")
+    markers = _markers()
+    image = _image(root / "layout", markers)
+    store = LayerStore(root / "store")
+    keys = LocalChains()
+    stored = store.import_image(_request(image, tiers={"contractor": 1}), keys)
+    yield Imported(store, image, stored, keys, markers)
+    assert leftovers(os.fspath(root) + "/") == []
+
+
+def _layer_files(store: LayerStore) -> list[Path]:
+    return sorted((store.root / "qcow2" / "layers").iterdir())
+
+
+def test_import_then_views_by_tier_then_a_container(imported: Imported) -> None:
+    store, stored, keys, markers = imported.store, imported.stored, imported.keys, imported.markers
+    assert stored.name == "registry.example/shop/app:v1"
+    assert [layer.encrypted_in_source for layer in stored.layers] == [False] * 3
+    assert store.images() == [stored]
+    assert list(store.lease_dir.iterdir()) == []
+    calls = len(keys.calls)
+
+    with store.view(stored, "contractor", keys) as view:
+        assert view.tier == 1
+        assert (view.root / "app/run.sh").exists()
+        assert (view.root / "app/old").exists()
+        assert not (view.root / "secrets").exists()
+        with pytest.raises(OSError, match="Read-only file system"):
+            (view.root / "new").write_bytes(b"x")
+    assert keys.calls[calls].endswith(" 1"), "a tier-1 view asks for layer 1's key only"
+    with store.view(stored, None, keys) as view:
+        assert (view.root / "secrets/token").read_bytes() == markers[2]
+        assert not (view.root / "app/old").exists(), "the whiteout of layer 2 applied"
+        assert not (view.root / "lost+found").exists()
+
+    result = store.run(
+        stored, 2, ["/bin/sh", "-c", "cat /secrets/token; /app/run.sh; echo x > /new; exit 7"], keys
+    )
+    assert result.exit_code == 7, result.stderr
+    assert result.stdout == markers[2] + b"app says " + markers[1] + b"\n"
+    result = store.run(stored, 1, ["/bin/sh", "-c", "ls /new /secrets"], keys)
+    assert result.exit_code != 0, "neither the last run's writes nor layer 2 are there"
+    assert b"/new" in result.stderr
+
+
+def test_the_raw_files_hold_no_plaintext_of_any_layer_in_any_form(imported: Imported) -> None:
+    store, image, keys, markers = imported.store, imported.image, imported.keys, imported.markers
+    store.run(imported.stored, 2, ["/bin/sh", "-c", "cat /secrets/token > /copy"], keys)
+    forms = []
+    for marker in markers:
+        forms += [
+            marker,
+            gzip.compress(marker, mtime=0)[10:-8],
+            zstandard.ZstdCompressor().compress(marker)[6:],
+        ]
+    # Stretches of the blobs as they came (gzip, zstd, plain tar) and of the
+    # tars inside them: a store that kept a blob, a compressed or a plain copy
+    # would show them (zero runs are in any file: only varied stretches count).
+    for blob in [*image.blobs, *image.tars]:
+        stride = max(48, len(blob) // 400)
+        windows = [blob[i : i + 48] for i in range(0, len(blob) - 48, stride)]
+        forms += [w for w in windows if len(set(w)) >= 16]
+    assert len(forms) > 400
+    raws = {path.name: path.read_bytes() for path in _layer_files(store)}
+    assert len(raws) == 3
+    for name, raw in raws.items():
+        for form in forms:
+            assert form not in raw, f"{name} holds {form[:20]!r}"
+    # The record holds names, digests and the config (public in the source), no key.
+    record = (store.root / "images" / f"{imported.stored.id}.json").read_bytes()
+    for marker in markers:
+        assert marker not in record
+    for chain in keys.chains.values():
+        for key in chain:
+            assert key.hex().encode() not in record
+
+
+_RUNNER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {helpers!r})
+    from layer_helpers import LocalChains
+    from trustplane.layerstore import LayerStore
+    from trustplane.layerstore.keys import ChainRef
+    store = LayerStore(Path({root!r}))
+    keys = LocalChains()
+    keys.chains[{chain!r}] = [bytes.fromhex(k) for k in {chain_keys!r}]
+    image = store.find({name!r})
+    store.run(image, 2, ["/bin/sh", "-c", "echo started > /dev/stderr; exec sleep 6{tag}"], keys)
+    """
+)
+
+
+def test_a_container_whose_runner_was_killed_is_stopped_by_the_next_start(
+    imported: Imported,
+) -> None:
+    store, stored = imported.store, imported.stored
+    tag = str(int.from_bytes(os.urandom(3), "big"))
+    script = _RUNNER.format(
+        helpers=os.fspath(Path(__file__).parent),
+        root=os.fspath(store.root),
+        chain=stored.chain_id,
+        chain_keys=[k.hex() for k in imported.keys.chains[stored.chain_id]],
+        name=stored.name,
+        tag=tag,
+    )
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not _processes(f"sleep 6{tag}"):
+            assert runner.poll() is None
+            assert time.monotonic() < deadline, "the container never started"
+            time.sleep(0.1)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert _processes(f"sleep 6{tag}"), "the container outlives its runner"
+    assert leftovers(os.fspath(store.root) + "/")
+    again = LayerStore(store.root)
+    assert any("container trustplane-" in line for line in again.recovered), again.recovered
+    deadline = time.monotonic() + 10
+    while _processes(f"sleep 6{tag}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes(f"sleep 6{tag}")
+    assert leftovers(os.fspath(store.root) + "/") == []
+    assert again.images() == [stored]
+
+
+def _processes(argv_text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+            except OSError:
+                continue
+            if cmdline == argv_text.encode():
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_layer_that_does_not_match_its_diff_id_leaves_nothing(
+    store: LayerStore, tmp_path: Path
+) -> None:
+    markers = _markers()
+    good = _image(tmp_path / "good", markers)
+    bad_diff_ids = list(good.config["rootfs"]["diff_ids"])  # type: ignore[index]
+    bad_diff_ids[1] = "sha256:" + "0" * 64
+    image = write_layout(
+        tmp_path / "bad", good.tars, ["gzip", "zstd", "none"], diff_ids=bad_diff_ids
+    )
+    keys = LocalChains()
+    with pytest.raises(IntegrityError, match="layer 1: content does not match the config"):
+        store.import_image(_request(image), keys)
+    assert store.images() == []
+    assert _layer_files(store) == []
+    assert list(store.lease_dir.iterdir()) == []
+    assert keys.chains == {}, "the chain made for the import is destroyed"
+
+
+def test_a_blob_altered_in_the_source_is_refused(store: LayerStore, tmp_path: Path) -> None:
+    image = _image(tmp_path / "layout", _markers())
+    blob = image.layout / "blobs" / "sha256"
+    target = max(blob.iterdir(), key=lambda p: p.stat().st_size)  # the busybox layer
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 1
+    target.write_bytes(bytes(data))
+    keys = LocalChains()
+    with pytest.raises(IntegrityError, match="layer 0"):
+        store.import_image(_request(image), keys)
+    assert store.images() == []
+    assert _layer_files(store) == []
+
+
+def test_remove_destroys_the_keys_before_the_files(store: LayerStore, tmp_path: Path) -> None:
+    image = _image(tmp_path / "layout", _markers())
+    seen: list[int] = []
+
+    class Watching(LocalChains):
+        def destroy_chain(self, chain: ChainRef) -> None:
+            seen.append(len(_layer_files(store)))
+            super().destroy_chain(chain)
+
+    keys = Watching()
+    stored = store.import_image(_request(image), keys)
+    store.remove(stored, keys)
+    assert seen == [3], "the keys went while the files were all still there"
+    assert _layer_files(store) == []
+    assert store.images() == []
+
+
+def test_tiers_and_names_are_checked(store: LayerStore, tmp_path: Path) -> None:
+    image = _image(tmp_path / "layout", _markers())
+    keys = LocalChains()
+    with pytest.raises(UsageError, match="tier boss=3"):
+        store.import_image(_request(image, tiers={"boss": 3}), keys)
+    with pytest.raises(UsageError, match="give --repository"):
+        store.import_image(ImportRequest(source=LayoutRef(image.layout, image.tag)), keys)
+    stored = store.import_image(_request(image), keys)
+    with pytest.raises(UsageError, match="no tier 'nobody'"):
+        stored.tier("nobody")
+    with pytest.raises(UsageError, match="tier 5 does not exist"):
+        stored.tier(5)
+
+
+_IMPORTER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {helpers!r})
+    from layer_helpers import LocalChains
+    from trustplane.layerstore import ImportRequest, LayerStore, StoredImage
+    from trustplane.oci.reference import LayoutRef
+    store = LayerStore(Path({root!r}))
+    request = ImportRequest(
+        source=LayoutRef(Path({layout!r}), "v1"), repository="registry.example/big", size=1 << 30
+    )
+    store.import_image(request, LocalChains())
+    """
+)
+
+
+def test_kill_9_during_an_import_leaves_no_layer_and_a_restart_cleans_up(
+    tmp_path: Path,
+) -> None:
+    """The importer is SIGKILLed while it fills layer 1 (a layer is committed
+    already, another is half written, a daemon, a loop device and a mount are
+    live). Opening the store again leaves no layer, half or whole, that a
+    later view could use, nothing attached, and the chain to be destroyed."""
+    big = tar_bytes([f("data", os.urandom(48 << 20))])
+    image = write_layout(
+        tmp_path / "layout",
+        [tar_bytes([f("base", b"base")]), big, tar_bytes([f("top", b"top")])],
+        ["gzip", "none", "none"],
+    )
+    root = tmp_path / "store"
+    script = _IMPORTER.format(
+        helpers=os.fspath(Path(__file__).parent),
+        root=os.fspath(root),
+        layout=os.fspath(image.layout),
+    )
+    importer = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        filling = []
+        while not filling:
+            assert importer.poll() is None, importer.stderr.read() if importer.stderr else ""
+            assert time.monotonic() < deadline, "layer 1 never started filling"
+            layers = root / "qcow2" / "layers"
+            committed = list(layers.glob("*-0.qcow2")) if layers.exists() else []
+            filling = [
+                p
+                for p in (layers.glob("*-1.prep.qcow2") if committed else [])
+                if p.stat().st_blocks * 512 > 8 << 20
+            ]
+            time.sleep(0.05)
+        os.kill(importer.pid, signal.SIGKILL)
+        importer.wait()
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+    prefix = os.fspath(root) + "/"
+    assert leftovers(prefix), "the killed importer left its daemon, loop device and mount"
+
+    store = LayerStore(root)  # a restart: recovery runs first
+    assert leftovers(prefix) == []
+    assert store.images() == []
+    assert _layer_files(store) == []
+    (pending,) = list(store.lease_dir.iterdir())  # waits for the chain's destruction
+    assert any("awaits a recovery" in line for line in store.recovered), store.recovered
+
+    keys = LocalChains()
+    done = store.recover(keys)
+    assert any("destroyed" in line for line in done), done
+    assert [c.split()[0] for c in keys.calls] == ["destroy"]
+    assert not pending.exists()
