@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import leftovers
+from store_checks import leftovers
 
 from trustplane.crypto.key_chain import new_chain
 from trustplane.errors import DecryptionKeyError, NotFoundError, UsageError

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import leftovers
 from layer_helpers import (
     BuiltImage,
     LocalChains,
@@ -30,6 +29,7 @@ from layer_helpers import (
     whiteout,
     write_layout,
 )
+from store_checks import leftovers
 
 from trustplane.embedded.sample_images import busybox_rootfs_tar
 from trustplane.errors import IntegrityError, UsageError

@@ -34,6 +34,7 @@ from trustplane.control.routers import (
     commands,
     images,
     kms,
+    layer_chains,
     log,
     ops,
     policy,
@@ -140,6 +141,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
         runtime,
         attestation,
         commands,
+        layer_chains,
     ):
         app.include_router(module.router)
 

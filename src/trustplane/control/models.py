@@ -257,3 +257,22 @@ class AttestationNonce(Base):
     nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
     node: Mapped[str] = mapped_column(String(128))
     expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class LayerChain(Base):
+    """The key chain of one image's layers at rest in a node's layer store.
+
+    Only the top key exists, as a system secret (never served as such); the
+    key of layer N is derived from it when the policy allows (layer_chains.py).
+    Deleting the row and its secret destroys every layer key: crypto-shredding.
+    """
+
+    __tablename__ = "layer_chains"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    repository: Mapped[str] = mapped_column(String(256), index=True)
+    manifest_digest: Mapped[str] = mapped_column(String(140))
+    layers: Mapped[int]
+    secret_id: Mapped[str] = mapped_column(ForeignKey("secrets.id"))
+    creator: Mapped[str] = mapped_column(String(160))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)

@@ -104,6 +104,18 @@ def import_image(
         for index, layer in enumerate(layers):
             if mediatypes.decrypted(layer.media_type) not in mediatypes.LAYERS:
                 raise UsageError(f"layer {index} has media type {layer.media_type!r}")
+        manifest_digest = "sha256:" + hashlib.sha256(image.manifest_bytes).hexdigest()
+        if measurer is not None:
+            # What the manifest and config claim, before any key is asked for
+            # (an encrypted layer's plain digest is known once it is unwrapped).
+            measurer.measure(
+                repository,
+                manifest_digest,
+                [
+                    MeasuredLayer(i, None if x.is_encrypted else x.digest, config.diff_ids[i])
+                    for i, x in enumerate(layers)
+                ],
+            )
         opened, limit = (
             unwrap_all(layers, request.keys, request.remote, f"{request.source}")
             if any(layer.is_encrypted for layer in layers)
@@ -118,13 +130,15 @@ def import_image(
         for tier_name, tier in request.tiers.items():
             if not 0 <= tier < limit:
                 raise UsageError(f"tier {tier_name}={tier}: the image has layers 0..{limit - 1}")
-        manifest_digest = "sha256:" + hashlib.sha256(image.manifest_bytes).hexdigest()
-        claims = [
-            MeasuredLayer(i, _plain_digest(layers[i], opened.get(i)), config.diff_ids[i])
-            for i in range(limit)
-        ]
-        if measurer is not None:
-            measurer.measure(repository, manifest_digest, claims)
+        if measurer is not None and opened:
+            measurer.measure(
+                repository,
+                manifest_digest,
+                [
+                    MeasuredLayer(i, state.private.digest, config.diff_ids[i])
+                    for i, state in sorted(opened.items())
+                ],
+            )
         image_id = new_image_id()
         layer_ids = [f"{image_id}-{index}" for index in range(limit)]
         with Lease.take(
@@ -261,10 +275,6 @@ def _drop_lost_found(root: Path) -> None:
     """mkfs's lost+found is not part of the image."""
     with contextlib.suppress(FileNotFoundError):
         (root / "lost+found").rmdir()
-
-
-def _plain_digest(layer: Descriptor, opened: OpenedLayer | None) -> str:
-    return opened.private.digest if opened is not None else layer.digest
 
 
 def _names(request: ImportRequest) -> tuple[str, str]:

@@ -53,8 +53,9 @@ class ChainKeys(Protocol):
 @dataclass(frozen=True)
 class MeasuredLayer:
     index: int
-    digest: str
-    """The plain (compressed) blob digest, as registered."""
+    digest: str | None
+    """The plain (compressed) blob digest, as registered; None while unknown (an
+    encrypted layer before its key is unwrapped)."""
     diff_id: str
 
 
