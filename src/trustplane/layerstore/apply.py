@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO
 
 from trustplane.errors import MalformedError, UnsupportedError
+from trustplane.streaming import DurableSink
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -144,7 +145,11 @@ def _create(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path, sta
             raise MalformedError(f"layer tar: {member.name}: no data")
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as sink:
-            shutil.copyfileobj(source, sink, _COPY_CHUNK)
+            # Write-back starts as data comes (not all at the unmount), so the
+            # encryption below overlaps the decompression and the tar.
+            durable = DurableSink(sink)
+            while chunk := source.read(_COPY_CHUNK):
+                durable.write(memoryview(chunk))
         state.stats.files += 1
         state.stats.bytes += member.size
     elif member.issym():

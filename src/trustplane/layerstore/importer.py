@@ -148,23 +148,23 @@ def import_image(
             lease.update(chain={"server": chain.server, "id": chain.id})
             try:
                 layer_keys = keys.layer_keys(chain, limit - 1)
-                _create_all(store, layer_ids, layer_keys, request.size)
+                links = [ChainLink(x, k) for x, k in zip(layer_ids, layer_keys, strict=True)]
                 stored = []
-                for index in range(limit):
-                    stored.append(
-                        _fill(
-                            store,
-                            source,
-                            layers[index],
-                            config.diff_ids[index],
-                            opened.get(index),
-                            [ChainLink(x, k) for x, k in zip(layer_ids, layer_keys, strict=True)][
-                                : index + 1
-                            ],
-                            index,
-                            reporter,
+                with _Creator(store, links, request.size) as made:
+                    for index in range(limit):
+                        made.wait(index)
+                        stored.append(
+                            _fill(
+                                store,
+                                source,
+                                layers[index],
+                                config.diff_ids[index],
+                                opened.get(index),
+                                links[: index + 1],
+                                index,
+                                reporter,
+                            )
                         )
-                    )
                 record = StoredImage(
                     id=image_id,
                     name=name,
@@ -240,21 +240,42 @@ def _fill(
     )
 
 
-def _create_all(store: LayerStore, layer_ids: list[str], keys: list[bytes], size: int) -> None:
-    workers = max(1, min(len(layer_ids), os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="layer-create") as pool:
-        futures = [
-            pool.submit(
+class _Creator:
+    """Makes every layer of an import in the background, bottom first.
+
+    A qcow2+LUKS create spends seconds of CPU calibrating its PBKDF whatever
+    the content, so the layers above are made while the ones below fill.
+    Leaving the block waits for every create (a failed import then removes
+    whole files, never one a create is still writing).
+    """
+
+    def __init__(self, store: LayerStore, links: list[ChainLink], size: int) -> None:
+        workers = max(1, min(len(links), os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="layer-create")
+        self._futures = [
+            self._pool.submit(
                 store.backend.create,
-                layer,
-                layer_ids[index - 1] if index else None,
-                keys[index],
+                link.layer,
+                links[index - 1].layer if index else None,
+                link.key,
                 size,
             )
-            for index, layer in enumerate(layer_ids)
+            for index, link in enumerate(links)
         ]
-        for future in futures:
-            future.result()
+
+    def wait(self, index: int) -> None:
+        self._futures[index].result()
+
+    def __enter__(self) -> _Creator:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if exc_type is None:
+            for future in self._futures:
+                future.result()  # a failed create that nobody waited for yet
 
 
 def _undo(
