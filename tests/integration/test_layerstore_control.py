@@ -279,11 +279,11 @@ def test_the_broker_never_hands_a_lower_tier_a_key_above_it(
     assert len(contractor_keys.layer_keys(mine, 1)) == 2
     contractor_keys.destroy_chain(mine)
     # The answer is wrapped to the asker's transport key: no one else opens it.
-    answer = contractor_keys.client.json(
+    answer = contractor_keys.client.request(
         "POST",
         f"/v1/layer-chains/{chain.id}/keys",
         json={"layer": 1, "transport_key": Transport.ephemeral().public_pem},
-    )
+    ).json()
     assert base64.b64encode(full[1]).decode() not in json.dumps(answer)
     assert full[1].hex() not in json.dumps(answer)
 

@@ -97,18 +97,18 @@ class ControlPlaneKeys:
     def create_chain(self, repository: str, manifest_digest: str, layers: int) -> ChainRef:
         body = NewLayerChain(repository=repository, manifest_digest=manifest_digest, layers=layers)
         answer = LayerChainInfo.model_validate(
-            self.client.json("POST", "/v1/layer-chains", json=body.model_dump())
+            self.client.request("POST", "/v1/layer-chains", json=body.model_dump()).json()
         )
         return ChainRef(self.client.url, answer.id)
 
     def layer_keys(self, chain: ChainRef, tier: int) -> list[bytes]:
         self._same_server(chain)
         answer = LayerKeyResponse.model_validate(
-            self.client.json(
+            self.client.request(
                 "POST",
                 f"/v1/layer-chains/{chain.id}/keys",
                 json={"layer": tier, "transport_key": self.transport.public_pem},
-            )
+            ).json()
         )
         key = keywrap.unwrap(answer.jwe, [self.transport.private], f"key of layer {tier}")
         if key is None or len(key) != KEY_SIZE or answer.layer != tier:
