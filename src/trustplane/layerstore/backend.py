@@ -63,9 +63,9 @@ class LayerInfo:
 class Attachment(ABC):
     """A chain opened as one block device; `close()` leaves nothing behind.
 
-    `lease` is the owner's record of what this attachment holds; the store
-    adds the mount points it makes on the device, so that `recover()` can
-    unmount them after a crash before detaching the device.
+    `lease` is the owner's record of what this attachment holds. After a
+    crash, `recover()` unmounts whatever is mounted on the device or under
+    `lease.path` (where callers put their mount points) before detaching it.
     """
 
     device: str

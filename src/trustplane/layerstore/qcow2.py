@@ -51,6 +51,7 @@ from trustplane.tools import (
     SecretFile,
     ToolProcess,
     is_mounted,
+    mounts,
 )
 from trustplane.tools.command import Arg
 
@@ -401,28 +402,15 @@ def _loop_devices_under(executor: Executor, path: Path) -> list[str]:
 
 def _mounts_of(executor: Executor, devices: list[str], path: Path) -> list[str]:
     """Mount points on our loop devices, or under the lease (the FUSE export aside)."""
-    table = executor.run(["cat", "/proc/self/mounts"], timeout=30).text
     export = os.fspath(path / "export")
     prefix = os.fspath(path) + "/"
-    found = []
-    for line in table.splitlines():
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        source, point = fields[0], _unescape(fields[1])
-        if source in devices or (point.startswith(prefix) and point != export):
-            found.append(point)
+    found = {
+        point
+        for source, point in mounts(executor)
+        if source in devices or (point.startswith(prefix) and point != export)
+    }
     # Deepest first, so that nothing is left mounted over a mount point we drop.
-    return sorted(set(found), key=len, reverse=True)
-
-
-def _unescape(field: str) -> str:
-    return (
-        field.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
+    return sorted(found, key=len, reverse=True)
 
 
 def _daemons_under(path: Path) -> list[int]:

@@ -42,15 +42,25 @@ def _stop_leftovers() -> None:
             process.stop()
 
 
-def mount_points(executor: Executor) -> set[str]:
-    """Mount points where the executor's runner runs (this host or the guest)."""
+def mounts(executor: Executor) -> list[tuple[str, str]]:
+    """(source, mount point) of every mount where the executor's runner runs."""
     table = executor.run(["cat", "/proc/self/mounts"], timeout=30).text
-    points = set()
+    found = []
     for line in table.splitlines():
         fields = line.split()
         if len(fields) >= 2:
-            points.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]))
-    return points
+            found.append((_unescape(fields[0]), _unescape(fields[1])))
+    return found
+
+
+def mount_points(executor: Executor) -> set[str]:
+    """Mount points where the executor's runner runs (this host or the guest)."""
+    return {point for _, point in mounts(executor)}
+
+
+def _unescape(field: str) -> str:
+    """The mount table writes space, tab, newline and backslash as octal escapes."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _canonical(path: str | os.PathLike[str]) -> str:
