@@ -31,8 +31,12 @@ from layer_helpers import (
 )
 from store_checks import leftovers
 
+from trustplane.crypto.keys import generate_key_pair, load_unwrap_key
 from trustplane.embedded.sample_images import busybox_rootfs_tar
-from trustplane.errors import IntegrityError, UsageError
+from trustplane.errors import DecryptionKeyError, IntegrityError, UsageError
+from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.recipients import parse_recipient
+from trustplane.images.selection import LayerSelector
 from trustplane.layerstore import ImportRequest, LayerStore, StoredImage
 from trustplane.layerstore.keys import ChainRef
 from trustplane.oci.reference import LayoutRef
@@ -364,3 +368,57 @@ def test_kill_9_during_an_import_leaves_no_layer_and_a_restart_cleans_up(
     assert any("destroyed" in line for line in done), done
     assert [c.split()[0] for c in keys.calls] == ["destroy"]
     assert not pending.exists()
+
+
+def test_an_encrypted_image_is_stored_as_far_as_the_callers_keys_reach(
+    store: LayerStore, tmp_path: Path
+) -> None:
+    """ocicrypt layers (encrypted by `image encrypt` for a full and a tier-1
+    recipient) go straight into the store: the full key stores all three
+    layers, the tier-1 key layers 0..1, and no key nothing at all."""
+    markers = _markers()
+    plain = _image(tmp_path / "plain", markers)
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    pairs = {}
+    for who in ("full", "tier1"):
+        private, public = generate_key_pair("ec-p256")
+        (keys_dir / f"{who}.pem").write_bytes(private)
+        (keys_dir / f"{who}.pub").write_bytes(public)
+        pairs[who] = load_unwrap_key(private, who)
+    encrypted = LayoutRef(tmp_path / "encrypted", "v1")
+    encrypt_image(
+        EncryptRequest(
+            source=LayoutRef(plain.layout, plain.tag),
+            destination=encrypted,
+            recipients=[
+                parse_recipient(f"jwe:{keys_dir / 'full.pub'}"),
+                parse_recipient(f"jwe:{keys_dir / 'tier1.pub'}:tier=1"),
+            ],
+            selector=LayerSelector.parse(["1,2"]),
+        )
+    )
+    chains = LocalChains()
+    full = store.import_image(
+        ImportRequest(source=encrypted, repository="r.example/enc", name="full", size=SIZE,
+                      keys=[pairs["full"]]),
+        chains,
+    )  # fmt: skip
+    assert [x.encrypted_in_source for x in full.layers] == [False, True, True]
+    assert [x.diff_id for x in full.layers] == plain.config["rootfs"]["diff_ids"]  # type: ignore[index]
+    with store.view(full, None, chains) as view:
+        assert (view.root / "secrets/token").read_bytes() == markers[2]
+    cut = store.import_image(
+        ImportRequest(source=encrypted, repository="r.example/enc", name="cut", size=SIZE,
+                      keys=[pairs["tier1"]]),
+        chains,
+    )  # fmt: skip
+    assert (len(cut.layers), cut.source_layers) == (2, 3)
+    with pytest.raises(DecryptionKeyError, match="none of the given keys can open layer 1"):
+        store.import_image(
+            ImportRequest(source=encrypted, repository="r.example/enc", size=SIZE), chains
+        )
+    for path in _layer_files(store):
+        raw = path.read_bytes()
+        for marker in markers:
+            assert marker not in raw

@@ -44,10 +44,10 @@ from trustplane.cli.node_options import (
     DEFAULT_PCR,
     DEFAULT_STATE_DIR,
     DEFAULT_TPM,
-    NodeKey,
     Pcr,
-    StateDir,
-    TpmTcti,
+    check_node_key,
+    check_state_dir,
+    check_tcti,
 )
 from trustplane.cli.session import Ca, Server, connect
 from trustplane.client import ControlClient
@@ -83,6 +83,15 @@ Node = Annotated[
     str | None,
     typer.Option("--node", help="Act as this attested node (measure into its TPM, its keys)."),
 ]
+# The node options of `trustplane agent`, checked only when --node says the
+# command acts as a node (a user's command has no node key to check).
+NodeKey = Annotated[
+    Path, typer.Option("--node-key", help="With --node: its private key (PEM) for its token.")
+]
+TpmTcti = Annotated[str, typer.Option("--tpm", help="With --node: the TCTI of its TPM.")]
+StateDir = Annotated[
+    Path, typer.Option("--state-dir", help="With --node: the agent's state directory.")
+]
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 
 
@@ -116,6 +125,9 @@ def _caller(
         return
     if server is None:
         raise UsageError("--node needs --server (the control plane the node enrolled with)")
+    check_node_key(node_key)
+    check_tcti(tpm)
+    check_state_dir(state_dir)
     # Imported here: the node side loads the TPM libraries, which users need not.
     from trustplane.agent.layer_store import NodeMeasurer, node_keys
     from trustplane.agent.service import Agent, AgentConfig
