@@ -39,6 +39,7 @@ from trustplane.images.recipients import parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.layerstore import ImportRequest, LayerStore, StoredImage
 from trustplane.layerstore.keys import ChainRef
+from trustplane.layerstore.leases import Lease
 from trustplane.oci.reference import LayoutRef
 
 SIZE = 1 << 30
@@ -422,3 +423,27 @@ def test_an_encrypted_image_is_stored_as_far_as_the_callers_keys_reach(
         raw = path.read_bytes()
         for marker in markers:
             assert marker not in raw
+
+
+def test_an_importer_that_died_after_its_record_leaves_the_image_whole(
+    imported: Imported,
+) -> None:
+    """Killed between writing the record and dropping its lease: the image is complete."""
+    store, stored = imported.store, imported.stored
+    lease = Lease.take(
+        store.lease_dir,
+        {
+            "kind": "import",
+            "image": stored.id,
+            "layers": [layer.layer for layer in stored.layers],
+            "chain": {"server": stored.chain_server, "id": stored.chain_id},
+        },
+    )
+    lease.abandon()  # as a SIGKILL leaves it: the lock gone, the lease still there
+    again = LayerStore(store.root)
+    assert f"import {stored.id}: complete" in again.recovered
+    assert again.images() == [stored]
+    assert len(_layer_files(again)) == 3
+    assert stored.chain_id in imported.keys.chains
+    with again.view(stored, None, imported.keys) as view:
+        assert (view.root / "secrets/token").read_bytes() == imported.markers[2]

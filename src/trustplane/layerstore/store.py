@@ -229,11 +229,16 @@ class LayerStore:
         return done
 
     def _undo_import(self, lease: Lease, keys: ChainKeys | None) -> str:
+        image_id = str(lease.state.get("image"))
+        if self.records.path(image_id).exists():
+            # It died after writing the record: the import was complete.
+            lease.release()
+            return f"import {image_id}: complete"
         for layer in lease.state.get("layers", []):
             self.backend.remove(str(layer))
         lease.update(layers=[])
         chain = lease.state.get("chain")
-        what = f"import {lease.state.get('image')}: layers removed"
+        what = f"import {image_id}: layers removed"
         if chain:
             ref = ChainRef(str(chain["server"]), str(chain["id"]))
             if keys is None:
