@@ -3,8 +3,8 @@
 A real swtpm, control plane, registry and dockerd. The policy releases image
 keys to `node:ls-*` only with attestation. A node enrolled by `trustplane
 agent` imports the KMS-encrypted app image into its store and runs it: each
-layer's diff_id and plain blob digest is in its event log (and so in PCR
-23), and the control plane released the layer-chain keys to it after a
+layer's diff_id and plain blob digest is in its event log (and so in the
+measurement PCR), and the control plane released the layer-chain keys to it after a
 fresh quote that showed them. A node that never enrolled its TPM, and a node
 that asks for a key without measuring the layers, get nothing.
 """
@@ -25,6 +25,7 @@ from control_helpers import Cli, add_policy_rule, entries_since, log_size
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
+from trustplane.agent.attester import LOG_FILE, EventLog
 from trustplane.agent.layer_store import node_keys
 from trustplane.agent.service import Agent, AgentConfig
 from trustplane.client import ControlClient
@@ -73,8 +74,8 @@ class Node:
         ]
 
     def events(self) -> list[Event]:
-        path = self.state / "event-log.json"
-        return [Event.from_json(e) for e in json.loads(path.read_text())] if path.exists() else []
+        log = EventLog.load(self.state / LOG_FILE)
+        return log.events if log is not None else []
 
 
 @pytest.fixture(scope="module")
