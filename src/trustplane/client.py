@@ -72,6 +72,12 @@ from trustplane.api.kms import (
     UnwrapRequest,
     UnwrapResponse,
 )
+from trustplane.api.layer_chains import (
+    LayerChainInfo,
+    LayerKeyRequest,
+    LayerKeyResponse,
+    NewLayerChain,
+)
 from trustplane.api.log import ConsistencyProof, InclusionProof, LogEntry, LogKey
 from trustplane.api.ops import Health
 from trustplane.api.policy import AuthorizeRequest, AuthorizeResponse, Subject
@@ -399,6 +405,30 @@ class ControlClient:
     def unwrap(self, annotation: str, transport_key_pem: str) -> UnwrapResponse:
         body = UnwrapRequest.model_construct(annotation=annotation, transport_key=transport_key_pem)
         return self.call(Call("POST", "/v1/unwrap", _model(UnwrapResponse), body))
+
+    # -- layer stores' key chains ---------------------------------------------------------
+
+    def create_layer_chain(
+        self, repository: str, manifest_digest: str, layers: int
+    ) -> LayerChainInfo:
+        """A new key chain (a fresh top key in the KMS) for an image about to be stored."""
+        body = NewLayerChain.model_construct(
+            repository=repository, manifest_digest=manifest_digest, layers=layers
+        )
+        return self.call(Call("POST", "/v1/layer-chains", _model(LayerChainInfo), body))
+
+    def layer_chain(self, chain_id: str) -> LayerChainInfo:
+        return self.call(Call("GET", f"/v1/layer-chains/{chain_id}", _model(LayerChainInfo)))
+
+    def layer_key(self, chain_id: str, layer: int, transport_key_pem: str) -> LayerKeyResponse:
+        """The key of `layer` (it opens layers 0..layer), as a JWE to the transport key."""
+        body = LayerKeyRequest.model_construct(layer=layer, transport_key=transport_key_pem)
+        path = f"/v1/layer-chains/{chain_id}/keys"
+        return self.call(Call("POST", path, _model(LayerKeyResponse), body))
+
+    def delete_layer_chain(self, chain_id: str) -> None:
+        """Destroy a chain's top key, and with it every layer key."""
+        self.call(Call("DELETE", f"/v1/layer-chains/{chain_id}", _nothing))
 
     # -- images ---------------------------------------------------------------------------
 

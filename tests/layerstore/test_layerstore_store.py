@@ -7,16 +7,20 @@ qemu-storage-daemon, losetup, mount, mkfs.ext4, overlayfs, runc.
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -31,7 +35,14 @@ from layer_helpers import (
 )
 from store_checks import leftovers
 
-from trustplane.crypto.keys import generate_key_pair, load_unwrap_key
+from trustplane.crypto import keywrap
+from trustplane.crypto.keys import (
+    UnwrapKey,
+    generate_key_pair,
+    load_recipient_key,
+    load_unwrap_key,
+)
+from trustplane.crypto.layer_cipher import Keystream, PrivateOptions, PublicOptions, new_mac
 from trustplane.embedded.sample_images import busybox_rootfs_tar
 from trustplane.errors import DecryptionKeyError, IntegrityError, UsageError
 from trustplane.images.encrypt import EncryptRequest, encrypt_image
@@ -40,6 +51,7 @@ from trustplane.images.selection import LayerSelector
 from trustplane.layerstore import ImportRequest, LayerStore, StoredImage
 from trustplane.layerstore.keys import ChainRef
 from trustplane.layerstore.leases import Lease
+from trustplane.oci.annotations import ENC_KEYS_JWE, ENC_PUBOPTS
 from trustplane.oci.reference import LayoutRef
 
 SIZE = 1 << 30
@@ -371,58 +383,178 @@ def test_kill_9_during_an_import_leaves_no_layer_and_a_restart_cleans_up(
     assert not pending.exists()
 
 
-def test_an_encrypted_image_is_stored_as_far_as_the_callers_keys_reach(
-    store: LayerStore, tmp_path: Path
-) -> None:
-    """ocicrypt layers (encrypted by `image encrypt` for a full and a tier-1
-    recipient) go straight into the store: the full key stores all three
-    layers, the tier-1 key layers 0..1, and no key nothing at all."""
+@dataclass(frozen=True)
+class Encrypted:
+    plain: BuiltImage
+    ref: LayoutRef
+    keys: dict[str, UnwrapKey]
+    public: dict[str, Path]
+    markers: list[bytes]
+
+
+def _encrypted(tmp_path: Path) -> Encrypted:
+    """The test image with layers 1 and 2 encrypted (`image encrypt`) for a full
+    and a tier-1 recipient."""
     markers = _markers()
     plain = _image(tmp_path / "plain", markers)
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
-    pairs = {}
+    keys, public = {}, {}
     for who in ("full", "tier1"):
-        private, public = generate_key_pair("ec-p256")
+        private, public_pem = generate_key_pair("ec-p256")
         (keys_dir / f"{who}.pem").write_bytes(private)
-        (keys_dir / f"{who}.pub").write_bytes(public)
-        pairs[who] = load_unwrap_key(private, who)
+        public[who] = keys_dir / f"{who}.pub"
+        public[who].write_bytes(public_pem)
+        keys[who] = load_unwrap_key(private, who)
     encrypted = LayoutRef(tmp_path / "encrypted", "v1")
     encrypt_image(
         EncryptRequest(
             source=LayoutRef(plain.layout, plain.tag),
             destination=encrypted,
             recipients=[
-                parse_recipient(f"jwe:{keys_dir / 'full.pub'}"),
-                parse_recipient(f"jwe:{keys_dir / 'tier1.pub'}:tier=1"),
+                parse_recipient(f"jwe:{public['full']}"),
+                parse_recipient(f"jwe:{public['tier1']}:tier=1"),
             ],
             selector=LayerSelector.parse(["1,2"]),
         )
     )
+    return Encrypted(plain, encrypted, keys, public, markers)
+
+
+def test_an_encrypted_image_is_stored_as_far_as_the_callers_keys_reach(
+    store: LayerStore, tmp_path: Path
+) -> None:
+    """ocicrypt layers (encrypted by `image encrypt` for a full and a tier-1
+    recipient) go straight into the store: the full key stores all three
+    layers, the tier-1 key layers 0..1, and no key nothing at all."""
+    image = _encrypted(tmp_path)
     chains = LocalChains()
     full = store.import_image(
-        ImportRequest(source=encrypted, repository="r.example/enc", name="full", size=SIZE,
-                      keys=[pairs["full"]]),
+        ImportRequest(source=image.ref, repository="r.example/enc", name="full", size=SIZE,
+                      keys=[image.keys["full"]]),
         chains,
     )  # fmt: skip
     assert [x.encrypted_in_source for x in full.layers] == [False, True, True]
-    assert [x.diff_id for x in full.layers] == plain.config["rootfs"]["diff_ids"]  # type: ignore[index]
+    assert [x.diff_id for x in full.layers] == image.plain.config["rootfs"]["diff_ids"]  # type: ignore[index]
     with store.view(full, None, chains) as view:
-        assert (view.root / "secrets/token").read_bytes() == markers[2]
+        assert (view.root / "secrets/token").read_bytes() == image.markers[2]
     cut = store.import_image(
-        ImportRequest(source=encrypted, repository="r.example/enc", name="cut", size=SIZE,
-                      keys=[pairs["tier1"]]),
+        ImportRequest(source=image.ref, repository="r.example/enc", name="cut", size=SIZE,
+                      keys=[image.keys["tier1"]]),
         chains,
     )  # fmt: skip
     assert (len(cut.layers), cut.source_layers) == (2, 3)
     with pytest.raises(DecryptionKeyError, match="none of the given keys can open layer 1"):
         store.import_image(
-            ImportRequest(source=encrypted, repository="r.example/enc", size=SIZE), chains
+            ImportRequest(source=image.ref, repository="r.example/enc", size=SIZE), chains
         )
     for path in _layer_files(store):
         raw = path.read_bytes()
-        for marker in markers:
+        for marker in image.markers:
             assert marker not in raw
+
+
+def _flip_inside_the_token(image: Encrypted, layer: dict[str, Any]) -> bytes:
+    """AES-CTR is malleable: flipping ciphertext bits flips the same plaintext
+    bits. Layer 2 is an uncompressed tar, so the attacker changes the token
+    to a value of its choice and the tar stays valid."""
+    blob = image.ref.path / "blobs" / "sha256" / layer["digest"].partition(":")[2]
+    data = bytearray(blob.read_bytes())
+    tar = image.plain.tars[2]
+    assert len(data) == len(tar), "an uncompressed layer's ciphertext is as long as its tar"
+    at = tar.index(image.markers[2])
+    wanted = b"attacker" + image.markers[2][8:]
+    for i, (old, new) in enumerate(zip(image.markers[2], wanted, strict=True)):
+        data[at + i] ^= old ^ new
+    altered_tar = tar[:at] + wanted + tar[at + len(wanted) :]
+    layer["digest"], layer["size"] = _store_blob(image.ref.path, bytes(data)), len(data)
+    return altered_tar
+
+
+def _forged_layer(image: Encrypted, layer: dict[str, Any]) -> bytes:
+    """A layer encrypted afresh by someone holding only the public key: its own
+    content, a valid HMAC, and private options that claim the original digest."""
+    tar = tar_bytes([d("secrets", 0o700), f("secrets/token", b"attacker's token")])
+    symkey, nonce = os.urandom(32), os.urandom(16)
+    ciphertext = Keystream(symkey, nonce).update(tar)
+    mac = new_mac(symkey)
+    mac.update(ciphertext)
+    claimed = PrivateOptions(
+        symkey, nonce, "sha256:" + hashlib.sha256(image.plain.blobs[2]).hexdigest()
+    )
+    recipient = load_recipient_key(image.public["full"].read_bytes(), "full.pub")
+    layer["digest"], layer["size"] = _store_blob(image.ref.path, ciphertext), len(ciphertext)
+    layer["annotations"] = {
+        ENC_KEYS_JWE: base64.b64encode(
+            keywrap.wrap(claimed.to_json(), [recipient]).encode()
+        ).decode(),
+        ENC_PUBOPTS: base64.b64encode(PublicOptions(hmac=mac.digest()).to_json()).decode(),
+    }
+    return tar
+
+
+def _store_blob(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest.partition(":")[2]).write_bytes(data)
+    return digest
+
+
+def _rewrite(image: Encrypted, alter: Callable[[Encrypted, dict[str, Any]], bytes]) -> None:
+    """Alter layer 2 as an attacker who can write the image source but holds no
+    key would, and make the manifest and the config's diff_id agree with it:
+    only the layer's own authentication (HMAC, plain digest) is left to notice."""
+    root = image.ref.path
+    index = json.loads((root / "index.json").read_bytes())
+    manifest_blob = root / "blobs" / "sha256" / index["manifests"][0]["digest"].partition(":")[2]
+    manifest = json.loads(manifest_blob.read_bytes())
+    altered_tar = alter(image, manifest["layers"][2])
+    config = json.loads(_read_blob(root, manifest["config"]["digest"]))
+    config["rootfs"]["diff_ids"][2] = "sha256:" + hashlib.sha256(altered_tar).hexdigest()
+    raw_config = json.dumps(config).encode()
+    manifest["config"].update(digest=_store_blob(root, raw_config), size=len(raw_config))
+    raw_manifest = json.dumps(manifest).encode()
+    index["manifests"][0].update(digest=_store_blob(root, raw_manifest), size=len(raw_manifest))
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def _read_blob(layout: Path, digest: str) -> bytes:
+    return (layout / "blobs" / "sha256" / digest.partition(":")[2]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("alter", "message"),
+    [
+        (_flip_inside_the_token, "layer 2: HMAC mismatch"),
+        (_forged_layer, "layer 2: decrypted content does not match its digest"),
+    ],
+    ids=["flipped ciphertext", "forged layer"],
+)
+def test_an_encrypted_layer_is_released_only_once_it_authenticates(
+    store: LayerStore,
+    tmp_path: Path,
+    alter: Callable[[Encrypted, dict[str, Any]], bytes],
+    message: str,
+) -> None:
+    """Attacker: write access to the image source, no key. Layer 2's altered
+    plaintext is a valid tar that the config's diff_id names, so it is applied
+    into layer 2's snapshot (encrypted, not yet committed) before the HMAC or
+    the plain digest can be checked at the end of the stream. The check fails,
+    so nothing of the import is left: no image, no layer (not even the good
+    layers 0 and 1), no lease, no key chain."""
+    image = _encrypted(tmp_path)
+    _rewrite(image, alter)
+    keys = LocalChains()
+    with pytest.raises(IntegrityError, match=message):
+        store.import_image(
+            ImportRequest(source=image.ref, repository="r.example/enc", size=SIZE,
+                          keys=[image.keys["full"]]),
+            keys,
+        )  # fmt: skip
+    assert [c.split()[0] for c in keys.calls] == ["create", "key", "destroy"]
+    assert keys.chains == {}
+    assert store.images() == []
+    assert _layer_files(store) == []
+    assert list(store.lease_dir.iterdir()) == []
 
 
 def test_an_importer_that_died_after_its_record_leaves_the_image_whole(

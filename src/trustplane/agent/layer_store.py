@@ -17,9 +17,8 @@ from trustplane.agent.attester import Attester
 from trustplane.agent.service import Agent
 from trustplane.agent.tpm_lock import node_tpm
 from trustplane.client import ControlClient
-from trustplane.crypto.keys import load_unwrap_key
 from trustplane.errors import Forbidden
-from trustplane.keys.remote import KmsUnwrapper
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.layerstore.keys import ControlPlaneKeys, MeasuredLayer, Transport
 from trustplane.trust.attestation import Event
 
@@ -62,10 +61,7 @@ class NodeMeasurer:
 def node_transport(agent: Agent) -> Transport:
     """The transport key pair the node's TPM certified."""
     state = agent.config.state_dir
-    return Transport(
-        agent.transport_public,
-        load_unwrap_key((state / "transport.pem").read_bytes(), "transport key"),
-    )
+    return Transport((state / "transport.pem").read_bytes(), agent.transport_public)
 
 
 def node_keys(agent: Agent, client: ControlClient) -> tuple[ControlPlaneKeys, KmsUnwrapper]:
@@ -73,5 +69,5 @@ def node_keys(agent: Agent, client: ControlClient) -> tuple[ControlPlaneKeys, Km
     transport = node_transport(agent)
     return (
         ControlPlaneKeys(client, transport),
-        KmsUnwrapper(client, (transport.public_pem, transport.private)),
+        KmsUnwrapper(client, (transport.private_pem, transport.public_pem)),
     )

@@ -16,14 +16,16 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]-]{0,255}$"
-DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+from trustplane.api.fields import DIGEST
+
+REPOSITORY = r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]-]{0,255}$"
+"""HOST/REPO as the policy names it (`image:REPOSITORY`)."""
 MAX_LAYERS = 1024
 
 
 class NewLayerChain(BaseModel):
-    repository: str = Field(pattern=REPOSITORY_PATTERN, description="HOST/REPO the policy names")
-    manifest_digest: str = Field(pattern=DIGEST_PATTERN)
+    repository: str = Field(pattern=REPOSITORY, description="HOST/REPO the policy names")
+    manifest_digest: str = Field(pattern=DIGEST)
     layers: int = Field(ge=1, le=MAX_LAYERS, description="Number of layers (keys 0..layers-1)")
 
 

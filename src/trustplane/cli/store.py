@@ -53,7 +53,7 @@ from trustplane.cli.session import Ca, Server, connect
 from trustplane.client import ControlClient
 from trustplane.errors import UsageError
 from trustplane.images.decrypt import Unwrapper
-from trustplane.keys.remote import KmsUnwrapper
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.layerstore import ControlPlaneKeys, ImportRequest, LayerStore, Measurer
 from trustplane.layerstore.importer import DEFAULT_SIZE
 from trustplane.layerstore.records import StoredImage

@@ -30,6 +30,7 @@ from trustplane.control.identity import (
 )
 from trustplane.control.image_inventory import ImageInventory
 from trustplane.control.key_broker import KeyBroker
+from trustplane.control.layer_chains import LayerChains
 from trustplane.control.models import Setting, User
 from trustplane.control.policy import Decision, PolicyFile
 from trustplane.control.release import Gate
@@ -63,6 +64,8 @@ class ControlPlane:
     images: ImageInventory
     broker: KeyBroker
     """The ocicrypt layer-key broker: KMS recipients and unwrap."""
+    layer_chains: LayerChains
+    """The layer stores' key chains (one per stored image)."""
     tokens: TokenAuthority
     replays: ReplayGuard
     verifier: Verifier
@@ -135,6 +138,7 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
         secrets=Secrets(store, transparency, authorize, gate),
         images=images,
         broker=KeyBroker(db, store, images, transparency, authorize, gate),
+        layer_chains=LayerChains(db, store, transparency, authorize, gate),
         tokens=TokenAuthority(
             jwk.JWK.from_pem(token_key), settings.token_ttl_seconds, settings.audience
         ),

@@ -19,14 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from trustplane.api.layer_chains import LayerChainInfo, LayerKeyResponse, NewLayerChain
 from trustplane.client import ControlClient
 from trustplane.crypto import keywrap
 from trustplane.crypto.key_chain import chain_below
-from trustplane.crypto.keys import UnwrapKey, load_unwrap_key
+from trustplane.crypto.keys import UnwrapKey, generate_key_pair, load_unwrap_key
 from trustplane.crypto.layer_cipher import KEY_SIZE
 from trustplane.errors import DecryptionKeyError, Forbidden, IntegrityError, NotFoundError
 
@@ -68,23 +64,18 @@ class Measurer(Protocol):
 
 @dataclass(frozen=True)
 class Transport:
-    """The key pair layer keys are wrapped to."""
+    """The key pair layer keys are wrapped to (PEMs, as KmsUnwrapper takes them too)."""
 
+    private_pem: bytes = field(repr=False)
     public_pem: str
-    private: UnwrapKey = field(repr=False)
 
     @classmethod
     def ephemeral(cls) -> Transport:
-        private = ec.generate_private_key(ec.SECP256R1())
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        public = private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return cls(public.decode(), load_unwrap_key(pem, "transport key"))
+        private, public = generate_key_pair("ec-p256")
+        return cls(private, public.decode())
+
+    def unwrap_key(self) -> UnwrapKey:
+        return load_unwrap_key(self.private_pem, "transport key")
 
 
 class ControlPlaneKeys:
@@ -93,24 +84,16 @@ class ControlPlaneKeys:
     def __init__(self, client: ControlClient, transport: Transport | None = None) -> None:
         self.client = client
         self.transport = transport or Transport.ephemeral()
+        self._private = self.transport.unwrap_key()
 
     def create_chain(self, repository: str, manifest_digest: str, layers: int) -> ChainRef:
-        body = NewLayerChain(repository=repository, manifest_digest=manifest_digest, layers=layers)
-        answer = LayerChainInfo.model_validate(
-            self.client.request("POST", "/v1/layer-chains", json=body.model_dump()).json()
-        )
+        answer = self.client.create_layer_chain(repository, manifest_digest, layers)
         return ChainRef(self.client.url, answer.id)
 
     def layer_keys(self, chain: ChainRef, tier: int) -> list[bytes]:
         self._same_server(chain)
-        answer = LayerKeyResponse.model_validate(
-            self.client.request(
-                "POST",
-                f"/v1/layer-chains/{chain.id}/keys",
-                json={"layer": tier, "transport_key": self.transport.public_pem},
-            ).json()
-        )
-        key = keywrap.unwrap(answer.jwe, [self.transport.private], f"key of layer {tier}")
+        answer = self.client.layer_key(chain.id, tier, self.transport.public_pem)
+        key = keywrap.unwrap(answer.jwe, [self._private], f"key of layer {tier}")
         if key is None or len(key) != KEY_SIZE or answer.layer != tier:
             raise IntegrityError(f"the control plane answered with no usable key of layer {tier}")
         return chain_below(key, tier)
@@ -118,7 +101,7 @@ class ControlPlaneKeys:
     def destroy_chain(self, chain: ChainRef) -> None:
         self._same_server(chain)
         with contextlib.suppress(NotFoundError):  # destroyed already
-            self.client.request("DELETE", f"/v1/layer-chains/{chain.id}")
+            self.client.delete_layer_chain(chain.id)
 
     def _same_server(self, chain: ChainRef) -> None:
         if chain.server.rstrip("/") != self.client.url.rstrip("/"):
