@@ -25,15 +25,12 @@ daemon, loop device and mounts from its lease directory alone.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import struct
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from trustplane.errors import DecryptionKeyError, NotFoundError, ToolError, UsageError
+from trustplane.errors import DecryptionKeyError, NotFoundError, UsageError
 from trustplane.layerstore.backend import (
     Attachment,
     ChainLink,
@@ -41,18 +38,16 @@ from trustplane.layerstore.backend import (
     LayerInfo,
     check_layer_id,
 )
-from trustplane.layerstore.filesystem import force_unmount
+from trustplane.layerstore.fuse_loop import (
+    DAEMON,
+    FuseLoop,
+    clean_directory,
+    export_argument,
+    option_path,
+)
 from trustplane.layerstore.leases import Lease, orphans, sweep_hidden
 from trustplane.oci.layout import fsync_dir
-from trustplane.tools import (
-    QEMU_PBKDF_CALIBRATION,
-    Executor,
-    SecretFd,
-    SecretFile,
-    ToolProcess,
-    is_mounted,
-    mounts,
-)
+from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFd, SecretFile
 from trustplane.tools.command import Arg
 
 COMMITTED = ".qcow2"
@@ -63,9 +58,6 @@ WRONG_KEY = {
     "Parameter 'encrypt.key-secret' is required": DecryptionKeyError,
 }
 _QCOW2_MAGIC = b"QFI\xfb"
-_DAEMON = "qemu-storage-daemon"
-_READY_TIMEOUT = 60.0
-_STOP_GRACE = 10.0
 _LUKS1_HEADER = 2 << 20
 """cryptsetup's LUKS1 payload offset (4096 sectors) for a 512-bit key."""
 
@@ -133,11 +125,10 @@ class Qcow2Backend(LayerBackend):
             {"backend": self.name, "layers": [link.layer for link in chain], "writable": writable},
         )
         try:
-            export = lease.path / "export"
-            argv = _daemon_argv(chain, paths, export, writable)
-            return _Qcow2Attachment(self.executor, lease, argv, export, writable)
+            argv = _daemon_argv(chain, paths, lease.path, writable)
+            return _Qcow2Attachment(self.executor, lease, argv, writable)
         except BaseException:
-            _clean_lease(self.executor, lease.path)
+            clean_directory(self.executor, lease.path)
             lease.release()
             raise
 
@@ -177,21 +168,20 @@ class Qcow2Backend(LayerBackend):
                     os.fspath(volume),
                 ]
             )
-            export = lease.path / "export"
             argv: list[Arg] = [
-                _DAEMON,
+                DAEMON,
                 "--object",
                 SecretFile(passphrase, "secret,id=s0,file={}"),
                 "--blockdev",
-                f"driver=file,node-name=f0,filename={_opt(volume)}",
+                f"driver=file,node-name=f0,filename={option_path(volume)}",
                 "--blockdev",
                 "driver=luks,node-name=l0,file=f0,key-secret=s0",
                 "--export",
-                f"type=fuse,id=e0,node-name=l0,mountpoint={_opt(export)},writable=on",
+                export_argument(lease.path, "l0", True),
             ]
-            return _Qcow2Attachment(self.executor, lease, argv, export, True)
+            return _Qcow2Attachment(self.executor, lease, argv, True)
         except BaseException:
-            _clean_lease(self.executor, lease.path)
+            clean_directory(self.executor, lease.path)
             lease.release()
             raise
 
@@ -234,7 +224,7 @@ class Qcow2Backend(LayerBackend):
         sweep_hidden(self.run_dir)
         for lease in orphans(self.run_dir):
             try:
-                what = _clean_lease(self.executor, lease.path)
+                what = clean_directory(self.executor, lease.path)
             finally:
                 lease.release()
             cleaned.append(f"attachment {lease.name}: " + (", ".join(what) or "nothing held"))
@@ -265,49 +255,25 @@ class Qcow2Backend(LayerBackend):
 class _Qcow2Attachment(Attachment):
     """One qemu-storage-daemon exporting one node through FUSE, on a loop device."""
 
-    def __init__(
-        self, executor: Executor, lease: Lease, argv: list[Arg], export: Path, writable: bool
-    ) -> None:
-        self.executor = executor
+    def __init__(self, executor: Executor, lease: Lease, argv: list[Arg], writable: bool) -> None:
         self.lease = lease
         self.writable = writable
-        self.export = export
-        self.export.touch(mode=0o600)
-        self._daemon: ToolProcess | None = None
-        self.device = ""
-        self._daemon = executor.start(
-            argv,
-            ready=lambda: is_mounted(executor, self.export),
-            ready_timeout=_READY_TIMEOUT,
-            mounts=[self.export],
-            failures=WRONG_KEY,
-            grace=_STOP_GRACE,
-        )
-        # No --direct-io: it would spare the double page cache (loop device and
-        # FUSE file) and double a fill's speed, but through qemu-storage-daemon
-        # 7.2's FUSE export it loses writes (mkfs's journal superblock, measured).
-        argv = ["losetup", "--find", "--show", *([] if writable else ["--read-only"])]
-        self.device = executor.run([*argv, os.fspath(self.export)]).text.strip()
+        self._export = FuseLoop(executor, argv, lease.path, writable, failures=WRONG_KEY)
+        self.device = self._export.device
         lease.update(device=self.device)
 
     def close(self) -> None:
         try:
-            if self.device:
-                self.executor.run(["losetup", "--detach", self.device])
-                self.device = ""
+            self._export.close()
+            self.device = ""
         finally:
-            try:
-                if self._daemon is not None:
-                    self._daemon.stop()
-                    self._daemon = None
-            finally:
-                self.lease.release()
+            self.lease.release()
 
 
 def _daemon_argv(
-    chain: Sequence[ChainLink], paths: Sequence[Path], export: Path, writable: bool
+    chain: Sequence[ChainLink], paths: Sequence[Path], directory: Path, writable: bool
 ) -> list[Arg]:
-    argv: list[Arg] = [_DAEMON]
+    argv: list[Arg] = [DAEMON]
     for index, link in enumerate(chain):
         argv += ["--object", SecretFile(_passphrase(link.key), f"secret,id=s{index},file={{}}")]
     for index, path in enumerate(paths):
@@ -315,31 +281,20 @@ def _daemon_argv(
         ro = "off" if write else "on"
         argv += [
             "--blockdev",
-            f"driver=file,node-name=f{index},filename={_opt(path)},read-only={ro}",
+            f"driver=file,node-name=f{index},filename={option_path(path)},read-only={ro}",
             "--blockdev",
             f"driver=qcow2,node-name=q{index},file=f{index},read-only={ro},"
             f"encrypt.format=luks,encrypt.key-secret=s{index}"
             # The base has no backing: `backing=null` fails, so it is left out.
             + (f",backing=q{index - 1}" if index else ""),
         ]
-    top = len(paths) - 1
-    argv += [
-        "--export",
-        f"type=fuse,id=e0,node-name=q{top},mountpoint={_opt(export)},"
-        f"writable={'on' if writable else 'off'}",
-    ]
-    return argv
+    return [*argv, "--export", export_argument(directory, f"q{len(paths) - 1}", writable)]
 
 
 def _passphrase(key: bytes) -> bytes:
     if len(key) != 32:
         raise UsageError("layer keys are 32 bytes")
     return key.hex().encode()
-
-
-def _opt(path: Path) -> str:
-    """A path inside a QEMU option string (a comma is written twice)."""
-    return os.fspath(path).replace(",", ",,")
 
 
 def backing_file(path: Path) -> str | None:
@@ -357,96 +312,3 @@ def backing_file(path: Path) -> str | None:
             return None
         handle.seek(offset)
         return handle.read(length).decode("utf-8", errors="replace")
-
-
-# -- recovery ------------------------------------------------------------------------
-
-
-def _clean_lease(executor: Executor, path: Path) -> list[str]:
-    """Undo what an attachment under `path` holds: mounts, loop devices, the daemon."""
-    done = []
-    loops = _loop_devices_under(executor, path)
-    for point in _mounts_of(executor, loops, path):
-        force_unmount(executor, Path(point))
-        done.append(f"unmounted {point}")
-    for device in loops:
-        executor.run(["losetup", "--detach", device], check=False)
-        done.append(f"detached {device}")
-    for pid in _daemons_under(path):
-        _stop_pid(pid)
-        done.append(f"stopped {_DAEMON} {pid}")
-    export = path / "export"
-    if is_mounted(executor, export):
-        force_unmount(executor, export)
-        done.append(f"unmounted {export}")
-    return done
-
-
-def _loop_devices_under(executor: Executor, path: Path) -> list[str]:
-    listing = executor.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"]).text
-    if not listing.strip():
-        return []
-    try:
-        devices = json.loads(listing).get("loopdevices", [])
-    except ValueError as exc:
-        raise ToolError(
-            f"losetup --list: unreadable output ({exc})", tool="losetup", returncode=0
-        ) from None
-    prefix = os.fspath(path) + "/"
-    return [
-        str(d["name"])
-        for d in devices
-        if str(d.get("back-file") or "").removesuffix(" (deleted)").startswith(prefix)
-    ]
-
-
-def _mounts_of(executor: Executor, devices: list[str], path: Path) -> list[str]:
-    """Mount points on our loop devices, or under the lease (the FUSE export aside)."""
-    export = os.fspath(path / "export")
-    prefix = os.fspath(path) + "/"
-    found = {
-        point
-        for source, point in mounts(executor)
-        if source in devices or (point.startswith(prefix) and point != export)
-    }
-    # Deepest first, so that nothing is left mounted over a mount point we drop.
-    return sorted(found, key=len, reverse=True)
-
-
-def _daemons_under(path: Path) -> list[int]:
-    """qemu-storage-daemon processes exporting into this lease (by their argv)."""
-    needle = f"mountpoint={_opt(path / 'export')},".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ours = Path(argv[0].decode(errors="replace")).name == _DAEMON
-        if ours and any(needle in arg for arg in argv):
-            found.append(int(entry.name))
-    return found
-
-
-def _stop_pid(pid: int) -> None:
-    """SIGTERM (the daemon then flushes and drops its FUSE mount), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, _STOP_GRACE), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
