@@ -25,14 +25,22 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from trustplane.embedded.debian_packages import fetch_unpacked, is_installed, package_info
 from trustplane.embedded.debug_exit import QEMU_ARGS, guest_code
-from trustplane.embedded.guest_channel import AGENT_SCRIPT, PORT_NAME, GuestChannel
+from trustplane.embedded.guest_channel import AGENT_SCRIPT, PORT_NAME, ChannelRelay, GuestChannel
+from trustplane.embedded.guest_export import GUEST_ADDRESS, ExportSlot, GuestBlockExport
 from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
 from trustplane.embedded.guest_runner import GuestRunner
 from trustplane.embedded.initramfs import GUEST_SETUP, Initramfs
-from trustplane.embedded.process import ManagedProcess, StopsOnExit, require_binary, tail_lines
+from trustplane.embedded.process import (
+    ManagedProcess,
+    StopsOnExit,
+    free_port,
+    require_binary,
+    tail_lines,
+)
 from trustplane.errors import UnavailableError
 from trustplane.tools import Executor
 from trustplane.tools.local import path_with_sbin
@@ -42,6 +50,7 @@ DM_MODULES = (
     "dm_crypt",
     "dm_thin_pool",
     "dm_snapshot",
+    "dm_zero",
     "xts",
     "aesni_intel",
     "crc32c_intel",
@@ -51,6 +60,7 @@ DM_MODULES = (
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "virtio_net",
 )
 """What the dm paths need; dependencies (dm_bufio, dm_persistent_data,
 libcrc32c, virtio, virtio_ring, ...) come from each module's depends=."""
@@ -62,6 +72,7 @@ _PROGRAMS = (
     ("cryptsetup", "cryptsetup-bin", False),
     ("mke2fs", "e2fsprogs", False),
     ("losetup", "mount", False),
+    ("qemu-nbd", "qemu-utils", False),
 )
 _LVM_COMMANDS = [
     "lvchange",
@@ -113,10 +124,18 @@ backup {
 }
 """
 
+NBD_BASE_PORT = 10809
+"""Export slot i serves NBD on this port + i in the guest (`GuestBlockExport`)."""
+DEFAULT_EXPORT_SLOTS = 6
+
 _INIT = f"""#!/bin/sh
 {GUEST_SETUP}
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C DM_DISABLE_UDEV=1
 mkdir -p /run/lock/lvm /run/lvm /run/cryptsetup
+# The user-mode network: the guest's NBD exports reach the host through
+# forwarded ports only (restrict=on: the guest itself can reach nothing).
+ip link set lo up
+ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0
 exec /sbin/tp-agent
 """
 
@@ -182,6 +201,30 @@ def build_dm_initramfs(out: Path, kernel: GuestKernel, executor: Executor | None
         return image.pack(out)
 
 
+@dataclass(frozen=True)
+class GuestLink:
+    """How another process on this host reaches a running guest (JSON-friendly)."""
+
+    relay: Path
+    slots: tuple[ExportSlot, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "relay": os.fspath(self.relay),
+            "slots": [[slot.host_port, slot.guest_port] for slot in self.slots],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GuestLink:
+        return cls(Path(data["relay"]), tuple(ExportSlot(int(h), int(g)) for h, g in data["slots"]))
+
+
+def connect_guest(link: GuestLink, *, timeout: float = 120) -> tuple[Executor, GuestBlockExport]:
+    """An executor into the guest (through its relay) and its block export, for this process."""
+    executor = Executor(GuestRunner(GuestChannel.connect(link.relay)), timeout=timeout)
+    return executor, GuestBlockExport(executor, link.slots)
+
+
 class DmGuest(StopsOnExit):
     """A running guest: `executor` runs tools in it, `disks` are attached."""
 
@@ -194,6 +237,7 @@ class DmGuest(StopsOnExit):
         kernel: GuestKernel,
         boot_seconds: float,
         socket_dir: Path,
+        export_slots: Sequence[ExportSlot] = (),
     ) -> None:
         self.process = process
         self.channel = channel
@@ -207,6 +251,19 @@ class DmGuest(StopsOnExit):
         self._exit_code: int | None = None
         self._stopped = False
         self._free: list[GuestDisk] = []
+        self.export_slots = list(export_slots)
+        """Forwarded ports for NBD exports of guest block devices (`block_export`)."""
+        self.relay = ChannelRelay(channel, socket_dir / "relay.sock")
+        """Other processes on this host reach the guest through it (`GuestLink`)."""
+
+    @property
+    def link(self) -> GuestLink:
+        """What another process on this host needs to use this guest (`connect_guest`)."""
+        return GuestLink(self.relay.path, tuple(self.export_slots))
+
+    def block_export(self, host: Executor | None = None) -> GuestBlockExport:
+        """The guest's block devices as loop devices on this host (for the dm layer store)."""
+        return GuestBlockExport(self.executor, self.export_slots, host)
 
     def _find_disks(self) -> None:
         self.disks = _find_devices(self.executor, self.disks)
@@ -252,6 +309,7 @@ class DmGuest(StopsOnExit):
         status = self.process.returncode()
         self._exit_code = guest_code(status) if status is not None else None
         self.process.stop()
+        self.relay.close()
         self.channel.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -273,8 +331,13 @@ def start_dm_guest(
     disks: Sequence[int] = DEFAULT_DISKS,
     memory_mb: int = 512,
     boot_timeout: float = _BOOT_TIMEOUT,
+    export_slots: int = DEFAULT_EXPORT_SLOTS,
 ) -> DmGuest:
-    """Boot a guest with `disks` (sizes in bytes, sparse raw files in `work_dir`)."""
+    """Boot a guest with `disks` (sizes in bytes, sparse raw files in `work_dir`).
+
+    `export_slots` guest ports are forwarded from free ports on the host's
+    127.0.0.1: that many block devices can be exported at once.
+    """
     qemu = require_binary("qemu-system-x86_64", "qemu-system-x86")
     work_dir.mkdir(parents=True, exist_ok=True)
     kernel = guest_kernel()
@@ -300,6 +363,15 @@ def start_dm_guest(
         *("-device", "virtio-serial-pci"),
         *("-chardev", f"socket,id=tpchannel,path={channel_path}"),
         *("-device", f"virtserialport,chardev=tpchannel,name={PORT_NAME}"),
+    ]
+    slots = [ExportSlot(free_port(), NBD_BASE_PORT + index) for index in range(export_slots)]
+    forwards = "".join(
+        f",hostfwd=tcp:127.0.0.1:{slot.host_port}-{GUEST_ADDRESS}:{slot.guest_port}"
+        for slot in slots
+    )
+    argv += [
+        *("-netdev", f"user,id=net0,restrict=on{forwards}"),
+        *("-device", "virtio-net-pci,netdev=net0"),
     ]
     for index, disk in enumerate(attached):
         argv += [
@@ -327,7 +399,9 @@ def start_dm_guest(
     finally:
         listener.close()
     boot_seconds = time.monotonic() - started
-    guest = DmGuest(process, channel, attached, console_log, kernel, boot_seconds, socket_dir)
+    guest = DmGuest(
+        process, channel, attached, console_log, kernel, boot_seconds, socket_dir, slots
+    )
     try:
         guest._find_disks()
     except BaseException:

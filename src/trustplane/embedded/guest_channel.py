@@ -17,16 +17,25 @@ session, removes `s/` as soon as the command is over, then answers.
 The shell's `read` takes one byte at a time and `head -c` stops at the
 payload's length, and the host sends nothing more until it has the answer,
 so no read ever swallows the next message.
+
+The guest has one channel, held by the process that booted it. Other
+processes on this host (a test's child that is killed mid-import) reach it
+through `ChannelRelay`: a unix socket in the guest's private 0700 directory
+that speaks the agent's RUN/DONE protocol and forwards each request over the
+one channel, one at a time; `GuestChannel.connect` is its client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from trustplane.errors import UnavailableError
 
@@ -135,6 +144,19 @@ class GuestChannel:
             raise
         return channel
 
+    @classmethod
+    def connect(cls, path: Path) -> GuestChannel:
+        """A channel through the `ChannelRelay` listening at `path` (another process's guest)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError as exc:
+            sock.close()
+            raise UnavailableError(
+                f"the test guest's relay {path} does not answer: {exc}"
+            ) from None
+        return cls(sock)
+
     def _read_line(self, deadline: float) -> bytes:
         while b"\n" not in self._buffer:
             self._fill(deadline)
@@ -191,3 +213,65 @@ class GuestChannel:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class ChannelRelay:
+    """Serves the agent's protocol on a unix socket and forwards over `channel`.
+
+    One thread per connected process; requests from all of them (and from
+    the channel's own process) reach the guest one at a time. EXIT is the
+    channel owner's alone and is not relayed.
+    """
+
+    def __init__(self, channel: GuestChannel, path: Path, *, margin: float = 30.0) -> None:
+        self.channel = channel
+        self.path = path
+        self.margin = margin
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(os.fspath(path))
+        path.chmod(0o600)
+        self._listener.listen(16)
+        self._connections: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, name="guest-relay", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(conn)
+            threading.Thread(
+                target=self._serve, args=(conn,), name="guest-relay-conn", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError, UnavailableError), conn:
+            stream = conn.makefile("rb")
+            while True:
+                words = stream.readline().split()
+                if len(words) != 4 or words[0] != b"RUN":
+                    return
+                request_id, limit, length = words[1].decode(), float(words[2]), int(words[3])
+                payload = stream.read(length)
+                if len(payload) != length:
+                    return
+                reply = self.channel.request(request_id, payload, limit, self.margin)
+                header = b"DONE %d %d %d %d\n" % (
+                    reply.status,
+                    int(reply.timed_out),
+                    len(reply.stdout),
+                    len(reply.stderr),
+                )
+                conn.sendall(header + reply.stdout + reply.stderr)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for conn in self._connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.path.unlink(missing_ok=True)
