@@ -3,6 +3,9 @@
 Several helpers run tests on this machine at once, so a test touches only
 what lies under its own tmp_path, and whatever it leaves there (a test that
 failed half-way) is cleaned up here, and reported as a failure of its own.
+
+`backend` is parametrized over both backends (backend_kinds.py): the
+device-mapper one runs in the session's QEMU guest (`dm_guest`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from backend_kinds import KINDS, Backend, backend_of
 from store_checks import clean, leftovers
 
-from trustplane.layerstore.qcow2 import Qcow2Backend
 from trustplane.tools import Executor
 
 
@@ -33,6 +36,8 @@ def executor(tmp_path: Path) -> Executor:
     return Executor(timeout=120)
 
 
-@pytest.fixture
-def backend(tmp_path: Path, executor: Executor) -> Qcow2Backend:
-    return Qcow2Backend(tmp_path / "qcow2", executor)
+@pytest.fixture(params=KINDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A fresh backend of each kind, its store root under tmp_path."""
+    with backend_of(request.param, tmp_path / "store", request) as under_test:
+        yield under_test

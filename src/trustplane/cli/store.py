@@ -55,6 +55,7 @@ from trustplane.errors import UsageError
 from trustplane.images.decrypt import Unwrapper
 from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.layerstore import ControlPlaneKeys, ImportRequest, LayerStore, Measurer
+from trustplane.layerstore.choice import BackendConfig
 from trustplane.layerstore.importer import DEFAULT_SIZE
 from trustplane.layerstore.records import StoredImage
 from trustplane.layerstore.store import DEFAULT_ROOT
@@ -95,9 +96,34 @@ StateDir = Annotated[
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 
 
-def _store(path: Path | None) -> LayerStore:
+Backend = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        help="Layer backend of a new store: auto (device-mapper when the host has it and "
+        "--pool is given), qcow2 or dm (default $TRUSTPLANE_STORE_BACKEND or auto). "
+        "A store keeps the backend it was made with.",
+        show_default=False,
+    ),
+]
+Pool = Annotated[
+    str | None,
+    typer.Option(
+        "--pool",
+        help="Block device for the dm backend's thin pool, whose first MiB must be zeros "
+        "(default $TRUSTPLANE_STORE_POOL); needed the first time only.",
+        show_default=False,
+    ),
+]
+
+
+def _store(path: Path | None, backend: str | None = None, pool: str | None = None) -> LayerStore:
     root = path or Path(os.environ.get("TRUSTPLANE_STORE") or DEFAULT_ROOT)
-    return LayerStore(root)
+    config = BackendConfig(
+        kind=backend or os.environ.get("TRUSTPLANE_STORE_BACKEND") or "auto",
+        pool=pool or os.environ.get("TRUSTPLANE_STORE_POOL") or None,
+    )
+    return LayerStore(root, config=config)
 
 
 @dataclass
@@ -181,6 +207,8 @@ def import_(
     src_cacert: SrcCaCert = None,
     src_creds: SrcCreds = None,
     store: StoreDir = None,
+    backend: Backend = None,
+    pool: Pool = None,
     server: Server = None,
     ca: Ca = None,
     node: Node = None,
@@ -192,7 +220,7 @@ def import_(
     as_json: AsJson = False,
 ) -> None:
     """Store an image, each layer decrypted straight into its own encrypted snapshot."""
-    layer_store = _store(store)
+    layer_store = _store(store, backend, pool)
     with _caller(server, ca, node, node_key, tpm, state_dir, pcr) as caller:
         request = ImportRequest(
             source=reference.parse(source),
@@ -253,7 +281,7 @@ def inspect(image: ImageArg, store: StoreDir = None, as_json: AsJson = False) ->
     if as_json:
         emit_json(details)
         return
-    stdout.print(f"{stored.name} ({stored.id}), from {stored.source}")
+    stdout.print(f"{stored.name} ({stored.id}), from {stored.source}, {stored.backend} backend")
     stdout.print(f"  keys: chain {stored.chain_id} at {stored.chain_server}")
     for layer in stored.layers:
         stdout.print(

@@ -18,13 +18,16 @@ Three levels, each unaware of the one above it:
   a dead process's attachments). Keys are passed on every call, never kept.
   - `qcow2.Qcow2Backend`: layer k = qcow2 with LUKS under key k, backed by
     layer k-1; a chain = one qemu-storage-daemon, FUSE export, loop device.
-  - the device-mapper driver (next): layer k = dm `snapshot` of layer k-1's
-    device whose COW store is dm-crypt under key k over its own thin volume
-    (crypt over a thin snapshot would give one key for the whole tree).
-    `create` = thin volume + crypt COW (first chunk zeroed), `attach` = the
-    snapshot tables bottom-up, `commit` = record the layer as committed,
-    `scratch` = dm-crypt over a thin volume with a random key. Its commands
-    run through the same `tools.Executor`, in the test guest's runner.
+  - `devicemapper.DeviceMapperBackend`: layer k = dm `snapshot` of layer
+    k-1's device whose COW store is dm-crypt under key k over its own thin
+    volume (crypt over a thin snapshot would give one key for the whole
+    tree); the base is a snapshot of a `zero` device. `create` = thin
+    volume + crypt COW (first chunk zeroed), `attach` = the snapshot tables
+    bottom-up, `commit` = record the layer as committed, `scratch` =
+    dm-crypt over a thin volume with a random key. Its commands run through
+    the same `tools.Executor`, in the test guest's runner; `devices.py` is
+    how its devices reach the store's process (the guest exports them).
+  - `choice.py`: which one, by the host's capability or by configuration.
 * **file system** (`filesystem.py`): ext4 made once on layer 0 (no
   background initialisation, so later layers hold only their own changes),
   mounted read-only (`noload`) for views, read-write to fill a layer.
@@ -48,6 +51,8 @@ process what a dead one held.
 """
 
 from trustplane.layerstore.backend import Attachment, ChainLink, LayerBackend, LayerInfo
+from trustplane.layerstore.choice import BackendConfig, open_backend
+from trustplane.layerstore.devicemapper import DeviceMapperBackend
 from trustplane.layerstore.importer import ImportRequest
 from trustplane.layerstore.keys import ChainKeys, ChainRef, ControlPlaneKeys, Measurer
 from trustplane.layerstore.qcow2 import Qcow2Backend
@@ -56,10 +61,12 @@ from trustplane.layerstore.store import LayerStore, View
 
 __all__ = [
     "Attachment",
+    "BackendConfig",
     "ChainKeys",
     "ChainLink",
     "ChainRef",
     "ControlPlaneKeys",
+    "DeviceMapperBackend",
     "ImportRequest",
     "LayerBackend",
     "LayerInfo",
@@ -68,4 +75,5 @@ __all__ = [
     "Qcow2Backend",
     "StoredImage",
     "View",
+    "open_backend",
 ]

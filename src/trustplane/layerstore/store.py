@@ -3,7 +3,8 @@
     root/
       images/ID.json       one record per stored image (records.py)
       leases/NAME/         what a live (or crashed) import or run holds (leases.py)
-      qcow2/               the backend's own files: layers/, run/ (its attachments)
+      qcow2/ or dm/        the backend's own files: layers/, run/ (its attachments);
+                           which one: choice.py (host capability or configuration)
 
 Opening a store recovers first: whatever a dead process left (a container,
 mounts, loop devices, daemons, half-made layers, a key chain an import made)
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from trustplane.errors import DecryptionKeyError, Forbidden, UsageError
 from trustplane.layerstore.backend import Attachment, ChainLink, LayerBackend
+from trustplane.layerstore.choice import BackendConfig, open_backend
 from trustplane.layerstore.container import RunResult, delete_container, run_bundle, runtime_config
 from trustplane.layerstore.filesystem import (
     force_unmount,
@@ -32,7 +34,6 @@ from trustplane.layerstore.filesystem import (
 from trustplane.layerstore.importer import ImportRequest, import_image
 from trustplane.layerstore.keys import ChainKeys, ChainRef, MeasuredLayer, Measurer
 from trustplane.layerstore.leases import Lease, live_states, orphans, sweep_hidden
-from trustplane.layerstore.qcow2 import Qcow2Backend
 from trustplane.layerstore.records import Records, StoredImage
 from trustplane.progress import SILENT, Reporter
 from trustplane.tools import Executor
@@ -60,6 +61,7 @@ class LayerStore:
         backend: LayerBackend | None = None,
         executor: Executor | None = None,
         *,
+        config: BackendConfig | None = None,
         recover: bool = True,
     ) -> None:
         if any(c in os.fspath(root) for c in ",:\n"):
@@ -70,7 +72,7 @@ class LayerStore:
         self.records = Records(root / "images")
         self.lease_dir = root / "leases"
         self.lease_dir.mkdir(exist_ok=True, mode=0o700)
-        self.backend = backend or Qcow2Backend(root / "qcow2", executor)
+        self.backend = backend or open_backend(root, config, executor)
         self.executor = self.backend.executor
         self.recovered: list[str] = self.recover() if recover else []
 
