@@ -77,6 +77,18 @@ class Backend:
     def spec_json(self) -> str:
         return json.dumps(self.spec)
 
+    def reopen(self) -> LayerBackend:
+        """A new backend object over the same root (a restarted process)."""
+        if self.kind == "qcow2":
+            return Qcow2Backend(self.backend.root, Executor(timeout=120))
+        assert self.guest is not None
+        return DeviceMapperBackend(
+            self.backend.root,
+            Executor(timeout=120),
+            dm_executor=self.guest.executor,
+            devices=self.guest.block_export(),
+        )
+
 
 def backend_from_spec(spec_json: str) -> LayerBackend:
     """The backend a parent test described, opened in this (child) process."""
@@ -85,7 +97,9 @@ def backend_from_spec(spec_json: str) -> LayerBackend:
     if spec["kind"] == "qcow2":
         return Qcow2Backend(root / "qcow2")
     guest, devices = connect_guest(GuestLink.from_json(spec["guest"]))
-    return DeviceMapperBackend(root / "dm", Executor(), dm_executor=guest, devices=devices)
+    return DeviceMapperBackend(
+        root / "dm", Executor(), pool_device=spec["pool"], dm_executor=guest, devices=devices
+    )
 
 
 @contextlib.contextmanager
@@ -115,7 +129,12 @@ def backend_of(kind: str, store_root: Path, request: pytest.FixtureRequest) -> I
             store_root,
             guest,
             disk.path,
-            {"kind": kind, "root": os.fspath(store_root), "guest": guest.link.to_json()},
+            {
+                "kind": kind,
+                "root": os.fspath(store_root),
+                "pool": disk.device,
+                "guest": guest.link.to_json(),
+            },
         )
         try:
             yield under_test
@@ -125,3 +144,24 @@ def backend_of(kind: str, store_root: Path, request: pytest.FixtureRequest) -> I
                 backend.recover()
             backend.deactivate()
             assert left == [], f"the dm backend left {left}"
+
+
+def data_extents(path: Path, chunk: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
+    """The file's data (a sparse disk image's allocated extents), in overlapping pieces."""
+    with path.open("rb") as handle:
+        fd = handle.fileno()
+        end = os.fstat(fd).st_size
+        offset = 0
+        while offset < end:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                return
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+            position = start
+            while position < stop:
+                handle.seek(max(start, position - 4096))  # overlap: no marker is cut in two
+                data = handle.read(min(chunk, stop - position) + 4096)
+                yield position, data
+                position += chunk
+            offset = stop

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from backend_kinds import KINDS, Backend, backend_of
+from backend_kinds import KINDS, Backend, backend_of, data_extents
 from store_checks import leftovers
 
 from trustplane.crypto.key_chain import new_chain
@@ -148,27 +148,6 @@ def test_the_raw_layer_files_hold_no_plaintext(chain: Chain) -> None:
             for form in forms:
                 assert form not in data, f"{path} holds {form!r} near {start}"
     assert written > BIG, "the layers' data is there to be read (encrypted)"
-
-
-def data_extents(path: Path, chunk: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
-    """The file's data (a sparse disk image's allocated extents), in overlapping pieces."""
-    with path.open("rb") as handle:
-        fd = handle.fileno()
-        end = os.fstat(fd).st_size
-        offset = 0
-        while offset < end:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after offset
-                return
-            stop = os.lseek(fd, start, os.SEEK_HOLE)
-            position = start
-            while position < stop:
-                handle.seek(max(start, position - 4096))  # overlap: no marker is cut in two
-                data = handle.read(min(chunk, stop - position) + 4096)
-                yield position, data
-                position += chunk
-            offset = stop
 
 
 def test_a_key_of_another_chain_opens_nothing(chain: Chain) -> None:
