@@ -124,7 +124,8 @@ _STEP = "tp-step: "
 def device_mapper_problem(executor: Executor) -> str | None:
     """Why the executor's host cannot run this backend, or None when it can.
 
-    `/dev/mapper/control` must exist and `dmsetup targets` list every target
+    `/dev/mapper/control` must exist and answer (a node without the kernel
+    driver behind it does not), and `dmsetup targets` must list every target
     of `TARGETS`; a target whose module is not loaded yet is loaded first
     (modprobe), as the kernel would on first use.
     """
@@ -132,11 +133,11 @@ def device_mapper_problem(executor: Executor) -> str | None:
         return "no device-mapper (/dev/mapper/control is missing)"
     missing: list[str] = []
     for attempt in range(2):
-        try:
-            listing = executor.run(["dmsetup", "targets"], timeout=30).text
-        except ToolError as exc:
-            return f"dmsetup does not run: {exc}"
-        found = {line.split()[0] for line in listing.splitlines() if line.split()}
+        result = executor.run(["dmsetup", "targets"], check=False, timeout=30)
+        if result.returncode != 0:
+            lines = result.stderr.decode(errors="replace").strip().splitlines()
+            return "device-mapper does not answer: " + (lines[0] if lines else "dmsetup failed")
+        found = {line.split()[0] for line in result.text.splitlines() if line.split()}
         missing = [target for target in TARGETS if target not in found]
         if not missing:
             return None
