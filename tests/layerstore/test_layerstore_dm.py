@@ -284,3 +284,56 @@ def test_a_pool_device_that_is_not_empty_is_refused(dm_guest: DmGuest, tmp_path:
         assert not (tmp_path / "dm" / "pool.json").exists()
         assert backend.layers() == []
         assert any(marker in data for _, data in data_extents(disk.path))
+
+
+def test_a_full_pool_refuses_the_layer_being_written(dm_guest: DmGuest, tmp_path: Path) -> None:
+    """A thin pool over-commits: an 80 MiB pool takes a 256 MiB layer. Writing past
+    what the pool holds fails at once (error_if_no_space), the snapshot turns
+    invalid, and closing the layer says so; it is never committed."""
+    guest = dm_guest.executor
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with dm_guest.scratch_disk() as disk:
+        guest.run(
+            ["dmsetup", "create", "tpsmall", "--table", f"0 {80 << 11} linear {disk.device} 0"]
+        )
+        try:
+            backend = DeviceMapperBackend(
+                tmp_path / "dm",
+                Executor(timeout=120),
+                pool_device="/dev/mapper/tpsmall",
+                dm_executor=guest,
+                devices=dm_guest.block_export(),
+            )
+            key = new_chain(1)[0]
+            backend.create("big", None, key, SIZE)
+            attachment = backend.attach([ChainLink("big", key)], writable=True)
+            try:
+                make_filesystem(backend.executor, attachment.device, reads_zeros=True)
+                mount(backend.executor, attachment.device, mnt, writable=True)
+                with (mnt / "data").open("wb") as sink:
+                    for _ in range(120):
+                        sink.write(os.urandom(1 << 20))
+            except OSError:
+                pass  # the file system may see the errors first; the check is at close
+            finally:
+                subprocess.run(["umount", os.fspath(mnt)], check=False)
+            with pytest.raises(IntegrityError) as caught:
+                attachment.close()
+            assert re.fullmatch(
+                r"layer big: its snapshot became invalid while it was written \(.+\); "
+                r"is the thin pool full\?",
+                str(caught.value),
+            ), caught.value
+            info = backend.info("big")
+            assert info is not None
+            assert not info.committed
+            backend.remove("big")
+            assert backend.layers() == []
+            left = [
+                n for n in backend.device_names() if not n.endswith(("-pool", "-data", "-meta"))
+            ]
+            assert left == []
+            backend.deactivate()
+        finally:
+            guest.run(["dmsetup", "remove", "tpsmall"], check=False)
