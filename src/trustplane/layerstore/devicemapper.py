@@ -14,8 +14,9 @@ dm-crypt *on top of* a thin snapshot would give one key for the whole
 tree). The base layer's blocks are dm-crypt over a thin volume too; it is a
 snapshot of a `zero` device rather than the crypt device itself, so that a
 fresh layer reads zeros, as a fresh qcow2 layer does: mkfs then writes only
-its metadata, not a zeroed inode table and journal (≈2 % of the size, 320
-MiB of the pool for a 16 GiB layer), and every layer is built the same way.
+its metadata, not zeroed inode tables and journal (the inode tables alone
+are 1/64 of the size: 256 MiB of the pool for a 16 GiB layer), and every
+layer is built the same way.
 
 One thin pool holds every layer: metadata at the start of the pool device,
 data after it (`pool.json`). A layer's record (`layers/ID.prep.json` while
@@ -28,8 +29,13 @@ attachment builds its own stack under its own names (two snapshots may not
 share one COW device, so views never share devices).
 
 Keys: dm-crypt takes a 512-bit XTS key derived from the 256-bit chain key
-(HKDF), handed to `dmsetup create` in the table on its standard input
-through the executor, never in argv. Plain dm-crypt has no key check of its
+(HKDF). Its table reaches `dmsetup create NAME FILE` as the executor's
+`SecretFile` (a 0600 file in a private directory, gone when the call
+returns), never argv; once loaded, root reads it back with `dmsetup table
+--showkeys`, which is dm-crypt's nature (README). Each operation (build a
+stack, take it down) is one `sh` script of dmsetup calls through the
+executor: one process here, one round trip into the test guest. Plain
+dm-crypt has no key check of its
 own: under a wrong key the COW's first chunk decrypts to noise and the
 kernel says `Invalid or corrupt snapshot` (dmsetup: "No such device or
 address"), exactly what it says of a COW whose first chunk was never
