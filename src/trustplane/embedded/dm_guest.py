@@ -11,6 +11,14 @@ images attached as virtio-blk (found in the guest by their serial) hold LVM
 volume groups and thin pools. It stays up for a whole test session and
 leaves through isa-debug-exit.
 
+For the device-mapper layer store, whose file-system work runs on this
+host, the guest has a user-mode network (`restrict=on`: it reaches
+nothing) with `export_slots` ports forwarded from this host's 127.0.0.1,
+and `qemu-nbd`: `block_export()` brings a guest device here as a loop
+device (guest_export.py). Other processes on this host (a test's child
+that is killed mid-import) use the guest through `link` and
+`connect_guest`, over the channel relay.
+
 Measured facts and pitfalls: DESIGN.md, "device-mapper in a guest".
 """
 
