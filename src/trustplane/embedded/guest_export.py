@@ -29,12 +29,13 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trustplane.errors import UnavailableError
+from trustplane.errors import ToolError, UnavailableError
 from trustplane.layerstore.devices import DeviceAccess, OpenedDevice
 from trustplane.layerstore.fuse_loop import DAEMON, FuseLoop, clean_directory, export_argument
 from trustplane.layerstore.leases import Lease
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
+from trustplane.tools.failure import last_line
 
 GUEST_ADDRESS = "10.0.2.15"
 """QEMU's user-mode network gives the guest this address."""
@@ -129,11 +130,14 @@ class GuestBlockExport(DeviceAccess):
                 *([] if writable else ["--read-only"]),
                 device,
             ]
-            result = self.guest.run(argv, check=False, timeout=60)
+            # One round trip: start the server, then print its pid.
+            serve = ["sh", "-c", 'qemu-nbd "$@" && cat ' + shlex.quote(pid_file), "sh", *argv[1:]]
+            result = self.guest.run(serve, check=False, timeout=60)
             if result.returncode == 0:
-                return slot, int(self.guest.run(["cat", pid_file]).text.split()[0])
+                return slot, int(result.text.split()[0])
             if _IN_USE not in result.stderr.decode(errors="replace"):
-                self.guest.run(argv, timeout=60)  # raises, naming qemu-nbd's last line
+                line = last_line(result.stderr)
+                raise ToolError(f"qemu-nbd failed: {line}", tool="qemu-nbd", returncode=1)
         raise UnavailableError(f"all {len(self.slots)} export slots of the test guest are in use")
 
     def _stop(self, pid: int, name: str) -> bool:

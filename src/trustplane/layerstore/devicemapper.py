@@ -103,6 +103,7 @@ from trustplane.layerstore.leases import Lease, orphans, sweep_hidden
 from trustplane.oci.layout import atomic_write, fsync_dir
 from trustplane.tools import Executor, SecretFile, ToolResult
 from trustplane.tools.command import Arg
+from trustplane.tools.failure import last_line
 
 SECTOR = 512
 CIPHER = "aes-xts-plain64"
@@ -537,7 +538,8 @@ class DeviceMapperBackend(LayerBackend):
             return
         if _BUSY in result.stderr.decode(errors="replace"):
             raise UsageError(f"{what} is in use (its devices are attached)")
-        self.dm.run(argv)  # raises, naming dmsetup's last line
+        line = last_line(result.stderr)
+        raise ToolError(f"dmsetup message failed: {line}", tool="dmsetup", returncode=1)
 
     # -- layers ------------------------------------------------------------------------
 
