@@ -98,10 +98,11 @@ from trustplane.layerstore.backend import (
     check_layer_id,
 )
 from trustplane.layerstore.devices import DeviceAccess, LocalDevices, OpenedDevice
+from trustplane.layerstore.filesystem import force_unmount
 from trustplane.layerstore.fuse_loop import clean_directory
 from trustplane.layerstore.leases import Lease, orphans, sweep_hidden
 from trustplane.oci.layout import atomic_write, fsync_dir
-from trustplane.tools import Executor, SecretFile, ToolResult
+from trustplane.tools import Executor, SecretFile, ToolResult, mounts
 from trustplane.tools.command import Arg
 from trustplane.tools.failure import last_line
 
@@ -628,10 +629,19 @@ class DeviceMapperBackend(LayerBackend):
         return [f"removed {name}" for name in present]
 
     def _undo_lease(self, lease: Lease) -> list[str]:
-        """Everything a lease's state names, undone: mounts and exports on this host,
-        the devices (top first), a scratch volume's thin id. Then the lease goes."""
+        """Everything a lease's state names, undone: mounts on its device or under
+        its directory and exports on this host, the devices (top first), a
+        scratch volume's thin id. Then the lease goes."""
         try:
-            what = clean_directory(self.executor, lease.path)
+            what = []
+            device = lease.state.get("device")
+            if isinstance(device, str) and device:
+                # Mounted on the device, wherever (a view's target outside the lease).
+                points = {point for source, point in mounts(self.executor) if source == device}
+                for point in sorted(points, key=len, reverse=True):
+                    force_unmount(self.executor, Path(point))
+                    what.append(f"unmounted {point}")
+            what += clean_directory(self.executor, lease.path)
             what += self.devices.recover(lease)
             what += self._remove_listed(list(reversed(lease.state.get("devices", []))))
             thin = lease.state.get("thin")
