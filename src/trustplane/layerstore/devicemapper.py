@@ -141,7 +141,10 @@ def device_mapper_problem(executor: Executor) -> str | None:
         return "no device-mapper (/dev/mapper/control is missing)"
     missing: list[str] = []
     for attempt in range(2):
-        result = executor.run(["dmsetup", "targets"], check=False, timeout=30)
+        try:
+            result = executor.run(["dmsetup", "targets"], check=False, timeout=30)
+        except ToolError as exc:  # no dmsetup at all
+            return str(exc)
         if result.returncode != 0:
             lines = result.stderr.decode(errors="replace").strip().splitlines()
             return "device-mapper does not answer: " + (lines[0] if lines else "dmsetup failed")
@@ -151,7 +154,8 @@ def device_mapper_problem(executor: Executor) -> str | None:
             return None
         if attempt == 0:
             modules = ["dm_crypt", "dm_thin_pool", "dm_snapshot", "dm_zero"]
-            executor.run(["modprobe", "-a", *modules], check=False, timeout=60)
+            with contextlib.suppress(ToolError):  # no modprobe: the targets stay missing
+                executor.run(["modprobe", "-a", *modules], check=False, timeout=60)
     return "the kernel lacks the device-mapper targets " + ", ".join(missing)
 
 
