@@ -286,8 +286,6 @@ class DeviceMapperBackend(LayerBackend):
         check_layer_id(layer)
         if parent is not None:
             check_layer_id(parent)
-        if self._find(layer) is not None:
-            raise UsageError(f"layer {layer} exists already")
         chunk = self.chunk_sectors * SECTOR
         if size <= 0 or size % chunk:
             raise UsageError(f"a layer's size is a positive multiple of {chunk} bytes")
@@ -297,6 +295,8 @@ class DeviceMapperBackend(LayerBackend):
         pool = self._ensure_pool()
         sectors = size // SECTOR
         with self._pool_lock():
+            if self._find(layer) is not None:
+                raise UsageError(f"layer {layer} exists already")
             record = _Record(
                 layer=layer,
                 parent=parent,
@@ -324,7 +324,7 @@ class DeviceMapperBackend(LayerBackend):
         records = self._chain_records(chain, writable)
         pool = self._ensure_pool()
         stack = _Stack(pool, uuid.uuid4().hex)
-        base = stack.zero(records[0].sectors)
+        stack.zero(records[0].sectors)
         layers = []
         for index, (record, link) in enumerate(zip(records, chain, strict=True)):
             write = writable and index == len(records) - 1
@@ -344,7 +344,7 @@ class DeviceMapperBackend(LayerBackend):
             result = stack.script.run(self.dm, check=False)
             if result.returncode != 0:
                 raise _stack_failure(stack.script, result)
-            return _DmAttachment(self, pool, lease, stack, records, base, layers, writable)
+            return _DmAttachment(self, pool, lease, stack, records, layers[-1], writable)
         except BaseException:
             self._undo_lease(lease)
             raise
@@ -763,8 +763,7 @@ class _DmAttachment(Attachment):
         lease: Lease,
         stack: _Stack,
         records: Sequence[_Record],
-        base: str,
-        layers: Sequence[str],
+        top: str,
         writable: bool,
     ) -> None:
         self.backend = backend
@@ -774,7 +773,7 @@ class _DmAttachment(Attachment):
         self.records = list(records)
         self.names = list(stack.names)
         self.tag = stack.tag
-        self.top = layers[-1]
+        self.top = top
         self.device = ""
         self._opened: OpenedDevice | None = backend.devices.open(
             f"/dev/mapper/{self.top}", writable=writable, lease=lease
@@ -807,14 +806,14 @@ class _DmAttachment(Attachment):
         (a snapshot commits on removal; dm-thin commits on a flush), its size
         recorded."""
         index = len(self.records) - 1
-        thin = f"{self.tag}-{index}t"
+        crypt, thin = f"{self.tag}-{index}c", f"{self.tag}-{index}t"
+        below = [name for name in reversed(self.names) if name not in (self.top, crypt, thin)]
         script = _Script()
         script.lines.append(f"echo snapshot $(dmsetup status {self.top})")
-        script.remove([self.top, f"{self.tag}-{index}c"])
+        script.remove([self.top, crypt])
         script.add("dd", "if=/dev/null", f"of=/dev/mapper/{thin}", "count=0", "conv=notrunc,fsync")
         script.lines.append(f"echo thin $(dmsetup status {thin})")
-        rest = [name for name in reversed(self.names) if name not in (self.top, thin)]
-        script.remove([thin, *[n for n in rest if n != f"{self.tag}-{index}c"]])
+        script.remove([thin, *below])
         out = script.run(self.backend.dm).text.splitlines()
         status = dict(line.split(" ", 1) for line in out if " " in line)
         snapshot = status.get("snapshot", "").split()
