@@ -19,7 +19,7 @@ from typing import Any
 import docker
 import pytest
 
-# Session fixture `dm_guest` (a QEMU guest with device-mapper): tests/conftest.py.
+# Session fixture `dm_guest` (a QEMU guest with device-mapper): the root conftest.py.
 from missing import component_missing
 
 # Session fixture `postgres` (a private PostgreSQL on 127.0.0.1); see pg_fixture.py.
