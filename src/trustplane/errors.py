@@ -76,6 +76,15 @@ class UsageError(TrustplaneError):
     error_type = "UsageError"
 
 
+class AlreadyExistsError(UsageError):
+    """Something was to be made under a name that is taken (gRPC ALREADY_EXISTS)."""
+
+
+class ConflictError(UsageError):
+    """A valid request that the object's present state refuses: it has children, it is
+    in use or busy with another operation (gRPC FAILED_PRECONDITION)."""
+
+
 class NotFoundError(TrustplaneError):
     """An image, blob, tag, file or key that was named does not exist."""
 
