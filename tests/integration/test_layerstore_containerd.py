@@ -1,0 +1,315 @@
+"""containerd stores image layers encrypted and runs containers from them: `trustplane
+snapshotter` as a proxy snapshotter of a real (second) containerd, driven with `ctr`.
+
+The image is built locally: the busybox base (layer 0) and three layers that
+each add a marker file. The attacker is someone who reads the node's disk:
+the snapshotter's files (every layer, a container's writable layer, the
+table) must hold no marker, nor busybox's own text. Keys come from a real
+control plane (the layer-key broker), so removal is checked there: a
+removed layer's key chain no longer exists. A snapshotter killed with
+`kill -9` and restarted undoes what it left (FUSE mounts, loop devices,
+daemons) and still serves the layers it had committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+from conftest import start_control_plane_or_fail
+from control_helpers import Cli
+from missing import component_missing
+
+from trustplane.embedded.containerd import RunningContainerd, start_containerd
+from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.sample_images import build_image
+from trustplane.errors import NotFoundError, TrustplaneError
+from trustplane.layerstore import ChainRef, ControlPlaneKeys
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "layerstore"))
+from store_checks import clean, leftovers
+
+NAME = "trustplane"
+TAG = "trustplane/snapshotter-test:1"
+REF = f"docker.io/{TAG}"
+MARKERS = {
+    "layer1": b"TPSNAP-MARKER-LAYER-ONE-5b1e\n",
+    "layer2": b"TPSNAP-MARKER-LAYER-TWO-8c2f\n",
+    "layer3": b"TPSNAP-MARKER-LAYER-THREE-d4a7\n",
+}
+BUSYBOX_TEXT = b"BusyBox is copyrighted by many authors"
+DOCKERFILE = """FROM {base}
+COPY layer1 /markers/layer1
+COPY layer2 /markers/layer2
+COPY layer3 /markers/layer3
+"""
+START_TIMEOUT = 60.0
+GC_TIMEOUT = 60.0
+
+
+@dataclass
+class Snapshotter:
+    """`trustplane snapshotter` as a process of its own (so that it can be killed)."""
+
+    cli: Cli
+    root: Path
+    socket: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        env = {**os.environ, "TRUSTPLANE_SESSION": str(self.cli.session)}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "trustplane",
+                    "snapshotter",
+                    "--socket",
+                    str(self.socket),
+                    "--root",
+                    str(self.root),
+                    "--size",
+                    "2G",
+                    "--repository",
+                    "containerd/snapshotter-test",
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"serving containerd's snapshots API" not in self.log.read_bytes():
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+        assert self.process is None or self.process.returncode == 0, self.log.read_text()
+
+    def table(self) -> dict[str, dict[str, object]]:
+        snapshots: dict[str, dict[str, object]] = json.loads(
+            (self.root / "snapshots.json").read_bytes()
+        )["snapshots"]
+        return snapshots
+
+    def layer_files(self) -> list[Path]:
+        return sorted((self.root / "qcow2" / "layers").glob("*.qcow2"))
+
+
+@dataclass
+class Setup:
+    plane: RunningControlPlane
+    snapshotter: Snapshotter
+    containerd: RunningContainerd
+    archive: Path
+
+
+@pytest.fixture(scope="module")
+def marked_archive(
+    docker_client: docker.DockerClient,
+    busybox_base: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """Four layers (busybox, then one marker file each) as `docker save` writes them."""
+    try:
+        build_image(docker_client, TAG, DOCKERFILE.format(base=busybox_base), MARKERS)
+    except TrustplaneError as exc:
+        component_missing("docker build", str(exc))
+    archive = tmp_path_factory.mktemp("snapshotter-image") / "image.tar"
+    with archive.open("wb") as out:
+        for chunk in docker_client.images.get(TAG).save(named=True):
+            out.write(chunk)
+    return archive
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, marked_archive: Path) -> Iterator[Setup]:
+    work = tmp_path_factory.mktemp("snapctd")
+    plane = start_control_plane_or_fail(work / "plane")
+    admin = Cli(work / "admin.json")
+    admin.login(plane, "admin", plane.admin_password)
+    snapshotter = Snapshotter(admin, work / "root", work / "snap.sock", work / "snapshotter.log")
+    # containerd dials a proxy plugin when first needed and backs off while
+    # nothing answers: the snapshotter serves before containerd starts.
+    snapshotter.start()
+    try:
+        containerd = start_containerd(work / "ctd", proxy_snapshotters={NAME: snapshotter.socket})
+    except TrustplaneError as exc:
+        snapshotter.stop()
+        component_missing("containerd", str(exc))
+    try:
+        yield Setup(plane, snapshotter, containerd, marked_archive)
+    finally:
+        for task in containerd.ctr("tasks", "ls", "-q", check=False).text.split():
+            containerd.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
+            containerd.ctr("tasks", "rm", "-f", task, check=False)
+        containerd.stop()
+        snapshotter.stop()
+        prefix = os.fspath(work) + "/"
+        left = leftovers(prefix)
+        clean(prefix)
+        plane.stop()
+        assert left == [], f"left behind: {left}"
+
+
+def plaintext_in(root: Path, needles: list[bytes]) -> list[str]:
+    """Needles found in the raw files under `root`, read as someone with the disk reads
+    them: regular files only, never through a mount (a FUSE export or a mounted view
+    shows plaintext by design)."""
+    points = {
+        line.split()[1].replace("\\040", " ")
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+    }
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.join(directory, d) not in points]
+        for name in files:
+            path = os.path.join(directory, name)
+            if path in points or not Path(path).is_file() or Path(path).is_symlink():
+                continue
+            tail = b""
+            keep = max(len(n) for n in needles)
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    window = tail + chunk
+                    found += [f"{path}: {n!r}" for n in needles if n in window]
+                    tail = window[-keep:]
+    return sorted(set(found))
+
+
+NEEDLES = [*MARKERS.values(), BUSYBOX_TEXT]
+
+
+def wait_for(condition: object, what: str, timeout: float = GC_TIMEOUT) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def committed(setup: Setup) -> dict[str, dict[str, object]]:
+    return {k: v for k, v in setup.snapshotter.table().items() if v["kind"] == "committed"}
+
+
+def test_the_scan_finds_plaintext(tmp_path: Path) -> None:
+    """The attacker's tool works: a marker in a plain file is found."""
+    (tmp_path / "plain").write_bytes(b"x" * 5000 + MARKERS["layer1"] + b"y")
+    assert plaintext_in(tmp_path, NEEDLES) == [f"{tmp_path / 'plain'}: {MARKERS['layer1']!r}"]
+
+
+def test_import_stores_each_layer_encrypted_under_its_own_key(setup: Setup) -> None:
+    ctd = setup.containerd
+    plugins = ctd.ctr("plugins", "ls").text.splitlines()
+    assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", NAME] for line in plugins)
+    out = ctd.ctr("images", "import", "--snapshotter", NAME, str(setup.archive)).text
+    assert "done" in out
+    layers = committed(setup)
+    # Four layers, a chain: each committed snapshot's parent is the one below.
+    assert len(layers) == 4, layers
+    parents = sorted(str(v["parent"]) for v in layers.values())
+    assert parents.count("") == 1
+    assert {p for p in parents if p} <= set(layers)
+    chains = {json.dumps(v["key_ref"], sort_keys=True) for v in layers.values()}
+    assert len(chains) == 4, "every layer has a key chain of its own"
+    assert len(setup.snapshotter.layer_files()) == 4
+    # Someone with the disk: no marker, no busybox text, in any file of the root.
+    assert plaintext_in(setup.snapshotter.root, NEEDLES) == []
+    for path in setup.snapshotter.layer_files():
+        assert path.read_bytes()[:4] == b"QFI\xfb"  # qcow2, its clusters LUKS-encrypted
+
+
+def test_run_reads_the_top_layer_and_its_writes_are_encrypted(setup: Setup) -> None:
+    ctd = setup.containerd
+    written = f"TPSNAP-WRITTEN-BY-THE-CONTAINER-{secrets.token_hex(6)}".encode()
+    container = f"reader-{secrets.token_hex(4)}"
+    script = (
+        "cat /markers/layer3 /markers/layer1; "
+        f"echo {written.decode()} > /written; sync; cat /written"
+    )
+    out = ctd.ctr("run", "--snapshotter", NAME, REF, container, "sh", "-c", script).text
+    assert out.splitlines() == [
+        MARKERS["layer3"].decode().strip(),
+        MARKERS["layer1"].decode().strip(),
+        written.decode(),
+    ]
+    # The container exists still (no --rm): its writable layer holds what it wrote,
+    # encrypted under a key only the snapshotter's memory holds.
+    actives = [k for k, v in setup.snapshotter.table().items() if v["kind"] == "active"]
+    assert len(actives) == 1 and actives[0].endswith(f"/{container}")
+    assert plaintext_in(setup.snapshotter.root, [*NEEDLES, written]) == []
+    scratch = list((setup.snapshotter.root / "qcow2" / "run").glob("*/scratch.luks"))
+    assert len(scratch) == 1 and scratch[0].read_bytes()[:6] == b"LUKS\xba\xbe"
+
+    # ctr rm: containerd's garbage collector removes the snapshot, and with it the
+    # scratch volume (its key existed only in the snapshotter's memory).
+    ctd.ctr("containers", "rm", container)
+    wait_for(
+        lambda: not any(v["kind"] == "active" for v in setup.snapshotter.table().values()),
+        "the container's snapshot to be removed",
+    )
+    wait_for(
+        lambda: not list((setup.snapshotter.root / "qcow2" / "run").glob("*/scratch.luks")),
+        "the scratch volume to go",
+    )
+
+
+def test_kill_9_and_restart(setup: Setup) -> None:
+    """Killed while a container's snapshot is open: a restart cleans what the dead
+    process held, keeps the committed layers, and containers run again."""
+    ctd, snap = setup.containerd, setup.snapshotter
+    held = f"held-{secrets.token_hex(4)}"
+    ctd.ctr("containers", "create", "--snapshotter", NAME, REF, held, "cat", "/markers/layer2")
+    prefix = os.fspath(snap.root) + "/"
+    assert leftovers(prefix), "an open snapshot holds daemons, loop devices and mounts"
+    before = committed(setup)
+
+    snap.kill()
+    assert leftovers(prefix), "kill -9 leaves the attachments behind"
+    snap.start()
+    assert leftovers(prefix) == [], "the restarted snapshotter cleaned up what the dead one held"
+    assert committed(setup) == before
+    assert "recovered: attachment" in snap.log.read_text()
+
+    # The created container starts: its snapshot is opened again (a fresh writable layer).
+    assert ctd.ctr("tasks", "start", held).text.strip() == MARKERS["layer2"].decode().strip()
+    ctd.ctr("tasks", "rm", held, check=False)
+    ctd.ctr("containers", "rm", held)
+    again = f"again-{secrets.token_hex(4)}"
+    out = ctd.ctr("run", "--rm", "--snapshotter", NAME, REF, again, "cat", "/markers/layer3")
+    assert out.text.strip() == MARKERS["layer3"].decode().strip()
+
+
+def test_image_removal_shreds_the_layer_keys(setup: Setup) -> None:
+    ctd, snap = setup.containerd, setup.snapshotter
+    chains = [ChainRef(**v["key_ref"]) for v in committed(setup).values()]  # type: ignore[arg-type]
+    assert len(chains) == 4
+    ctd.ctr("images", "rm", "--sync", REF)
+    wait_for(lambda: not snap.table(), "every snapshot to be removed")
+    assert snap.layer_files() == []
+    with setup.plane.admin() as client:
+        keys = ControlPlaneKeys(client)
+        for chain in chains:
+            with pytest.raises(NotFoundError):
+                keys.layer_keys(chain, 0)
