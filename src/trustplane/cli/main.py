@@ -45,6 +45,7 @@ app.command()(server.login)
 app.command()(gateway)
 app.command()(agent)
 app.command(name="run")(run_image_command)
+app.command()(store.snapshotter)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -51,7 +52,7 @@ from trustplane.cli.node_options import (
 )
 from trustplane.cli.session import Ca, Server, connect
 from trustplane.client import ControlClient
-from trustplane.errors import UsageError
+from trustplane.errors import UnavailableError, UsageError
 from trustplane.images.decrypt import Unwrapper
 from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.layerstore import ControlPlaneKeys, ImportRequest, LayerStore, Measurer
@@ -61,6 +62,9 @@ from trustplane.layerstore.records import StoredImage
 from trustplane.layerstore.store import DEFAULT_ROOT
 from trustplane.oci import reference
 from trustplane.progress import Reporter
+
+DEFAULT_SNAPSHOTTER_ROOT = Path("/var/lib/trustplane/snapshotter")
+DEFAULT_SOCKET = Path("/run/trustplane/snapshotter.sock")
 
 app = typer.Typer(
     help="Images stored layer by layer, each layer encrypted under its own key.",
@@ -416,6 +420,76 @@ def recover(
         return
     for line in done or ["nothing to recover"]:
         stdout.print(line)
+
+
+def snapshotter(
+    socket: Annotated[
+        Path,
+        typer.Option(help="Unix socket to serve (containerd's proxy_plugins address)."),
+    ] = DEFAULT_SOCKET,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"The snapshotter's directory (default $TRUSTPLANE_SNAPSHOTTER or "
+            f"{DEFAULT_SNAPSHOTTER_ROOT}).",
+            show_default=False,
+        ),
+    ] = None,
+    repository: Annotated[
+        str | None,
+        typer.Option(
+            help="What the policy calls this host's containerd layers: key.release on "
+            "image:REPOSITORY (default containerd/HOSTNAME).",
+            show_default=False,
+        ),
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="Virtual size of each layer (sparse), e.g. 16G.")
+    ] = f"{DEFAULT_SIZE >> 30}G",
+    server: Server = None,
+    ca: Ca = None,
+    node: Node = None,
+    node_key: NodeKey = DEFAULT_NODE_KEY,
+    tpm: TpmTcti = DEFAULT_TPM,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    pcr: Pcr = DEFAULT_PCR,
+) -> None:
+    """Serve containerd's snapshots API: layers it unpacks are stored encrypted, each
+    under its own key, and containers run from them (ctr --snapshotter NAME).
+
+    Runs until interrupted (Ctrl-C, SIGTERM). Keys come from the control plane
+    as the logged-in user, or (with --node) as that attested node.
+    """
+    # Imported here: the generated gRPC stubs load only for this command.
+    try:
+        from trustplane.layerstore.snapshot_service import serve
+    except ImportError as exc:
+        raise UnavailableError(
+            f"containerd's snapshots API is not compiled ({exc}); run scripts/run setup"
+        ) from None
+    from trustplane.layerstore.snapshotter import Snapshotter
+
+    directory = root or Path(os.environ.get("TRUSTPLANE_SNAPSHOTTER") or DEFAULT_SNAPSHOTTER_ROOT)
+    layer_size = _size(size)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with _caller(server, ca, node, node_key, tpm, state_dir, pcr) as caller:
+        snapshots = Snapshotter(
+            directory, caller.keys, repository=repository, layer_size=layer_size
+        )
+        try:
+            for line in snapshots.recovered:
+                stderr.print(f"recovered: {line}")
+            grpc_server = serve(snapshots, socket)
+            stderr.print(
+                f"serving containerd's snapshots API on {socket} (root {directory}, "
+                f"keys: image:{snapshots.repository} at {caller.client.url})"
+            )
+            try:
+                _wait_for_a_signal()
+            finally:
+                grpc_server.stop(grace=5).wait()
+        finally:
+            snapshots.close()
 
 
 def _wait_for_a_signal() -> None:

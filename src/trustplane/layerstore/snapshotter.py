@@ -83,7 +83,6 @@ from trustplane.tools import Executor, mounts, unmount
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path("/var/lib/trustplane/snapshotter")
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 """The label containerd's unpacker puts on a layer's Prepare: the chainID it will commit."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
