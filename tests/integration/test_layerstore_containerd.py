@@ -69,6 +69,7 @@ class Snapshotter:
 
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
+        seen = self.log.stat().st_size if self.log.exists() else 0
         env = {**os.environ, "TRUSTPLANE_SESSION": str(self.cli.session)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -91,7 +92,7 @@ class Snapshotter:
                 env=env,
             )
         deadline = time.monotonic() + START_TIMEOUT
-        while b"serving containerd's snapshots API" not in self.log.read_bytes():
+        while b"serving containerd's snapshots API" not in self.log.read_bytes()[seen:]:
             assert self.process.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.1)
@@ -183,14 +184,14 @@ def plaintext_in(root: Path, needles: list[bytes]) -> list[str]:
     }
     found = []
     for directory, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if os.path.join(directory, d) not in points]
+        dirs[:] = [d for d in dirs if os.fspath(Path(directory, d)) not in points]
         for name in files:
-            path = os.path.join(directory, name)
-            if path in points or not Path(path).is_file() or Path(path).is_symlink():
+            path = Path(directory, name)
+            if os.fspath(path) in points or not path.is_file() or path.is_symlink():
                 continue
             tail = b""
             keep = max(len(n) for n in needles)
-            with open(path, "rb") as handle:
+            with path.open("rb") as handle:
                 while chunk := handle.read(1 << 20):
                     window = tail + chunk
                     found += [f"{path}: {n!r}" for n in needles if n in window]
@@ -257,10 +258,12 @@ def test_run_reads_the_top_layer_and_its_writes_are_encrypted(setup: Setup) -> N
     # The container exists still (no --rm): its writable layer holds what it wrote,
     # encrypted under a key only the snapshotter's memory holds.
     actives = [k for k, v in setup.snapshotter.table().items() if v["kind"] == "active"]
-    assert len(actives) == 1 and actives[0].endswith(f"/{container}")
+    assert len(actives) == 1
+    assert actives[0].endswith(f"/{container}")
     assert plaintext_in(setup.snapshotter.root, [*NEEDLES, written]) == []
     scratch = list((setup.snapshotter.root / "qcow2" / "run").glob("*/scratch.luks"))
-    assert len(scratch) == 1 and scratch[0].read_bytes()[:6] == b"LUKS\xba\xbe"
+    assert len(scratch) == 1
+    assert scratch[0].read_bytes()[:6] == b"LUKS\xba\xbe"
 
     # ctr rm: containerd's garbage collector removes the snapshot, and with it the
     # scratch volume (its key existed only in the snapshotter's memory).

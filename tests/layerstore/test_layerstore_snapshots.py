@@ -44,12 +44,15 @@ def test_create_is_invisible_until_finished_and_survives_a_restart(tmp_path: Pat
     # Written before any resource is made: a new process sees what to undo.
     again = table(tmp_path)
     record = again.find("a")
-    assert record is not None and record.state is State.CREATING and record.layer == "layer-a"
+    assert record is not None
+    assert record.state is State.CREATING
+    assert record.layer == "layer-a"
     again.set_key_ref("a", CHAIN)
     again.finish_create("a")
     found = table(tmp_path).get("a")
     assert (found.kind, found.state, found.labels) == (Kind.ACTIVE, State.READY, {"x": "1"})
-    assert found.key_ref is not None and found.key_ref.chain == CHAIN
+    assert found.key_ref is not None
+    assert found.key_ref.chain == CHAIN
 
 
 def test_create_checks_key_and_parent(tmp_path: Path) -> None:
@@ -79,7 +82,8 @@ def test_commit_renames_the_active_and_keeps_its_layer_and_key(tmp_path: Path) -
     t.set_key_ref("k", CHAIN)
     t.finish_create("k")
     busy = t.begin_commit("name", "k", {"commit": "label"})
-    assert busy.state is State.COMMITTING and t.get("k").state is State.COMMITTING
+    assert busy.state is State.COMMITTING
+    assert t.get("k").state is State.COMMITTING
     with pytest.raises(ConflictError):  # busy: no second commit, no removal meanwhile
         t.begin_commit("other", "k", {})
     with pytest.raises(ConflictError):
@@ -94,7 +98,8 @@ def test_commit_renames_the_active_and_keeps_its_layer_and_key(tmp_path: Path) -
         "layer-k",
         {"commit": "label"},
     )
-    assert done.key_ref is not None and done.key_ref.chain == CHAIN
+    assert done.key_ref is not None
+    assert done.key_ref.chain == CHAIN
     assert table(tmp_path).get("name") == done
 
 
@@ -141,7 +146,8 @@ def test_remove_refuses_a_snapshot_with_children(tmp_path: Path) -> None:
     t.finish_remove("top")
     t.begin_remove("base")
     t.finish_remove("base")
-    assert t.all() == [] and table(tmp_path).all() == []
+    assert t.all() == []
+    assert table(tmp_path).all() == []
     with pytest.raises(NotFoundError):
         t.begin_remove("base")
 
@@ -168,7 +174,8 @@ def test_update_changes_labels_only(tmp_path: Path) -> None:
     assert t.get("s").labels == {"b": "3"}
     updated = t.update_labels("s", {"z": "9"}, ["labels"])
     assert updated.labels == {"z": "9"}
-    assert updated.updated > before.updated and updated.created == before.created
+    assert updated.updated > before.updated
+    assert updated.created == before.created
     with pytest.raises(UsageError, match="only labels"):
         t.update_labels("s", {}, ["parent"])
     with pytest.raises(UsageError):

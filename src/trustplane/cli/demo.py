@@ -147,6 +147,7 @@ class Demo:
         self.inspect_storage()
         self.pull_with_local_keys(operator, contractor)
         self.late_node_through_the_kms()
+        self.layer_store()
         self.tamper(operator)
         self.edge()
         self.zero_trust()
@@ -267,6 +268,23 @@ class Demo:
         if self.secret not in output:
             raise IntegrityError("the node did not get the secret layer through the KMS")
         _proved("the image was not re-encrypted: the KMS re-wrapped the layer key for the new node")
+
+    def layer_store(self) -> None:
+        _step("The layer store: each layer encrypted under its own key, views by rank, containerd")
+        from trustplane.cli.demo_store import Scene, store_scene
+
+        scene = Scene(
+            work=self.work / "layer-store",
+            control=self.control,
+            admin=self.admin,
+            docker=self.docker,
+            endpoint=self.endpoint,
+            published=self.published,
+            repository=self.repository,
+            app=APP,
+            secret=self.secret,
+        )
+        store_scene(scene, _said, _proved)
 
     def tamper(self, operator: Person) -> None:
         _step("Tamper with the encrypted layer and decrypt again")

@@ -472,6 +472,7 @@ def snapshotter(
     directory = root or Path(os.environ.get("TRUSTPLANE_SNAPSHOTTER") or DEFAULT_SNAPSHOTTER_ROOT)
     layer_size = _size(size)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per key request is noise
     with _caller(server, ca, node, node_key, tpm, state_dir, pcr) as caller:
         snapshots = Snapshotter(
             directory, caller.keys, repository=repository, layer_size=layer_size

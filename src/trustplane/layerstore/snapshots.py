@@ -22,6 +22,7 @@ undo (`Snapshotter.recover`):
     (none) --begin_create--> CREATING --finish_create--> READY
     CREATING --abort--> (none)                       (recovery: undo)
     READY(active) --begin_commit--> COMMITTING --finish_commit--> READY(committed, new name)
+    COMMITTING --set_commit_layer--> COMMITTING      (an ephemeral active's writes: a new layer)
     COMMITTING --abort_commit--> READY(active)       (recovery: by the backend's state)
     READY --begin_remove--> REMOVING --finish_remove--> (none)   (recovery: finish)
     REMOVING --abort_remove--> READY                 (its device was still mounted)
@@ -265,6 +266,14 @@ class SnapshotTable:
                 commit_labels=check_labels(labels),
             )
 
+    def set_commit_layer(self, key: str, layer: str, chain: ChainRef) -> Snapshot:
+        """An ephemeral active's writes get a layer at commit: recorded before it is made."""
+        with self._lock:
+            found = self._expect(key, State.COMMITTING)
+            if not found.ephemeral:
+                raise ConflictError(f"snapshot {key} has a layer of its own already")
+            return self._change(key, State.COMMITTING, layer=layer, key_ref=KeyRef.of(chain))
+
     def finish_commit(self, key: str) -> Snapshot:
         """The layer is committed: the active's record becomes the named committed one."""
         with self._lock:
@@ -287,9 +296,14 @@ class SnapshotTable:
             return committed
 
     def abort_commit(self, key: str) -> Snapshot:
-        return self._change(
-            key, State.COMMITTING, state=State.READY, commit_name=None, commit_labels={}
-        )
+        """Back to READY; an ephemeral active loses the layer its commit was making
+        (the caller destroyed it)."""
+        with self._lock:
+            found = self._expect(key, State.COMMITTING)
+            made: dict[str, object] = {"layer": None, "key_ref": None} if found.ephemeral else {}
+            return self._change(
+                key, State.COMMITTING, state=State.READY, commit_name=None, commit_labels={}, **made
+            )
 
     def begin_remove(self, key: str) -> Snapshot:
         with self._lock:

@@ -75,6 +75,7 @@ from trustplane.layerstore.filesystem import (
 )
 from trustplane.layerstore.importer import DEFAULT_SIZE
 from trustplane.layerstore.keys import ChainKeys, ChainRef
+from trustplane.layerstore.overlay_diff import apply_upper
 from trustplane.layerstore.qcow2 import Qcow2Backend
 from trustplane.layerstore.snapshot_filters import parse
 from trustplane.layerstore.snapshots import Kind, Snapshot, SnapshotTable, State
@@ -84,7 +85,11 @@ from trustplane.tools import Executor, mounts, unmount
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
-"""The label containerd's unpacker puts on a layer's Prepare: the chainID it will commit."""
+"""The label containerd's pull-time unpacker puts on a layer's Prepare: the chainID
+it will commit the layer as."""
+UNPACK_PREFIX = "extract-"
+"""containerd's key for a layer it unpacks: `extract-UNIQUE CHAINID` (snapshots.
+UnpackKeyFormat), behind the `NAMESPACE/N/` it adds for its snapshotters."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -117,6 +122,8 @@ class _Opened:
     mounts: list[Mount]
     attachments: list[Attachment] = field(default_factory=list)
     points: list[Path] = field(default_factory=list)
+    upper: Path | None = None
+    """An ephemeral active's overlay upper directory: the container's writes."""
 
     def close(self, executor: Executor, *, force: bool = False) -> None:
         """Unmount ours (EBUSY while containerd's overlay still uses them) and detach."""
@@ -170,9 +177,9 @@ class Snapshotter:
     # -- the snapshots API -------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        """A layer when containerd unpacks one (it labels the chainID it will commit);
-        otherwise (a container's root) an overlay whose writes are ephemeral."""
-        if SNAPSHOT_REF in labels:
+        """A layer when containerd unpacks one; otherwise (a container's root) an
+        overlay whose writes are ephemeral."""
+        if unpacking(key, labels):
             return self._prepare_layer(key, parent, labels)
         self.table.begin_create(key, parent, Kind.ACTIVE, labels, None, ephemeral=True)
         return self._create(key, lambda: self._open_ephemeral(key, parent))
@@ -197,19 +204,23 @@ class Snapshotter:
             return list(opened.mounts)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Snapshot:
+        """The active's layer becomes a committed one; a container's ephemeral writes
+        are first made into a layer of their own (under a key chain of its own)."""
         active = self.table.begin_commit(name, key, labels)
         try:
-            if active.ephemeral or active.layer is None:
-                raise ConflictError(
-                    f"snapshot {key} is a container's ephemeral root: its writes cannot be "
-                    "committed as a layer"
-                )
-            self._close(key)
-            self.backend.commit(active.layer)
+            if active.ephemeral:
+                self._layer_from_writes(active)
+            else:
+                self._close(key)
+                assert active.layer is not None
+                self.backend.commit(active.layer)
         except BaseException:
-            self.table.abort_commit(key)
+            self._undo_commit(key)
             raise
-        return self.table.finish_commit(key)
+        committed = self.table.finish_commit(key)
+        if active.ephemeral:
+            self._close(key)  # the scratch volume and the view: the writes are in the layer now
+        return committed
 
     def remove(self, key: str) -> None:
         removing = self.table.begin_remove(key)
@@ -284,7 +295,7 @@ class Snapshotter:
                     self.table.finish_commit(record.key)
                     done.append(f"snapshot {record.key}: commit to {record.commit_name} finished")
                 else:
-                    self.table.abort_commit(record.key)
+                    self._undo_commit(record.key)
                     done.append(f"snapshot {record.key}: commit undone, still active")
             elif record.state is State.REMOVING:
                 self._destroy(record)
@@ -373,10 +384,43 @@ class Snapshotter:
                 f"lowerdir={lower}",
             )
             opened.mounts.append(Mount("overlay", "overlay", options))
+            opened.upper = writes / "upper"
         except BaseException:
             opened.close(self.executor, force=True)
             raise
         return opened
+
+    def _layer_from_writes(self, active: Snapshot) -> None:
+        """A committed layer holding what the ephemeral active's overlay upper changed."""
+        with self._open_lock:
+            opened = self._opened.get(active.key)
+        layer = new_layer_id()
+        digest = "sha256:" + hashlib.sha256(active.key.encode()).hexdigest()
+        chain = self.keys.create_chain(self.repository, digest, 1)
+        self.table.set_commit_layer(active.key, layer, chain)
+        below = self._links(active.parent)
+        link = ChainLink(layer, self._key(chain))
+        self.backend.create(layer, below[-1].layer if below else None, link.key, self.layer_size)
+        with self.backend.attach([*below, link], writable=True) as attachment:
+            if not below:
+                device = attachment.device
+                make_filesystem(self.executor, device, reads_zeros=self.backend.reads_zeros)
+            target = attachment.lease.path / "fill"
+            target.mkdir(mode=0o700)
+            mount(self.executor, attachment.device, target, writable=True)
+            try:
+                if opened is not None and opened.upper is not None:
+                    apply_upper(opened.upper, target)
+            finally:
+                unmount_if_mounted(self.executor, target)
+        self.backend.commit(layer)
+
+    def _undo_commit(self, key: str) -> None:
+        """Back to the active it was; a layer made from ephemeral writes is destroyed."""
+        record = self.table.find(key)
+        if record is not None and record.ephemeral and record.layer is not None:
+            self._destroy(record)
+        self.table.abort_commit(key)
 
     def _reopen(self, record: Snapshot) -> _Opened:
         if record.kind is Kind.VIEW:
@@ -471,12 +515,22 @@ def new_layer_id() -> str:
     return check_layer_id(f"ctd-{secrets.token_hex(8)}")
 
 
+def unpacking(key: str, labels: Mapping[str, str]) -> bool:
+    """Whether containerd prepares this snapshot to unpack a layer into it (and commit it).
+
+    containerd 1.6 says so in the key (`ctr images import` and `pull` both use
+    snapshots.UnpackKeyFormat); the label is set by its newer unpacker only.
+    """
+    own = key.split("/", 2)[-1]
+    return SNAPSHOT_REF in labels or own.startswith(UNPACK_PREFIX)
+
+
 def _chain_digest(key: str, labels: Mapping[str, str]) -> str:
     """What the control plane records the chain for: the chainID containerd will commit
     the layer as, when it says so; else a digest of the snapshot's key."""
-    ref = labels.get(SNAPSHOT_REF, "")
-    if _DIGEST.fullmatch(ref):
-        return ref
+    for ref in (labels.get(SNAPSHOT_REF, ""), key.rpartition(" ")[2]):
+        if _DIGEST.fullmatch(ref):
+            return ref
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
