@@ -159,19 +159,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory, marked_archive: Path) -> Ite
     except TrustplaneError as exc:
         snapshotter.stop()
         component_missing("containerd", str(exc))
+    prefix = os.fspath(work) + "/"
     try:
         yield Setup(plane, snapshotter, containerd, marked_archive)
     finally:
-        for task in containerd.ctr("tasks", "ls", "-q", check=False).text.split():
-            containerd.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
-            containerd.ctr("tasks", "rm", "-f", task, check=False)
-        containerd.stop()
-        snapshotter.stop()
-        prefix = os.fspath(work) + "/"
-        left = leftovers(prefix)
-        clean(prefix)
-        plane.stop()
-        assert left == [], f"left behind: {left}"
+        try:
+            for task in containerd.ctr("tasks", "ls", "-q", check=False).text.split():
+                containerd.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
+                containerd.ctr("tasks", "rm", "-f", task, check=False)
+            containerd.stop()
+            snapshotter.stop()
+        finally:
+            left = leftovers(prefix)
+            clean(prefix)
+            plane.stop()
+    assert left == [], f"left behind: {left}"
 
 
 def plaintext_in(root: Path, needles: list[bytes]) -> list[str]:
