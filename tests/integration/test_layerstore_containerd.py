@@ -139,7 +139,7 @@ def marked_archive(
         component_missing("docker build", str(exc))
     archive = tmp_path_factory.mktemp("snapshotter-image") / "image.tar"
     with archive.open("wb") as out:
-        for chunk in docker_client.images.get(TAG).save(named=True):
+        for chunk in docker_client.images.get(TAG).save(named=TAG):
             out.write(chunk)
     return archive
 
@@ -296,6 +296,14 @@ def test_kill_9_and_restart(setup: Setup) -> None:
     assert leftovers(prefix) == [], "the restarted snapshotter cleaned up what the dead one held"
     assert committed(setup) == before
     assert "recovered: attachment" in snap.log.read_text()
+    # containerd redials a proxy plugin with a backoff of up to 3 s (its proxy
+    # plugins' gRPC settings): calls fail with UNAVAILABLE until it has.
+    wait_for(
+        lambda: (
+            ctd.ctr("snapshots", "--snapshotter", NAME, "info", held, check=False).returncode == 0
+        ),
+        "containerd to reach the restarted snapshotter",
+    )
 
     # The created container starts: its snapshot is opened again (a fresh writable layer).
     assert ctd.ctr("tasks", "start", held).text.strip() == MARKERS["layer2"].decode().strip()

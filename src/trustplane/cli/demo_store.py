@@ -87,11 +87,12 @@ def store_scene(scene: Scene, say: Say, proved: Callable[[str], None]) -> None:
 
     with _contractor(scene) as contractor:
         theirs = ControlPlaneKeys(contractor)
-        app = store.run(image, CONTRACTOR, ["sh", "-c", "ls /app; ls /secrets 2>&1"], theirs)
+        look = f"echo /app: $(ls /app); [ -e {APP_SECRET_PATH} ] || echo {APP_SECRET_PATH}: absent"
+        app = store.run(image, CONTRACTOR, ["sh", "-c", look], theirs)
         listing = app.stdout.decode(errors="replace")
-        if scene.secret in listing or "run.sh" not in listing:
+        if scene.secret in listing or "run.sh" not in listing or "absent" not in listing:
             raise IntegrityError("the contractor's tier-1 view is not the app without the secret")
-        say(CONTRACTOR, "runs the tier-1 view: " + " | ".join(listing.split()))
+        say(CONTRACTOR, "runs the tier-1 view: " + "; ".join(listing.strip().splitlines()))
         try:
             store.run(image, "operator", secret_file, theirs)
         except Forbidden as exc:
@@ -133,7 +134,8 @@ def _containerd(scene: Scene, say: Say, proved: Callable[[str], None]) -> None:
         say("containerd", f"a private containerd with proxy snapshotter {SNAPSHOTTER!r}")
         archive = work / "app.tar"
         with archive.open("wb") as out:
-            for chunk in scene.docker.images.get(scene.app).save(named=True):
+            # Named explicitly: the operator's decrypted copy is the same image under another tag.
+            for chunk in scene.docker.images.get(scene.app).save(named=scene.app):
                 out.write(chunk)
         ctd.ctr("images", "import", "--snapshotter", SNAPSHOTTER, str(archive))
         layers = snapshotter.walk(["kind==committed"])
