@@ -137,19 +137,28 @@ def test_remove_refuses_a_parent_and_destroys_the_key_before_the_files(
         snapshotter.remove(base)
 
 
-def test_commit_is_refused_while_mounted(snapshotter: Snapshotter, tmp_path: Path) -> None:
-    key = extract(1, CHAIN_A)
-    root = mounted(snapshotter.prepare(key, "", {}), tmp_path / "fill")
+def test_commit_is_refused_while_mounted_and_remove_discards(
+    tmp_path: Path, keys: LocalChains
+) -> None:
+    snap = Snapshotter(
+        tmp_path / "snap", keys, repository="test/ctd", layer_size=SIZE, discard_wait=0.5
+    )
     try:
+        key = extract(1, CHAIN_A)
+        root = mounted(snap.prepare(key, "", {}), tmp_path / "fill")
         with pytest.raises(ConflictError, match="mounted"):
-            snapshotter.commit("ns/2/L0", key, {})
-        assert snapshotter.stat(key).state is State.READY
-        with pytest.raises(ConflictError, match="mounted"):
-            snapshotter.remove(key)
-        assert snapshotter.stat(key).kind is Kind.ACTIVE
-    finally:
+            snap.commit("ns/2/L0", key, {})
+        assert snap.stat(key).state is State.READY
         umount(root)
-    snapshotter.commit("ns/2/L0", key, {})
+        snap.commit("ns/2/L0", key, {})
+        # Remove: containerd has dropped the snapshot; a mount that lingers (a dying
+        # container's) is waited for, then detached anyway.
+        root = mounted(snap.view("ns/3/v", "ns/2/L0", {}), tmp_path / "view")
+        snap.remove("ns/3/v")
+        assert os.fspath(root) not in Path("/proc/self/mounts").read_text()
+        assert [s.key for s in snap.walk()] == ["ns/2/L0"]
+    finally:
+        snap.close()
 
 
 def test_a_containers_writes_are_ephemeral_and_commit_as_a_layer(

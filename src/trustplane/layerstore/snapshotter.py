@@ -60,7 +60,9 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +93,9 @@ UNPACK_PREFIX = "extract-"
 """containerd's key for a layer it unpacks: `extract-UNIQUE CHAINID` (snapshots.
 UnpackKeyFormat), behind the `NAMESPACE/N/` it adds for its snapshotters."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+DISCARD_WAIT = 10.0
+"""How long Remove waits for a dying container's mounts to let go of a snapshot."""
+_POLL = 0.2
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,7 @@ class Snapshotter:
         repository: str | None = None,
         layer_size: int = DEFAULT_SIZE,
         scratch_size: int = SCRATCH_SIZE,
+        discard_wait: float = DISCARD_WAIT,
         executor: Executor | None = None,
     ) -> None:
         if any(c in os.fspath(root) for c in ",:\n"):
@@ -162,6 +168,7 @@ class Snapshotter:
             self.repository = repository or default_repository()
             self.layer_size = layer_size
             self.scratch_size = scratch_size
+            self.discard_wait = discard_wait
             self.backend = backend or Qcow2Backend(root / "qcow2", executor)
             self.executor = self.backend.executor
             self.table = SnapshotTable(root / "snapshots.json")
@@ -225,7 +232,7 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         removing = self.table.begin_remove(key)
         try:
-            self._close(key)
+            self._close(key, discard=True)
         except BaseException:
             self.table.abort_remove(key)
             raise
@@ -358,17 +365,62 @@ class Snapshotter:
 
     def _open_ephemeral(self, key: str, parent: str) -> _Opened:
         """The parent's layers read-only (mounted by us), under an overlay whose upper
-        directory is on an encrypted scratch volume (a random key held only here)."""
+        directory is on an encrypted scratch volume (a random key held only here).
+
+        The two are made at once: opening the layers mostly waits for their
+        daemon, making the scratch volume mostly computes (cryptsetup, mkfs).
+        """
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ephemeral") as pool:
+            lower_job = pool.submit(self._mounted_view, parent) if parent else None
+            writes_job = pool.submit(self._mounted_scratch)
+            parts: list[_Opened] = []
+            failure: BaseException | None = None
+            for job in (lower_job, writes_job):
+                if job is None:
+                    continue
+                try:
+                    parts.append(job.result())
+                except BaseException as exc:
+                    failure = failure or exc
+        if failure is not None:
+            for part in parts:
+                part.close(self.executor, force=True)
+            raise failure
+        opened = _Opened(
+            [],
+            [a for part in parts for a in part.attachments],
+            [p for part in parts for p in part.points],
+        )
+        lower = opened.points[0] if parent else self.empty
+        writes = opened.points[-1]
+        options = (
+            f"workdir={writes / 'work'}",
+            f"upperdir={writes / 'upper'}",
+            f"lowerdir={lower}",
+        )
+        opened.mounts.append(Mount("overlay", "overlay", options))
+        opened.upper = writes / "upper"
+        return opened
+
+    def _mounted_view(self, parent: str) -> _Opened:
+        """The parent's layers, read-only, mounted under their attachment's lease."""
         opened = _Opened([])
         try:
-            lower = self.empty
-            if parent:
-                view = self.backend.attach(self._links(parent), writable=False)
-                opened.attachments.append(view)
-                lower = view.lease.path / "view"
-                lower.mkdir(mode=0o755)
-                mount(self.executor, view.device, lower, writable=False)
-                opened.points.append(lower)
+            view = self.backend.attach(self._links(parent), writable=False)
+            opened.attachments.append(view)
+            lower = view.lease.path / "view"
+            lower.mkdir(mode=0o755)
+            mount(self.executor, view.device, lower, writable=False)
+            opened.points.append(lower)
+        except BaseException:
+            opened.close(self.executor, force=True)
+            raise
+        return opened
+
+    def _mounted_scratch(self) -> _Opened:
+        """An encrypted scratch volume with a fresh file system: upper/ and work/."""
+        opened = _Opened([])
+        try:
             scratch = self.backend.scratch(self.scratch_size)
             opened.attachments.append(scratch)
             make_filesystem(self.executor, scratch.device, reads_zeros=False, ephemeral=True)
@@ -378,13 +430,6 @@ class Snapshotter:
             opened.points.append(writes)
             (writes / "upper").mkdir(mode=0o755)
             (writes / "work").mkdir(mode=0o700)
-            options = (
-                f"workdir={writes / 'work'}",
-                f"upperdir={writes / 'upper'}",
-                f"lowerdir={lower}",
-            )
-            opened.mounts.append(Mount("overlay", "overlay", options))
-            opened.upper = writes / "upper"
         except BaseException:
             opened.close(self.executor, force=True)
             raise
@@ -446,8 +491,29 @@ class Snapshotter:
     def _key(self, chain: ChainRef) -> bytes:
         return self.keys.layer_keys(chain, 0)[0]
 
-    def _close(self, key: str) -> None:
-        """Close what the snapshot holds open; refused while containerd still mounts it."""
+    def _close(self, key: str, *, discard: bool = False) -> None:
+        """Close what the snapshot holds open; refused while something still mounts it.
+
+        `discard` (Remove): containerd has dropped the snapshot already, and
+        what still holds it is a container's mount namespace on its way out
+        (`ctr run --rm` removes the snapshot as the container goes). Wait for
+        it a while, then detach anyway, lazily: the content is being discarded.
+        """
+        deadline = time.monotonic() + (self.discard_wait if discard else 0.0)
+        while True:
+            try:
+                self._try_close(key)
+                return
+            except ConflictError as exc:
+                if not discard:
+                    raise
+                if time.monotonic() >= deadline:
+                    logger.warning("%s; detached anyway, its content is discarded", exc)
+                    self._force_close(key)
+                    return
+            time.sleep(_POLL)
+
+    def _try_close(self, key: str) -> None:
         with self._open_lock:
             opened = self._opened.get(key)
             if opened is None:
@@ -463,6 +529,18 @@ class Snapshotter:
                 # Our lower and upper mounts are busy while an overlay still uses them.
                 raise ConflictError(f"snapshot {key} is still in use ({exc})") from None
             del self._opened[key]
+
+    def _force_close(self, key: str) -> None:
+        with self._open_lock:
+            opened = self._opened.pop(key, None)
+        if opened is None:
+            return
+        devices = {a.device for a in opened.attachments}
+        ours = {os.fspath(p) for p in opened.points}
+        for source, point in mounts(self.executor):
+            if source in devices and point not in ours:
+                force_unmount(self.executor, Path(point))
+        opened.close(self.executor, force=True)
 
     def _undo_create(self, key: str) -> None:
         with self._open_lock:
