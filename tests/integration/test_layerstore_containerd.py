@@ -26,12 +26,13 @@ from pathlib import Path
 
 import docker
 import pytest
-from conftest import start_control_plane_or_fail
+from conftest import run_skopeo, start_control_plane_or_fail
 from control_helpers import Cli
 from missing import component_missing
 
 from trustplane.embedded.containerd import RunningContainerd, start_containerd
 from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_image
 from trustplane.errors import NotFoundError, TrustplaneError
 from trustplane.layerstore import ChainRef, ControlPlaneKeys
@@ -224,6 +225,9 @@ def test_the_scan_finds_plaintext(tmp_path: Path) -> None:
 
 def test_import_stores_each_layer_encrypted_under_its_own_key(setup: Setup) -> None:
     ctd = setup.containerd
+    # Only root (containerd) may talk to the snapshotter.
+    mode = setup.snapshotter.socket.stat()
+    assert (mode.st_mode & 0o777, mode.st_uid) == (0o600, 0)
     plugins = ctd.ctr("plugins", "ls").text.splitlines()
     assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", NAME] for line in plugins)
     out = ctd.ctr("images", "import", "--snapshotter", NAME, str(setup.archive)).text
@@ -326,3 +330,52 @@ def test_image_removal_shreds_the_layer_keys(setup: Setup) -> None:
         for chain in chains:
             with pytest.raises(NotFoundError):
                 keys.layer_keys(chain, 0)
+
+
+def test_pull_from_a_registry(setup: Setup, registry_plain: RunningRegistry, skopeo: str) -> None:
+    """`ctr images pull` unpacks through the same snapshotter (containerd's pull-time
+    unpacker), and the pulled image runs."""
+    assert committed(setup) == {}, "runs after the image's removal: every layer is new"
+    remote = f"{registry_plain.host}/snapshotter/test:1"
+    run_skopeo("copy", "--dest-tls-verify=false", f"docker-daemon:{TAG}", f"docker://{remote}")
+    ctd = setup.containerd
+    ctd.ctr("images", "pull", "--plain-http", "--snapshotter", NAME, remote)
+    assert len(committed(setup)) == 4
+    assert plaintext_in(setup.snapshotter.root, NEEDLES) == []
+    name = f"pulled-{secrets.token_hex(4)}"
+    out = ctd.ctr("run", "--rm", "--snapshotter", NAME, remote, name, "cat", "/markers/layer2")
+    assert out.text.strip() == MARKERS["layer2"].decode().strip()
+    ctd.ctr("images", "rm", "--sync", remote)
+    wait_for(lambda: not setup.snapshotter.table(), "every snapshot to be removed")
+
+
+def test_a_user_the_policy_grants_nothing_stores_nothing(
+    setup: Setup, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The attacker: a valid login without `key.release` on the snapshotter's
+    repository. containerd's import fails with the policy's refusal, and neither
+    a layer nor a record is left."""
+    work = tmp_path_factory.mktemp("snapdeny")
+    password = "nobody-pass-" + secrets.token_hex(8)
+    with setup.plane.admin() as client:
+        client.create_user("nobody-ctd", "user", password)
+    cli = Cli(work / "nobody.json")
+    cli.login(setup.plane, "nobody-ctd", password)
+    snap = Snapshotter(cli, work / "root", work / "s.sock", work / "snapshotter.log")
+    snap.start()
+    prefix = os.fspath(work) + "/"
+    try:
+        with start_containerd(work / "ctd", proxy_snapshotters={NAME: snap.socket}) as ctd:
+            result = ctd.ctr(
+                "images", "import", "--snapshotter", NAME, str(setup.archive), check=False
+            )
+            assert result.returncode != 0
+            said = result.stderr.decode(errors="replace")
+            assert "policy refuses" in said, said
+        assert snap.table() == {}
+        assert snap.layer_files() == []
+    finally:
+        snap.stop()
+        left = leftovers(prefix)
+        clean(prefix)
+    assert left == []

@@ -7,6 +7,7 @@ Keys come from `LocalChains`: the broker is the control plane's, tested there.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from layer_helpers import LocalChains
 
-from trustplane.errors import ConflictError, NotFoundError, UnavailableError
+from trustplane.errors import ConflictError, DecryptionKeyError, NotFoundError, UnavailableError
 from trustplane.layerstore.keys import ChainRef
 from trustplane.layerstore.snapshots import Kind, SnapshotTable, State
 from trustplane.layerstore.snapshotter import Mount, Snapshotter, new_layer_id
@@ -116,6 +117,29 @@ def test_layers_are_encrypted_each_under_its_own_key(
     # The table names keys' chains, never a key.
     table = (snapshotter.root / "snapshots.json").read_bytes()
     assert not any(k.hex().encode() in table or k in table for c in keys.chains.values() for k in c)
+
+
+def test_a_key_of_another_layer_opens_nothing(tmp_path: Path, keys: LocalChains) -> None:
+    """Someone who swaps the key references in the table (or holds another layer's
+    key) gets a refusal, not the layer."""
+    root = tmp_path / "snap"
+    snap = Snapshotter(root, keys, repository="test/ctd", layer_size=SIZE)
+    try:
+        base = base_layer(snap, tmp_path)
+    finally:
+        snap.close()
+    table = json.loads((root / "snapshots.json").read_bytes())
+    record = table["snapshots"][base]
+    other = keys.create_chain("test/ctd", CHAIN_B, 1)
+    record["key_ref"] = {"server": other.server, "id": other.id}
+    (root / "snapshots.json").write_text(json.dumps(table))
+    snap = Snapshotter(root, keys, repository="test/ctd", layer_size=SIZE)
+    try:
+        with pytest.raises(DecryptionKeyError):
+            snap.view("ns/9/v", base, {})
+        assert [s.key for s in snap.walk()] == [base]  # the refused view left nothing
+    finally:
+        snap.close()
 
 
 def test_remove_refuses_a_parent_and_destroys_the_key_before_the_files(
