@@ -59,6 +59,7 @@ from trustplane.layerstore import ControlPlaneKeys, ImportRequest, LayerStore, M
 from trustplane.layerstore.choice import BackendConfig
 from trustplane.layerstore.importer import DEFAULT_SIZE
 from trustplane.layerstore.records import StoredImage
+from trustplane.layerstore.snapshotter import SPARES, VIEW_IDLE, Snapshotter
 from trustplane.layerstore.store import DEFAULT_ROOT
 from trustplane.oci import reference
 from trustplane.progress import Reporter
@@ -446,6 +447,16 @@ def snapshotter(
     size: Annotated[
         str, typer.Option(help="Virtual size of each layer (sparse), e.g. 16G.")
     ] = f"{DEFAULT_SIZE >> 30}G",
+    spares: Annotated[
+        int, typer.Option(min=0, max=16, help="Encrypted scratch volumes kept made ahead.")
+    ] = SPARES,
+    view_idle: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds an image's layers stay open after its last container (0: none).",
+        ),
+    ] = VIEW_IDLE,
     server: Server = None,
     ca: Ca = None,
     node: Node = None,
@@ -467,7 +478,6 @@ def snapshotter(
         raise UnavailableError(
             f"containerd's snapshots API is not compiled ({exc}); run scripts/run setup"
         ) from None
-    from trustplane.layerstore.snapshotter import Snapshotter
 
     directory = root or Path(os.environ.get("TRUSTPLANE_SNAPSHOTTER") or DEFAULT_SNAPSHOTTER_ROOT)
     layer_size = _size(size)
@@ -475,7 +485,12 @@ def snapshotter(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per key request is noise
     with _caller(server, ca, node, node_key, tpm, state_dir, pcr) as caller:
         snapshots = Snapshotter(
-            directory, caller.keys, repository=repository, layer_size=layer_size
+            directory,
+            caller.keys,
+            repository=repository,
+            layer_size=layer_size,
+            spares=spares,
+            view_idle=view_idle,
         )
         try:
             for line in snapshots.recovered:

@@ -6,10 +6,11 @@ changes into it (whiteouts as deletions: the mount shows the whole chain)
 and calls Commit(chainID, key). A container is one more Prepare on the
 image's top, its mounts become the container's root. So:
 
-- **Prepare** = a new backend layer on top of the parent's layers, under a
-  key of its own, attached writable (layers 0..k with their keys, the new
-  one on top) and returned as an `ext4` mount of the attachment's device;
-  the file system is made on a base layer, inherited above it.
+- **Prepare** of a layer containerd unpacks (its key is `extract-… CHAINID`)
+  = a new backend layer on top of the parent's layers, under a key of its
+  own, attached writable (layers 0..k with their keys, the new one on top)
+  and returned as an `ext4` mount of the attachment's device; the file
+  system is made on a base layer, inherited above it.
 - **View** = the parent's layers attached read-only (`ro,noload`); a view
   has no layer of its own.
 - **Mounts** = the same mount again; after a restart the attachment is
@@ -17,8 +18,13 @@ image's top, its mounts become the container's root. So:
 - **Commit** = the active's device must be unmounted (containerd's differ
   unmounts before it commits); detach, `backend.commit`, and the record
   changes its name: the layer and its key stay the same.
-- **Remove** = refused while children exist or the device is mounted;
-  detach, destroy the layer's key (crypto-shredding), then the layer.
+- **Remove** = refused while children exist; a mount that lingers (a
+  dying container's) is waited for a while, then detached anyway; then the
+  layer's key is destroyed (crypto-shredding), then the layer.
+- A container's root (any other Prepare) is an overlay over the parent's
+  layers, mounted read-only once for all containers on them, its writes on
+  an encrypted scratch volume (a random key held here only), one made ahead
+  (warm.py); Commit of it turns the writes into a layer (overlay_diff.py).
 - **Stat / Update / Usage / List / Cleanup** answer from the table
   (snapshots.py); Usage is the layer's bytes on disk (inodes are not
   counted: the layer is blocks, not files).
@@ -28,8 +34,8 @@ one one-way chain whose top key the KMS holds: the whole image is known
 before its first layer is written. Layers arriving through containerd are
 not: they come one at a time, bottom up, named by chainIDs that several
 images share, and containerd removes them one by one when no image uses
-them any more. So each layer (and each container's writable layer) gets a
-key chain of its own, of one key, made by the control plane's layer-key
+them any more. So each layer (and a container's writes, when committed)
+gets a key chain of its own, of one key, made by the control plane's layer-key
 broker (`ChainKeys`, as the store uses): the key is a KMS secret, released
 under the policy (`key.release` on `image:REPOSITORY`, attested where the
 policy says so) wrapped to this process's (or the attested node's)
@@ -66,7 +72,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trustplane.errors import ConflictError, NotFoundError, ToolError, TrustplaneError, UsageError
+from trustplane.errors import (
+    ConflictError,
+    NotFoundError,
+    ToolError,
+    TrustplaneError,
+    UnavailableError,
+    UsageError,
+)
 from trustplane.layerstore.backend import Attachment, ChainLink, LayerBackend, check_layer_id
 from trustplane.layerstore.filesystem import (
     FS_TYPE,
@@ -82,6 +95,7 @@ from trustplane.layerstore.qcow2 import Qcow2Backend
 from trustplane.layerstore.snapshot_filters import parse
 from trustplane.layerstore.snapshots import Kind, Snapshot, SnapshotTable, State
 from trustplane.layerstore.store import SCRATCH_SIZE
+from trustplane.layerstore.warm import SharedViews, Spares
 from trustplane.tools import Executor, mounts, unmount
 
 logger = logging.getLogger(__name__)
@@ -93,6 +107,10 @@ UNPACK_PREFIX = "extract-"
 """containerd's key for a layer it unpacks: `extract-UNIQUE CHAINID` (snapshots.
 UnpackKeyFormat), behind the `NAMESPACE/N/` it adds for its snapshotters."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SPARES = 1
+"""Scratch volumes kept made ahead (warm.py)."""
+VIEW_IDLE = 30.0
+"""Seconds an image's shared read-only view stays open after its last container (warm.py)."""
 DISCARD_WAIT = 10.0
 """How long Remove waits for a dying container's mounts to let go of a snapshot."""
 _POLL = 0.2
@@ -129,6 +147,8 @@ class _Opened:
     points: list[Path] = field(default_factory=list)
     upper: Path | None = None
     """An ephemeral active's overlay upper directory: the container's writes."""
+    view: str | None = None
+    """The parent whose shared read-only view is this ephemeral active's lower directory."""
 
     def close(self, executor: Executor, *, force: bool = False) -> None:
         """Unmount ours (EBUSY while containerd's overlay still uses them) and detach."""
@@ -155,6 +175,8 @@ class Snapshotter:
         layer_size: int = DEFAULT_SIZE,
         scratch_size: int = SCRATCH_SIZE,
         discard_wait: float = DISCARD_WAIT,
+        spares: int = SPARES,
+        view_idle: float = VIEW_IDLE,
         executor: Executor | None = None,
     ) -> None:
         if any(c in os.fspath(root) for c in ",:\n"):
@@ -176,7 +198,10 @@ class Snapshotter:
             self.empty.mkdir(mode=0o755, exist_ok=True)
             self._opened: dict[str, _Opened] = {}
             self._open_lock = threading.Lock()
+            self._spares = Spares(self._mounted_scratch, lambda o: self._drop(o, True), spares)
+            self._views = SharedViews(self._mounted_view, self._drop, view_idle)
             self.recovered = self.recover()
+            self._spares.fill()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -233,6 +258,7 @@ class Snapshotter:
         removing = self.table.begin_remove(key)
         try:
             self._close(key, discard=True)
+            self._views.evict(key)
         except BaseException:
             self.table.abort_remove(key)
             raise
@@ -271,7 +297,9 @@ class Snapshotter:
                 if source in devices and Path(point) not in held.points:
                     logger.warning("snapshot %s: unmounting %s at shutdown", key, point)
                     unmount(self.executor, point)
-            held.close(self.executor, force=True)
+            self._finish(held, force=True)
+        self._views.close()
+        self._spares.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -364,43 +392,44 @@ class Snapshotter:
         return _Opened([Mount(FS_TYPE, attachment.device, ("ro", "noload"))], [attachment])
 
     def _open_ephemeral(self, key: str, parent: str) -> _Opened:
-        """The parent's layers read-only (mounted by us), under an overlay whose upper
-        directory is on an encrypted scratch volume (a random key held only here).
-
-        The two are made at once: opening the layers mostly waits for their
-        daemon, making the scratch volume mostly computes (cryptsetup, mkfs).
-        """
+        """The parent's layers read-only (one mount shared by every container on them),
+        under an overlay whose upper directory is on an encrypted scratch volume (a
+        random key held only here; warm.py keeps one made ahead)."""
+        view: _Opened | None = None
+        scratch: _Opened | None = None
+        failure: BaseException | None = None
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ephemeral") as pool:
-            lower_job = pool.submit(self._mounted_view, parent) if parent else None
-            writes_job = pool.submit(self._mounted_scratch)
-            parts: list[_Opened] = []
-            failure: BaseException | None = None
-            for job in (lower_job, writes_job):
-                if job is None:
-                    continue
+            lower_job = pool.submit(self._views.acquire, parent) if parent else None
+            writes_job = pool.submit(self._spares.take)
+            try:
+                scratch = writes_job.result()
+            except BaseException as exc:
+                failure = exc
+            if lower_job is not None:
                 try:
-                    parts.append(job.result())
+                    view = lower_job.result()
                 except BaseException as exc:
                     failure = failure or exc
-        if failure is not None:
-            for part in parts:
-                part.close(self.executor, force=True)
-            raise failure
-        opened = _Opened(
-            [],
-            [a for part in parts for a in part.attachments],
-            [p for part in parts for p in part.points],
-        )
-        lower = opened.points[0] if parent else self.empty
-        writes = opened.points[-1]
+        if failure is not None or scratch is None:
+            if view is not None:
+                self._views.release(parent)
+            if scratch is not None:
+                self._drop(scratch, True)
+            raise failure or UnavailableError("no scratch volume was made")
+        lower = view.points[0] if view is not None else self.empty
+        writes = scratch.points[-1]
         options = (
             f"workdir={writes / 'work'}",
             f"upperdir={writes / 'upper'}",
             f"lowerdir={lower}",
         )
-        opened.mounts.append(Mount("overlay", "overlay", options))
-        opened.upper = writes / "upper"
-        return opened
+        return _Opened(
+            [Mount("overlay", "overlay", options)],
+            scratch.attachments,
+            scratch.points,
+            upper=writes / "upper",
+            view=parent or None,
+        )
 
     def _mounted_view(self, parent: str) -> _Opened:
         """The parent's layers, read-only, mounted under their attachment's lease."""
@@ -467,6 +496,15 @@ class Snapshotter:
             self._destroy(record)
         self.table.abort_commit(key)
 
+    def _drop(self, opened: _Opened, force: bool) -> None:
+        opened.close(self.executor, force=force)
+
+    def _finish(self, opened: _Opened, *, force: bool = False) -> None:
+        """Close what an active or view held, and give back the shared view it used."""
+        opened.close(self.executor, force=force)
+        if opened.view is not None:
+            self._views.release(opened.view)
+
     def _reopen(self, record: Snapshot) -> _Opened:
         if record.kind is Kind.VIEW:
             return self._open_view(record.key, record.parent)
@@ -524,9 +562,9 @@ class Snapshotter:
             if users:
                 raise ConflictError(f"snapshot {key} is mounted at {users[0]}; unmount it first")
             try:
-                opened.close(self.executor)
+                self._finish(opened)
             except ToolError as exc:
-                # Our lower and upper mounts are busy while an overlay still uses them.
+                # Our upper mount is busy while an overlay still uses it.
                 raise ConflictError(f"snapshot {key} is still in use ({exc})") from None
             del self._opened[key]
 
@@ -540,13 +578,13 @@ class Snapshotter:
         for source, point in mounts(self.executor):
             if source in devices and point not in ours:
                 force_unmount(self.executor, Path(point))
-        opened.close(self.executor, force=True)
+        self._finish(opened, force=True)
 
     def _undo_create(self, key: str) -> None:
         with self._open_lock:
             opened = self._opened.pop(key, None)
         if opened is not None:
-            opened.close(self.executor, force=True)
+            self._finish(opened, force=True)
         record = self.table.find(key)
         if record is None:
             return
