@@ -24,6 +24,7 @@ One run, real tools, ratios against the reference in the same run:
 Keys come from a control plane started on loopback (embedded), as in use.
 
     python benchmarks/layerstore.py [--layer-mib 340] [--runs 3] [--keep DIR]
+                                    [--containerd-only]
 """
 
 from __future__ import annotations
@@ -294,6 +295,9 @@ def main() -> None:
     parser.add_argument("--layer-mib", type=int, default=340)
     parser.add_argument("--runs", type=int, default=3, help="repeats for start and open times")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: temporary)")
+    parser.add_argument(
+        "--containerd-only", action="store_true", help="(e) only: container start via containerd"
+    )
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="trustplane-bench-layerstore-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -303,84 +307,84 @@ def main() -> None:
     results: dict[str, object] = {}
     try:
         layout, archive, total = build_image(work, args.layer_mib)
-        (work / "small").mkdir(exist_ok=True)
-        small_layout, _, small_total = build_image(
-            work / "small", max(1, args.layer_mib // 4), read_size=1 << 20
-        )
         results["image_mib"] = round(total / (1 << 20))
+        if not args.containerd_only:
+            (work / "small").mkdir(exist_ok=True)
+            small_layout, _, small_total = build_image(
+                work / "small", max(1, args.layer_mib // 4), read_size=1 << 20
+            )
 
-        # (a) import
-        docker_seconds = docker_load(archive)
-        ctr_seconds = ctr_import(archive, work)
-        store = LayerStore(work / "store")
-        request = ImportRequest(
-            source=LayoutRef(layout, "v1"), repository="bench.example/layerstore", size=4 << 30
-        )
-        with traced_peak() as peak:
-            start = time.perf_counter()
-            image = store.import_image(request, keys)
-            import_seconds = time.perf_counter() - start
-        small = ImportRequest(
-            source=LayoutRef(small_layout, "v1"), repository="bench.example/small", size=4 << 30
-        )
-        with traced_peak() as small_peak:
-            small_image = store.import_image(small, keys)
-        results["import"] = {
-            "store_s": round(import_seconds, 2),
-            "docker_load_s": round(docker_seconds, 2),
-            "ratio_vs_docker_load": round(import_seconds / docker_seconds, 2),
-            "ctr_import_overlayfs_s": round(ctr_seconds, 2),
-            "ratio_vs_ctr": round(import_seconds / ctr_seconds, 2),
-            "peak_python_mib": round(peak[0], 1),
-            "peak_python_mib_quarter_size": round(small_peak[0], 1),
-            "quarter_size_mib": round(small_total / (1 << 20)),
-            "disk_mib": round(sum(layer.disk_bytes for layer in image.layers) / (1 << 20)),
-        }
-        store.remove(small_image, keys)
+            # (a) import
+            docker_seconds = docker_load(archive)
+            ctr_seconds = ctr_import(archive, work)
+            store = LayerStore(work / "store")
+            request = ImportRequest(
+                source=LayoutRef(layout, "v1"), repository="bench.example/layerstore", size=4 << 30
+            )
+            with traced_peak() as peak:
+                start = time.perf_counter()
+                image = store.import_image(request, keys)
+                import_seconds = time.perf_counter() - start
+            small = ImportRequest(
+                source=LayoutRef(small_layout, "v1"), repository="bench.example/small", size=4 << 30
+            )
+            with traced_peak() as small_peak:
+                small_image = store.import_image(small, keys)
+            results["import"] = {
+                "store_s": round(import_seconds, 2),
+                "docker_load_s": round(docker_seconds, 2),
+                "ratio_vs_docker_load": round(import_seconds / docker_seconds, 2),
+                "ctr_import_overlayfs_s": round(ctr_seconds, 2),
+                "ratio_vs_ctr": round(import_seconds / ctr_seconds, 2),
+                "peak_python_mib": round(peak[0], 1),
+                "peak_python_mib_quarter_size": round(small_peak[0], 1),
+                "quarter_size_mib": round(small_total / (1 << 20)),
+                "disk_mib": round(sum(layer.disk_bytes for layer in image.layers) / (1 << 20)),
+            }
+            store.remove(small_image, keys)
 
-        # (b) container start
-        ours = [timed(lambda: store.run(image, 2, ["/bin/true"], keys)) for _ in range(args.runs)]
-        theirs = [
-            timed(lambda: docker("run", "--rm", f"{TAG}:v1", "/bin/true")) for _ in range(args.runs)
-        ]
-        results["start"] = {
-            "store_run_s": round(statistics.median(ours), 3),
-            "docker_run_s": round(statistics.median(theirs), 3),
-            "ratio": round(statistics.median(ours) / statistics.median(theirs), 2),
-        }
+            # (b) container start
+            runs = range(args.runs)
+            ours = [timed(lambda: store.run(image, 2, ["/bin/true"], keys)) for _ in runs]
+            theirs = [timed(lambda: docker("run", "--rm", f"{TAG}:v1", "/bin/true")) for _ in runs]
+            results["start"] = {
+                "store_run_s": round(statistics.median(ours), 3),
+                "docker_run_s": round(statistics.median(theirs), 3),
+                "ratio": round(statistics.median(ours) / statistics.median(theirs), 2),
+            }
 
-        # (d) open time, and (c) the cold read from an open view
-        opens = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
+            # (d) open time, and (c) the cold read from an open view
+            opens = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                with store.view(image, 2, keys) as view:
+                    opens.append(time.perf_counter() - start)
+            layer_files = sorted((store.root / "qcow2" / "layers").glob("*.qcow2"))
             with store.view(image, 2, keys) as view:
-                opens.append(time.perf_counter() - start)
-        layer_files = sorted((store.root / "qcow2" / "layers").glob("*.qcow2"))
-        with store.view(image, 2, keys) as view:
-            target = view.root / READ_FILE
-            drop_cache(target, Path(view.device), *layer_files)
-            view_rate = read_rate(target)
-        plain = work / "plain-200M"
-        with plain.open("wb") as out:
-            for chunk in data(READ_SIZE, 99):
-                out.write(chunk)
-        drop_cache(plain)
-        plain_rate = read_rate(plain)
-        bound_16k, bound_512 = aes_xts_bound(16384), aes_xts_bound(512)
-        results["cold_read_200MB"] = {
-            "view_MBps": round(view_rate),
-            "plain_file_MBps": round(plain_rate),
-            "aes_xts_16KiB_MBps": round(bound_16k),
-            "aes_xts_512B_MBps": round(bound_512),
-            "ratio_vs_plain": round(view_rate / plain_rate, 3),
-            "ratio_vs_aes_xts_16KiB": round(view_rate / bound_16k, 3),
-            "ratio_vs_aes_xts_512B": round(view_rate / bound_512, 3),
-        }
-        results["open_3_layer_view_ms"] = {
-            "median": round(statistics.median(opens) * 1000),
-            "all": [round(o * 1000) for o in opens],
-        }
-        store.remove(image, keys)
+                target = view.root / READ_FILE
+                drop_cache(target, Path(view.device), *layer_files)
+                view_rate = read_rate(target)
+            plain = work / "plain-200M"
+            with plain.open("wb") as out:
+                for chunk in data(READ_SIZE, 99):
+                    out.write(chunk)
+            drop_cache(plain)
+            plain_rate = read_rate(plain)
+            bound_16k, bound_512 = aes_xts_bound(16384), aes_xts_bound(512)
+            results["cold_read_200MB"] = {
+                "view_MBps": round(view_rate),
+                "plain_file_MBps": round(plain_rate),
+                "aes_xts_16KiB_MBps": round(bound_16k),
+                "aes_xts_512B_MBps": round(bound_512),
+                "ratio_vs_plain": round(view_rate / plain_rate, 3),
+                "ratio_vs_aes_xts_16KiB": round(view_rate / bound_16k, 3),
+                "ratio_vs_aes_xts_512B": round(view_rate / bound_512, 3),
+            }
+            results["open_3_layer_view_ms"] = {
+                "median": round(statistics.median(opens) * 1000),
+                "all": [round(o * 1000) for o in opens],
+            }
+            store.remove(image, keys)
 
         # (e) container start through containerd's snapshots API
         results["containerd_start"] = containerd_start(archive, work, keys, args.runs)

@@ -36,6 +36,7 @@ from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_image
 from trustplane.errors import NotFoundError, TrustplaneError
 from trustplane.layerstore import ChainRef, ControlPlaneKeys
+from trustplane.layerstore.snapshotter import SPARES
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "layerstore"))
 from store_checks import clean, leftovers
@@ -268,8 +269,8 @@ def test_run_reads_the_top_layer_and_its_writes_are_encrypted(setup: Setup) -> N
     assert len(actives) == 1
     assert actives[0].endswith(f"/{container}")
     assert plaintext_in(setup.snapshotter.root, [*NEEDLES, written]) == []
-    # Its scratch volume, and the spare made ahead for the next container (warm.py).
-    wait_for(lambda: len(scratch_volumes(setup)) == 2, "a spare scratch volume behind it")
+    # Its scratch volume, and the spares made ahead for the next containers (warm.py).
+    wait_for(lambda: len(scratch_volumes(setup)) == SPARES + 1, "spares behind it")
     assert all(path.read_bytes()[:6] == b"LUKS\xba\xbe" for path in scratch_volumes(setup))
 
     # ctr rm: containerd's garbage collector removes the snapshot, and with it the
@@ -279,7 +280,7 @@ def test_run_reads_the_top_layer_and_its_writes_are_encrypted(setup: Setup) -> N
         lambda: not any(v["kind"] == "active" for v in setup.snapshotter.table().values()),
         "the container's snapshot to be removed",
     )
-    wait_for(lambda: len(scratch_volumes(setup)) == 1, "the container's scratch volume to go")
+    wait_for(lambda: len(scratch_volumes(setup)) == SPARES, "its scratch volume to go")
 
 
 def scratch_volumes(setup: Setup) -> list[Path]:

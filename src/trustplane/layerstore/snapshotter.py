@@ -107,7 +107,7 @@ UNPACK_PREFIX = "extract-"
 """containerd's key for a layer it unpacks: `extract-UNIQUE CHAINID` (snapshots.
 UnpackKeyFormat), behind the `NAMESPACE/N/` it adds for its snapshotters."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-SPARES = 1
+SPARES = 2
 """Scratch volumes kept made ahead (warm.py)."""
 VIEW_IDLE = 30.0
 """Seconds an image's shared read-only view stays open after its last container (warm.py)."""
