@@ -618,9 +618,12 @@ class Snapshotter:
         return done
 
     def _sweep(self) -> list[str]:
+        # Listed before the claims are read: a record is written before its layer
+        # is made, so a layer being made (by a Prepare meanwhile) is claimed already.
+        found = self.backend.layers()
         claimed = self.table.layers()
         done = []
-        for info in self.backend.layers():
+        for info in found:
             if info.layer not in claimed:
                 self.backend.remove(info.layer)
                 done.append(f"layer {info.layer}: removed (no snapshot holds it)")
