@@ -8,13 +8,16 @@ table) must hold no marker, nor busybox's own text. Keys come from a real
 control plane (the layer-key broker), so removal is checked there: a
 removed layer's key chain no longer exists. A snapshotter killed with
 `kill -9` and restarted undoes what it left (FUSE mounts, loop devices,
-daemons) and still serves the layers it had committed.
+daemons, the spare scratch volumes it had made ahead), makes spares of its
+own and still serves the layers it had committed; a clean stop leaves
+nothing attached.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -287,35 +290,78 @@ def scratch_volumes(setup: Setup) -> list[Path]:
     return list((setup.snapshotter.root / "qcow2" / "run").glob("*/scratch.luks"))
 
 
-def test_kill_9_and_restart(setup: Setup) -> None:
-    """Killed while a container's snapshot is open: a restart cleans what the dead
-    process held, keeps the committed layers, and containers run again."""
-    ctd, snap = setup.containerd, setup.snapshotter
-    held = f"held-{secrets.token_hex(4)}"
-    ctd.ctr("containers", "create", "--snapshotter", NAME, REF, held, "cat", "/markers/layer2")
-    prefix = os.fspath(snap.root) + "/"
-    assert leftovers(prefix), "an open snapshot holds daemons, loop devices and mounts"
-    before = committed(setup)
+def attachments(setup: Setup) -> set[Path]:
+    """The backend's leases in view: one per open chain or scratch volume."""
+    run = setup.snapshotter.root / "qcow2" / "run"
+    return {p for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
-    snap.kill()
-    assert leftovers(prefix), "kill -9 leaves the attachments behind"
-    snap.start("--spares", "0")  # nothing opened ahead: whatever is left was the dead one's
-    assert leftovers(prefix) == [], "the restarted snapshotter cleaned up what the dead one held"
-    assert committed(setup) == before
-    assert "recovered: attachment" in snap.log.read_text()
-    # containerd redials a proxy plugin with a backoff of up to 3 s (its proxy
-    # plugins' gRPC settings): calls fail with UNAVAILABLE until it has.
+
+def mounted(lease: Path) -> bool:
+    """A view's or a scratch volume's file system is mounted in its lease (it is whole)."""
+    return (lease / "view").is_mount() or (lease / "writes").is_mount()
+
+
+def snapshotter_reachable(setup: Setup, key: str) -> None:
+    """containerd redials a proxy plugin with a backoff of up to 3 s (its proxy
+    plugins' gRPC settings): calls fail with UNAVAILABLE until it has."""
+    ctd = setup.containerd
     wait_for(
         lambda: (
-            ctd.ctr("snapshots", "--snapshotter", NAME, "info", held, check=False).returncode == 0
+            ctd.ctr("snapshots", "--snapshotter", NAME, "info", key, check=False).returncode == 0
         ),
         "containerd to reach the restarted snapshotter",
     )
+
+
+def test_kill_9_and_restart(setup: Setup) -> None:
+    """Killed while a container's snapshot is open and spares are made ahead: a
+    restart cleans what the dead process held (its spares too: their keys died
+    with it), makes spares of its own, keeps the committed layers, and
+    containers run again. A clean stop leaves nothing attached."""
+    ctd, snap = setup.containerd, setup.snapshotter
+    held = f"held-{secrets.token_hex(4)}"
+    ctd.ctr("containers", "create", "--snapshotter", NAME, REF, held, "cat", "/markers/layer2")
+    # The container's scratch volume, and the spares made behind it (warm.py).
+    wait_for(
+        lambda: len(scratch_volumes(setup)) == SPARES + 1 and all(map(mounted, attachments(setup))),
+        "spares behind the container",
+    )
+    dead = attachments(setup)  # the image's shared view, the scratch volumes
+    assert len(dead) == SPARES + 2, dead
+    before = committed(setup)
+    seen = len(snap.log.read_text())
+
+    snap.kill()
+    assert all(leftovers(f"{lease}/") for lease in dead), "kill -9 leaves the attachments behind"
+    snap.start()  # with spares, as by default
+    for lease in dead:
+        assert leftovers(f"{lease}/") == [], f"{lease.name}: still attached after the restart"
+        assert not lease.exists(), f"{lease.name}: its files (a scratch volume) stayed"
+    said = snap.log.read_text()[seen:]
+    assert {lease.name for lease in dead} <= set(re.findall(r"recovered: attachment (\w+):", said))
+    # The new process's own spares: new volumes under new keys, nothing of the dead one's.
+    wait_for(lambda: len(scratch_volumes(setup)) == SPARES, "the restarted snapshotter's spares")
+    assert not attachments(setup) & dead
+    assert committed(setup) == before
+    snapshotter_reachable(setup, held)
 
     # The created container starts: its snapshot is opened again (a fresh writable layer).
     assert ctd.ctr("tasks", "start", held).text.strip() == MARKERS["layer2"].decode().strip()
     ctd.ctr("tasks", "rm", held, check=False)
     ctd.ctr("containers", "rm", held)
+    wait_for(lambda: len(scratch_volumes(setup)) == SPARES, "its scratch volume to go")
+
+    # A clean stop: the spares and the shared view are closed, their files removed.
+    prefix = os.fspath(snap.root) + "/"
+    seen = len(snap.log.read_text())
+    snap.stop()
+    assert leftovers(prefix) == []
+    assert scratch_volumes(setup) == []
+    assert attachments(setup) == set()
+    snap.start()
+    assert "recovered: attachment" not in snap.log.read_text()[seen:]
+    # containerd names a committed snapshot by its chainID (our key: NAMESPACE/N/chainID).
+    snapshotter_reachable(setup, next(iter(before)).split("/", 2)[-1])
     again = f"again-{secrets.token_hex(4)}"
     out = ctd.ctr("run", "--rm", "--snapshotter", NAME, REF, again, "cat", "/markers/layer3")
     assert out.text.strip() == MARKERS["layer3"].decode().strip()
