@@ -77,12 +77,16 @@ class UsageError(TrustplaneError):
 
 
 class AlreadyExistsError(UsageError):
-    """Something was to be made under a name that is taken (gRPC ALREADY_EXISTS)."""
+    """Something was to be made under a name that is taken (gRPC ALREADY_EXISTS).
+
+    Only the snapshotter's gRPC answers tell it apart; over HTTP it is a UsageError."""
 
 
 class ConflictError(UsageError):
     """A valid request that the object's present state refuses: it has children, it is
-    in use or busy with another operation (gRPC FAILED_PRECONDITION)."""
+    in use or busy with another operation (gRPC FAILED_PRECONDITION).
+
+    Only the snapshotter's gRPC answers tell it apart; over HTTP it is a UsageError."""
 
 
 class NotFoundError(TrustplaneError):

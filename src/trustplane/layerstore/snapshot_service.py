@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 LIST_BATCH = 100
 """Infos per List message (containerd's own service sends blocks too)."""
+# containerd's errdefs contract, by class (the first match wins): gRPC only; the HTTP
+# status of each class is errors.py's table.
 _CODES: Sequence[tuple[type[TrustplaneError], grpc.StatusCode]] = (
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
