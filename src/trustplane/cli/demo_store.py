@@ -30,7 +30,7 @@ from trustplane.embedded.containerd import start_containerd
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.sample_images import APP_SECRET_PATH
 from trustplane.errors import Forbidden, IntegrityError, NotFoundError
-from trustplane.keys.remote import KmsUnwrapper
+from trustplane.images.kms_unwrap import KmsUnwrapper
 from trustplane.layerstore import ControlPlaneKeys, ImportRequest, LayerStore
 from trustplane.layerstore.keys import ChainRef
 from trustplane.layerstore.snapshotter import Snapshotter
