@@ -30,6 +30,7 @@ Keys come from a control plane started on loopback (embedded), as in use.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -200,7 +201,7 @@ def ctr_import(archive: Path, work: Path) -> float:
 
 def containerd_start(
     archive: Path, work: Path, keys: ControlPlaneKeys, runs: int
-) -> dict[str, float]:
+) -> dict[str, float | list[float]]:
     """(e): one containerd, the image imported with both snapshotters, runs timed."""
     ctd_work = Path(tempfile.mkdtemp(prefix="tp-bench-ctd-"))  # short: socket paths
     snapshotter = Snapshotter(work / "snapshotter", keys, repository="bench.example/containerd")
@@ -212,14 +213,17 @@ def containerd_start(
         ref = f"docker.io/{TAG}:v1"
         imports = {}
         for name in ("overlayfs", "trustplane"):
-            argv = ("images", "import", "--snapshotter", name, str(archive))
-            imports[name] = timed(lambda a=argv: daemon.ctr(*a))
+            imports[name] = timed(
+                functools.partial(
+                    daemon.ctr, "images", "import", "--snapshotter", name, str(archive)
+                )
+            )
         starts: dict[str, list[float]] = {"overlayfs": [], "trustplane": []}
         for run in range(runs + 1):
             for name, times in starts.items():
                 container = f"bench-{name}-{run}"
                 argv = ("run", "--rm", "--snapshotter", name, ref, container, "/bin/true")
-                times.append(timed(lambda a=argv: daemon.ctr(*a)))
+                times.append(timed(functools.partial(daemon.ctr, *argv)))
         # The first start opens the image's layers; later ones find them open (the
         # shared view, kept VIEW_IDLE s after the last container) and a spare
         # scratch volume made ahead (warm.py).
