@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from trustplane.control.service import ControlPlane
-from trustplane.oci.layout import atomic_write
+from trustplane.atomic import atomic_write
 
 
 def set_policy(plane: ControlPlane, text: str) -> None:

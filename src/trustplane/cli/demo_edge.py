@@ -28,7 +28,8 @@ from typing import Any
 import docker
 
 from trustplane.api.images import LayerRecord
-from trustplane.crypto.keys import new_private_key_file
+from trustplane.atomic import atomic_write
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.mosquitto import RunningMosquitto
@@ -56,7 +57,8 @@ def edge_scene(
     with control.admin() as admin, ExitStack() as stack:
         node = f"{prefix}-gw"
         key_file = work / "gateway-key.pem"
-        public = new_private_key_file(key_file)
+        private, public = generate_key_pair("ec-p256")
+        atomic_write(key_file, private, mode=0o600)
         admin.register_node(node, "gateway", public.decode())
         image = client.images.get(registered)
         layers = [

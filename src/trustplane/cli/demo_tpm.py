@@ -31,6 +31,7 @@ import docker.errors
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.crypto.signing import SigningKey, generate_signing_key
 from trustplane.embedded.control_plane import RunningControlPlane
@@ -44,7 +45,6 @@ from trustplane.images.recipients import parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.images.sign import sign_image
 from trustplane.oci import reference
-from trustplane.oci.layout import atomic_write
 from trustplane.oci.transport import Endpoint
 from trustplane.tools import Executor
 

@@ -26,11 +26,12 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
+from trustplane.atomic import atomic_write
 from trustplane.control.app import create_app
 from trustplane.control.db import database_url
 from trustplane.control.service import build
 from trustplane.control.settings import ServerSettings
-from trustplane.embedded.tls import create_ca, issue_server_cert
+from trustplane.crypto.certificates import issue_leaf, self_signed
 from trustplane.errors import UnavailableError, UsageError
 
 _SETTINGS_ENV = "TRUSTPLANE_SERVER_SETTINGS_JSON"
@@ -46,21 +47,26 @@ def tls_files(settings: ServerSettings) -> tuple[Path, Path]:
     directory = settings.data_dir / "tls"
     cert, key = directory / "server.pem", directory / "server-key.pem"
     if not cert.exists():
-        ca = create_ca(directory, "trustplane control plane CA")
-        host, _ = settings.host_port
-        ips = ["127.0.0.1"]
-        names = ["localhost", socket.gethostname()]
-        try:
-            if ipaddress.ip_address(host) and host not in ("0.0.0.0", "::"):  # noqa: S104
-                ips.append(host)
-        except ValueError:
-            names.append(host)
-        issued = issue_server_cert(
-            ca, directory, "server", dns_names=tuple(names), ip_addresses=tuple(dict.fromkeys(ips))
-        )
-        issued.cert_file.replace(cert)
-        issued.key_file.replace(key)
+        _bootstrap_tls(directory, settings.host_port[0], cert, key)
     return cert, key
+
+
+def _bootstrap_tls(directory: Path, host: str, cert: Path, key: Path) -> None:
+    """A CA of our own (clients pin ca.pem) and a server certificate for `host` and loopback."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca = self_signed("trustplane control plane CA")
+    atomic_write(directory / "ca-key.pem", ca.key_pem(), mode=0o600)
+    atomic_write(directory / "ca.pem", ca.certificate_pem())
+    ips = ["127.0.0.1"]
+    names = ["localhost", socket.gethostname()]
+    try:
+        if ipaddress.ip_address(host) and host not in ("0.0.0.0", "::"):  # noqa: S104
+            ips.append(host)
+    except ValueError:
+        names.append(host)
+    server = issue_leaf(ca, names[0], dns_names=names, ip_addresses=list(dict.fromkeys(ips)))
+    atomic_write(key, server.key_pem(), mode=0o600)
+    atomic_write(cert, server.certificate_pem())  # last: its presence means "bootstrapped"
 
 
 def bind_listener(settings: ServerSettings) -> socket.socket:
