@@ -515,8 +515,9 @@ def _annotations(pairs: list[str]) -> dict[str, Any] | None:
 
 
 def _repository(ref: reference.ImageRef) -> str | None:
+    """The canonical name of a registry image (what the control plane stores it under)."""
     if isinstance(ref, reference.RegistryRef):
-        return f"{ref.host}/{ref.repository}"
+        return ref.name
     return None
 
 
