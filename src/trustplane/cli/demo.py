@@ -20,7 +20,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -30,7 +30,6 @@ from jwcrypto import jwk
 from rich.console import Console
 from rich.panel import Panel
 
-from trustplane.api.images import LayerRecord
 from trustplane.crypto.keys import UnwrapKey, generate_key_pair, load_unwrap_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
@@ -41,9 +40,10 @@ from trustplane.embedded.tls import create_ca, issue_server_cert
 from trustplane.errors import IntegrityError
 from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, Unwrapper, decrypt_image
-from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.encrypt import EncryptRequest
 from trustplane.images.inspect import inspect_image
 from trustplane.images.kms_unwrap import KmsUnwrapper
+from trustplane.images.publish import Registration, publish_image
 from trustplane.images.recipients import Recipient, parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.oci import reference
@@ -185,7 +185,7 @@ class Demo:
             lambda name: self.admin.recipient(name).public_key.encode(),
         )
         with Reporter() as reporter:
-            result = encrypt_image(
+            published = publish_image(
                 EncryptRequest(
                     source=reference.parse(f"docker-daemon:{APP}"),
                     destination=reference.parse(self.published),
@@ -194,20 +194,22 @@ class Demo:
                     protect_config=True,
                     destination_endpoint=self.endpoint,
                 ),
+                Registration(self.admin, self.repository),
                 reporter,
             )
-        registered = self.admin.register_image(
-            self.repository,
-            result.manifest_digest,
-            [LayerRecord.model_construct(**asdict(layer)) for layer in result.layers],
-        )
-        self.registration_entry = registered.log_index
+        result = published.encrypted
+        if published.log_index is None:
+            raise IntegrityError("the published image was not registered")
+        self.registration_entry = published.log_index
         info = inspect_image(reference.parse(self.published), self.endpoint)
         for layer in info["layers"]:
             who = ", ".join(r["keyID"][:12] for r in layer.get("recipients", []))
             state = f"encrypted for {who}" if layer["encrypted"] else "plain, digest unchanged"
             _said(f"layer {layer['index']}", f"{layer['mediaType'].rsplit('.', 1)[-1]}: {state}")
-        _said("control plane", f"image registered (log entry {self.registration_entry})")
+        _said(
+            "control plane",
+            f"image registered with its file digests (log entry {self.registration_entry})",
+        )
         self.first_checkpoint = self._checkpoint()
         _proved(
             f"only layer(s) {list(result.encrypted_layers)} were encrypted, chosen by file path; "
