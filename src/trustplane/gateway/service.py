@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from trustplane.errors import TrustplaneError, UsageError
+from trustplane.gateway import defaults
 from trustplane.gateway.authz_plugin import AuthzPlugin
 from trustplane.gateway.control_link import ControlLink, NodeCredential
 from trustplane.gateway.decide import Gatekeeper
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.host_access import CATEGORIES
 from trustplane.gateway.image_signatures import SignatureCheck, SignaturePolicy
-from trustplane.gateway.monitor import CGROUP_ROOT, ResourceMonitor, Source, Thresholds
+from trustplane.gateway.monitor import ResourceMonitor, Source, Thresholds
 from trustplane.gateway.mqtt_link import MqttConfig, MqttLink
 from trustplane.gateway.proxy import GatewayProxy
 from trustplane.gateway.reporter import Reporter
@@ -36,23 +37,23 @@ class GatewayConfig:
     node: NodeCredential | None = None
     token_file: Path | None = None
     allow_host_access: frozenset[str] = frozenset()
-    socket_mode: int = 0o660
-    control_timeout: float = 5.0
+    socket_mode: int = defaults.SOCKET_MODE
+    control_timeout: float = defaults.CONTROL_TIMEOUT
     allowed_uids: frozenset[int] = frozenset()
     thresholds: Thresholds = field(default_factory=Thresholds)
     mqtt: MqttConfig | None = None
     authz_plugin: Path | None = None
-    workers: int = 1
+    workers: int = defaults.WORKERS
     """Proxy processes sharing the socket (the first also runs MQTT and the plugin)."""
     signatures: SignaturePolicy = field(default_factory=SignaturePolicy)
     """Keys whose image signatures this gateway trusts; whether it requires one."""
     require_scoped_tokens: bool = False
     """Refuse tokens not scoped to this gateway (unscoped ones included)."""
-    monitor_source: Source = "auto"
+    monitor_source: Source = defaults.MONITOR_SOURCE
     """Where the resource monitor samples: cgroup files, the Engine stats API, or both."""
-    cgroup_root: Path = CGROUP_ROOT
+    cgroup_root: Path = defaults.CGROUP_ROOT
     """Where the host's cgroup filesystem is mounted (another place in a container)."""
-    allow_blind_monitor: bool = False
+    allow_blind_monitor: bool = defaults.ALLOW_BLIND_MONITOR
     """Let containers start while the resource monitor cannot sample (refused by default)."""
 
 
