@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import docker
 import pytest
-from gateway_helpers import PREFIX, DockerCli, container_exists, make_people, start_gateway
+from gateway_helpers import (
+    PREFIX,
+    DockerCli,
+    RunningGateway,
+    container_exists,
+    make_people,
+    start_gateway,
+)
 from gateway_helpers import cleanup as cleanup
 from gateway_helpers import registered_base as registered_base
 
@@ -15,6 +24,30 @@ from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 
 pytestmark = pytest.mark.usefixtures("cleanup")
+
+
+def workers_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def gone(pid: str) -> bool:
+    return not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def logged(gateway: RunningGateway, line: str) -> None:
+    while line not in gateway.process.log_file.read_text():
+        time.sleep(0.2)  # until it is written: pytest's timeout is the bound
+
+
+def serving(gateway: RunningGateway, count: int) -> list[str]:
+    """The supervisor's workers, once there are `count` and each has said it serves."""
+    supervisor = gateway.process.pid
+    assert supervisor is not None
+    while len(workers := workers_of(supervisor)) != count:
+        time.sleep(0.2)  # forked one after the other
+    for worker in workers:
+        logged(gateway, f"worker {worker} serving")
+    return workers
 
 
 def test_host_access_allowed_by_configuration_still_needs_authorization(
@@ -82,10 +115,7 @@ def test_several_worker_processes_share_the_socket(
                              "--workers", "3")  # fmt: skip
     gateway = next(gateways)
     try:
-        pid = gateway.process.pid
-        assert pid is not None
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        assert len(children) == 2, children  # the first process and two forked workers
+        children = serving(gateway, 3)  # a supervisor and three forked workers
         operator = DockerCli.make(gateway.host, tmp_path / "op", people.operator_token)
         user = DockerCli.make(gateway.host, tmp_path / "user", people.user_token)
         for _ in range(6):  # connections land on different workers; each decides alike
@@ -96,8 +126,40 @@ def test_several_worker_processes_share_the_socket(
         assert container_exists(docker_client, name)
     finally:
         gateways.close()
-    for child in children:
-        assert (
-            not Path(f"/proc/{child}").exists()
-            or "zombie" in Path(f"/proc/{child}/status").read_text()
-        )
+    assert all(gone(child) for child in children)
+
+
+def test_a_worker_that_dies_is_noticed_logged_and_replaced(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    docker_daemon: DockerDaemon,
+    registered_base: str,
+) -> None:
+    """SIGKILL one worker, then the first (the MQTT and plugin one): each death is
+    logged, a new worker takes its place, and the gateway keeps deciding alike;
+    SIGTERM then stops the whole gateway cleanly (status 0, no worker left)."""
+    people = make_people(control_plane, "die")
+    gateways = start_gateway(tmp_path / "gw-die", control_plane, docker_daemon,
+                             "--workers", "2")  # fmt: skip
+    gateway = next(gateways)
+    try:
+        supervisor = gateway.process.pid
+        assert supervisor is not None
+        user = DockerCli.make(gateway.host, tmp_path / "user", people.user_token)
+        assert "CONTAINER ID" in user.ok("ps")
+        for victim in serving(gateway, 2):
+            os.kill(int(victim), signal.SIGKILL)
+            logged(gateway, f"worker {victim} was killed by SIGKILL; starting another in its place")
+            assert victim not in serving(gateway, 2)
+            for _ in range(4):  # connections land on either worker; both decide alike
+                assert "CONTAINER ID" in user.ok("ps")
+                user.refused("run", registered_base, "true", text="normal privilege")
+        children = workers_of(supervisor)
+        os.kill(supervisor, signal.SIGTERM)
+        while gateway.process.returncode() is None:
+            time.sleep(0.2)  # a clean stop, not the harness's SIGKILL after its grace period
+        assert gateway.process.returncode() == 0, gateway.process.log_tail()
+        assert all(gone(child) for child in children)
+        assert not gateway.socket.exists()
+    finally:
+        gateways.close()
