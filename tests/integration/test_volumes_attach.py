@@ -22,7 +22,6 @@ import libvirt
 import libvirt_qemu
 import pytest
 from missing import component_missing
-from volume_guest import ScannerGuest, build_scanner_initrd
 from volume_helpers import (
     file_backend,
     files_holding,
@@ -36,6 +35,7 @@ from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
 from trustplane.embedded.libvirtd import RunningLibvirtd
 from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
+from trustplane.embedded.volume_guest import ScannerGuest, build_scanner_initrd
 from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher
 from trustplane.volumes.backends import Backend

@@ -7,7 +7,8 @@ people of different rank and for a key the KMS keeps, and then shows what
 each step proves: the registry holds no plaintext, each key gets its own
 view and the views run in Docker, a node that joins later decrypts through
 the KMS without re-encryption, tampered content is refused before release,
-and the transparency log proves what happened.
+encrypted cloud volumes (file and Ceph RBD, keys from the KMS) are read by a
+VM that never sees a key on disk, and the transparency log proves what happened.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Demo:
         self.tamper(operator)
         self.edge()
         self.zero_trust()
+        self.volumes()
         self.audit()
         console.print(
             Panel.fit("[bold green]demo complete[/bold green]: every step above was checked")
@@ -330,6 +332,22 @@ class Demo:
             secret=self.secret,
         )
         tpm_scene(scene, _said, _proved)
+
+    def volumes(self) -> None:
+        _step("Encrypted cloud volumes: the block-storage service, the KMS and a VM")
+        from trustplane.cli.demo_volumes import volumes_scene
+        from trustplane.embedded.ceph import start_ceph
+        from trustplane.embedded.guest_kernel import guest_kernel
+        from trustplane.embedded.libvirtd import start_libvirtd
+
+        kernel = guest_kernel()
+        with (
+            start_ceph(self.work / "ceph") as ceph,
+            start_libvirtd(self.work / "libvirtd") as libvirtd,
+        ):
+            _said("ceph", f"one-node cluster (mon, mgr, one OSD), pool {ceph.pool}, cephx")
+            _said("libvirtd", f"started by hand on {libvirtd.uri}")
+            volumes_scene(self.work / "volumes", ceph, libvirtd, kernel, _said, _proved)
 
     def audit(self) -> None:
         _step("Audit: the transparency log")

@@ -17,7 +17,7 @@ import typer
 import typer.main
 
 from trustplane import __version__
-from trustplane.cli import admin, image, key, kms, log, server
+from trustplane.cli import admin, image, key, kms, log, server, volume
 from trustplane.cli.agent import agent
 from trustplane.cli.common import state_directory
 from trustplane.cli.gateway import gateway
@@ -33,6 +33,7 @@ app = typer.Typer(
 app.add_typer(image.app, name="image")
 app.add_typer(key.app, name="key")
 app.add_typer(log.app, name="log")
+app.add_typer(volume.app, name="volume")
 app.add_typer(kms.secret_app, name="secret")
 app.add_typer(kms.recipient_app, name="recipient")
 app.add_typer(kms.kek_app, name="kek")
