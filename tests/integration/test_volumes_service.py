@@ -264,8 +264,12 @@ def test_create_attach_read_detach_delete(
             (f"node:{NODE}", "allow", key_id)
         ]
         assert admin.secret(key_id).id == key_id  # admins see the key's metadata, never its bytes
-    for root in (libvirtd.work_dir, Path("/dev/shm")):
-        assert files_holding(root, marker) == []
+    with site.plane.admin() as admin:  # the key, to look for it (an operator may have it)
+        key = admin.attach_volume(name, "audit").key_bytes()
+        admin.detach_volume(name, "audit")
+    for root in (libvirtd.work_dir, Path("/dev/shm"), site.plane.data_dir):
+        for needle in (marker, key, passphrase(key)):
+            assert files_holding(root, needle) == []
 
     deleted = site.alice("volume", "delete", name)
     assert deleted.returncode == 0, deleted.stderr

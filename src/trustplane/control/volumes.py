@@ -254,8 +254,9 @@ class BlockStorage:
         assert created.fingerprint is not None
         assert created.engine is not None
         fingerprint = created.fingerprint
-        self._set(
+        finished = self._set(
             row.id,
+            only_if=CREATING,
             state=AVAILABLE,
             location=dump_location(created.location),
             engine=created.engine.value,
@@ -263,6 +264,9 @@ class BlockStorage:
             header_digest=fingerprint.digest,
             fingerprint=fingerprint.model_dump(mode="json"),
         )
+        if not finished:  # deleted while it was being made: its key is gone, so is it
+            delete_volume(backend, created.location)
+            raise UsageError(f"volume {body.name} was deleted while it was being created")
         receipt = self.log.append(
             "volume.create",
             {
@@ -552,9 +556,13 @@ class BlockStorage:
         if not decision.allowed:
             raise Forbidden(f"policy refuses {action} on {resource}: {decision.reason}")
 
-    def _set(self, volume_id: str, **values: Any) -> None:
+    def _set(self, volume_id: str, only_if: str | None = None, **values: Any) -> bool:
+        """Update the record (when its state is `only_if`, if given); whether it was."""
+        query = update(Volume).where(Volume.id == volume_id)
+        if only_if is not None:
+            query = query.where(Volume.state == only_if)
         with self.db.session() as session:
-            session.execute(update(Volume).where(Volume.id == volume_id).values(**values))
+            return bool(session.execute(query.values(**values)).rowcount)  # type: ignore[attr-defined]
 
 
 def _first_error(exc: ValueError) -> str:
