@@ -174,11 +174,10 @@ class BlockStorage:
 
     def create_type(self, principal: Principal, body: NewVolumeType) -> VolumeTypeInfo:
         self._require(principal, "volume.type.create", f"volume-type:{body.name}")
-        config = self._configs.get(body.backend)
-        if config is None:
-            self.backend(body.backend)  # raises, naming what is configured
-            raise AssertionError
-        spec_input: dict[str, Any] = {"backend": config.kind}
+        kind = self.backend(
+            body.backend
+        ).kind  # a backend not configured: one line naming those that are
+        spec_input: dict[str, Any] = {"backend": kind}
         if body.encryption is not None:
             spec_input["encryption"] = body.encryption
         try:
