@@ -7,6 +7,7 @@ Real SQLite, real file KEK, real policy file and log, real file volumes
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy import select
 
 from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.control.identity import Principal
-from trustplane.control.models import Secret, Volume
+from trustplane.control.models import Attestation, Secret, Volume
 from trustplane.control.policy import DEFAULT_POLICY
 from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
@@ -193,6 +194,30 @@ def test_a_node_that_is_not_attested_gets_nothing_when_the_policy_asks(
     with pytest.raises(Forbidden, match="attestation required"):
         plane.volumes.release(COMPUTE, "data", "vm-1")
     assert plane.volumes.show(ADMIN, "data").attachment is None
+    # The verifier's record of a passing, fresh attestation (what a quote leaves):
+    # the same node now gets the key; a stale or quarantined one would not.
+    with plane.db.session() as session:
+        session.add(
+            Attestation(
+                node=COMPUTE.name,
+                ek_public=b"ek",
+                ak_public=b"ak",
+                ak_name=b"name",
+                bound=True,
+                measurements=[],
+                last_result="pass",
+                last_at=datetime.now(UTC),
+            )
+        )
+    released = plane.volumes.release(COMPUTE, "data", "vm-1")
+    assert len(released.key_bytes()) == 32
+    with plane.db.session() as session:
+        row = session.get(Attestation, COMPUTE.name)
+        assert row is not None
+        row.quarantine_reason = "measured something wrong"
+    plane.volumes.detach(COMPUTE, "data", "vm-1")
+    with pytest.raises(Forbidden, match="attestation required"):
+        plane.volumes.release(COMPUTE, "data", "vm-1")
 
 
 def test_delete_shreds_the_key_before_the_storage(plane: ControlPlane, volumes_dir: Path) -> None:
