@@ -53,7 +53,7 @@ def volumes_scene(
 ) -> list[dict[str, Any]]:
     """Run the scene; returns the log's volume.attach entries (IntegrityError on a miss)."""
     work.mkdir(parents=True, exist_ok=True)
-    volumes_dir = work / "volumes"
+    volumes_dir = work / "storage"
     key_file = work / "ceph-client.key"
     key_file.touch(mode=0o600)
     key_file.write_text(ceph.client.key + "\n")
