@@ -54,6 +54,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from trustplane.api.volume_location import AnyLocation, Endpoint
+from trustplane.api.volume_spec import (
+    BackendKind,
+    ControlLocation,
+    EncryptionSpec,
+    Provider,
+    VolumeTypeSpec,
+    default_encryption,
+)
 from trustplane.embedded.ceph import start_ceph
 from trustplane.embedded.tgtd import start_tgtd
 from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFile
@@ -62,16 +71,7 @@ from trustplane.volumes.access import QemuNode, qemu_node
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
 from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
 from trustplane.volumes.encryptors import encryptor_for
-from trustplane.volumes.location import AnyLocation, Endpoint
-from trustplane.volumes.spec import (
-    BackendKind,
-    ControlLocation,
-    EncryptionSpec,
-    Provider,
-    VolumeTypeSpec,
-    default_encryption,
-    passphrase,
-)
+from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.volume import create_volume
 
 MIB = 1 << 20
@@ -355,7 +355,8 @@ def bench_attach(work: Path, volumes_dir: Path, attaches: int, report: list[str]
     import yaml
 
     from trustplane.agent.volume_attach import attach_volume, detach_volume
-    from trustplane.crypto.keys import new_private_key_file
+    from trustplane.atomic import atomic_write
+    from trustplane.crypto.keys import generate_key_pair
     from trustplane.crypto.node_assertion import load_node_key
     from trustplane.embedded.control_plane import start_control_plane
     from trustplane.embedded.guest_kernel import guest_kernel
@@ -376,7 +377,9 @@ def bench_attach(work: Path, volumes_dir: Path, attaches: int, report: list[str]
         libvirtd = stack.enter_context(start_libvirtd(work / "libvirtd"))
         admin = stack.enter_context(control.admin())
         admin.create_volume_type("files", "files")
-        admin.register_node(node, "host", new_private_key_file(node_key).decode())
+        private, public = generate_key_pair("ec-p256")
+        atomic_write(node_key, private, mode=0o600)
+        admin.register_node(node, "host", public.decode())
         policy = data / "policy.yaml"
         policy.write_text(
             policy.read_text()

@@ -78,6 +78,7 @@ from trustplane.api.policy import AuthorizeRequest, AuthorizeResponse, Subject
 from trustplane.api.reports import Report, Reports, ReportsLogged
 from trustplane.api.runtime import DriftAnswer, DriftReport
 from trustplane.api.signatures import SignatureEntry, SignatureLogged, SignatureRecord
+from trustplane.api.volume_spec import EncryptionSpec
 from trustplane.api.volumes import (
     AttachRequest,
     NewVolume,
@@ -95,7 +96,6 @@ from trustplane.errors import (
     UnavailableError,
     error_from_http,
 )
-from trustplane.volumes.spec import EncryptionSpec
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)

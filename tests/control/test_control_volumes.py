@@ -14,6 +14,7 @@ import pytest
 from plane_helpers import entries_since, set_policy
 from sqlalchemy import select
 
+from trustplane.api.volume_spec import BackendKind, ControlLocation, EncryptionSpec, Provider
 from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.control.identity import Principal
 from trustplane.control.models import Attestation, Secret, Volume
@@ -24,7 +25,6 @@ from trustplane.control.volumes import SimulatedCrash
 from trustplane.errors import Forbidden, IntegrityError, NotFoundError, UsageError
 from trustplane.volumes.access import FileRawReader
 from trustplane.volumes.header import LUKS_MAGIC, verify
-from trustplane.volumes.spec import BackendKind, ControlLocation, EncryptionSpec, Provider
 
 MIB = 1 << 20
 ADMIN = Principal("user", "admin", "admin", frozenset())

@@ -31,6 +31,15 @@ from volume_helpers import (
     rbd_backend,
 )
 
+from trustplane.api.volume_location import RbdLocation
+from trustplane.api.volume_spec import (
+    BackendKind,
+    ControlLocation,
+    EncryptionSpec,
+    Engine,
+    Provider,
+    VolumeTypeSpec,
+)
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
 from trustplane.embedded.libvirtd import RunningLibvirtd
@@ -40,17 +49,8 @@ from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher
 from trustplane.volumes.backends import Backend
 from trustplane.volumes.encryptors import encryptor_for
+from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.header import LUKS_MAGIC
-from trustplane.volumes.location import RbdLocation
-from trustplane.volumes.spec import (
-    BackendKind,
-    ControlLocation,
-    EncryptionSpec,
-    Engine,
-    Provider,
-    VolumeTypeSpec,
-    passphrase,
-)
 from trustplane.volumes.volume import CreatedVolume, create_volume
 
 MIB = 1 << 20

@@ -32,8 +32,9 @@ from durability_helpers import write_server_config
 from missing import component_missing
 from volume_helpers import files_holding, iscsi_backend, raw_holds, rbd_backend
 
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
-from trustplane.crypto.keys import new_private_key_file
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
@@ -48,7 +49,7 @@ from trustplane.errors import (
 )
 from trustplane.volumes.backends import Backend, FileBackend
 from trustplane.volumes.encryptors import encryptor_for
-from trustplane.volumes.spec import passphrase
+from trustplane.volumes.encryptors.base import passphrase
 
 NODE = "compute-1"
 STRANGER = "compute-2"
@@ -124,7 +125,9 @@ def site(
             admin.create_user("alice", "user", alice_password)
             for node in (NODE, STRANGER, ATTESTED_ONLY):
                 node_keys[node] = work / f"{node}.pem"
-                admin.register_node(node, "host", new_private_key_file(node_keys[node]).decode())
+                private, public = generate_key_pair("ec-p256")
+                atomic_write(node_keys[node], private, mode=0o600)
+                admin.register_node(node, "host", public.decode())
         admin_cli = Cli(work / "admin-session.json")
         admin_cli.login(plane, "admin", plane.admin_password)
         alice = Cli(work / "alice-session.json")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trustplane.api.volume_location import AnyLocation, Endpoint, RbdLocation
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.tgtd import RunningTgtd
 from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
-from trustplane.volumes.location import AnyLocation, Endpoint, RbdLocation
 
 
 def file_backend(directory: Path) -> FileBackend:

@@ -1,7 +1,7 @@
 """The block-storage service: volume types, encrypted volumes, the attach key release.
 
 A volume type names a backend configured on the server and its encryption
-spec (Cinder's fields: `volumes.spec.EncryptionSpec`). A volume's record
+spec (Cinder's fields: `api.volume_spec.EncryptionSpec`). A volume's record
 keeps the UUID of its key in the KMS, never the key, and the LUKS header's
 fingerprint that every attach checks. The key itself travels only in the
 answer to an attach (`VolumeKeyRelease`), to a caller the policy allows
@@ -14,11 +14,10 @@ import base64
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from trustplane.volumes.header import HeaderFingerprint
-from trustplane.volumes.location import Location
-from trustplane.volumes.spec import BackendKind, EncryptionSpec, Engine
+from trustplane.api.volume_location import Location
+from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Engine
 
 VOLUME_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 """A volume name: what the backends can put in paths, IQNs, LVM and RBD names."""
@@ -29,6 +28,20 @@ MAX_VOLUME_SIZE = 1 << 50
 """1 PiB: more than any backend here makes, and within every database's integers."""
 
 VolumeState = Literal["creating", "available", "deleting", "shredded"]
+
+
+class HeaderFingerprint(BaseModel):
+    """What the volume record keeps to recognise its volume's header."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1, 2]
+    uuid: str
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    header_bytes: int = Field(gt=0)
+    cipher: str
+    key_size: int = Field(ge=0)
+    """Master key bits."""
 
 
 class NewVolumeType(BaseModel):

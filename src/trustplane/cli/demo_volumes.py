@@ -24,7 +24,10 @@ import libvirt
 import yaml
 
 from trustplane.agent.volume_attach import attach_volume, detach_volume
-from trustplane.crypto.keys import new_private_key_file
+from trustplane.api.volume_location import FileLocation, RbdLocation
+from trustplane.api.volume_spec import EncryptionSpec
+from trustplane.atomic import atomic_write
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.crypto.node_assertion import load_node_key
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import start_control_plane
@@ -35,8 +38,6 @@ from trustplane.errors import IntegrityError, NotFoundError
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher
 from trustplane.volumes.encryptors import encryptor_for
-from trustplane.volumes.location import FileLocation, RbdLocation
-from trustplane.volumes.spec import EncryptionSpec
 
 Say = Callable[[str, str], None]
 NODE = "demo-compute"
@@ -81,7 +82,9 @@ def volumes_scene(
         # Front-end (QEMU's LUKS) on RBD: what libvirt 9.0 can hot-plug into a running VM.
         admin.create_volume_type("rbd-luks", "ceph", EncryptionSpec())
         node_key = work / f"{NODE}.pem"
-        admin.register_node(NODE, "host", new_private_key_file(node_key).decode())
+        private, public = generate_key_pair("ec-p256")
+        atomic_write(node_key, private, mode=0o600)
+        admin.register_node(NODE, "host", public.decode())
         policy = data / "policy.yaml"
         policy.write_text(
             policy.read_text()

@@ -19,13 +19,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from trustplane.api.volume_spec import ControlLocation, EncryptionSpec, Provider, parse_size
 from trustplane.api.volumes import VolumeInfo
 from trustplane.cli.common import AsJson, emit_json, read_file, stdout
 from trustplane.cli.node_options import check_node_key
 from trustplane.cli.session import Ca, Server, connect, load
 from trustplane.client import ControlClient
 from trustplane.errors import MalformedError, UsageError
-from trustplane.volumes.spec import ControlLocation, EncryptionSpec, Provider, parse_size
 
 app = typer.Typer(help="Encrypted volumes (the block-storage service).", no_args_is_help=True)
 type_app = typer.Typer(help="Volume types: a backend and its encryption.", no_args_is_help=True)

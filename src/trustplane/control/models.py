@@ -268,7 +268,7 @@ class VolumeType(Base):
     backend: Mapped[str] = mapped_column(String(64))
     """The name of a backend in the server's settings (`volume_backends`)."""
     spec: Mapped[dict[str, object]] = mapped_column(JSON)
-    """volumes.spec.VolumeTypeSpec as JSON: the backend kind and the encryption."""
+    """api.volume_spec.VolumeTypeSpec as JSON: the backend kind and the encryption."""
     creator: Mapped[str] = mapped_column(String(160))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
@@ -293,7 +293,7 @@ class Volume(Base):
     key_id: Mapped[str | None] = mapped_column(String(36))
     """The UUID of the volume's key in the KMS (a secret of the secret store)."""
     location: Mapped[str | None] = mapped_column(Text)
-    """volumes.location as JSON (no secret in it)."""
+    """api.volume_location as JSON (no secret in it)."""
     engine: Mapped[str | None] = mapped_column(String(16))
     header_uuid: Mapped[str | None] = mapped_column(String(64))
     header_digest: Mapped[str | None] = mapped_column(String(80))

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import MalformedError, UsageError
 from trustplane.trust.attestation import DEFAULT_PCR, check_measurement_pcr
-from trustplane.volumes.spec import BackendKind
 
 
 class KmipSettings(BaseModel):

@@ -35,8 +35,17 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from trustplane.api.volume_location import Endpoint, dump_location, load_location
+from trustplane.api.volume_spec import (
+    VOLUME_KEY_BYTES,
+    BackendKind,
+    Engine,
+    VolumeTypeSpec,
+    check_volume_size,
+)
 from trustplane.api.volumes import (
     Attachment,
+    HeaderFingerprint,
     NewVolume,
     NewVolumeType,
     VolumeInfo,
@@ -63,15 +72,6 @@ from trustplane.volumes.backends import (
     IscsiBackend,
     LvmBackend,
     RbdBackend,
-)
-from trustplane.volumes.header import HeaderFingerprint
-from trustplane.volumes.location import Endpoint, dump_location, load_location
-from trustplane.volumes.spec import (
-    VOLUME_KEY_BYTES,
-    BackendKind,
-    Engine,
-    VolumeTypeSpec,
-    check_volume_size,
 )
 from trustplane.volumes.volume import create_volume, delete_volume
 
