@@ -40,13 +40,13 @@ from jwcrypto import jwk
 from trustplane.agent.attester import Attester, Layer
 from trustplane.agent.tpm import Tpm
 from trustplane.api.images import LayerRecord
+from trustplane.atomic import atomic_write
 from trustplane.crypto import keywrap
 from trustplane.crypto.keys import generate_key_pair, load_recipient_key, load_unwrap_key
 from trustplane.crypto.layer_cipher import PrivateOptions
 from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.swtpm import start_swtpm
-from trustplane.oci.layout import atomic_write
 from trustplane.trust import tpm as tpm_format
 from trustplane.trust.attestation import verify_quote
 

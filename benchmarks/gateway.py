@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trustplane.crypto.keys import new_private_key_file
+from trustplane.atomic import atomic_write
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.control_plane import start_control_plane
 from trustplane.embedded.dockerd import ensure_dockerd
 from trustplane.embedded.process import ManagedProcess, UnixSocketReady, require_binary
@@ -224,7 +225,8 @@ def main() -> None:
     plane = start_control_plane(work / "control-plane")
     try:
         key_file = work / "node-key.pem"
-        public = new_private_key_file(key_file)
+        private, public = generate_key_pair("ec-p256")
+        atomic_write(key_file, private, mode=0o600)
         node = f"bench-gw-{os.getpid()}"
         with plane.admin() as admin:
             admin.register_node(node, "gateway", public.decode())

@@ -84,6 +84,15 @@ from trustplane.api.policy import AuthorizeRequest, AuthorizeResponse, Subject
 from trustplane.api.reports import Report, Reports, ReportsLogged
 from trustplane.api.runtime import DriftAnswer, DriftReport
 from trustplane.api.signatures import SignatureEntry, SignatureLogged, SignatureRecord
+from trustplane.api.volume_spec import EncryptionSpec
+from trustplane.api.volumes import (
+    AttachRequest,
+    NewVolume,
+    NewVolumeType,
+    VolumeInfo,
+    VolumeKeyRelease,
+    VolumeTypeInfo,
+)
 from trustplane.ca_bundle import client_context
 from trustplane.crypto.node_assertion import make_node_assertion
 from trustplane.errors import (
@@ -429,6 +438,46 @@ class ControlClient:
     def delete_layer_chain(self, chain_id: str) -> None:
         """Destroy a chain's top key, and with it every layer key."""
         self.call(Call("DELETE", f"/v1/layer-chains/{chain_id}", _nothing))
+
+    # -- volumes (the block-storage service) ------------------------------------------------
+
+    def create_volume_type(
+        self, name: str, backend: str, encryption: EncryptionSpec | None = None
+    ) -> VolumeTypeInfo:
+        """A volume type on a backend configured on the server (admins); `encryption`
+        None: the backend's default."""
+        body = NewVolumeType.model_construct(name=name, backend=backend, encryption=encryption)
+        return self.call(Call("POST", "/v1/volume-types", _model(VolumeTypeInfo), body))
+
+    def volume_types(self) -> list[VolumeTypeInfo]:
+        return self.call(Call("GET", "/v1/volume-types", _list_of(VolumeTypeInfo)))
+
+    def create_volume(self, name: str, size: int, volume_type: str) -> VolumeInfo:
+        """Create an encrypted volume of `size` usable bytes (whole MiB); the KMS makes its key."""
+        body = NewVolume.model_construct(name=name, size=size, volume_type=volume_type)
+        return self.call(Call("POST", "/v1/volumes", _model(VolumeInfo), body))
+
+    def volumes(self) -> list[VolumeInfo]:
+        return self.call(Call("GET", "/v1/volumes", _list_of(VolumeInfo)))
+
+    def volume(self, name: str) -> VolumeInfo:
+        return self.call(Call("GET", f"/v1/volumes/{name}", _model(VolumeInfo)))
+
+    def delete_volume(self, name: str) -> None:
+        """Crypto-shred the volume's key, then destroy its storage."""
+        self.call(Call("DELETE", f"/v1/volumes/{name}", _nothing))
+
+    def attach_volume(self, name: str, domain: str) -> VolumeKeyRelease:
+        """The volume's record and key for an attach to `domain` (volume.attach; logged).
+        The attachment is recorded until `detach_volume`."""
+        body = AttachRequest.model_construct(domain=domain)
+        path = f"/v1/volumes/{name}/attachment"
+        return self.call(Call("POST", path, _model(VolumeKeyRelease), body))
+
+    def detach_volume(self, name: str, domain: str) -> VolumeInfo:
+        """Clear the volume's attachment to `domain`."""
+        path = f"/v1/volumes/{name}/attachment"
+        return self.call(Call("DELETE", path, _model(VolumeInfo), params={"domain": domain}))
 
     # -- images ---------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from trustplane.atomic import atomic_write
 from trustplane.control.service import ControlPlane
-from trustplane.oci.layout import atomic_write
 
 
 def set_policy(plane: ControlPlane, text: str) -> None:

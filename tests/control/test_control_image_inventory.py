@@ -11,7 +11,7 @@ from trustplane.api.images import ImageRecord, PublishedLayer
 from trustplane.control.identity import Principal
 from trustplane.control.release import Uncached
 from trustplane.control.service import ControlPlane
-from trustplane.errors import Forbidden, IntegrityError, NotFoundError
+from trustplane.errors import Forbidden, IntegrityError, NotFoundError, UsageError
 
 ADMIN = Principal("user", "admin", "admin", frozenset())
 MALLORY = Principal("user", "mallory", "operator", frozenset())
@@ -99,3 +99,19 @@ def test_a_layer_is_placed_by_its_earliest_registration(plane: ControlPlane) -> 
     plane.images.register(ADMIN, image("shop/copy", layer(3, plain)))
     assert plane.images.layer_place(plain) == ("shop/app", 1)
     assert plane.images.layer_place(plain, database=False) == ("shop/app", 1)  # remembered
+
+
+def test_every_spelling_of_a_name_is_one_repository(plane: ControlPlane) -> None:
+    """Stored, looked up and authorized under the canonical name (oci/reference.py)."""
+    manifest, plain = digest(), digest()
+    record = image("registry-1.docker.io/library/app", layer(0, plain), manifest=manifest)
+    plane.images.register(ADMIN, record)
+    for spelling in ("app", "library/app", "docker.io/app", "index.docker.io/library/app"):
+        (listed,) = plane.images.images(USER, spelling)
+        assert listed.repository == "app"
+        assert plane.images.files(USER, spelling, manifest).repository == "app"
+    assert plane.images.layer_place(plain) == ("app", 0)
+    # localhost/app names a local registry's image, not the Hub's.
+    assert plane.images.images(USER, "localhost/app") == []
+    with pytest.raises(UsageError, match="without :TAG"):
+        plane.images.images(USER, "app:v1")

@@ -97,3 +97,87 @@ def test_the_monitor_source_and_blindness_options(tmp_path: Path) -> None:
     assert config.cgroup_root == Path("/host/cgroup")
     with pytest.raises(UsageError, match=r"monitor\.source"):
         load(write(tmp_path, '[monitor]\nsource = "psutil"\n'))
+
+
+def test_an_empty_file_is_the_cli_defaults(tmp_path: Path) -> None:
+    """`trustplane gateway` with no options and an empty TOML file give the same gateway."""
+    import inspect
+
+    from trustplane.cli.gateway import gateway
+    from trustplane.gateway import defaults
+
+    config = load(write(tmp_path, ""))
+    options = {name: p.default for name, p in inspect.signature(gateway).parameters.items()}
+    assert config.listen == Path(options["listen"].removeprefix("unix://"))
+    assert config.docker == Path(options["docker"].removeprefix("unix://"))
+    assert config.socket_mode == int(options["socket_mode"], 8) == defaults.SOCKET_MODE
+    assert config.control_timeout == options["control_timeout"] == defaults.CONTROL_TIMEOUT
+    assert config.workers == options["workers"] == defaults.WORKERS
+    assert config.thresholds.cpu_percent == options["cpu_threshold"]
+    assert config.thresholds.memory_percent == options["memory_threshold"]
+    assert config.thresholds.sustain == options["sustain"]
+    assert config.thresholds.interval == options["monitor_interval"]
+    assert config.monitor_source == options["monitor_source"] == defaults.MONITOR_SOURCE
+    assert config.cgroup_root == options["cgroup_root"] == defaults.CGROUP_ROOT
+    assert config.allow_blind_monitor == options["allow_blind_monitor"]
+    mqtt = load(write(tmp_path, '[mqtt]\nurl = "mqtts://b:8883"\npassword_file = "/p"\n')).mqtt
+    assert mqtt is not None
+    assert mqtt.status_interval == options["status_interval"] == defaults.STATUS_INTERVAL
+    assert mqtt.nonce_file == options["mqtt_nonce_file"] == defaults.NONCE_FILE
+    # ... and GatewayConfig's own defaults are these too.
+    bare = GatewayConfig(listen=config.listen, docker=config.docker, server=config.server)
+    assert (bare.socket_mode, bare.control_timeout, bare.workers) == (
+        config.socket_mode,
+        config.control_timeout,
+        config.workers,
+    )
+    assert bare.thresholds == config.thresholds
+    assert (bare.monitor_source, bare.cgroup_root, bare.allow_blind_monitor) == (
+        config.monitor_source,
+        config.cgroup_root,
+        config.allow_blind_monitor,
+    )
+
+
+def test_workers_is_an_option_of_the_file_too(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "workers = 1\n")).workers == 1
+    assert load(write(tmp_path, "workers = 4\n")).workers == 4
+    for bad in ("workers = 0\n", "workers = 65\n", 'workers = "2"\n'):
+        with pytest.raises(UsageError, match="workers"):
+            load(write(tmp_path, bad))
+
+
+# `trustplane gateway` options whose TOML key is spelled otherwise (tables for
+# the monitor and MQTT, plurals for lists); every other option is its own key.
+OPTION_KEYS = {
+    "server_url": "server",
+    "allowed_uid": "allowed_uids",
+    "signature_key": "signature_keys",
+    "cpu_threshold": "monitor.cpu_threshold",
+    "memory_threshold": "monitor.memory_threshold",
+    "sustain": "monitor.sustain",
+    "monitor_interval": "monitor.interval",
+    "monitor_source": "monitor.source",
+    "cgroup_root": "monitor.cgroup_root",
+    "allow_blind_monitor": "monitor.allow_blind",
+    "mqtt": "mqtt.url",
+    "mqtt_user": "mqtt.user",
+    "mqtt_password_file": "mqtt.password_file",
+    "mqtt_ca": "mqtt.ca",
+    "status_interval": "mqtt.status_interval",
+    "mqtt_nonce_file": "mqtt.nonce_file",
+}
+
+
+def test_every_gateway_option_is_a_key_of_the_file() -> None:
+    """An option added to `trustplane gateway` and forgotten in the TOML file fails here."""
+    import inspect
+
+    from trustplane.cli.gateway import gateway
+    from trustplane.gateway import config_file
+
+    keys = set(config_file._File.model_fields) - {"monitor", "mqtt"}
+    keys |= {f"monitor.{name}" for name in config_file._Monitor.model_fields}
+    keys |= {f"mqtt.{name}" for name in config_file._Mqtt.model_fields}
+    options = {OPTION_KEYS.get(name, name) for name in inspect.signature(gateway).parameters}
+    assert options == keys

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from trustplane.errors import MalformedError
+from trustplane.errors import Forbidden, MalformedError
 from trustplane.gateway.host_access import host_access
-from trustplane.gateway.image_auth import registered_names, split_reference
+from trustplane.gateway.image_auth import reference_name
 from trustplane.gateway.request import parse_target
 
 CREATE = parse_target("POST", "/v1.41/containers/create")
@@ -67,17 +67,18 @@ def test_bodies_on_calls_that_take_none_are_refused() -> None:
 
 
 def test_references() -> None:
-    assert split_reference("busybox") == ("busybox", None)
-    assert split_reference("docker.io/library/busybox:1") == ("busybox", None)
-    assert split_reference("127.0.0.1:5000/a/b:v1") == ("127.0.0.1:5000/a/b", None)
-    assert split_reference("127.0.0.1:5000/a/b@sha256:ab") == ("127.0.0.1:5000/a/b", "sha256:ab")
-    assert registered_names("busybox") == [
-        "busybox",
-        "docker.io/library/busybox",
-        "library/busybox",
-        "docker.io/busybox",
-    ]
-    assert registered_names("127.0.0.1:5000/a/b") == ["127.0.0.1:5000/a/b"]
+    digest = "sha256:" + "ab" * 32
+    assert reference_name("busybox") == ("busybox", None)
+    assert reference_name("docker.io/library/busybox:1") == ("busybox", None)
+    assert reference_name("registry-1.docker.io/library/busybox") == ("busybox", None)
+    assert reference_name("localhost/x") == ("localhost/x", None)
+    assert reference_name("docker.io/localhost/x") == ("docker.io/localhost/x", None)
+    assert reference_name("127.0.0.1:5000/a/b:v1") == ("127.0.0.1:5000/a/b", None)
+    assert reference_name(f"127.0.0.1:5000/a/b@{digest}") == ("127.0.0.1:5000/a/b", digest)
+    with pytest.raises(Forbidden, match="invalid digest"):
+        reference_name("127.0.0.1:5000/a/b@sha256:ab")  # never guessed at
+    with pytest.raises(Forbidden, match="invalid repository name"):
+        reference_name("Busybox")
 
 
 def test_host_config_fields_at_the_top_level_are_seen() -> None:

@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane
-from trustplane.oci.layout import atomic_write
 
 
 @dataclass(frozen=True)

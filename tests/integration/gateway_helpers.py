@@ -22,7 +22,8 @@ import docker
 import pytest
 
 from trustplane.api.images import LayerRecord
-from trustplane.crypto.keys import new_private_key_file
+from trustplane.atomic import atomic_write
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.process import ManagedProcess, UnixSocketReady
@@ -172,7 +173,8 @@ def start_gateway(
     node = f"{PREFIX}-{work_dir.name}"
     work_dir.mkdir(parents=True, exist_ok=True)
     key_file = work_dir / "node-key.pem"
-    public = new_private_key_file(key_file)
+    private, public = generate_key_pair("ec-p256")
+    atomic_write(key_file, private, mode=0o600)
     with plane.admin() as admin:
         admin.register_node(node, "gateway", public.decode())
     sock = work_dir / "docker.sock"

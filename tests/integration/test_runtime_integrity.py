@@ -27,6 +27,7 @@ from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity, image_lay
 from trustplane.agent.service import Agent, AgentConfig
 from trustplane.api.images import LayerRecord, PublishedLayer
 from trustplane.api.runtime import DriftReport
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.control.reference_files import map_digest
 from trustplane.crypto.node_assertion import make_node_assertion
@@ -36,7 +37,6 @@ from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_image
 from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.errors import Forbidden, IntegrityError, MalformedError, NotFoundError
-from trustplane.oci.layout import atomic_write
 
 RUN_SH = b"#!/bin/sh\necho serving\n"
 

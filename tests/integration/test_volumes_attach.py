@@ -22,7 +22,6 @@ import libvirt
 import libvirt_qemu
 import pytest
 from missing import component_missing
-from volume_guest import ScannerGuest, build_scanner_initrd
 from volume_helpers import (
     file_backend,
     files_holding,
@@ -32,25 +31,26 @@ from volume_helpers import (
     rbd_backend,
 )
 
-from trustplane.embedded.ceph import RunningCeph
-from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
-from trustplane.embedded.libvirtd import RunningLibvirtd
-from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
-from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
-from trustplane.volumes.attachers.libvirt import LibvirtAttacher
-from trustplane.volumes.backends import Backend
-from trustplane.volumes.encryptors import encryptor_for
-from trustplane.volumes.header import LUKS_MAGIC
-from trustplane.volumes.location import RbdLocation
-from trustplane.volumes.spec import (
+from trustplane.api.volume_location import RbdLocation
+from trustplane.api.volume_spec import (
     BackendKind,
     ControlLocation,
     EncryptionSpec,
     Engine,
     Provider,
     VolumeTypeSpec,
-    passphrase,
 )
+from trustplane.embedded.ceph import RunningCeph
+from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
+from trustplane.embedded.libvirtd import RunningLibvirtd
+from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
+from trustplane.embedded.volume_guest import ScannerGuest, build_scanner_initrd
+from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
+from trustplane.volumes.attachers.libvirt import LibvirtAttacher
+from trustplane.volumes.backends import Backend
+from trustplane.volumes.encryptors import encryptor_for
+from trustplane.volumes.encryptors.base import passphrase
+from trustplane.volumes.header import LUKS_MAGIC
 from trustplane.volumes.volume import CreatedVolume, create_volume
 
 MIB = 1 << 20

@@ -24,11 +24,12 @@ import libvirt_qemu
 import pytest
 from volume_helpers import files_holding
 
+from trustplane.api.volume_spec import BackendKind, VolumeTypeSpec
 from trustplane.embedded.libvirtd import RunningLibvirtd, start_libvirtd
 from trustplane.errors import DecryptionKeyError, IntegrityError, UnavailableError
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher
 from trustplane.volumes.backends import FileBackend
-from trustplane.volumes.spec import BackendKind, VolumeTypeSpec, passphrase
+from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.volume import CreatedVolume, create_volume
 
 MIB = 1 << 20

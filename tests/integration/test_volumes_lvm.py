@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import pytest
 from storage_helpers import marker_block
 
+from trustplane.api.volume_location import LvmLocation
+from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Provider, VolumeTypeSpec
 from trustplane.embedded.dm_guest import DmGuest, GuestDisk
 from trustplane.errors import DecryptionKeyError, IntegrityError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.backends import LvmBackend
 from trustplane.volumes.encryptors import DmCryptEncryptor
 from trustplane.volumes.header import parse_header
-from trustplane.volumes.location import LvmLocation
-from trustplane.volumes.spec import BackendKind, EncryptionSpec, Provider, VolumeTypeSpec
 from trustplane.volumes.volume import create_volume
 
 MIB = 1 << 20

@@ -4,13 +4,12 @@ RADOS objects."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from trustplane.api.volume_location import AnyLocation, Endpoint, RbdLocation
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.tgtd import RunningTgtd
 from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
-from trustplane.volumes.location import AnyLocation, Endpoint, RbdLocation
 
 
 def file_backend(directory: Path) -> FileBackend:
@@ -31,21 +30,7 @@ def rbd_backend(ceph: RunningCeph) -> RbdBackend:
 
 def rados_objects(ceph: RunningCeph, image: str) -> dict[str, bytes]:
     """Every RADOS object of an image's data, fetched with `rados get` as the client."""
-    info = json.loads(ceph.run_as_client("rbd", "info", f"{ceph.pool}/{image}", "--format", "json"))
-    prefix = info["block_name_prefix"] + "."
-    names = sorted(
-        name
-        for name in ceph.run_as_client("rados", "-p", ceph.pool, "ls").split()
-        if name.startswith(prefix)
-    )
-    out = {}
-    scratch = ceph.work_dir / "tmp"
-    for name in names:
-        target = scratch / f"{name}.obj"
-        ceph.run_as_client("rados", "-p", ceph.pool, "get", name, str(target))
-        out[name] = target.read_bytes()
-        target.unlink()
-    return out
+    return ceph.image_objects(image)
 
 
 def raw_holds(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from trustplane.oci.layout import (
     STAGING_PREFIX,
     Layout,
     LayoutWriter,
-    atomic_write,
     blob_path,
 )
 
@@ -225,30 +222,3 @@ def test_has_blob_and_stage(tmp_path: Path) -> None:
     finally:
         writer.close(committed=True)
     assert blob_path(root, _digest(b"new")).read_bytes() == b"new"
-
-
-def test_atomic_write(tmp_path: Path) -> None:
-    target = tmp_path / "file"
-    atomic_write(target, b"one", mode=0o600)
-    assert target.read_bytes() == b"one"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    atomic_write(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # no temporary left behind
-
-
-def test_atomic_write_failure_keeps_old_content(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    target = tmp_path / "file"
-    target.write_bytes(b"old")
-
-    def no_fsync(fd: int) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", no_fsync)
-    with pytest.raises(OSError, match="Input/output"):
-        atomic_write(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["file"]

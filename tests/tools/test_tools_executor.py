@@ -164,13 +164,21 @@ def test_secrets_reach_the_tool_but_not_its_cmdline_or_environ(
     group = _session_pids(leader)
     assert leader in group
     assert len(group) >= 2, "the tool and the sleep it forked"
+    read = set()
     for pid in group:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # one of the wait loop's short `sleep 0.02`, gone meanwhile
+        read.add(pid)
         for secret in (SECRET_FILE_VALUE, SECRET_FD_VALUE, SECRET_STDIN_VALUE):
             for form in _forms(secret):
                 assert form not in cmdline
                 assert form not in environ
+    # The tool itself and the long sleep it forked stay until `go`: both were read.
+    assert leader in read
+    assert len(read) >= 2, "the tool and the sleep it forked"
     # While it runs the file exists, 0600, in a 0700 directory of its own.
     (private,) = _private_dirs(secret_root)
     assert stat.S_IMODE(private.stat().st_mode) == 0o700

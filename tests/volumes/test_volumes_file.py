@@ -15,21 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from trustplane.api.volume_location import FileLocation
+from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Provider, VolumeTypeSpec
 from trustplane.errors import DecryptionKeyError, IntegrityError, MalformedError, UsageError
 from trustplane.tools import Executor, mount_points
 from trustplane.volumes.access import FileRawReader
 from trustplane.volumes.backends import FileBackend
 from trustplane.volumes.encryptors import QemuLuksEncryptor
+from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.encryptors.dm_crypt import format_argv
 from trustplane.volumes.header import fingerprint, parse_header
-from trustplane.volumes.location import FileLocation
-from trustplane.volumes.spec import (
-    BackendKind,
-    EncryptionSpec,
-    Provider,
-    VolumeTypeSpec,
-    passphrase,
-)
 from trustplane.volumes.volume import create_volume, delete_volume
 
 MIB = 1 << 20

@@ -9,17 +9,17 @@ from typing import Any
 
 import pytest
 
-from trustplane.errors import UnsupportedError, UsageError
-from trustplane.volumes.attachers.libvirt import LibvirtAttacher, disk_xml, serial_for
-from trustplane.volumes.header import HeaderFingerprint
-from trustplane.volumes.location import (
+from trustplane.api.volume_location import (
     Endpoint,
     FileLocation,
     IscsiLocation,
     LvmLocation,
     RbdLocation,
 )
-from trustplane.volumes.spec import Engine
+from trustplane.api.volume_spec import Engine
+from trustplane.api.volumes import HeaderFingerprint
+from trustplane.errors import UnsupportedError, UsageError
+from trustplane.volumes.attachers.libvirt import LibvirtAttacher, disk_xml, serial_for
 
 MON = Endpoint(host="127.0.0.1", port=6789)
 RBD = RbdLocation(pool="volumes", image="v1", monitors=(MON,), user="trustplane")

@@ -8,8 +8,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from trustplane.errors import MalformedError, UnsupportedError, UsageError
-from trustplane.volumes.location import (
+from trustplane.api.volume_location import (
     Endpoint,
     FileLocation,
     IscsiLocation,
@@ -18,7 +17,7 @@ from trustplane.volumes.location import (
     dump_location,
     load_location,
 )
-from trustplane.volumes.spec import (
+from trustplane.api.volume_spec import (
     BackendKind,
     ControlLocation,
     EncryptionSpec,
@@ -27,8 +26,9 @@ from trustplane.volumes.spec import (
     VolumeTypeSpec,
     engine_for,
     parse_size,
-    passphrase,
 )
+from trustplane.errors import MalformedError, UnsupportedError, UsageError
+from trustplane.volumes.encryptors.base import passphrase
 
 FRONT_LUKS = EncryptionSpec()
 FRONT_LUKS2 = EncryptionSpec(provider=Provider.LUKS2)

@@ -23,9 +23,9 @@ from typing import Any
 
 from trustplane.agent.tpm import Identity, Tpm
 from trustplane.api.attestation import Activation, Enrollment, QuoteRequest
+from trustplane.atomic import atomic_write, fsync_dir
 from trustplane.client import ControlClient
 from trustplane.errors import MalformedError
-from trustplane.oci.layout import atomic_write, fsync_dir
 from trustplane.trust.attestation import DEFAULT_PCR, Event, check_measurement_pcr, replay
 
 logger = logging.getLogger("trustplane.agent")

@@ -43,7 +43,14 @@ import docker.errors
 from trustplane.api.images import ImageEntry
 from trustplane.api.runtime import DriftCounts, DriftReport
 from trustplane.client import ControlClient
-from trustplane.errors import Forbidden, NotFoundError, TrustplaneError, UnavailableError
+from trustplane.errors import (
+    Forbidden,
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+    UsageError,
+)
+from trustplane.oci.reference import canonical
 from trustplane.trust.file_digests import FileDrift, compare, measure_tree
 
 logger = logging.getLogger("trustplane.agent.runtime")
@@ -351,13 +358,13 @@ def image_layer_dirs(attrs: dict[str, Any]) -> list[Path]:
 
 
 def _repositories(names: Sequence[str]) -> list[str]:
-    """Distinct repository names: `host:port/repo:tag` and `repo@sha256:…` stripped."""
+    """Distinct canonical repository names (oci/reference.py) of dockerd's tags and digests."""
     found: list[str] = []
     for name in names:
-        repository = name.partition("@")[0]
-        head, sep, tag = repository.rpartition(":")
-        if sep and "/" not in tag:
-            repository = head
-        if repository and not repository.startswith("sha256") and repository not in found:
+        try:
+            repository = canonical(name)
+        except UsageError:
+            continue  # "<none>:<none>", an id, or a name we cannot read
+        if repository not in found:
             found.append(repository)
     return found

@@ -20,11 +20,11 @@ from trustplane.agent.attester import Attester, Verdict
 from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity
 from trustplane.agent.tpm import Tpm
 from trustplane.agent.tpm_lock import node_tpm
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.crypto.keys import generate_key_pair
 from trustplane.crypto.node_assertion import load_node_key
 from trustplane.errors import TrustplaneError, UsageError
-from trustplane.oci.layout import atomic_write
 from trustplane.trust.attestation import DEFAULT_PCR, check_measurement_pcr
 
 logger = logging.getLogger("trustplane.agent")

@@ -121,15 +121,10 @@ def refused(check: str, error: TrustplaneError) -> TrustplaneError:
     return type(error)(f"{check}: {error}")
 
 
-def repository_of(ref: RegistryRef) -> str:
-    """HOST/REPO: the name images are registered and measured under."""
-    return f"{ref.host}/{ref.repository}"
-
-
 def run_image(request: RunRequest, reporter: Reporter = SILENT, say: Say = _quiet) -> Started:
     """Check everything, then start the container; see the module docstring."""
     node = Agent(request.node)
-    repository = repository_of(request.image)
+    repository = request.image.name  # canonical: as registered and measured
 
     # 1. signature
     try:

@@ -7,7 +7,8 @@ people of different rank and for a key the KMS keeps, and then shows what
 each step proves: the registry holds no plaintext, each key gets its own
 view and the views run in Docker, a node that joins later decrypts through
 the KMS without re-encryption, tampered content is refused before release,
-and the transparency log proves what happened.
+encrypted cloud volumes (file and Ceph RBD, keys from the KMS) are read by a
+VM that never sees a key on disk, and the transparency log proves what happened.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -30,7 +31,6 @@ from jwcrypto import jwk
 from rich.console import Console
 from rich.panel import Panel
 
-from trustplane.api.images import LayerRecord
 from trustplane.crypto.keys import UnwrapKey, generate_key_pair, load_unwrap_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd
@@ -41,9 +41,10 @@ from trustplane.embedded.tls import create_ca, issue_server_cert
 from trustplane.errors import IntegrityError
 from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, Unwrapper, decrypt_image
-from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.encrypt import EncryptRequest
 from trustplane.images.inspect import inspect_image
 from trustplane.images.kms_unwrap import KmsUnwrapper
+from trustplane.images.publish import Registration, publish_image
 from trustplane.images.recipients import Recipient, parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.oci import reference
@@ -151,6 +152,7 @@ class Demo:
         self.tamper(operator)
         self.edge()
         self.zero_trust()
+        self.volumes()
         self.audit()
         console.print(
             Panel.fit("[bold green]demo complete[/bold green]: every step above was checked")
@@ -186,7 +188,7 @@ class Demo:
             lambda name: self.admin.recipient(name).public_key.encode(),
         )
         with Reporter() as reporter:
-            result = encrypt_image(
+            published = publish_image(
                 EncryptRequest(
                     source=reference.parse(f"docker-daemon:{APP}"),
                     destination=reference.parse(self.published),
@@ -195,20 +197,22 @@ class Demo:
                     protect_config=True,
                     destination_endpoint=self.endpoint,
                 ),
+                Registration(self.admin, self.repository),
                 reporter,
             )
-        registered = self.admin.register_image(
-            self.repository,
-            result.manifest_digest,
-            [LayerRecord.model_construct(**asdict(layer)) for layer in result.layers],
-        )
-        self.registration_entry = registered.log_index
+        result = published.encrypted
+        if published.log_index is None:
+            raise IntegrityError("the published image was not registered")
+        self.registration_entry = published.log_index
         info = inspect_image(reference.parse(self.published), self.endpoint)
         for layer in info["layers"]:
             who = ", ".join(r["keyID"][:12] for r in layer.get("recipients", []))
             state = f"encrypted for {who}" if layer["encrypted"] else "plain, digest unchanged"
             _said(f"layer {layer['index']}", f"{layer['mediaType'].rsplit('.', 1)[-1]}: {state}")
-        _said("control plane", f"image registered (log entry {self.registration_entry})")
+        _said(
+            "control plane",
+            f"image registered with its file digests (log entry {self.registration_entry})",
+        )
         self.first_checkpoint = self._checkpoint()
         _proved(
             f"only layer(s) {list(result.encrypted_layers)} were encrypted, chosen by file path; "
@@ -346,6 +350,22 @@ class Demo:
             secret=self.secret,
         )
         tpm_scene(scene, _said, _proved)
+
+    def volumes(self) -> None:
+        _step("Encrypted cloud volumes: the block-storage service, the KMS and a VM")
+        from trustplane.cli.demo_volumes import volumes_scene
+        from trustplane.embedded.ceph import start_ceph
+        from trustplane.embedded.guest_kernel import guest_kernel
+        from trustplane.embedded.libvirtd import start_libvirtd
+
+        kernel = guest_kernel()
+        with (
+            start_ceph(self.work / "ceph") as ceph,
+            start_libvirtd(self.work / "libvirtd") as libvirtd,
+        ):
+            _said("ceph", f"one-node cluster (mon, mgr, one OSD), pool {ceph.pool}, cephx")
+            _said("libvirtd", f"started by hand on {libvirtd.uri}")
+            volumes_scene(self.work / "volumes", ceph, libvirtd, kernel, _said, _proved)
 
     def audit(self) -> None:
         _step("Audit: the transparency log")

@@ -27,13 +27,15 @@ from typing import Any
 
 import docker
 
-from trustplane.api.images import LayerRecord
-from trustplane.crypto.keys import new_private_key_file
+from trustplane.atomic import atomic_write
+from trustplane.crypto.keys import generate_key_pair
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.mosquitto import RunningMosquitto
 from trustplane.embedded.process import ManagedProcess, UnixSocketReady
 from trustplane.errors import IntegrityError
+from trustplane.images.publish import Registration, register_plain_image
+from trustplane.oci import reference
 
 HOG = "dd if=/dev/zero of=/dev/shm/x bs=1M count=48 2>/dev/null; sleep 1000"
 Say = Callable[[str, str], None]
@@ -56,14 +58,14 @@ def edge_scene(
     with control.admin() as admin, ExitStack() as stack:
         node = f"{prefix}-gw"
         key_file = work / "gateway-key.pem"
-        public = new_private_key_file(key_file)
+        private, public = generate_key_pair("ec-p256")
+        atomic_write(key_file, private, mode=0o600)
         admin.register_node(node, "gateway", public.decode())
-        image = client.images.get(registered)
-        layers = [
-            LayerRecord(index=i, digest=d, encrypted=False, diff_id=d)
-            for i, d in enumerate(image.attrs["RootFS"]["Layers"])
-        ]
-        admin.register_image(registered.rsplit(":", 1)[0], str(image.id), layers)
+        # The image the gateway will let run: its layers and their files, as published.
+        register_plain_image(
+            reference.parse(f"docker-daemon:{registered}"),
+            Registration(admin, reference.canonical(registered)),
+        )
         sock = work / "docker.sock"
         mqtt_args: list[str] = []
         if broker is not None:

@@ -31,6 +31,7 @@ import docker.errors
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.crypto.signing import SigningKey, generate_signing_key
 from trustplane.embedded.control_plane import RunningControlPlane
@@ -39,12 +40,12 @@ from trustplane.embedded.registry import RunningRegistry
 from trustplane.embedded.sample_images import build_app_image
 from trustplane.embedded.swtpm import start_swtpm
 from trustplane.errors import IntegrityError
-from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.encrypt import EncryptRequest
+from trustplane.images.publish import publish_image
 from trustplane.images.recipients import parse_recipient
 from trustplane.images.selection import LayerSelector
 from trustplane.images.sign import sign_image
 from trustplane.oci import reference
-from trustplane.oci.layout import atomic_write
 from trustplane.oci.transport import Endpoint
 from trustplane.tools import Executor
 
@@ -253,15 +254,18 @@ def _publish_tampered(scene: Scene, admin: ControlClient, signer: SigningKey) ->
     kms = parse_recipient(
         f"kms:{scene.kms_recipient}", lambda name: admin.recipient(name).public_key.encode()
     )
-    result = encrypt_image(
+    # Encrypted and pushed as any publication is, but not registered as itself:
+    # the record below is the genuine build's (the forgery this scene is about).
+    result = publish_image(
         EncryptRequest(
             source=reference.parse(f"docker-daemon:{TAMPERED_APP}"),
             destination=reference.parse(target),
             recipients=[kms],
             selector=LayerSelector.parse(["path:/secrets/**"]),
             destination_endpoint=scene.endpoint,
-        )
-    )
+        ),
+        registration=None,
+    ).encrypted
     genuine = admin.images(scene.repository)[0]
     admin.register_image(scene.repository, result.manifest_digest, genuine.layers)
     sign_image(reference.parse(target), signer, scene.endpoint)

@@ -11,16 +11,15 @@ from trustplane.cli.common import input_file, stdout
 from trustplane.cli.node_options import check_node_key
 from trustplane.cli.session import Ca, ServerUrl
 from trustplane.errors import UsageError
+from trustplane.gateway import defaults
 
 
 def gateway(
     server_url: ServerUrl,
     listen: Annotated[
         str, typer.Option(help="The gateway's socket (unix:///path).")
-    ] = "unix:///run/trustplane/docker.sock",
-    docker: Annotated[
-        str, typer.Option(help="dockerd's socket (unix:///path).")
-    ] = "unix:///var/run/docker.sock",
+    ] = defaults.LISTEN,
+    docker: Annotated[str, typer.Option(help="dockerd's socket (unix:///path).")] = defaults.DOCKER,
     ca: Ca = None,
     node: Annotated[str | None, typer.Option(help="This gateway's registered node name.")] = None,
     node_key: Annotated[
@@ -37,44 +36,46 @@ def gateway(
             "security-opt (repeatable; default: none)."
         ),
     ] = None,
-    socket_mode: Annotated[str, typer.Option(help="Octal mode of the gateway's socket.")] = "660",
+    socket_mode: Annotated[
+        str, typer.Option(help="Octal mode of the gateway's socket.")
+    ] = f"{defaults.SOCKET_MODE:o}",
     allowed_uid: Annotated[
         list[int] | None,
         typer.Option(help="Local user ids (peer credentials) allowed on the socket; default: any."),
     ] = None,
     control_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the control plane before denying.")
-    ] = 5.0,
+    ] = defaults.CONTROL_TIMEOUT,
     cpu_threshold: Annotated[
         float, typer.Option(help="Monitor: CPU share of the host (%) a container may hold.")
-    ] = 90.0,
+    ] = defaults.CPU_THRESHOLD,
     memory_threshold: Annotated[
         float,
         typer.Option(help="Monitor: memory share (%) of its limit, or of the host without one."),
-    ] = 90.0,
+    ] = defaults.MEMORY_THRESHOLD,
     sustain: Annotated[
         float, typer.Option(help="Monitor: seconds over a threshold before the container stops.")
-    ] = 30.0,
+    ] = defaults.SUSTAIN,
     monitor_interval: Annotated[
         float, typer.Option(help="Monitor: seconds between samples.")
-    ] = 2.0,
+    ] = defaults.MONITOR_INTERVAL,
     monitor_source: Annotated[
         str,
         typer.Option(
             help="Monitor: sample cgroup files, else the Engine stats API (auto), or only one "
             "of them (cgroup, stats)."
         ),
-    ] = "auto",
+    ] = defaults.MONITOR_SOURCE,
     cgroup_root: Annotated[
         Path, typer.Option(help="Monitor: where the host's cgroup filesystem is mounted.")
-    ] = Path("/sys/fs/cgroup"),
+    ] = defaults.CGROUP_ROOT,
     allow_blind_monitor: Annotated[
         bool,
         typer.Option(
             help="Let containers start while the monitor cannot sample them (they run "
             "unwatched); by default such starts are refused."
         ),
-    ] = False,
+    ] = defaults.ALLOW_BLIND_MONITOR,
     mqtt: Annotated[
         str | None, typer.Option(help="MQTT broker for commands (mqtts://HOST:PORT).")
     ] = None,
@@ -87,14 +88,14 @@ def gateway(
     mqtt_ca: Annotated[Path | None, typer.Option(help="CA of the broker's certificate.")] = None,
     status_interval: Annotated[
         float, typer.Option(help="Seconds between status reports over MQTT.")
-    ] = 10.0,
+    ] = defaults.STATUS_INTERVAL,
     mqtt_nonce_file: Annotated[
         Path,
         typer.Option(
             help="Where the nonces of accepted MQTT commands are kept until they expire "
             "(replays are refused across restarts)."
         ),
-    ] = Path("/var/lib/trustplane/gateway/mqtt-nonces.json"),
+    ] = defaults.NONCE_FILE,
     authz_plugin: Annotated[
         str | None,
         typer.Option(
@@ -103,8 +104,9 @@ def gateway(
         ),
     ] = None,
     workers: Annotated[
-        int, typer.Option(min=1, max=64, help="Proxy processes sharing the socket.")
-    ] = 1,
+        int,
+        typer.Option(min=1, max=defaults.MAX_WORKERS, help="Proxy processes sharing the socket."),
+    ] = defaults.WORKERS,
     signature_key: Annotated[
         list[Path] | None,
         typer.Option(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from trustplane.api.images import PublishedLayer
 from trustplane.cli.common import (
     AsJson,
     AuthFile,
@@ -35,11 +33,11 @@ from trustplane.crypto.signing import is_encrypted_private_key, load_signing_key
 from trustplane.errors import IntegrityError, UsageError
 from trustplane.images.copy import CopyRequest, copy_image
 from trustplane.images.decrypt import DecryptRequest, decrypt_image
-from trustplane.images.encrypt import EncryptRequest, encrypt_image
+from trustplane.images.encrypt import EncryptRequest
 from trustplane.images.inspect import inspect_image
 from trustplane.images.kms_unwrap import KmsUnwrapper
+from trustplane.images.publish import Registration, publish_image, register_plain_image
 from trustplane.images.recipients import parse_recipient
-from trustplane.images.reference_files import reference_image
 from trustplane.images.selection import LayerSelector
 from trustplane.images.sign import Signed, check_log_entry, sign_image, verify_image
 from trustplane.oci import reference
@@ -127,32 +125,18 @@ def encrypt(
             dest_tls_verify, dest_cacert, dest_creds, authfile, dest_chunk_size, side="dest-"
         ),
     )
-    registering = client is not None and (register or (register is None and uses_kms))
+    registering = register or (register is None and uses_kms)
+    registration = (
+        Registration(client, name) if client is not None and name and registering else None
+    )
     with Reporter(enabled=not quiet) as reporter:
-        # The file digests for runtime integrity come from a streaming pass over
-        # the plain source, before anything is pushed (only when registering).
-        plain = (
-            reference_image(
-                request.source, request.source_endpoint, platform, reporter, skip_encrypted=True
-            )
-            if registering
-            else None
-        )
-        result = encrypt_image(request, reporter)
-    log_index = None
-    if client is not None and plain is not None:
-        assert name is not None
-        if [x.diff_id for x in plain.layers] != [x.diff_id for x in result.layers]:
-            raise IntegrityError(f"{source} changed while it was encrypted; not registered")
-        with client:
-            log_index = client.register_image(
-                name,
-                result.manifest_digest,
-                [
-                    PublishedLayer.model_construct(**asdict(layer), files=reference.files)
-                    for layer, reference in zip(result.layers, plain.layers, strict=True)
-                ],
-            ).log_index
+        try:
+            published = publish_image(request, registration, reporter)
+        finally:
+            if client is not None:
+                client.close()
+    result, log_index = published.encrypted, published.log_index
+    if log_index is not None:
         stderr.print(f"registered {name} with the control plane (log entry {log_index})")
     if as_json:
         emit_json(
@@ -200,12 +184,10 @@ def register(
     source_endpoint = endpoint(src_tls_verify, src_cacert, src_creds, authfile, side="src-")
     client = connect(server, ca)
     with client, Reporter(enabled=not quiet) as reporter:
-        plain = reference_image(ref, source_endpoint, platform, reporter)
-        log_index = client.register_image(
-            name,
-            plain.manifest_digest,
-            [PublishedLayer.model_construct(**asdict(layer)) for layer in plain.layers],
-        ).log_index
+        registered = register_plain_image(
+            ref, Registration(client, name), source_endpoint, platform, reporter
+        )
+    plain, log_index = registered.reference, registered.log_index
     files = sum(len(layer.files or ()) for layer in plain.layers)
     if as_json:
         emit_json(
@@ -515,8 +497,9 @@ def _annotations(pairs: list[str]) -> dict[str, Any] | None:
 
 
 def _repository(ref: reference.ImageRef) -> str | None:
+    """The canonical name of a registry image (what the control plane stores it under)."""
     if isinstance(ref, reference.RegistryRef):
-        return f"{ref.host}/{ref.repository}"
+        return ref.name
     return None
 
 

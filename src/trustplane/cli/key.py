@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from trustplane.atomic import atomic_write_all
 from trustplane.cli.common import output_file, read_file, stdout
 from trustplane.crypto.keys import KEY_TYPES, generate_key_pair, key_id
 from trustplane.crypto.signing import (
@@ -19,7 +19,6 @@ from trustplane.crypto.signing import (
     generate_signing_key,
 )
 from trustplane.errors import UsageError, from_os_error
-from trustplane.oci.layout import fsync_dir
 
 PASSWORD_ENV = "COSIGN_PASSWORD"  # noqa: S105 - the name of the variable, as cosign reads it
 
@@ -101,32 +100,11 @@ def _check_outputs(private_path: Path, public_path: Path, force: bool, label: st
 
 def _write_pair(private: tuple[Path, bytes], public: tuple[Path, bytes]) -> None:
     """Both files or neither, so a full disk or an interruption never leaves half a
-    pair (or, with --force, an old public key beside a new private key).
-
-    Not oci.layout.atomic_write twice: the two renames must follow two complete
-    temporary files, not one rename each as each file is done.
-    """
-    staged: list[tuple[Path, Path]] = []
+    pair (or, with --force, an old public key beside a new private key)."""
     try:
-        for (path, data), mode in ((private, 0o600), (public, 0o644)):
-            try:
-                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-                staged.append((Path(name), path))
-                with os.fdopen(fd, "wb") as handle:
-                    os.fchmod(handle.fileno(), mode)
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            except OSError as exc:  # a full disk, a read-only directory: name the file
-                raise from_os_error(exc, path) or exc from None
-        for temporary, path in staged:
-            temporary.replace(path)
-    except BaseException:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
-        raise
-    for directory in {path.parent for _, path in staged}:
-        fsync_dir(directory)
+        atomic_write_all([(*private, 0o600), (*public, 0o644)])
+    except OSError as exc:  # a full disk, a read-only directory: name the file
+        raise from_os_error(exc) or exc from None
 
 
 def signing_password(confirm: bool = False) -> bytes:

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
+from trustplane.atomic import atomic_write
 from trustplane.cli.common import emit_json, output_file, read_file, stdout
 from trustplane.cli.session import Ca, Server, connect
 from trustplane.crypto.keys import KeyType
 from trustplane.errors import UsageError, from_os_error
-from trustplane.oci.layout import atomic_write
 
 secret_app = typer.Typer(help="Secrets kept by the KMS, by reference.", no_args_is_help=True)
 recipient_app = typer.Typer(

@@ -22,11 +22,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from trustplane.atomic import atomic_write
 from trustplane.cli.common import stdout
 from trustplane.cli.session import Ca, Server, connect
 from trustplane.client import ControlClient
 from trustplane.errors import IntegrityError, MalformedError
-from trustplane.oci.layout import atomic_write
 from trustplane.trust import log_audit, merkle
 from trustplane.trust.checkpoint import open_checkpoint
 from trustplane.trust.note import parse_verifier_key

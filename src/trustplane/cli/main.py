@@ -17,7 +17,7 @@ import typer
 import typer.main
 
 from trustplane import __version__
-from trustplane.cli import admin, image, key, kms, log, server, store
+from trustplane.cli import admin, image, key, kms, log, server, store, volume
 from trustplane.cli.agent import agent
 from trustplane.cli.common import state_directory
 from trustplane.cli.gateway import gateway
@@ -34,6 +34,7 @@ app.add_typer(image.app, name="image")
 app.add_typer(key.app, name="key")
 app.add_typer(log.app, name="log")
 app.add_typer(store.app, name="store")
+app.add_typer(volume.app, name="volume")
 app.add_typer(kms.secret_app, name="secret")
 app.add_typer(kms.recipient_app, name="recipient")
 app.add_typer(kms.kek_app, name="kek")

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 import typer
 
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.errors import AuthError, MalformedError, UsageError
-from trustplane.oci.layout import atomic_write
 
 
 def url_checker(option: str) -> Callable[[str | None], str | None]:

@@ -42,6 +42,7 @@ from trustplane.control.routers import (
     reports,
     runtime,
     signatures,
+    volumes,
 )
 from trustplane.control.service import ControlPlane
 from trustplane.errors import (
@@ -71,6 +72,14 @@ async def _expire_silent_nodes(plane: ControlPlane) -> None:
             await anyio.to_thread.run_sync(plane.verifier.expire_silent)
         except Exception as exc:  # the next sweep retries; the gate checks age anyway
             logger.error("attestation sweep failed: %s", type(exc).__name__)
+
+
+async def _finish_volume_deletes(plane: ControlPlane) -> None:
+    """Deletes a crash interrupted (key shredded, storage not yet) are finished at start."""
+    try:
+        await anyio.to_thread.run_sync(plane.volumes.recover)
+    except Exception as exc:  # the next delete of that volume finishes it
+        logger.error("finishing interrupted volume deletes failed: %s", type(exc).__name__)
 
 
 async def _read_revocations(plane: ControlPlane) -> None:
@@ -111,6 +120,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
         tasks = [
             asyncio.create_task(_expire_silent_nodes(plane)),
             asyncio.create_task(_read_revocations(plane)),
+            asyncio.create_task(_finish_volume_deletes(plane)),
         ]
         try:
             yield
@@ -142,6 +152,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
         attestation,
         commands,
         layer_chains,
+        volumes,
     ):
         app.include_router(module.router)
 

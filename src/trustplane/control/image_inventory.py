@@ -6,6 +6,9 @@ layer (reference_files.py). Registrations are never changed or removed:
 edge gateways and node agents read them to authenticate an image, and the
 layer-key broker (key_broker.py) learns from them which image, and so whose
 policy, a layer's key belongs to.
+
+Repositories are stored, looked up and authorized under their canonical name
+(oci/reference.py), so every spelling of an image finds the same records.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from trustplane.control.policy import Decision
 from trustplane.control.release import Uncached
 from trustplane.control.transparency import TransparencyLog
 from trustplane.errors import Forbidden, IntegrityError, NotFoundError
+from trustplane.oci.reference import repository_name
 
 MAX_CACHED_PLACES = 4096
 Authorize = Callable[[Principal, str, str, int | None], Decision]
@@ -41,7 +45,7 @@ class ImageInventory:
     def register(self, principal: Principal, image: ImageRecord) -> int:
         """Record an image; its log entry's index. File digests may come with it,
         also for an image registered before, in the same transaction."""
-        repository, manifest_digest = image.repository, image.manifest_digest
+        repository, manifest_digest = repository_name(image.repository), image.manifest_digest
         self._require(principal, "image.publish", repository)
         layers = [layer.model_dump(exclude={"files"}) for layer in image.layers]
         files = {layer.index: layer.files for layer in image.layers if layer.files is not None}
@@ -91,6 +95,7 @@ class ImageInventory:
 
     def images(self, principal: Principal, repository: str) -> list[ImageEntry]:
         """What is registered for `repository` (needs image.pull on it)."""
+        repository = repository_name(repository)
         self._require(principal, "image.pull", repository)
         with self.db.session() as session:
             rows = session.scalars(
@@ -108,6 +113,7 @@ class ImageInventory:
 
     def files(self, principal: Principal, repository: str, manifest_digest: str) -> ImageFiles:
         """The file digests registered for one image (needs image.pull on it)."""
+        repository = repository_name(repository)
         self._require(principal, "image.pull", repository)
         with self.db.session() as session:
             row = session.scalar(

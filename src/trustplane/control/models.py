@@ -276,3 +276,51 @@ class LayerChain(Base):
     secret_id: Mapped[str] = mapped_column(ForeignKey("secrets.id"))
     creator: Mapped[str] = mapped_column(String(160))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class VolumeType(Base):
+    """A volume type: a configured backend and its encryption spec (Cinder's fields)."""
+
+    __tablename__ = "volume_types"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(64))
+    """The name of a backend in the server's settings (`volume_backends`)."""
+    spec: Mapped[dict[str, object]] = mapped_column(JSON)
+    """api.volume_spec.VolumeTypeSpec as JSON: the backend kind and the encryption."""
+    creator: Mapped[str] = mapped_column(String(160))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Volume(Base):
+    """An encrypted volume: where it is, its key's UUID (never the key), its header.
+
+    `state` makes create and delete safe against a crash: `creating` until
+    the storage is formatted, `deleting` once a delete began (the key is
+    being destroyed), `shredded` once the key is gone and the storage not
+    yet (finished at the next start or delete).
+    """
+
+    __tablename__ = "volumes"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    type_name: Mapped[str] = mapped_column(ForeignKey("volume_types.name"))
+    backend: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(36))
+    """The UUID of the volume's key in the KMS (a secret of the secret store)."""
+    location: Mapped[str | None] = mapped_column(Text)
+    """api.volume_location as JSON (no secret in it)."""
+    engine: Mapped[str | None] = mapped_column(String(16))
+    header_uuid: Mapped[str | None] = mapped_column(String(64))
+    header_digest: Mapped[str | None] = mapped_column(String(80))
+    fingerprint: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    """volumes.header.HeaderFingerprint as JSON: checked at every attach."""
+    owner: Mapped[str] = mapped_column(String(160))
+    attached_to: Mapped[str | None] = mapped_column(String(160))
+    """The subject the key was released to for an attach (node:NAME, user:NAME)."""
+    attached_domain: Mapped[str | None] = mapped_column(String(128))
+    attached_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)

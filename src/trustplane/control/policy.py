@@ -50,6 +50,9 @@ ACTIONS = frozenset(
         # the control plane's own
         "key.release",
         "volume.attach",
+        "volume.create",
+        "volume.delete",
+        "volume.type.create",
         "image.publish",
         "secret.create",
         "secret.delete",
@@ -69,6 +72,10 @@ DEFAULT_POLICY = """\
 # pass no start or pull check) is granted by no rule below; allow it per
 # repository, e.g. roles: [operator], actions: [image.build],
 # resources: ["image:shop/*"].
+# volume.attach (the release of a volume's key to the host that attaches it)
+# is granted to operators; give it to a compute node by name, e.g.
+# subjects: ["node:compute-1"], actions: [volume.attach],
+# resources: ["volume:*"], require_attestation: true.
 version: 1
 rules:
   - roles: [admin]
@@ -76,10 +83,11 @@ rules:
     resources: ["*"]
   - roles: [operator]
     actions: [image.pull, image.publish, "container.*", key.release, volume.attach,
-              secret.create, secret.delete, recipient.create, node.register, log.read]
+              volume.create, volume.delete, secret.create, secret.delete, recipient.create,
+              node.register, log.read]
     resources: ["*"]
   - roles: [user]
-    actions: [image.pull, secret.create, log.read]
+    actions: [image.pull, secret.create, volume.create, volume.delete, log.read]
     resources: ["*"]
   - roles: [user]
     actions: [key.release]

@@ -40,6 +40,7 @@ from trustplane.control.secret_rows import SqlSecretRows
 from trustplane.control.secrets import Secrets
 from trustplane.control.settings import ServerSettings
 from trustplane.control.transparency import TransparencyLog
+from trustplane.control.volumes import BlockStorage
 from trustplane.errors import UsageError
 from trustplane.keys.kek import KekProvider
 from trustplane.keys.secret_store import SecretStore
@@ -70,6 +71,8 @@ class ControlPlane:
     replays: ReplayGuard
     verifier: Verifier
     revocations: Revocations
+    volumes: BlockStorage
+    """The block-storage service: volume types, volumes, the attach key release."""
 
     def authorize(
         self, principal: Principal, action: str, resource: str, layer: int | None = None
@@ -145,6 +148,7 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
         replays=ReplayGuard(db),
         verifier=verifier,
         revocations=Revocations(db),
+        volumes=BlockStorage(db, store, transparency, authorize, gate, settings),
     )
     plane.revocations.refresh()
     password = _first_admin(db)

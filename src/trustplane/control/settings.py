@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import MalformedError, UsageError
 from trustplane.trust.attestation import DEFAULT_PCR, check_measurement_pcr
 
@@ -80,6 +81,44 @@ class TlsSettings(BaseModel):
     key_file: Path | None = None
 
 
+class VolumeBackendSettings(BaseModel):
+    """One storage backend the block-storage service creates volumes on.
+
+    `kind` says which fields it needs: file (`directory`), iscsi (`directory`
+    for the LUNs' backing files, `portal`, optionally tgtd's `control_port`),
+    lvm (`volume_group`), rbd (`pool`, `user`, `monitors`, `key_file`: the
+    cephx key of `client.USER` as `ceph auth get-key` prints it, a 0600 file).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: BackendKind
+    directory: Path | None = None
+    portal: str | None = None
+    """iSCSI: HOST:PORT where compute hosts reach tgtd."""
+    control_port: int | None = Field(default=None, ge=1, le=65535)
+    iqn_prefix: str | None = None
+    volume_group: str | None = None
+    pool: str | None = None
+    user: str | None = None
+    monitors: list[str] = Field(default_factory=list)
+    """RBD: HOST:PORT of each monitor (its v1 address)."""
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> VolumeBackendSettings:
+        needed = {
+            BackendKind.FILE: ("directory",),
+            BackendKind.ISCSI: ("directory", "portal"),
+            BackendKind.LVM: ("volume_group",),
+            BackendKind.RBD: ("pool", "user", "monitors", "key_file"),
+        }[self.kind]
+        missing = [name for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"a {self.kind} backend needs {', '.join(missing)}")
+        return self
+
+
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TRUSTPLANE_", env_nested_delimiter="__", extra="forbid"
@@ -111,6 +150,8 @@ class ServerSettings(BaseSettings):
     log_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     """How long the log sequencer waits to gather appends into one commit."""
     workers: int = Field(default=1, ge=1, le=64)
+    volume_backends: dict[str, VolumeBackendSettings] = Field(default_factory=dict)
+    """The block-storage service's backends by name (volume types name one)."""
 
     @classmethod
     def settings_customise_sources(

@@ -8,7 +8,6 @@ stable across PEM encodings and is what `image inspect` shows as the key id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
@@ -17,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk
 
 from trustplane.errors import DecryptionKeyError, MalformedError, UnsupportedError
-from trustplane.oci.layout import atomic_write
 
 KeyType = Literal["rsa", "ec-p256", "ec-p384", "ec-p521"]
 KEY_TYPES: tuple[KeyType, ...] = ("rsa", "ec-p256", "ec-p384", "ec-p521")
@@ -100,17 +98,6 @@ def generate_key_pair(key_type: KeyType) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return private_pem, public_pem
-
-
-def new_private_key_file(path: Path, key_type: KeyType = "ec-p256") -> bytes:
-    """Write a new private key to `path` (0600, atomically); return the public PEM.
-
-    A node's or gateway's identity key: the public half is what an
-    administrator registers with the control plane.
-    """
-    private_pem, public_pem = generate_key_pair(key_type)
-    atomic_write(path, private_pem, mode=0o600)
-    return public_pem
 
 
 def key_id(data: bytes, source: str) -> str:

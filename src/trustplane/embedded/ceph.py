@@ -175,6 +175,28 @@ class RunningCeph(StopsOnExit):
         conf = str(self.client.conf_file)
         return _run([binary, "--conf", conf, "--id", self.client.user, *args], timeout)
 
+    def image_objects(self, image: str) -> dict[str, bytes]:
+        """Every RADOS object of an RBD image's data, fetched with `rados get` as the
+        client: what someone with the storage (not the volume key) reads."""
+        info = json.loads(
+            self.run_as_client("rbd", "info", f"{self.pool}/{image}", "--format", "json")
+        )
+        prefix = info["block_name_prefix"] + "."
+        names = sorted(
+            name
+            for name in self.run_as_client("rados", "-p", self.pool, "ls").split()
+            if name.startswith(prefix)
+        )
+        out = {}
+        scratch = self.work_dir / "tmp"
+        scratch.mkdir(exist_ok=True)
+        for name in names:
+            target = scratch / f"{name}.obj"
+            self.run_as_client("rados", "-p", self.pool, "get", name, str(target))
+            out[name] = target.read_bytes()
+            target.unlink()
+        return out
+
     def ceph_json(self, *args: str) -> object:
         """`ceph ARGS --format json`, parsed."""
         return json.loads(self.run("ceph", *args, "--format", "json"))

@@ -3,30 +3,32 @@
 The registry, the token server and the demo speak TLS on 127.0.0.1; they need
 a CA whose certificate the clients trust, server certificates whose subject
 alternative names match the loopback address, and a key that signs registry
-tokens. Everything is made with `cryptography` (EC P-256) and written as PEM,
+tokens. The certificates are built by crypto/certificates.py (the control
+plane's own CA uses the same builders) and written here as PEM, atomically,
 private keys with mode 0600.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
-import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_VALID_DAYS = 3650
-LEAF_VALID_DAYS = 825
-# Certificates start an hour in the past so that a slightly slow clock still accepts them.
-_BACKDATE = dt.timedelta(hours=1)
+from trustplane.atomic import atomic_write
+from trustplane.crypto.certificates import (
+    CA_VALID_DAYS,
+    LEAF_VALID_DAYS,
+    KeyAndCertificate,
+    issue_leaf,
+    load,
+    self_signed,
+)
 
 
 @dataclass(frozen=True)
@@ -65,30 +67,8 @@ def create_ca(
     directory: Path, common_name: str = "trustplane test CA", *, valid_days: int = CA_VALID_DAYS
 ) -> CertificateAuthority:
     """Create a self-signed EC P-256 CA in `directory` (ca.pem, ca-key.pem)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
     ca = CertificateAuthority(cert_file=directory / "ca.pem", key_file=directory / "ca-key.pem")
-    _write_key(ca.key_file, key)
-    _write_public(ca.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    _write(directory, ca.cert_file, ca.key_file, self_signed(common_name, valid_days))
     return ca
 
 
@@ -108,32 +88,12 @@ def issue_server_cert(
     """
     if not dns_names and not ip_addresses:
         raise ValueError("a server certificate needs at least one DNS name or IP address")
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key = _load_ec_key(ca.key_file)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    common_name = dns_names[0] if dns_names else ip_addresses[0]
-    san: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
-    san += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    issued = issue_leaf(
+        _load_ca(ca),
+        dns_names[0] if dns_names else ip_addresses[0],
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        valid_days=valid_days,
     )
     result = ServerCertificate(
         cert_file=directory / f"{name}.pem",
@@ -142,8 +102,7 @@ def issue_server_cert(
         dns_names=tuple(dns_names),
         ip_addresses=tuple(ip_addresses),
     )
-    _write_key(result.key_file, key)
-    _write_public(result.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    _write(directory, result.cert_file, result.key_file, issued)
     return result
 
 
@@ -171,38 +130,15 @@ def issue_client_cert(
     certificate to an identity (the KMIP server uses the common name as the
     owner of the keys it creates) see `common_name`, which defaults to `name`.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key = _load_ec_key(ca.key_file)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     cn = common_name if common_name is not None else name
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    issued = issue_leaf(_load_ca(ca), cn, client=True, valid_days=valid_days)
     result = ClientCertificate(
         cert_file=directory / f"{name}.pem",
         key_file=directory / f"{name}-key.pem",
         ca_file=ca.cert_file,
         common_name=cn,
     )
-    _write_key(result.key_file, key)
-    _write_public(result.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    _write(directory, result.cert_file, result.key_file, issued)
     return result
 
 
@@ -218,31 +154,13 @@ def create_token_signing_key(
     The certificate is its own root, so the registry trusts tokens whose
     header carries either `kid` = `key_id` or `x5c` = [this certificate].
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    issued = self_signed(common_name, valid_days)
     signer = TokenSigningKey(
         cert_file=directory / f"{name}.pem",
         key_file=directory / f"{name}-key.pem",
-        key_id=libtrust_key_id(key.public_key()),
+        key_id=libtrust_key_id(issued.key.public_key()),
     )
-    _write_key(signer.key_file, key)
-    _write_public(signer.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    _write(directory, signer.cert_file, signer.key_file, issued)
     return signer
 
 
@@ -266,48 +184,12 @@ def certificate_der_b64(cert_file: Path) -> str:
     return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")
 
 
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
+def _load_ca(ca: CertificateAuthority) -> KeyAndCertificate:
+    return load(ca.key_file.read_bytes(), ca.cert_file.read_bytes(), str(ca.key_file))
 
 
-def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise TypeError(f"{path} does not hold an EC private key")
-    return key
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Write a PKCS#8 PEM key, created with mode 0600 so it is never readable by others."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.chmod(0o600)  # O_CREAT's mode does not apply to a file left by an earlier run
-    tmp.replace(path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+def _write(directory: Path, cert_file: Path, key_file: Path, issued: KeyAndCertificate) -> None:
+    """The key (mode 0600 from its first byte), then its certificate, each atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(key_file, issued.key_pem(), mode=0o600)
+    atomic_write(cert_file, issued.certificate_pem())

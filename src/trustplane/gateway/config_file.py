@@ -1,8 +1,10 @@
 """A gateway's configuration as a TOML file, for `trustplane agent --gateway-config`.
 
-The keys are the `trustplane gateway` options (underscores for dashes);
+The keys are the `trustplane gateway` options (underscores for dashes),
+every one of them, with the same defaults (defaults.py);
 `server`, `ca`, `node` and `node_key` default to the agent's own, so the
-agent's node is the gateway's identity. Unknown keys and wrong types are
+agent's node is the gateway's identity (and `workers` above 1 is refused
+there: the agent's gateway is one thread). Unknown keys and wrong types are
 refused, in one line, before anything starts::
 
     listen = "unix:///run/trustplane/docker.sock"
@@ -33,10 +35,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trustplane.errors import UsageError
+from trustplane.gateway import defaults
 from trustplane.gateway.control_link import NodeCredential
 from trustplane.gateway.image_signatures import load_policy
-from trustplane.gateway.monitor import CGROUP_ROOT, Source, Thresholds
-from trustplane.gateway.mqtt_link import NONCE_FILE, MqttConfig
+from trustplane.gateway.monitor import Source, Thresholds
+from trustplane.gateway.mqtt_link import MqttConfig
 from trustplane.gateway.service import GatewayConfig, check_categories, unix_path
 
 
@@ -45,13 +48,13 @@ class _Strict(BaseModel):
 
 
 class _Monitor(_Strict):
-    cpu_threshold: float = 90.0
-    memory_threshold: float = 90.0
-    sustain: float = Field(30.0, gt=0)
-    interval: float = Field(2.0, gt=0)
-    source: Source = "auto"
-    cgroup_root: Path = CGROUP_ROOT
-    allow_blind: bool = False
+    cpu_threshold: float = defaults.CPU_THRESHOLD
+    memory_threshold: float = defaults.MEMORY_THRESHOLD
+    sustain: float = Field(defaults.SUSTAIN, gt=0)
+    interval: float = Field(defaults.MONITOR_INTERVAL, gt=0)
+    source: Source = defaults.MONITOR_SOURCE
+    cgroup_root: Path = defaults.CGROUP_ROOT
+    allow_blind: bool = defaults.ALLOW_BLIND_MONITOR
 
 
 class _Mqtt(_Strict):
@@ -59,26 +62,27 @@ class _Mqtt(_Strict):
     password_file: Path
     user: str | None = None
     ca: Path | None = None
-    status_interval: float = Field(10.0, gt=0)
-    nonce_file: Path = NONCE_FILE
+    status_interval: float = Field(defaults.STATUS_INTERVAL, gt=0)
+    nonce_file: Path = defaults.NONCE_FILE
 
 
 class _File(_Strict):
-    listen: str = "unix:///run/trustplane/docker.sock"
-    docker: str = "unix:///var/run/docker.sock"
+    listen: str = defaults.LISTEN
+    docker: str = defaults.DOCKER
     server: str | None = None
     ca: Path | None = None
     node: str | None = None
     node_key: Path | None = None
     token_file: Path | None = None
     allow_host_access: list[str] = Field(default_factory=list)
-    socket_mode: str = Field("660", pattern=r"^[0-7]{3,4}$")
+    socket_mode: str = Field(f"{defaults.SOCKET_MODE:o}", pattern=r"^[0-7]{3,4}$")
     allowed_uids: list[int] = Field(default_factory=list)
-    control_timeout: float = Field(5.0, gt=0)
+    control_timeout: float = Field(defaults.CONTROL_TIMEOUT, gt=0)
     signature_keys: list[Path] = Field(default_factory=list)
     require_signatures: bool = False
     require_scoped_tokens: bool = False
     authz_plugin: str | None = None
+    workers: int = Field(defaults.WORKERS, ge=1, le=defaults.MAX_WORKERS)
     monitor: _Monitor = Field(default_factory=_Monitor)
     mqtt: _Mqtt | None = None
 
@@ -138,6 +142,7 @@ def load_gateway_config(
         authz_plugin=unix_path(options.authz_plugin, "authz_plugin")
         if options.authz_plugin
         else None,
+        workers=options.workers,
         signatures=load_policy(options.signature_keys, options.require_signatures),
         require_scoped_tokens=options.require_scoped_tokens,
         monitor_source=options.monitor.source,

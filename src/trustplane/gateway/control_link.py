@@ -41,6 +41,7 @@ from trustplane.client import (
 )
 from trustplane.crypto.node_assertion import load_node_key, make_node_assertion
 from trustplane.errors import AuthError, MalformedError
+from trustplane.gateway import defaults
 
 WHOAMI_TTL = 30.0
 WHOAMI_CACHE = 4096
@@ -81,7 +82,7 @@ class ControlLink:
         *,
         node: NodeCredential | None = None,
         token_file: Path | None = None,
-        timeout: float = 5.0,
+        timeout: float = defaults.CONTROL_TIMEOUT,
     ) -> None:
         if node is None and token_file is None:
             raise AuthError(

@@ -42,7 +42,7 @@ from trustplane.gateway.actions import Classified, classify
 from trustplane.gateway.control_link import Caller, ControlLink
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.host_access import host_access
-from trustplane.gateway.image_auth import ImageAuthenticator, looks_like_id, split_reference
+from trustplane.gateway.image_auth import ImageAuthenticator, looks_like_id, reference_name
 from trustplane.gateway.image_signatures import SignatureCheck
 from trustplane.gateway.monitor import ResourceMonitor
 from trustplane.gateway.reporter import Reporter
@@ -355,7 +355,7 @@ class Gatekeeper:
             return f"{classified.kind}:{label}"
         if classified.kind == "image":
             tags = target.query.get("t") or target.query.get("repo") or []
-            return f"image:{split_reference(tags[0])[0]}" if tags and tags[0] else "image:*"
+            return f"image:{reference_name(tags[0])[0]}" if tags and tags[0] else "image:*"
         return "container:*"
 
     async def _container(self, verdict: Verdict, name: str, starting: bool) -> str:
@@ -384,8 +384,9 @@ class Gatekeeper:
             image = await self.docker.inspect("images", name)
             tags = image.get("RepoTags") if image else None
             if isinstance(tags, list) and tags and isinstance(tags[0], str):
-                return split_reference(tags[0])[0]
-        return split_reference(name)[0]
+                return reference_name(tags[0])[0]
+            return name.removeprefix("sha256:")  # an untagged image is named by its id
+        return reference_name(name)[0]
 
     async def confirm_created(self, verdict: Verdict, answer: bytes) -> bool:
         """After dockerd created a container: is it made from the image that was checked?
@@ -417,7 +418,7 @@ def _build_repository(target: Target) -> str:
     One build is one decision: tags into two repositories would let a rule
     for one of them write the other, so they are refused.
     """
-    repositories = {split_reference(tag)[0] for tag in target.query.get("t", []) if tag}
+    repositories = {reference_name(tag)[0] for tag in target.query.get("t", []) if tag}
     if len(repositories) > 1:
         raise Forbidden(
             "trustplane gateway: a build may tag one repository only "

@@ -22,39 +22,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from trustplane.api.images import ImageEntry
-from trustplane.errors import Forbidden, NotFoundError
+from trustplane.errors import Forbidden, NotFoundError, UsageError
 from trustplane.gateway.control_link import ControlLink
 from trustplane.gateway.docker_api import DockerApi
+from trustplane.oci.reference import normalize
 
 if TYPE_CHECKING:
     from trustplane.gateway.image_signatures import SignatureCheck
 
-_HUB_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
 
+def reference_name(reference: str) -> tuple[str, str | None]:
+    """(canonical repository name, digest or None) of `name[:tag][@digest]`.
 
-def split_reference(reference: str) -> tuple[str, str | None]:
-    """(familiar repository, digest or None) of `name[:tag][@digest]`."""
-    name, _, digest = reference.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        name = name[:colon]
-    for prefix in _HUB_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    return name, digest or None
-
-
-def registered_names(repository: str) -> list[str]:
-    """How a publisher may have spelled a familiar repository name when registering it."""
-    names = [repository]
-    if "." not in repository.split("/")[0] and ":" not in repository.split("/")[0]:
-        if "/" not in repository:
-            names.append(f"docker.io/library/{repository}")
-            names.append(f"library/{repository}")
-        names.append(f"docker.io/{repository}")
-    return names
+    oci/reference.py's normaliser, the one the control plane applies to what
+    is registered: a name that is not valid is refused (Forbidden), never
+    guessed at.
+    """
+    try:
+        named = normalize(reference)
+    except UsageError as exc:
+        raise Forbidden(f"trustplane gateway: {exc}") from None
+    return named.name, named.digest
 
 
 def looks_like_id(reference: str) -> bool:
@@ -71,20 +59,18 @@ class ImageAuthenticator:
         self.docker = docker
         self.signatures = signatures
 
-    async def _signed(self, record: ImageEntry, familiar: str) -> None:
+    async def _signed(self, record: ImageEntry, image_name: str) -> None:
         """Forbidden unless the record's digest passes the signature check (if any)."""
         if self.signatures is not None:
-            await self.signatures.check(record.repository, record.manifest_digest, familiar)
+            await self.signatures.check(record.repository, record.manifest_digest, image_name)
 
     async def _records(self, repository: str) -> list[ImageEntry]:
-        records: list[ImageEntry] = []
-        for name in registered_names(repository):
-            records.extend(await self.link.images(name))
-        return records
+        """What the control plane registered under the canonical name `repository`."""
+        return await self.link.images(repository)
 
     async def for_pull(self, reference: str) -> str:
         """The repository to authorize `image.pull` on; Forbidden when not registered."""
-        repository, digest = split_reference(reference)
+        repository, digest = reference_name(reference)
         records = await self._records(repository)
         if not records:
             raise Forbidden(f"image {repository} is not registered with the control plane")
@@ -95,12 +81,12 @@ class ImageAuthenticator:
             await self._first_signed(pinned, repository)
         return repository
 
-    async def _first_signed(self, records: list[ImageEntry], familiar: str) -> None:
+    async def _first_signed(self, records: list[ImageEntry], image_name: str) -> None:
         """At least one of the matching records passes the signature check."""
         refusal: Forbidden | None = None
         for record in records:
             try:
-                await self._signed(record, familiar)
+                await self._signed(record, image_name)
             except Forbidden as exc:
                 refusal = refusal or exc
             else:
@@ -115,10 +101,13 @@ class ImageAuthenticator:
             raise NotFoundError(f"No such image: {reference}")
         candidates: list[str] = []
         if not looks_like_id(reference):
-            candidates.append(split_reference(reference)[0])
+            candidates.append(reference_name(reference)[0])
         for tagged in [*_strings(image.get("RepoTags")), *_strings(image.get("RepoDigests"))]:
-            repository = split_reference(tagged)[0]
-            if repository not in candidates and repository != "<none>":
+            try:
+                repository = normalize(tagged).name
+            except UsageError:
+                continue  # "<none>:<none>", or a name dockerd keeps that we cannot read
+            if repository not in candidates:
                 candidates.append(repository)
         digests = {d.partition("@")[2] for d in _strings(image.get("RepoDigests"))}
         rootfs = image.get("RootFS")

@@ -31,8 +31,8 @@ from trustplane.errors import (
     UsageError,
 )
 from trustplane.gateway.control_link import ControlLink
-from trustplane.gateway.image_auth import split_reference
 from trustplane.images.sign import check_signed_payload
+from trustplane.oci.reference import canonical, same_repository
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,14 @@ class SignatureCheck:
         self.link = link
         self.policy = policy
 
-    async def check(self, repository: str, digest: str, familiar: str) -> None:
+    async def check(self, repository: str, digest: str, image_name: str) -> None:
         """Forbidden unless `repository@digest` passes (see the module's rules).
 
-        `familiar` is the repository's familiar name, which the signed
-        docker-reference must also name.
+        `image_name` is the repository's canonical name (oci/reference.py),
+        which the signed docker-reference must also name.
         """
         entries = await self.link.signatures(repository, digest)
-        shown = f"{familiar}@{digest[:19]}"
+        shown = f"{image_name}@{digest[:19]}"
         if not entries:
             if self.policy.required:
                 raise Forbidden(
@@ -80,7 +80,7 @@ class SignatureCheck:
             return
         failures: list[str] = []
         for entry in entries:
-            reason = verify_entry(entry, self.policy.keys, digest, familiar)
+            reason = verify_entry(entry, self.policy.keys, digest, image_name)
             if reason is None:
                 return
             failures.append(reason)
@@ -91,7 +91,7 @@ class SignatureCheck:
 
 
 def verify_entry(
-    entry: SignatureEntry, keys: tuple[VerifyKey, ...], digest: str, familiar: str
+    entry: SignatureEntry, keys: tuple[VerifyKey, ...], digest: str, image_name: str
 ) -> str | None:
     """None when `entry` verifies with a trusted key, else why not."""
     what = f"signature (log entry {entry.log_index})"
@@ -115,11 +115,19 @@ def verify_entry(
         except IntegrityError as exc:
             reasons.append(str(exc))
             continue
-        named = split_reference(critical["identity"]["docker-reference"])[0]
-        if named != familiar:
-            reasons.append(f"{what} names {named}, not {familiar} (docker-reference)")
+        signed = str(critical["identity"]["docker-reference"])
+        if not same_repository(signed, image_name):
+            reasons.append(f"{what} names {_shown(signed)}, not {image_name} (docker-reference)")
             continue
         return None
     # Say the most telling reason: another image or repository, before a key mismatch.
     telling = [r for r in reasons if "does not verify" not in r]
     return (telling or reasons)[0]
+
+
+def _shown(reference: str) -> str:
+    """A signed docker-reference as the gateway reads it: canonical, or quoted if invalid."""
+    try:
+        return canonical(reference)
+    except UsageError:
+        return repr(reference[:200])

@@ -49,11 +49,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trustplane.errors import TrustplaneError, UnavailableError, UsageError
+from trustplane.gateway import defaults
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.reporter import Reporter
 
 log = logging.getLogger("trustplane.gateway")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_ROOT = defaults.CGROUP_ROOT
 UNLIMITED = 1 << 60
 """cgroup v1 writes "no limit" as a number near 2**63."""
 BLIND_AFTER = 3
@@ -72,13 +73,13 @@ def check_source(name: str) -> Source:
 
 @dataclass(frozen=True)
 class Thresholds:
-    cpu_percent: float = 90.0
+    cpu_percent: float = defaults.CPU_THRESHOLD
     """Share of the host's CPU capacity."""
-    memory_percent: float = 90.0
+    memory_percent: float = defaults.MEMORY_THRESHOLD
     """Share of the container's memory limit (or of the host's memory without one)."""
-    sustain: float = 30.0
+    sustain: float = defaults.SUSTAIN
     """Seconds a share must stay above its threshold before the container is stopped."""
-    interval: float = 2.0
+    interval: float = defaults.MONITOR_INTERVAL
     """Seconds between samples."""
 
     def __post_init__(self) -> None:
@@ -134,7 +135,7 @@ class ResourceMonitor:
         thresholds: Thresholds,
         reporter: Reporter | None = None,
         cgroup_root: Path = CGROUP_ROOT,
-        source: Source = "auto",
+        source: Source = defaults.MONITOR_SOURCE,
         allow_blind: bool = False,
     ) -> None:
         self.docker = docker

@@ -49,6 +49,7 @@ from trustplane.errors import (
     TrustplaneError,
     UsageError,
 )
+from trustplane.gateway import defaults
 from trustplane.gateway.control_link import ControlLink
 from trustplane.gateway.docker_api import DockerApi
 from trustplane.gateway.image_auth import ImageAuthenticator
@@ -60,7 +61,7 @@ from trustplane.mqtt_client import connect
 log = logging.getLogger("trustplane.gateway")
 TOPIC_ROOT = "trustplane/gw"
 QUEUE_SIZE = 256
-NONCE_FILE = Path("/var/lib/trustplane/gateway/mqtt-nonces.json")
+NONCE_FILE = defaults.NONCE_FILE
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _IMAGE = re.compile(r"[a-z0-9][a-z0-9._/:@-]{0,254}")
 
@@ -71,7 +72,7 @@ class MqttConfig:
     user: str
     password_file: Path
     ca_file: Path | None = None
-    status_interval: float = 10.0
+    status_interval: float = defaults.STATUS_INTERVAL
     nonce_file: Path = NONCE_FILE
     """The accepted commands' nonces, kept until they expire (see nonces.py)."""
 

@@ -28,9 +28,9 @@ import logging
 import os
 from pathlib import Path
 
+from trustplane.atomic import atomic_write
 from trustplane.crypto.command_envelope import MAX_TTL
 from trustplane.errors import IntegrityError, UnavailableError
-from trustplane.oci.layout import atomic_write
 
 log = logging.getLogger("trustplane.gateway")
 MAX_NONCES = 10_000

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trustplane.errors import MalformedError, TrustplaneError, UnavailableError
+from trustplane.gateway import defaults
 from trustplane.gateway.actions import Classified, classify
 from trustplane.gateway.decide import TOKEN_HEADER, Gatekeeper, Peer
 from trustplane.gateway.docker_api import INTERNAL_HEADER
@@ -120,7 +121,9 @@ class GatewayProxy:
         self.connections = 0
         self._heads: dict[bytes, _Parsed] = {}
 
-    async def start(self, mode: int = 0o660, listener: socket.socket | None = None) -> None:
+    async def start(
+        self, mode: int = defaults.SOCKET_MODE, listener: socket.socket | None = None
+    ) -> None:
         """Listen on the socket path, or accept on `listener` (shared by worker processes)."""
         if listener is not None:
             self._server = await asyncio.start_unix_server(

@@ -89,12 +89,14 @@ class Reporter:
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             taken = len(batch)
+            drops = None  # the drop count this batch reports, if any
             if self.dropped > self._dropped_reported and len(batch) < BATCH:
+                drops = self.dropped
                 batch.append(
                     Report.model_construct(
                         kind="gateway.status",
                         time=time.time(),
-                        details={"event": "reports dropped", "dropped": self.dropped},
+                        details={"event": "reports dropped", "dropped": drops},
                     )
                 )
             while True:
@@ -106,7 +108,9 @@ class Reporter:
                     log.exception("gateway: reports not sent; retrying in %.1fs", delay)
                 else:
                     self.sent += len(batch)
-                    self._dropped_reported = max(self._dropped_reported, self.dropped)
+                    # Only what this batch said: drops since then go in a later one.
+                    if drops is not None:
+                        self._dropped_reported = max(self._dropped_reported, drops)
                     delay = RETRY_MIN
                     break
                 await asyncio.sleep(delay)

@@ -1,6 +1,6 @@
 """Reference values of a plain image for registration: layer digests and file digests.
 
-Each layer blob is streamed once: its digest is checked (a registry that
+Each layer blob is streamed once (layer_scan.py): its digest is checked (a registry that
 serves other bytes is caught before anything is registered), it is
 decompressed (gzip, zstd or none, as its media type says) and its tar is
 digested file by file (trust/file_digests.py). Memory stays flat in layer
@@ -10,21 +10,16 @@ size. Encrypted layers cannot be read here: register from the plain image
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trustplane.errors import IntegrityError, MalformedError, UsageError
+from trustplane.errors import UsageError
+from trustplane.images.layer_scan import scan_layer
 from trustplane.images.resolve import resolve
-from trustplane.images.selection import _Hashing
-from trustplane.oci import mediatypes
-from trustplane.oci.compression import DECOMPRESSION_ERRORS, decompressed
 from trustplane.oci.model import Descriptor, ImageConfig, sha256_digest
 from trustplane.oci.reference import ImageRef
 from trustplane.oci.transport import Endpoint, ImageSource, open_source
 from trustplane.progress import SILENT, Reporter
-from trustplane.streaming import ReadableFile
 from trustplane.trust.file_digests import digest_layer_tar
 
 
@@ -52,23 +47,7 @@ def layer_file_digests(
     """The file map of one plain layer blob, whose digest is checked on the way."""
     if layer.is_encrypted:
         raise UsageError(f"layer {layer.digest} is encrypted; give the plain image")
-    algorithm = layer.digest.partition(":")[0]
-    digest = hashlib.new(algorithm)
-    with source.open_blob(layer) as raw:
-        counted = _Hashing(raw, digest, progress)
-        kind = mediatypes.compression(layer.media_type)
-        stream = decompressed(io.BufferedReader(ReadableFile(counted), 1 << 20), kind)
-        try:
-            files = digest_layer_tar(stream)
-        except DECOMPRESSION_ERRORS as exc:
-            raise IntegrityError(f"layer {layer.digest} does not decompress: {exc}") from None
-        except MalformedError as exc:
-            raise IntegrityError(f"layer {layer.digest}: {exc}") from None
-        while counted.readinto(memoryview(bytearray(1 << 20))):
-            pass  # the tar end may come before the blob's end; hash it all
-    if f"{algorithm}:{digest.hexdigest()}" != layer.digest:
-        raise IntegrityError(f"{source.ref}: layer {layer.digest} does not match its digest")
-    return files
+    return scan_layer(source, layer, digest_layer_tar, progress)
 
 
 def reference_image(

@@ -12,21 +12,18 @@ layer (`/data -> /secrets`, then `/data/key`) is matched as `/data/key`.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from wcmatch import glob
 
-from trustplane.errors import IntegrityError, UsageError
-from trustplane.oci import mediatypes
-from trustplane.oci.compression import DECOMPRESSION_ERRORS, decompressed
+from trustplane.errors import UsageError
+from trustplane.images.layer_scan import scan_layer
 from trustplane.oci.model import Descriptor
 from trustplane.oci.transport import ImageSource
-from trustplane.streaming import Readable, ReadableFile
 
 GLOB_FLAGS = glob.GLOBSTAR | glob.DOTGLOB | glob.BRACE
 WHITEOUT = ".wh."
@@ -90,24 +87,12 @@ def layer_files(
     source: ImageSource, layer: Descriptor, progress: Callable[[int], object] | None = None
 ) -> list[str]:
     """Absolute paths of the non-directory, non-whiteout entries of a layer."""
-    algorithm = layer.digest.partition(":")[0]
-    digest = hashlib.new(algorithm)
-    with source.open_blob(layer) as raw:
-        counted = _Hashing(raw, digest, progress)
-        kind = mediatypes.compression(layer.media_type)
-        stream = decompressed(io.BufferedReader(ReadableFile(counted), 1 << 20), kind)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                files = list(_paths(archive))
-        except (tarfile.TarError, *DECOMPRESSION_ERRORS) as exc:
-            raise IntegrityError(
-                f"layer {layer.digest} is not a valid tar archive: {exc}"
-            ) from None
-        while counted.readinto(memoryview(bytearray(1 << 20))):
-            pass  # the tar end may come before the blob's end; hash it all
-    if f"{algorithm}:{digest.hexdigest()}" != layer.digest:
-        raise IntegrityError(f"{source.ref}: layer {layer.digest} does not match its digest")
-    return files
+
+    def read(stream: IO[bytes]) -> list[str]:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            return list(_paths(archive))
+
+    return scan_layer(source, layer, read, progress)
 
 
 def _paths(archive: tarfile.TarFile) -> Iterable[str]:
@@ -118,21 +103,3 @@ def _paths(archive: tarfile.TarFile) -> Iterable[str]:
         if member.isdir() or posixpath.basename(name).startswith(WHITEOUT):
             continue
         yield name
-
-
-class _Hashing:
-    """Hashes what passes through, and reports progress."""
-
-    def __init__(
-        self, inner: Readable, digest: hashlib._Hash, progress: Callable[[int], object] | None
-    ) -> None:
-        self.inner = inner
-        self.digest = digest
-        self.progress = progress
-
-    def readinto(self, buffer: memoryview) -> int:
-        n = self.inner.readinto(buffer) or 0
-        self.digest.update(buffer[:n])
-        if self.progress is not None and n:
-            self.progress(n)
-        return n

@@ -42,14 +42,13 @@ from trustplane.errors import IntegrityError, MalformedError, NotFoundError, Uns
 from trustplane.oci import gojson, mediatypes
 from trustplane.oci.annotations import COSIGN_SIGNATURE, SIGNATURE_LOG_INDEX
 from trustplane.oci.model import MAX_MANIFEST_SIZE, sha256_digest
-from trustplane.oci.reference import ImageRef, RegistryRef
+from trustplane.oci.reference import DEFAULT_REGISTRY, ImageRef, RegistryRef, same_repository
 from trustplane.oci.registry import RegistryClient
 from trustplane.oci.transport import Endpoint
 
 SIGNATURE_TYPE = "cosign container image signature"
 MAX_PAYLOAD_SIZE = 1 << 20
 MAX_SIGNATURES = 256
-_DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
 @dataclass(frozen=True)
@@ -116,8 +115,12 @@ def signature_tag(manifest_digest: str) -> str:
 
 
 def docker_reference(ref: RegistryRef) -> str:
-    """HOST/REPOSITORY as go-containerregistry names it (index.docker.io for Docker Hub)."""
-    host = "index.docker.io" if ref.host in _DOCKER_HUB else ref.host
+    """HOST/REPOSITORY as go-containerregistry names it (index.docker.io for Docker Hub).
+
+    Only what is written into a new payload; a signed docker-reference is
+    compared by the one normaliser (`same_repository`), whatever its spelling.
+    """
+    host = "index.docker.io" if ref.host == DEFAULT_REGISTRY else ref.host
     return f"{host}/{ref.repository}"
 
 
@@ -292,7 +295,7 @@ def _check_layer(
     payload = client.read_small_blob(target.repository, layer_digest, MAX_PAYLOAD_SIZE)
     critical, optional = check_signed_payload(payload, signature, key, digest, what)
     signed_reference = critical["identity"]["docker-reference"]
-    if _normal(signed_reference) != _normal(expected_reference):
+    if not same_repository(signed_reference, expected_reference):
         raise IntegrityError(
             f"{what} names {signed_reference!r}, not {expected_reference!r} (docker-reference)"
         )
@@ -360,8 +363,3 @@ def _empty_image_config(diff_ids: list[str]) -> bytes:
             "config": {},
         }
     )
-
-
-def _normal(reference: str) -> str:
-    host, _, rest = reference.partition("/")
-    return f"index.docker.io/{rest}" if host in _DOCKER_HUB else reference

@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import ClassVar
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from trustplane.atomic import atomic_write
 from trustplane.errors import (
     DecryptionKeyError,
     IntegrityError,
@@ -205,23 +205,11 @@ class FileKekProvider(KekProvider):
                 "created": _now(),
             }
         ]
-        tmp = parent / f".{self.path.name}.{secrets.token_hex(8)}.new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(_serialize(entries, first))
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, self.path)  # fails if it exists: never replace someone's KEKs
-            except FileExistsError:
-                return
-            _fsync_dir(parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Linked, not renamed, into place: never replace KEKs another process just made.
+        atomic_write(self.path, _serialize(entries, first), FILE_MODE, replace=False)
 
     def _write_entries(self, entries: list[dict[str, str]], current: str) -> None:
-        _atomic_write(self.path, _serialize(entries, current))
+        atomic_write(self.path, _serialize(entries, current), FILE_MODE)
         with self._mutex:
             self._ring = self._read_ring()
 
@@ -236,33 +224,6 @@ class FileKekProvider(KekProvider):
             yield
         finally:
             os.close(fd)  # closing drops the lock
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file (mode 0600 from birth), fsync, rename, fsync the directory.
-
-    Same steps as `oci.layout.atomic_write`; kept here so that `keys` does
-    not depend on `oci` (and its pydantic models) for ten lines.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_private(path: Path) -> tuple[bytes, os.stat_result]:

@@ -81,6 +81,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from trustplane.atomic import atomic_write, fsync_dir
 from trustplane.errors import (
     DecryptionKeyError,
     IntegrityError,
@@ -101,7 +102,6 @@ from trustplane.layerstore.devices import DeviceAccess, LocalDevices, OpenedDevi
 from trustplane.layerstore.filesystem import force_unmount
 from trustplane.layerstore.fuse_loop import clean_directory
 from trustplane.layerstore.leases import Lease, orphans, sweep_hidden
-from trustplane.oci.layout import atomic_write, fsync_dir
 from trustplane.tools import Executor, SecretFile, ToolResult, mounts
 from trustplane.tools.command import Arg
 from trustplane.tools.failure import last_line

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from trustplane.oci.layout import atomic_write
+from trustplane.atomic import atomic_write
 
 _OWNER = "owner"
 _STATE = "state.json"

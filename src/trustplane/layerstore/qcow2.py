@@ -30,6 +30,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from trustplane.atomic import fsync_dir
 from trustplane.errors import DecryptionKeyError, NotFoundError, UsageError
 from trustplane.layerstore.backend import (
     Attachment,
@@ -46,7 +47,6 @@ from trustplane.layerstore.fuse_loop import (
     option_path,
 )
 from trustplane.layerstore.leases import Lease, orphans, sweep_hidden
-from trustplane.oci.layout import fsync_dir
 from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFd, SecretFile
 from trustplane.tools.command import Arg
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from trustplane.atomic import atomic_write
 from trustplane.errors import MalformedError, NotFoundError, UsageError
 from trustplane.layerstore.keys import ChainRef
-from trustplane.oci.layout import atomic_write
 
 ID_BYTES = 8
 

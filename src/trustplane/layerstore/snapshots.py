@@ -45,6 +45,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trustplane.atomic import atomic_write
 from trustplane.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -53,7 +54,6 @@ from trustplane.errors import (
     UsageError,
 )
 from trustplane.layerstore.keys import ChainRef
-from trustplane.oci.layout import atomic_write
 
 MAX_LABEL_BYTES = 4096
 """containerd's limit for a label's key and value together (labels.Validate)."""

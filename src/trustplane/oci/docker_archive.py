@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
+from trustplane.atomic import atomic_write
 from trustplane.errors import MalformedError
 from trustplane.oci import mediatypes
-from trustplane.oci.layout import LAYOUT_FILE, LAYOUT_VERSION, REF_NAME, atomic_write, blob_path
+from trustplane.oci.layout import LAYOUT_FILE, LAYOUT_VERSION, REF_NAME, blob_path
 from trustplane.oci.model import Descriptor, Index, Manifest
 from trustplane.streaming import Readable, copy_stream
 

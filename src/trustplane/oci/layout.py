@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from trustplane.atomic import atomic_write, fsync_dir
 from trustplane.errors import MalformedError, NotFoundError, UsageError
 from trustplane.oci.model import Descriptor, Index, parse_index, sha256_digest
 
@@ -31,30 +32,6 @@ STAGING_PREFIX = ".trustplane-staging-"
 def blob_path(root: Path, digest: str) -> Path:
     algorithm, _, hexdigest = digest.partition(":")
     return root / "blobs" / algorithm / hexdigest
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write to a temporary file, fsync, rename: old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).chmod(mode)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class Layout:

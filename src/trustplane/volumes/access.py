@@ -24,17 +24,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trustplane.errors import NotFoundError, UnavailableError, UsageError
-from trustplane.tools import Executor, SecretFile
-from trustplane.tools.command import Arg
-from trustplane.volumes.header import RawReader
-from trustplane.volumes.location import (
+from trustplane.api.volume_location import (
     AnyLocation,
     FileLocation,
     IscsiLocation,
     LvmLocation,
     RbdLocation,
 )
+from trustplane.errors import NotFoundError, UnavailableError, UsageError
+from trustplane.tools import Executor, SecretFile
+from trustplane.tools.command import Arg
+from trustplane.volumes.header import RawReader
 
 _CHUNK = 1 << 20
 _TOOL_TIMEOUT = 120.0

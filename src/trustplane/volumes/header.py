@@ -23,8 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from trustplane.api.volumes import HeaderFingerprint
 from trustplane.errors import IntegrityError, MalformedError
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -59,20 +58,6 @@ class LuksHeader:
     data_offset: int
     """Byte offset of the encrypted payload: the end of the header area."""
     sector_size: int = SECTOR
-
-
-class HeaderFingerprint(BaseModel):
-    """What the volume record keeps to recognise its volume's header."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    version: Literal[1, 2]
-    uuid: str
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    header_bytes: int = Field(gt=0)
-    cipher: str
-    key_size: int = Field(ge=0)
-    """Master key bits."""
 
 
 def is_luks(first_bytes: bytes) -> bool:

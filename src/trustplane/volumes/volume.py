@@ -12,12 +12,12 @@ import contextlib
 
 from pydantic import BaseModel, ConfigDict
 
+from trustplane.api.volume_location import Location
+from trustplane.api.volume_spec import Engine, VolumeTypeSpec, check_volume_size
+from trustplane.api.volumes import HeaderFingerprint
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.encryptors import encryptor_for
-from trustplane.volumes.header import HeaderFingerprint
-from trustplane.volumes.location import Location
-from trustplane.volumes.spec import Engine, VolumeTypeSpec, check_volume_size
 
 
 class CreatedVolume(BaseModel):

@@ -19,7 +19,11 @@ router = APIRouter(prefix="/v1", tags=["images"])
 
 @router.post("/images", status_code=status.HTTP_201_CREATED, response_model=Registered)
 def register_image(body: ImageRecord, caller: Caller, plane: Plane) -> Registered:
-    """Record a published image (needs image.publish on image:REPOSITORY)."""
+    """Record a published image (needs image.publish on image:REPOSITORY).
+
+    The repository is stored under its canonical name (oci/reference.py), the
+    name gateways and nodes look it up by and the policy names it by.
+    """
     return Registered(log_index=plane.images.register(caller, body))
 
 
@@ -32,6 +36,8 @@ def list_images(
     """What is registered for REPOSITORY (needs image.pull on image:REPOSITORY).
 
     Edge gateways read it to authenticate an image before a pull or a start.
+    Any spelling of a name finds what was registered under any other spelling
+    of the same image (oci/reference.py's normaliser, as the gateway's).
     """
     return plane.images.images(caller, repository)
 

@@ -31,6 +31,7 @@ from fastapi import APIRouter, status
 from trustplane.api.runtime import DriftAnswer, DriftReport
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.errors import Forbidden, NotFoundError
+from trustplane.oci.reference import repository_name
 
 router = APIRouter(prefix="/v1", tags=["runtime"])
 
@@ -40,7 +41,8 @@ async def drift(body: DriftReport, caller: Caller, plane: Plane) -> DriftAnswer:
     """Log a container's drift from its registered image files; say whether to stop it."""
     if caller.role != "node":
         raise Forbidden("only nodes report runtime drift")
-    stop = plane.policy.current().stops_on_drift(body.repository)
+    repository = repository_name(body.repository)
+    stop = plane.policy.current().stops_on_drift(repository)
     reason = (
         "policy runtime.stop_on_drift names this image"
         if stop
@@ -51,7 +53,7 @@ async def drift(body: DriftReport, caller: Caller, plane: Plane) -> DriftAnswer:
         "node": caller.subject,
         "container": body.container,
         "name": body.name,
-        "image": body.repository,
+        "image": repository,
         "manifest": body.manifest_digest,
         "changed": body.changed,
         "missing": body.missing,

@@ -36,6 +36,7 @@ from trustplane.errors import (
     UsageError,
 )
 from trustplane.oci.model import sha256_digest
+from trustplane.oci.reference import repository_name, same_repository
 
 router = APIRouter(prefix="/v1", tags=["signatures"])
 
@@ -43,9 +44,10 @@ router = APIRouter(prefix="/v1", tags=["signatures"])
 @router.post("/signatures", status_code=status.HTTP_201_CREATED, response_model=SignatureLogged)
 def record_signature(body: SignatureRecord, caller: Caller, plane: Plane) -> SignatureLogged:
     """Log a verified image signature (needs image.publish on image:REPOSITORY)."""
-    decision = plane.authorize(caller, "image.publish", f"image:{body.repository}")
+    repository = repository_name(body.repository)
+    decision = plane.authorize(caller, "image.publish", f"image:{repository}")
     if not decision.allowed:
-        raise Forbidden(f"policy refuses image.publish of {body.repository}: {decision.reason}")
+        raise Forbidden(f"policy refuses image.publish of {repository}: {decision.reason}")
     try:
         payload = base64.b64decode(body.payload, validate=True)
         signature = base64.b64decode(body.signature, validate=True)
@@ -66,7 +68,7 @@ def record_signature(body: SignatureRecord, caller: Caller, plane: Plane) -> Sig
         "signature",
         {
             "subject": caller.subject,
-            "image": body.repository,
+            "image": repository,
             "manifest": body.manifest_digest,
             "key_id": key.key_id,
             "payload": sha256_digest(payload),
@@ -85,7 +87,12 @@ def list_signatures(
     repository: Annotated[str, Query(min_length=1, max_length=256, pattern=REPOSITORY)],
     digest: Annotated[str | None, Query(pattern=DIGEST)] = None,
 ) -> list[SignatureEntry]:
-    """The logged signatures of REPOSITORY[@DIGEST] (needs image.pull on image:REPOSITORY)."""
+    """The logged signatures of REPOSITORY[@DIGEST] (needs image.pull on image:REPOSITORY).
+
+    Names compare canonically (oci/reference.py), entries logged under another
+    spelling of the same image included.
+    """
+    repository = repository_name(repository)
     decision = plane.authorize(caller, "image.pull", f"image:{repository}")
     if not decision.allowed:
         raise Forbidden(f"policy refuses image.pull of {repository}: {decision.reason}")
@@ -98,7 +105,7 @@ def list_signatures(
     found: list[SignatureEntry] = []
     for index, raw in rows:
         entry = _entry(bytes(raw))
-        if entry is None or entry.get("image") != repository:
+        if entry is None or not same_repository(str(entry.get("image", "")), repository):
             continue
         if digest is not None and entry.get("manifest") != digest:
             continue

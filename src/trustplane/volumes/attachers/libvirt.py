@@ -45,6 +45,15 @@ from typing import Any, Literal, cast
 import libvirt
 from pydantic import BaseModel, ConfigDict
 
+from trustplane.api.volume_location import (
+    AnyLocation,
+    FileLocation,
+    IscsiLocation,
+    LvmLocation,
+    RbdLocation,
+)
+from trustplane.api.volume_spec import Engine
+from trustplane.api.volumes import HeaderFingerprint
 from trustplane.errors import (
     DecryptionKeyError,
     NotFoundError,
@@ -56,16 +65,7 @@ from trustplane.errors import (
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.encryptors import LibrbdEncryptor, encryptor_for
-from trustplane.volumes.encryptors.base import check_key_bytes
-from trustplane.volumes.header import HeaderFingerprint
-from trustplane.volumes.location import (
-    AnyLocation,
-    FileLocation,
-    IscsiLocation,
-    LvmLocation,
-    RbdLocation,
-)
-from trustplane.volumes.spec import Engine, passphrase
+from trustplane.volumes.encryptors.base import check_key_bytes, passphrase
 
 SERIAL_LENGTH = 20
 """virtio-blk serial numbers are at most 20 bytes."""

@@ -17,13 +17,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, check_name
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import NotFoundError, UnsupportedError, UsageError
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, raw_reader
 from trustplane.volumes.header import RawReader
-from trustplane.volumes.location import AnyLocation, check_name
-from trustplane.volumes.spec import BackendKind
 
 SECTOR = 512
 

@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, FileLocation
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import UsageError, from_os_error
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.location import AnyLocation, FileLocation
-from trustplane.volumes.spec import BackendKind
 
 SUFFIX = ".img"
 

@@ -23,12 +23,12 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, Endpoint, IscsiLocation
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import ToolError, UsageError
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.location import AnyLocation, Endpoint, IscsiLocation
-from trustplane.volumes.spec import BackendKind
 
 IQN_PREFIX = "iqn.2024-01.dev.trustplane"
 LUN = 1

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, LvmLocation, check_name
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import DeviceRawReader
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.header import RawReader
-from trustplane.volumes.location import AnyLocation, LvmLocation, check_name
-from trustplane.volumes.spec import BackendKind
 
 
 class LvmBackend(Backend):

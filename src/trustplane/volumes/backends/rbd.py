@@ -19,13 +19,13 @@ import json
 from collections.abc import Sequence
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, Endpoint, RbdLocation, check_name
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import ToolError, UsageError
 from trustplane.tools import Executor, SecretFile
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.location import AnyLocation, Endpoint, RbdLocation, check_name
-from trustplane.volumes.spec import BackendKind
 
 _TIMEOUT = 180.0
 

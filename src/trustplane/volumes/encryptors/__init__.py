@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from trustplane.api.volume_spec import Engine
 from trustplane.tools import Executor
 from trustplane.volumes.encryptors.base import DEFAULT_ITER_TIME_MS, Encryptor
 from trustplane.volumes.encryptors.dm_crypt import DmCryptEncryptor
 from trustplane.volumes.encryptors.librbd import LibrbdEncryptor
 from trustplane.volumes.encryptors.qemu_luks import QemuLuksEncryptor
 from trustplane.volumes.opening import OpenVolume
-from trustplane.volumes.spec import Engine
 
 _ENCRYPTORS: dict[Engine, type[Encryptor]] = {
     Engine.QEMU: QemuLuksEncryptor,

@@ -12,7 +12,7 @@ on its first attach when `cryptsetup isLuks` fails, so a volume whose
 header was wiped is silently re-formatted; trustplane formats only while
 creating, and `format` refuses storage that already carries a LUKS header.
 
-The passphrase LUKS sees is the hex of the KMS key (`spec.passphrase`,
+The passphrase LUKS sees is the hex of the KMS key (`passphrase` below,
 OpenStack's derivation). Keys are random 256-bit values, so a slow PBKDF
 buys nothing and would be paid on every open: `iter_time_ms` (QEMU) or
 forced PBKDF2 iterations (cryptsetup) keep an open well under 150 ms.
@@ -20,30 +20,31 @@ forced PBKDF2 iterations (cryptsetup) keep an open well under 150 ms.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation
+from trustplane.api.volume_spec import (
+    VOLUME_KEY_BYTES,
+    EncryptionSpec,
+    Engine,
+    check_volume_size,
+)
+from trustplane.api.volumes import HeaderFingerprint
 from trustplane.errors import MalformedError, TrustplaneError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials, raw_reader
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.header import (
     PROBE_BYTES,
-    HeaderFingerprint,
     RawReader,
     fingerprint,
     is_luks,
     verify,
 )
-from trustplane.volumes.location import AnyLocation
 from trustplane.volumes.opening import OpenVolume
-from trustplane.volumes.spec import (
-    VOLUME_KEY_BYTES,
-    EncryptionSpec,
-    Engine,
-    check_volume_size,
-)
 
 DEFAULT_ITER_TIME_MS = 10
 """QEMU's PBKDF time per open: 10 ms (DESIGN.md: 2000 ms default → 2.2 s per open)."""
@@ -55,6 +56,19 @@ def check_key_bytes(key: bytes) -> bytes:
     if not isinstance(key, bytes) or len(key) != VOLUME_KEY_BYTES:
         raise UsageError(f"a volume key is {VOLUME_KEY_BYTES} random bytes")
     return key
+
+
+def passphrase(key: bytes) -> bytes:
+    """The LUKS passphrase of a volume key: the lowercase hex of the raw key.
+
+    What Cinder and os-brick use (`binascii.hexlify(key).decode('utf-8')` in
+    os-brick's encryptors), so a volume and its KMS key move between an
+    OpenStack cloud and trustplane both ways. It is ASCII, which QEMU needs:
+    its secrets are UTF-8 text.
+    """
+    if not isinstance(key, bytes) or not key:
+        raise UsageError("a volume key is non-empty bytes")
+    return binascii.hexlify(key)
 
 
 class Encryptor(ABC):

@@ -27,14 +27,19 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, LvmLocation
+from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider
 from trustplane.errors import UnsupportedError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors.base import PBKDF2_ITERATIONS, Encryptor, check_key_bytes
-from trustplane.volumes.location import AnyLocation, LvmLocation
+from trustplane.volumes.encryptors.base import (
+    PBKDF2_ITERATIONS,
+    Encryptor,
+    check_key_bytes,
+    passphrase,
+)
 from trustplane.volumes.opening import WRONG_KEY, OpenVolume
-from trustplane.volumes.spec import EncryptionSpec, Engine, Provider, passphrase
 
 HEADER_BYTES = {Provider.LUKS: 2 << 20, Provider.LUKS2: 16 << 20}
 _MAPPING = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation, RbdLocation
+from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider
 from trustplane.errors import UsageError
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
@@ -33,11 +35,9 @@ from trustplane.volumes.attachers.userspace import (
     open_userspace,
 )
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors.base import Encryptor, check_key_bytes
+from trustplane.volumes.encryptors.base import Encryptor, check_key_bytes, passphrase
 from trustplane.volumes.encryptors.dm_crypt import format_argv
-from trustplane.volumes.location import AnyLocation, RbdLocation
 from trustplane.volumes.opening import WRONG_KEY
-from trustplane.volumes.spec import EncryptionSpec, Engine, Provider, passphrase
 
 HEADER_BYTES = {Provider.LUKS: 4 << 20, Provider.LUKS2: 16 << 20}
 """Where `rbd encryption format` puts the payload (measured: 8192 and 32768 sectors)."""

@@ -28,6 +28,8 @@ import contextlib
 from pathlib import Path
 from typing import ClassVar
 
+from trustplane.api.volume_location import AnyLocation
+from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider, check_volume_size
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.tools import QEMU_PBKDF_CALIBRATION
 from trustplane.tools.command import Arg
@@ -40,16 +42,8 @@ from trustplane.volumes.attachers.userspace import (
     protocol_blockdev,
 )
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors.base import Encryptor, check_key_bytes
-from trustplane.volumes.location import AnyLocation
+from trustplane.volumes.encryptors.base import Encryptor, check_key_bytes, passphrase
 from trustplane.volumes.opening import WRONG_KEY
-from trustplane.volumes.spec import (
-    EncryptionSpec,
-    Engine,
-    Provider,
-    check_volume_size,
-    passphrase,
-)
 
 # QEMU 7.2's LUKS1 layout: 4096 header bytes, then 8 key slots of
 # key_bytes * 4000 stripes, each rounded up to 4096 bytes (measured here:

@@ -15,15 +15,14 @@ the drivers read them, so both sides agree on what a type means:
 
 The key the KMS generates for a volume is a random 256-bit value
 (`VOLUME_KEY_BYTES`); LUKS sees its hex as the passphrase (OpenStack's
-derivation, `passphrase()`), so volumes and keys move between an OpenStack
-cloud and trustplane both ways. `key_size` is the size of the master key
+derivation, `volumes.encryptors.base.passphrase()`), so volumes and keys
+move between an OpenStack cloud and trustplane both ways. `key_size` is the size of the master key
 LUKS generates inside the header (cryptsetup's `--key-size`): 512 bits is
 AES-256 in XTS mode.
 """
 
 from __future__ import annotations
 
-import binascii
 from enum import StrEnum
 from typing import Any, Literal, Self
 
@@ -170,19 +169,6 @@ def engine_for(backend: BackendKind, spec: EncryptionSpec) -> Engine:
             f"LUKS1 only (QEMU 7.2: 'LUKS version 2 is not supported'); use provider luks{hint}"
         )
     return Engine.QEMU
-
-
-def passphrase(key: bytes) -> bytes:
-    """The LUKS passphrase of a volume key: the lowercase hex of the raw key.
-
-    What Cinder and os-brick use (`binascii.hexlify(key).decode('utf-8')` in
-    os-brick's encryptors), so a volume and its KMS key move between an
-    OpenStack cloud and trustplane both ways. It is ASCII, which QEMU needs:
-    its secrets are UTF-8 text.
-    """
-    if not isinstance(key, bytes) or not key:
-        raise UsageError("a volume key is non-empty bytes")
-    return binascii.hexlify(key)
 
 
 def parse_size(text: str | int) -> int:

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from trustplane.api.volume_spec import BackendKind
 from trustplane.errors import MalformedError
-from trustplane.volumes.spec import BackendKind
 
 # Names that go into QEMU option strings, libvirt XML and tool argv: no
 # commas, colons, slashes or whitespace, so no escaping rules are in play.

@@ -1,4 +1,4 @@
-"""A TCG guest under the test libvirtd that reports every disk it sees.
+"""A TCG guest under a libvirtd that reports every disk it sees (the demo and the tests).
 
 It boots Debian's cloud kernel with a busybox initramfs whose /init scans
 `/sys/block/vd*` five times a second and prints, for each disk it has not
@@ -21,6 +21,7 @@ import libvirt
 
 from trustplane.embedded.guest_kernel import GuestKernel
 from trustplane.embedded.initramfs import GUEST_SETUP, build_initramfs
+from trustplane.errors import UnavailableError
 
 BOOT_TIMEOUT = 240.0
 DISK_TIMEOUT = 120.0
@@ -101,7 +102,8 @@ class ScannerGuest:
         deadline = time.monotonic() + timeout
         while needle not in self.text():
             if time.monotonic() > deadline:
-                raise AssertionError(f"guest never printed {needle!r}:\n{self.text()[-2000:]}")
+                tail = " | ".join(self.text().strip().splitlines()[-5:])
+                raise UnavailableError(f"guest {self.name} never printed {needle!r} ({tail})")
             time.sleep(0.2)
         return self.text()
 
@@ -109,7 +111,8 @@ class ScannerGuest:
         """What the guest read from the start of the disk with `serial`."""
         self.wait_for(f"DISK serial={serial} ", timeout)
         found = re.search(rf"DISK serial={re.escape(serial)} dev=(\S+) data=(\S*)", self.text())
-        assert found is not None
+        if found is None:
+            raise UnavailableError(f"guest {self.name}: no data line for disk {serial}")
         return found.group(2)
 
     def wait_gone(self, serial: str, timeout: float = DISK_TIMEOUT) -> None:

@@ -1,0 +1,65 @@
+"""Attach and detach on the compute side: the volume's key from the control plane, into libvirt.
+
+What Nova does for an encrypted volume: ask the block-storage service for
+the volume's key (released by the policy's `volume.attach`, logged, the
+attachment recorded), put it in an ephemeral private libvirt secret and the
+disk into the domain (volumes/attachers/libvirt.py), and let QEMU decrypt.
+The key is held in memory only for the attach and handed to libvirt from
+bytes; it is never written, logged or put on a command line.
+
+A failed attach leaves nothing: the attacher undefines what it defined, and
+the control plane's attachment record is cleared, so the volume can be
+attached again (here or elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from trustplane.api.volumes import VolumeInfo
+from trustplane.client import ControlClient
+from trustplane.errors import TrustplaneError, UsageError
+from trustplane.volumes.access import NodeCredentials
+from trustplane.volumes.attachers.libvirt import LibvirtAttacher, VolumeAttachment, serial_for
+
+
+def attach_volume(
+    client: ControlClient,
+    attacher: LibvirtAttacher,
+    name: str,
+    domain: str,
+    *,
+    live: bool,
+    credentials: NodeCredentials | None = None,
+) -> tuple[VolumeInfo, VolumeAttachment]:
+    """Fetch the key of volume `name` and attach the volume to `domain` (persistent,
+    and hot-plugged when `live`)."""
+    release = client.attach_volume(name, domain)
+    volume = release.volume
+    try:
+        if volume.location is None or volume.header is None or volume.engine is None:
+            raise UsageError(f"volume {name} is {volume.state}; it has no storage to attach")
+        attachment = attacher.attach(
+            domain,
+            name,
+            volume.location,
+            release.key_bytes(),
+            volume.header,
+            engine=volume.engine,
+            credentials=credentials,
+            live=live,
+            persistent=True,
+        )
+    except BaseException:
+        with contextlib.suppress(TrustplaneError):
+            client.detach_volume(name, domain)
+        raise
+    return volume, attachment
+
+
+def detach_volume(
+    client: ControlClient, attacher: LibvirtAttacher, name: str, domain: str
+) -> VolumeInfo:
+    """Remove the volume's disk and secrets from `domain`, then clear the attachment record."""
+    attacher.detach(domain, serial_for(name))
+    return client.detach_volume(name, domain)

@@ -1,0 +1,111 @@
+"""The block-storage service: volume types, encrypted volumes, the attach key release.
+
+A volume type names a backend configured on the server and its encryption
+spec (Cinder's fields: `api.volume_spec.EncryptionSpec`). A volume's record
+keeps the UUID of its key in the KMS, never the key, and the LUKS header's
+fingerprint that every attach checks. The key itself travels only in the
+answer to an attach (`VolumeKeyRelease`), to a caller the policy allows
+`volume.attach` on `volume:NAME`.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trustplane.api.volume_location import Location
+from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Engine
+
+VOLUME_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+"""A volume name: what the backends can put in paths, IQNs, LVM and RBD names."""
+TYPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+"""The consumer of an attach: a libvirt domain's name (or `docker:VOLUME` and the like)."""
+MAX_VOLUME_SIZE = 1 << 50
+"""1 PiB: more than any backend here makes, and within every database's integers."""
+
+VolumeState = Literal["creating", "available", "deleting", "shredded"]
+
+
+class HeaderFingerprint(BaseModel):
+    """What the volume record keeps to recognise its volume's header."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1, 2]
+    uuid: str
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    header_bytes: int = Field(gt=0)
+    cipher: str
+    key_size: int = Field(ge=0)
+    """Master key bits."""
+
+
+class NewVolumeType(BaseModel):
+    name: str = Field(pattern=TYPE_NAME)
+    backend: str = Field(
+        pattern=TYPE_NAME, description="A backend configured on the server (volume_backends)"
+    )
+    encryption: EncryptionSpec | None = Field(
+        None, description="Omitted: the backend's default (its faster encrypted path)"
+    )
+
+
+class VolumeTypeInfo(BaseModel):
+    name: str
+    backend: str
+    backend_kind: BackendKind
+    encryption: EncryptionSpec
+    engine: Engine = Field(description="What decrypts volumes of this type")
+    creator: str
+    created: datetime
+
+
+class NewVolume(BaseModel):
+    name: str = Field(pattern=VOLUME_NAME)
+    size: int = Field(
+        ge=1 << 20, le=MAX_VOLUME_SIZE, description="Usable bytes: a whole number of MiB"
+    )
+    volume_type: str = Field(pattern=TYPE_NAME)
+
+
+class Attachment(BaseModel):
+    subject: str = Field(description="Who the key was released to (node:NAME, user:NAME)")
+    domain: str
+    since: datetime
+
+
+class VolumeInfo(BaseModel):
+    id: str
+    name: str
+    volume_type: str
+    backend: str
+    size: int
+    state: VolumeState
+    key_id: str | None = Field(description="The UUID of the volume's key in the KMS")
+    engine: Engine | None
+    location: Location | None
+    header: HeaderFingerprint | None = Field(
+        description="The LUKS header's UUID and digest, checked at every attach"
+    )
+    owner: str
+    attachment: Attachment | None
+    created: datetime
+
+
+class AttachRequest(BaseModel):
+    domain: str = Field(pattern=DOMAIN_NAME, description="The libvirt domain it goes into")
+
+
+class VolumeKeyRelease(BaseModel):
+    """What an attach receives: the volume's record and its key (base64)."""
+
+    volume: VolumeInfo
+    key: str = Field(repr=False, description="The volume key (base64), for this attach only")
+    log_index: int = Field(description="The release's entry in the transparency log")
+
+    def key_bytes(self) -> bytes:
+        return base64.b64decode(self.key)

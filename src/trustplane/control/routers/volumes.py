@@ -1,0 +1,76 @@
+"""The block-storage service's API (control/volumes.py): volume types, volumes, attach."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from trustplane.api.volumes import (
+    DOMAIN_NAME,
+    VOLUME_NAME,
+    AttachRequest,
+    NewVolume,
+    NewVolumeType,
+    VolumeInfo,
+    VolumeKeyRelease,
+    VolumeTypeInfo,
+)
+from trustplane.control.routers.deps import Caller, Plane
+
+router = APIRouter(prefix="/v1", tags=["volumes"])
+VolumeName = Annotated[str, Path(pattern=VOLUME_NAME)]
+
+
+@router.post("/volume-types", status_code=status.HTTP_201_CREATED, response_model=VolumeTypeInfo)
+def create_volume_type(body: NewVolumeType, caller: Caller, plane: Plane) -> VolumeTypeInfo:
+    """A volume type: a configured backend and its encryption (volume.type.create)."""
+    return plane.volumes.create_type(caller, body)
+
+
+@router.get("/volume-types", response_model=list[VolumeTypeInfo])
+def list_volume_types(caller: Caller, plane: Plane) -> list[VolumeTypeInfo]:
+    return plane.volumes.types(caller)
+
+
+@router.post("/volumes", status_code=status.HTTP_201_CREATED, response_model=VolumeInfo)
+def create_volume(body: NewVolume, caller: Caller, plane: Plane) -> VolumeInfo:
+    """Create an encrypted volume: the KMS generates its key, the record keeps its UUID."""
+    return plane.volumes.create(caller, body)
+
+
+@router.get("/volumes", response_model=list[VolumeInfo])
+def list_volumes(caller: Caller, plane: Plane) -> list[VolumeInfo]:
+    """The volumes the caller owns or may attach (administrators: all)."""
+    return plane.volumes.volumes(caller)
+
+
+@router.get("/volumes/{name}", response_model=VolumeInfo)
+def show_volume(name: VolumeName, caller: Caller, plane: Plane) -> VolumeInfo:
+    return plane.volumes.show(caller, name)
+
+
+@router.delete("/volumes/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_volume(name: VolumeName, caller: Caller, plane: Plane) -> Response:
+    """Crypto-shred the volume's key, then destroy its storage."""
+    plane.volumes.delete(caller, name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/volumes/{name}/attachment", response_model=VolumeKeyRelease)
+def attach_volume(
+    name: VolumeName, body: AttachRequest, caller: Caller, plane: Plane
+) -> VolumeKeyRelease:
+    """Release the volume's key for an attach to `domain` (volume.attach; logged)."""
+    return plane.volumes.release(caller, name, body.domain)
+
+
+@router.delete("/volumes/{name}/attachment", response_model=VolumeInfo)
+def detach_volume(
+    name: VolumeName,
+    domain: Annotated[str, Query(pattern=DOMAIN_NAME)],
+    caller: Caller,
+    plane: Plane,
+) -> VolumeInfo:
+    """Clear the volume's attachment to `domain` (after the host detached it)."""
+    return plane.volumes.detach(caller, name, domain)

@@ -1,0 +1,614 @@
+"""The block-storage service: volume types, encrypted volumes, the attach key release.
+
+What Cinder and Barbican do for an encrypted volume, in one place:
+
+- create: the KMS generates the volume's key (an order, as Barbican's);
+  the record keeps only the key's UUID, then the storage is created and
+  LUKS-formatted under it (volumes/volume.py), and the header's UUID and
+  digest go on the record. A name that exists is refused; nothing ever
+  formats a volume that exists.
+- attach: the key is released to a caller the policy allows
+  `volume.attach` on `volume:NAME` (through the attestation gate when the
+  rule asks for it), and only while the volume is not attached to another
+  domain; the attachment is recorded, every decision logged before the key
+  is handed out (control/release.py).
+- delete: crypto-shredding first (the KMS secret is destroyed: no copy of
+  the storage can be opened after that), then the storage. The record's
+  state says how far a delete got, so a crash in between is finished at the
+  next start (`recover`) or the next delete.
+
+Volume keys are secrets of the secret store whose creator is the service
+itself (`service:block-storage`): no user or node is on their ACL, so the
+generic `/v1/secrets/…/payload` serves them to nobody; administrators see
+their metadata (and may destroy them, which shreds the volume).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from trustplane.api.volume_location import Endpoint, dump_location, load_location
+from trustplane.api.volume_spec import (
+    VOLUME_KEY_BYTES,
+    BackendKind,
+    Engine,
+    VolumeTypeSpec,
+    check_volume_size,
+)
+from trustplane.api.volumes import (
+    Attachment,
+    HeaderFingerprint,
+    NewVolume,
+    NewVolumeType,
+    VolumeInfo,
+    VolumeKeyRelease,
+    VolumeTypeInfo,
+)
+from trustplane.control.db import Database
+from trustplane.control.identity import Principal
+from trustplane.control.models import Volume, VolumeType
+from trustplane.control.release import Authorize, Gate, Release
+from trustplane.control.settings import ServerSettings, VolumeBackendSettings
+from trustplane.control.transparency import TransparencyLog
+from trustplane.errors import (
+    Forbidden,
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+    UsageError,
+)
+from trustplane.keys.secret_store import SecretStore
+from trustplane.volumes.backends import (
+    Backend,
+    FileBackend,
+    IscsiBackend,
+    LvmBackend,
+    RbdBackend,
+)
+from trustplane.volumes.volume import create_volume, delete_volume
+
+logger = logging.getLogger("trustplane.volumes")
+
+CREATING, AVAILABLE, DELETING, SHREDDED = "creating", "available", "deleting", "shredded"
+
+
+@dataclass(frozen=True)
+class ServiceIdentity:
+    """The block-storage service as the creator of volume keys (no one logs in as it)."""
+
+    subject: str = "service:block-storage"
+    role: str = "service"
+
+
+SERVICE = ServiceIdentity()
+
+
+def open_backend(name: str, config: VolumeBackendSettings) -> Backend:
+    """The driver for one configured backend; UsageError naming it when it cannot be."""
+    where = f"volume_backends.{name}"
+    try:
+        if config.kind is BackendKind.FILE:
+            assert config.directory is not None
+            return FileBackend(config.directory)
+        if config.kind is BackendKind.ISCSI:
+            assert config.directory is not None
+            assert config.portal is not None
+            options: dict[str, Any] = {"control_port": config.control_port}
+            if config.iqn_prefix:
+                options["iqn_prefix"] = config.iqn_prefix
+            return IscsiBackend(config.directory, _endpoint(config.portal, where), **options)
+        if config.kind is BackendKind.LVM:
+            assert config.volume_group is not None
+            return LvmBackend(config.volume_group)
+        assert config.pool
+        assert config.user
+        assert config.key_file
+        try:
+            key = base64.b64decode(config.key_file.read_text().strip(), validate=True)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{where}.key_file: not a readable cephx key ({exc})") from None
+        monitors = [_endpoint(m, where) for m in config.monitors]
+        return RbdBackend(config.pool, config.user, monitors, key)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _endpoint(text: str, where: str) -> Endpoint:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"{where}: {text!r} is not HOST:PORT")
+    try:
+        return Endpoint(host=host.strip("[]"), port=int(port))
+    except ValueError as exc:
+        raise UsageError(f"{where}: {text!r}: {exc}") from None
+
+
+class SimulatedCrash(BaseException):
+    """Raised by a test's `after_shred` hook: the process 'dies' right there."""
+
+
+class BlockStorage:
+    def __init__(
+        self,
+        db: Database,
+        store: SecretStore,
+        log: TransparencyLog,
+        authorize: Authorize,
+        gate: Gate,
+        settings: ServerSettings,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.log = log
+        self.authorize = authorize
+        self.gate = gate
+        self._configs = dict(settings.volume_backends)
+        # Opened at start: a backend configured wrong stops the server with one line.
+        self._backends = {name: open_backend(name, c) for name, c in self._configs.items()}
+        self.after_shred: Callable[[str], None] | None = None
+        """Tests only (set in-process, never from configuration): called between
+        the key's destruction and the storage's, to crash there."""
+
+    # -- backends ---------------------------------------------------------------------
+
+    def backend(self, name: str) -> Backend:
+        backend = self._backends.get(name)
+        if backend is None:
+            raise UsageError(
+                f"no volume backend {name!r} is configured on this server "
+                f"(configured: {', '.join(sorted(self._configs)) or 'none'})"
+            )
+        return backend
+
+    # -- volume types -----------------------------------------------------------------
+
+    def create_type(self, principal: Principal, body: NewVolumeType) -> VolumeTypeInfo:
+        self._require(principal, "volume.type.create", f"volume-type:{body.name}")
+        kind = self.backend(
+            body.backend
+        ).kind  # a backend not configured: one line naming those that are
+        spec_input: dict[str, Any] = {"backend": kind}
+        if body.encryption is not None:
+            spec_input["encryption"] = body.encryption
+        try:
+            spec = VolumeTypeSpec.model_validate(spec_input)
+        except ValueError as exc:
+            raise UsageError(f"volume type {body.name}: {_first_error(exc)}") from None
+        row = VolumeType(
+            name=body.name,
+            backend=body.backend,
+            spec=spec.model_dump(mode="json"),
+            creator=principal.subject,
+            created=datetime.now(UTC),
+        )
+        with self.db.write_session() as session:
+            if session.get(VolumeType, body.name) is not None:
+                raise UsageError(f"volume type {body.name!r} exists already")
+            session.add(row)
+        self.log.append(
+            "volume.type.create",
+            {
+                "subject": principal.subject,
+                "type": body.name,
+                "backend": body.backend,
+                "spec": row.spec,
+            },
+        )
+        return _type_info(row)
+
+    def types(self, principal: Principal) -> list[VolumeTypeInfo]:
+        with self.db.session() as session:
+            rows = session.scalars(select(VolumeType).order_by(VolumeType.name)).all()
+        return [_type_info(row) for row in rows]
+
+    def _type(self, name: str) -> tuple[VolumeType, VolumeTypeSpec]:
+        with self.db.session() as session:
+            row = session.get(VolumeType, name)
+        if row is None:
+            raise NotFoundError(f"volume type {name!r} does not exist")
+        return row, VolumeTypeSpec.model_validate(row.spec)
+
+    # -- create -------------------------------------------------------------------------
+
+    def create(self, principal: Principal, body: NewVolume) -> VolumeInfo:
+        """Order a key, create and format the storage under it; the record keeps the key's UUID."""
+        self._require(principal, "volume.create", f"volume:{body.name}")
+        size = check_volume_size(body.size)
+        type_row, spec = self._type(body.volume_type)
+        backend = self.backend(type_row.backend)
+        if backend.exists(backend.check_name(body.name)):
+            raise UsageError(f"{backend.kind} storage named {body.name} exists already")
+        row = Volume(
+            id=str(uuid.uuid4()),
+            name=body.name,
+            type_name=type_row.name,
+            backend=type_row.backend,
+            size=size,
+            state=CREATING,
+            owner=principal.subject,
+            created=datetime.now(UTC),
+        )
+        with self.db.write_session() as session:
+            if session.scalar(select(Volume.id).where(Volume.name == body.name)) is not None:
+                raise UsageError(f"volume {body.name!r} exists already")
+            session.add(row)
+        try:
+            key_id, key = self._order_key(principal, body.name)
+            self._set(row.id, key_id=key_id)
+            created = create_volume(backend, spec, body.name, size, key)
+            del key
+        except BaseException as exc:
+            self._undo_create(row.id, body.name, exc)
+            raise
+        assert created.fingerprint is not None
+        assert created.engine is not None
+        fingerprint = created.fingerprint
+        finished = self._set(
+            row.id,
+            only_if=CREATING,
+            state=AVAILABLE,
+            location=dump_location(created.location),
+            engine=created.engine.value,
+            header_uuid=fingerprint.uuid,
+            header_digest=fingerprint.digest,
+            fingerprint=fingerprint.model_dump(mode="json"),
+        )
+        if not finished:  # deleted while it was being made: its key is gone, so is it
+            delete_volume(backend, created.location)
+            raise UsageError(f"volume {body.name} was deleted while it was being created")
+        receipt = self.log.append(
+            "volume.create",
+            {
+                "subject": principal.subject,
+                "volume": body.name,
+                "id": row.id,
+                "type": type_row.name,
+                "size": size,
+                "secret": key_id,
+                "engine": created.engine.value,
+                "header_uuid": fingerprint.uuid,
+                "header_digest": fingerprint.digest,
+                "location": created.location.describe(),
+            },
+        )
+        logger.info("volume %s created (log %d)", body.name, receipt.index)
+        return self.show(principal, body.name)
+
+    def _order_key(self, principal: Principal, name: str) -> tuple[str, bytes]:
+        """A new 256-bit key generated by the KMS, as a Barbican order for a key;
+        logged as such. The key is returned for the format only."""
+        record = self.store.create(
+            SERVICE,
+            name=f"volume:{name}",
+            secret_type="symmetric",  # noqa: S106 - a kind of secret
+            payload=None,
+            algorithm="aes",
+            bit_length=VOLUME_KEY_BYTES * 8,
+        )
+        self.log.append(
+            "kms.order",
+            {
+                "subject": principal.subject,
+                "secret": record.id,
+                "type": "symmetric",
+                "bit_length": VOLUME_KEY_BYTES * 8,
+                "for": f"volume:{name}",
+            },
+        )
+        return record.id, self.store.unseal(record)
+
+    def _undo_create(self, volume_id: str, name: str, cause: BaseException) -> None:
+        """A create that failed leaves nothing: no key, no record (and no storage:
+        `create_volume` removes what it made, and never touches what it did not)."""
+        try:
+            self._finish_delete(volume_id, "create failed", storage=False)
+        except BaseException as exc:
+            logger.error("volume %s: undoing a failed create failed too: %s", name, exc)
+            return
+        reason = str(cause) if isinstance(cause, TrustplaneError) else type(cause).__name__
+        self.log.append("volume.create.failed", {"volume": name, "id": volume_id, "reason": reason})
+
+    # -- read ---------------------------------------------------------------------------
+
+    def _row(self, name: str) -> Volume | None:
+        with self.db.session() as session:
+            return session.scalar(select(Volume).where(Volume.name == name))
+
+    def _may_see(self, principal: Principal, row: Volume) -> bool:
+        if principal.role == "admin" or principal.subject == row.owner:
+            return True
+        return self.authorize(principal, "volume.attach", f"volume:{row.name}", None).allowed
+
+    def _visible(self, principal: Principal, name: str) -> Volume:
+        row = self._row(name)
+        if row is None or not self._may_see(principal, row):
+            raise NotFoundError(f"volume {name!r} does not exist")
+        return row
+
+    def show(self, principal: Principal, name: str) -> VolumeInfo:
+        return _info(self._visible(principal, name))
+
+    def volumes(self, principal: Principal) -> list[VolumeInfo]:
+        with self.db.session() as session:
+            rows = session.scalars(select(Volume).order_by(Volume.name)).all()
+        return [_info(row) for row in rows if self._may_see(principal, row)]
+
+    # -- attach: the key release --------------------------------------------------------
+
+    def release(self, principal: Principal, name: str, domain: str) -> VolumeKeyRelease:
+        """The key of volume `name` for an attach to `domain`; decided, recorded, logged."""
+        release = self._release(principal, name, domain)
+        receipt = self.log.append(release.kind, release.entry)
+        value = release.result()
+        return value.model_copy(update={"log_index": receipt.index})
+
+    def _release(self, principal: Principal, name: str, domain: str) -> Release[VolumeKeyRelease]:
+        resource = f"volume:{name}"
+        entry: dict[str, Any] = {
+            "subject": principal.subject,
+            "resource": resource,
+            "domain": domain,
+        }
+
+        def refuse(reason: str, error: Exception) -> Release[VolumeKeyRelease]:
+            return Release(
+                "volume.attach", {**entry, "decision": "deny", "reason": reason}, None, error
+            )
+
+        row = self._row(name)
+        if row is None:
+            return refuse("no such volume", NotFoundError(f"volume {name!r} does not exist"))
+        entry["secret"] = row.key_id
+        decision = self.gate(
+            self.authorize(principal, "volume.attach", resource, None), principal, None, None, None
+        )
+        if not decision.allowed:
+            if not self._may_see(principal, row):
+                return refuse(decision.reason, NotFoundError(f"volume {name!r} does not exist"))
+            return refuse(
+                decision.reason,
+                Forbidden(f"policy refuses volume.attach of {resource}: {decision.reason}"),
+            )
+        if row.state != AVAILABLE or row.key_id is None or row.fingerprint is None:
+            return refuse(
+                f"volume is {row.state}",
+                UsageError(f"volume {name} is {row.state}, not available for attach"),
+            )
+        record = self.store.rows.get(row.key_id)
+        if record is None:
+            return refuse(
+                "its key is destroyed",
+                NotFoundError(f"the key of volume {name} does not exist (it was destroyed)"),
+            )
+        if not self._claim(row.id, principal.subject, domain):
+            current = self._row(name)
+            where = (
+                f"domain {current.attached_domain} of {current.attached_to}"
+                if current is not None
+                else "elsewhere"
+            )
+            return refuse(
+                f"attached to {where}",
+                UsageError(f"volume {name} is attached to {where}; detach it there first"),
+            )
+        try:
+            key = self.store.unseal(record)
+        except UnavailableError as exc:
+            self._unclaim(row.id, principal.subject, domain)
+            return Release(
+                "volume.attach",
+                {**entry, "decision": "error", "reason": f"{decision.reason}; not released: {exc}"},
+                None,
+                exc,
+            )
+        claimed = self._row(name)
+        assert claimed is not None
+        answer = VolumeKeyRelease(
+            volume=_info(claimed), key=base64.b64encode(key).decode(), log_index=-1
+        )
+        return Release(
+            "volume.attach", {**entry, "decision": "allow", "reason": decision.reason}, answer
+        )
+
+    def _claim(self, volume_id: str, subject: str, domain: str) -> bool:
+        """Record the attachment unless the volume is attached to another domain (atomic)."""
+        with self.db.write_session() as session:
+            row = session.get(Volume, volume_id)
+            if row is None:
+                return False
+            if row.attached_to is not None and (
+                row.attached_to != subject or row.attached_domain != domain
+            ):
+                return False
+            if row.attached_to is None:
+                row.attached_to = subject
+                row.attached_domain = domain
+                row.attached_at = datetime.now(UTC)
+            return True
+
+    def _unclaim(self, volume_id: str, subject: str, domain: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Volume)
+                .where(
+                    Volume.id == volume_id,
+                    Volume.attached_to == subject,
+                    Volume.attached_domain == domain,
+                )
+                .values(attached_to=None, attached_domain=None, attached_at=None)
+            )
+
+    def detach(self, principal: Principal, name: str, domain: str) -> VolumeInfo:
+        """Clear the attachment to `domain` (the attacher, or whoever may attach the volume)."""
+        row = self._visible(principal, name)
+        if row.attached_to is None:
+            return _info(row)
+        if row.attached_domain != domain:
+            raise UsageError(
+                f"volume {name} is attached to domain {row.attached_domain}, not {domain}"
+            )
+        if principal.subject != row.attached_to and principal.role != "admin":
+            self._require(principal, "volume.attach", f"volume:{name}")
+        with self.db.session() as session:
+            session.execute(
+                update(Volume)
+                .where(Volume.id == row.id, Volume.attached_domain == domain)
+                .values(attached_to=None, attached_domain=None, attached_at=None)
+            )
+        self.log.append(
+            "volume.detach",
+            {
+                "subject": principal.subject,
+                "volume": name,
+                "domain": domain,
+                "attached_to": row.attached_to,
+            },
+        )
+        return self.show(principal, name)
+
+    # -- delete ---------------------------------------------------------------------------
+
+    def delete(self, principal: Principal, name: str) -> None:
+        """Crypto-shred the key, then destroy the storage; refused while attached."""
+        row = self._visible(principal, name)
+        self._require(principal, "volume.delete", f"volume:{name}")
+        if principal.subject != row.owner and principal.role != "admin":
+            raise Forbidden(f"only the owner of volume {name} or an admin may delete it")
+        if row.attached_to is not None:
+            raise UsageError(
+                f"volume {name} is attached to domain {row.attached_domain} of "
+                f"{row.attached_to}; detach it first"
+            )
+        self.log.append(
+            "volume.delete",
+            {"subject": principal.subject, "volume": name, "id": row.id, "secret": row.key_id},
+        )
+        self._finish_delete(row.id, f"deleted by {principal.subject}")
+
+    def _finish_delete(self, volume_id: str, reason: str, *, storage: bool = True) -> None:
+        """Take a volume from any state to gone: key first, storage second, record last.
+
+        Each step is idempotent and the state is committed after each, so
+        running this again after a crash anywhere finishes the job.
+        """
+        with self.db.session() as session:
+            row = session.get(Volume, volume_id)
+            if row is None:
+                return
+            if row.state in (CREATING, AVAILABLE):
+                row.state = DELETING
+            state, key_id, name = row.state, row.key_id, row.name
+            backend_name, location_json = row.backend, row.location
+        if state == DELETING:
+            if key_id is not None:
+                self.store.rows.delete(key_id)  # crypto-shredding: no key, no volume
+                self.log.append(
+                    "kms.delete",
+                    {"subject": SERVICE.subject, "secret": key_id, "for": f"volume:{name}"},
+                )
+            self._set(volume_id, state=SHREDDED)
+            if self.after_shred is not None:
+                self.after_shred(name)
+        if storage:
+            backend = self.backend(backend_name)
+            location = load_location(location_json) if location_json else backend.location(name)
+            delete_volume(backend, location)
+        with self.db.session() as session:
+            row = session.get(Volume, volume_id)
+            if row is not None:
+                session.delete(row)
+        self.log.append(
+            "volume.destroyed",
+            {"volume": name, "id": volume_id, "secret": key_id, "reason": reason},
+        )
+
+    def recover(self) -> int:
+        """Finish the deletes a crash interrupted (and creates it left half-done);
+        how many were finished. A backend that does not answer is left for later."""
+        with self.db.session() as session:
+            ids = list(
+                session.scalars(select(Volume.id).where(Volume.state.in_((DELETING, SHREDDED))))
+            )
+        done = 0
+        for volume_id in ids:
+            try:
+                self._finish_delete(volume_id, "finished after a crash")
+                done += 1
+            except TrustplaneError as exc:
+                logger.error("volume %s: finishing its delete failed: %s", volume_id, exc)
+        return done
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _require(self, principal: Principal, action: str, resource: str) -> None:
+        decision = self.authorize(principal, action, resource, None)
+        if not decision.allowed:
+            raise Forbidden(f"policy refuses {action} on {resource}: {decision.reason}")
+
+    def _set(self, volume_id: str, only_if: str | None = None, **values: Any) -> bool:
+        """Update the record (when its state is `only_if`, if given); whether it was."""
+        query = update(Volume).where(Volume.id == volume_id)
+        if only_if is not None:
+            query = query.where(Volume.state == only_if)
+        with self.db.session() as session:
+            return bool(session.execute(query.values(**values)).rowcount)  # type: ignore[attr-defined]
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = str(first.get("msg", exc)).removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
+
+
+def _type_info(row: VolumeType) -> VolumeTypeInfo:
+    spec = VolumeTypeSpec.model_validate(row.spec)
+    assert spec.encryption is not None
+    assert spec.engine is not None
+    return VolumeTypeInfo(
+        name=row.name,
+        backend=row.backend,
+        backend_kind=spec.backend,
+        encryption=spec.encryption,
+        engine=spec.engine,
+        creator=row.creator,
+        created=row.created,
+    )
+
+
+def _info(row: Volume) -> VolumeInfo:
+    attachment = None
+    if row.attached_to is not None and row.attached_domain is not None:
+        attachment = Attachment(
+            subject=row.attached_to,
+            domain=row.attached_domain,
+            since=row.attached_at or row.created,
+        )
+    return VolumeInfo(
+        id=row.id,
+        name=row.name,
+        volume_type=row.type_name,
+        backend=row.backend,
+        size=row.size,
+        state=row.state,  # type: ignore[arg-type]
+        key_id=row.key_id,
+        engine=Engine(row.engine) if row.engine else None,
+        location=load_location(row.location) if row.location else None,
+        header=HeaderFingerprint.model_validate(row.fingerprint) if row.fingerprint else None,
+        owner=row.owner,
+        attachment=attachment,
+        created=row.created,
+    )

@@ -1,0 +1,398 @@
+"""The block-storage service end to end: a real control plane, real storage, a real VM.
+
+The server is configured with three backends (files, an iSCSI target on
+tgtd, a Ceph RBD pool). For each: a user creates a volume with `trustplane
+volume create` (the KMS generates its key, the record keeps its UUID); the
+compute node attaches it to a running TCG guest with `trustplane volume
+attach --live`, logged in with its own key; the guest reads the plaintext;
+the storage holds none; detach leaves no libvirt secret and no file with the
+key; delete destroys the key first (the KMS answers not found), then the
+storage. And the attackers: a node the policy does not name, a node that is
+not attested where the policy asks for it, a stolen user token, a volume
+replaced behind the service's back, a crash between the key's destruction
+and the storage's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from conftest import start_control_plane_or_fail
+from control_helpers import Cli, add_policy_rule, assert_fails, entries_since
+from durability_helpers import write_server_config
+from missing import component_missing
+from volume_helpers import files_holding, iscsi_backend, raw_holds, rbd_backend
+
+from trustplane.atomic import atomic_write
+from trustplane.client import ControlClient
+from trustplane.crypto.keys import generate_key_pair
+from trustplane.embedded.ceph import RunningCeph
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.guest_kernel import GuestKernel, guest_kernel
+from trustplane.embedded.libvirtd import RunningLibvirtd
+from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
+from trustplane.embedded.volume_guest import ScannerGuest, build_scanner_initrd
+from trustplane.errors import (
+    ExitCode,
+    Forbidden,
+    NotFoundError,
+    TrustplaneError,
+)
+from trustplane.volumes.backends import Backend, FileBackend
+from trustplane.volumes.encryptors import encryptor_for
+from trustplane.volumes.encryptors.base import passphrase
+
+NODE = "compute-1"
+STRANGER = "compute-2"
+ATTESTED_ONLY = "compute-3"
+POLICY = f"""\
+  - subjects: ["node:{NODE}"]
+    actions: [volume.attach]
+    resources: ["volume:*"]
+  - subjects: ["node:{ATTESTED_ONLY}"]
+    actions: [volume.attach]
+    resources: ["volume:*"]
+    require_attestation: true
+"""
+
+
+@dataclass(frozen=True)
+class Site:
+    plane: RunningControlPlane
+    admin: Cli
+    alice: Cli
+    alice_password: str
+    node_keys: dict[str, Path]
+    volumes_dir: Path
+    ceph_key_file: Path
+    backends: dict[str, Backend]
+
+
+@pytest.fixture(scope="module")
+def private_tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTgtd]:
+    try:
+        daemon = start_tgtd(tmp_path_factory.mktemp("svc-tgtd"))
+    except TrustplaneError as exc:
+        component_missing("tgtd", str(exc))
+    with daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def site(
+    tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph, private_tgtd: RunningTgtd
+) -> Iterator[Site]:
+    work = tmp_path_factory.mktemp("volsvc")
+    volumes_dir, luns = work / "volumes", work / "luns"
+    ceph_key_file = work / "ceph.key"
+    ceph_key_file.touch(mode=0o600)
+    ceph_key_file.write_text(ceph.client.key + "\n")
+    client = ceph.client
+    write_server_config(
+        work / "data",
+        volume_backends={
+            "files": {"kind": "file", "directory": str(volumes_dir)},
+            "san": {
+                "kind": "iscsi",
+                "directory": str(luns),
+                "portal": f"127.0.0.1:{private_tgtd.port}",
+                "control_port": private_tgtd.control_port,
+            },
+            "ceph": {
+                "kind": "rbd",
+                "pool": ceph.pool,
+                "user": client.user,
+                "monitors": [f"{client.mon_host}:{client.mon_port}"],
+                "key_file": str(ceph_key_file),
+            },
+        },
+    )
+    plane = start_control_plane_or_fail(work, data_dir=work / "data")
+    try:
+        add_policy_rule(plane, POLICY)
+        alice_password = secrets.token_urlsafe(12)
+        node_keys = {}
+        with plane.admin() as admin:
+            admin.create_user("alice", "user", alice_password)
+            for node in (NODE, STRANGER, ATTESTED_ONLY):
+                node_keys[node] = work / f"{node}.pem"
+                private, public = generate_key_pair("ec-p256")
+                atomic_write(node_keys[node], private, mode=0o600)
+                admin.register_node(node, "host", public.decode())
+        admin_cli = Cli(work / "admin-session.json")
+        admin_cli.login(plane, "admin", plane.admin_password)
+        alice = Cli(work / "alice-session.json")
+        alice.login(plane, "alice", alice_password)
+        for name, backend in (("files", "files"), ("san", "san"), ("rbd", "ceph")):
+            created = admin_cli(
+                "volume", "type", "create", name, "--backend", backend,
+                "--provider", "luks", "--control-location", "front-end", "--json",
+            )  # fmt: skip
+            assert created.returncode == 0, created.stderr
+        backends: dict[str, Backend] = {
+            "files": FileBackend(volumes_dir),
+            "san": iscsi_backend(private_tgtd, luns),
+            "rbd": rbd_backend(ceph),
+        }
+        yield Site(
+            plane, admin_cli, alice, alice_password, node_keys, volumes_dir, ceph_key_file,
+            backends,
+        )  # fmt: skip
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="module")
+def kernel() -> GuestKernel:
+    try:
+        return guest_kernel()
+    except TrustplaneError as exc:
+        component_missing("guest kernel (linux-image-cloud-amd64, downloaded)", str(exc))
+
+
+@pytest.fixture(scope="module")
+def guest(
+    libvirtd: RunningLibvirtd, tmp_path_factory: pytest.TempPathFactory, kernel: GuestKernel
+) -> Iterator[ScannerGuest]:
+    directory = tmp_path_factory.mktemp("svc-guest")
+    initrd = build_scanner_initrd(directory / "initrd.img", kernel)
+    conn = libvirt.open(libvirtd.uri)
+    machine = ScannerGuest.define(conn, directory, kernel, initrd)
+    try:
+        machine.start()
+        yield machine
+    finally:
+        machine.remove()
+        conn.close()
+
+
+def _node_cli(site: Site, libvirtd: RunningLibvirtd, node: str, *args: str) -> list[str]:
+    return [
+        *args,
+        "--libvirt", libvirtd.uri,
+        "--node", node, "--node-key", str(site.node_keys[node]),
+        "--server", site.plane.url, "--ca", str(site.plane.ca_file),
+    ]  # fmt: skip
+
+
+def _secrets(libvirtd: RunningLibvirtd) -> list[str]:
+    lines = libvirtd.virsh("secret-list", check=True).text.splitlines()
+    return [line.split()[0] for line in lines[2:] if line.strip()]
+
+
+def _create(site: Site, name: str, volume_type: str) -> dict[str, Any]:
+    result = site.alice("volume", "create", name, "--size", "16M", "--type", volume_type, "--json")
+    assert result.returncode == 0, result.stderr
+    created: dict[str, Any] = json.loads(result.stdout)
+    return created
+
+
+def _write_marker(site: Site, name: str, volume_type: str, marker: bytes) -> None:
+    """An operator writes through the encrypted path (user space), then lets go."""
+    with site.plane.admin() as admin:
+        release = admin.attach_volume(name, "writer")
+        volume = release.volume
+        assert volume.location is not None
+        assert volume.engine is not None
+        backend = site.backends[volume_type]
+        with (
+            encryptor_for(volume.engine).open(
+                volume.location, release.key_bytes(), backend.credentials()
+            ) as opened,
+            Path(opened.path).open("r+b") as plain,
+        ):
+            plain.write(marker.ljust(4096, b"\0"))
+        admin.detach_volume(name, "writer")
+
+
+@pytest.mark.parametrize("volume_type", ["files", "san", "rbd"])
+def test_create_attach_read_detach_delete(
+    volume_type: str,
+    site: Site,
+    guest: ScannerGuest,
+    libvirtd: RunningLibvirtd,
+    request: pytest.FixtureRequest,
+) -> None:
+    name = f"{volume_type}-{secrets.token_hex(3)}"
+    created = _create(site, name, volume_type)
+    key_id = created["key_id"]
+    assert created["state"] == "available"
+    assert created["header"]["uuid"]
+    assert created["header"]["digest"].startswith("sha256:")
+    assert created["owner"] == "user:alice"
+    marker = f"trustplane-svc-{secrets.token_hex(6)}".encode()
+    _write_marker(site, name, volume_type, marker)
+    backend = site.backends[volume_type]
+    with site.plane.admin() as admin:
+        volume = admin.volume(name)
+        assert volume.location is not None
+        ceph = request.getfixturevalue("ceph") if volume_type == "rbd" else None
+        assert not raw_holds(backend, volume.location, marker, ceph)
+        start = admin.health().log_size
+
+    extra = ["--ceph-key-file", str(site.ceph_key_file)] if volume_type == "rbd" else []
+    attached = site.admin(
+        *_node_cli(
+            site, libvirtd, NODE, "volume", "attach", name, "--domain", guest.name, "--live"
+        ),
+        *extra,
+    )
+    assert attached.returncode == 0, attached.stderr
+    assert f"attached volume {name} to {guest.name}" in attached.stdout
+    assert guest.disk_data(name).startswith(marker.decode())
+    assert len(_secrets(libvirtd)) == (2 if volume_type == "rbd" else 1)
+    shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
+    assert shown["attachment"]["subject"] == f"node:{NODE}"
+    assert shown["attachment"]["domain"] == guest.name
+
+    detached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "detach", name, "--domain", guest.name)
+    )
+    assert detached.returncode == 0, detached.stderr
+    guest.wait_gone(name)
+    assert _secrets(libvirtd) == []
+    with site.plane.admin() as admin:
+        assert admin.volume(name).attachment is None
+        released = [e for e in entries_since(admin, start) if e["kind"] == "volume.attach"]
+        assert [(e["subject"], e["decision"], e["secret"]) for e in released] == [
+            (f"node:{NODE}", "allow", key_id)
+        ]
+        assert admin.secret(key_id).id == key_id  # admins see the key's metadata, never its bytes
+    with site.plane.admin() as admin:  # the key, to look for it (an operator may have it)
+        key = admin.attach_volume(name, "audit").key_bytes()
+        admin.detach_volume(name, "audit")
+    for root in (libvirtd.work_dir, Path("/dev/shm"), site.plane.data_dir):
+        for needle in (marker, key, passphrase(key)):
+            assert files_holding(root, needle) == []
+
+    deleted = site.alice("volume", "delete", name)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not backend.exists(name)
+    with site.plane.admin() as admin, pytest.raises(NotFoundError):
+        admin.secret(key_id)
+    assert_fails(site.alice("volume", "show", name), ExitCode.NOT_FOUND, "does not exist")
+
+
+def test_attackers_get_no_key(site: Site, guest: ScannerGuest, libvirtd: RunningLibvirtd) -> None:
+    name = f"guarded-{secrets.token_hex(3)}"
+    created = _create(site, name, "files")
+    key_id = created["key_id"]
+    with site.plane.admin() as admin:
+        start = admin.health().log_size
+
+    # A node the policy does not name: the volume does not exist, as far as it can tell.
+    stranger = site.admin(
+        *_node_cli(site, libvirtd, STRANGER, "volume", "attach", name, "--domain", guest.name)
+    )
+    assert_fails(stranger, ExitCode.NOT_FOUND, f"volume '{name}' does not exist")
+    # A node named by a rule that requires attestation, which it has not passed.
+    unattested = site.admin(
+        *_node_cli(site, libvirtd, ATTESTED_ONLY, "volume", "attach", name, "--domain", guest.name)
+    )
+    assert_fails(unattested, ExitCode.AUTH, "attestation required")
+    assert _secrets(libvirtd) == []
+
+    # A stolen user token (the owner's): no key through the volumes API nor the KMS's.
+    with ControlClient(site.plane.url, site.plane.ca_file) as thief:
+        thief.login("alice", site.alice_password)
+        with pytest.raises(Forbidden, match=r"volume\.attach"):
+            thief.attach_volume(name, "thief-vm")
+        with pytest.raises((Forbidden, NotFoundError)):
+            thief.secret_payload(key_id)
+    with site.plane.admin() as admin:
+        assert admin.volume(name).attachment is None
+        decisions = [
+            (e["subject"], e["decision"])
+            for e in entries_since(admin, start)
+            if e["kind"] in ("volume.attach", "kms.release")
+        ]
+    assert decisions == [
+        (f"node:{STRANGER}", "deny"),
+        (f"node:{ATTESTED_ONLY}", "deny"),
+        ("user:alice", "deny"),
+        ("user:alice", "deny"),
+    ]
+    assert site.alice("volume", "delete", name).returncode == 0
+
+
+def test_a_volume_replaced_behind_the_service_is_refused_at_attach(
+    site: Site, guest: ScannerGuest, libvirtd: RunningLibvirtd
+) -> None:
+    name, other = f"real-{secrets.token_hex(3)}", f"fake-{secrets.token_hex(3)}"
+    _create(site, name, "files")
+    _create(site, other, "files")
+    # Someone with write access to the storage puts another LUKS volume in its place.
+    (site.volumes_dir / f"{other}.img").replace(site.volumes_dir / f"{name}.img")
+    refused = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "attach", name, "--domain", guest.name, "--live")
+    )
+    assert_fails(refused, ExitCode.INTEGRITY, "replaced or re-formatted")
+    assert _secrets(libvirtd) == []
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        assert f"<serial>{name}</serial>" not in guest.domain.XMLDesc(flags)
+    # Nothing half-done: the attachment the release recorded is cleared again.
+    shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
+    assert shown["attachment"] is None
+    assert site.alice("volume", "delete", name).returncode == 0
+    assert site.alice("volume", "delete", other).returncode == 0
+
+
+def test_a_delete_interrupted_after_the_key_is_shredded_finishes_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    volumes_dir = tmp_path / "volumes"
+    data = tmp_path / "data"
+    write_server_config(
+        data, volume_backends={"files": {"kind": "file", "directory": str(volumes_dir)}}
+    )
+    plane = start_control_plane_or_fail(tmp_path, data_dir=data)
+    password = plane.admin_password
+    try:
+        with plane.admin() as admin:
+            admin.create_volume_type("files", "files")
+            created = admin.create_volume("doomed", 8 << 20, "files")
+            key_id = created.key_id
+            assert key_id is not None
+    finally:
+        plane.stop()
+    assert (volumes_dir / "doomed.img").exists()
+    # The state a crash right after the shredding leaves: key gone, record
+    # `shredded`, storage still there.
+    with sqlite3.connect(data / "trustplane.db") as db:
+        db.execute("DELETE FROM secrets WHERE id = ?", (key_id,))
+        db.execute("UPDATE volumes SET state = 'shredded' WHERE name = 'doomed'")
+    plane = start_control_plane(tmp_path, data_dir=data, admin_password=password)
+    try:
+        deadline = time.monotonic() + 60
+        while (volumes_dir / "doomed.img").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (volumes_dir / "doomed.img").exists()
+        with plane.admin() as admin:
+            assert admin.volumes() == []
+            kinds = [e["kind"] for e in entries_since(admin, 0)]
+        assert kinds[-1] == "volume.destroyed"
+    finally:
+        plane.stop()
+
+
+def test_nothing_on_the_host_holds_a_released_key(site: Site, libvirtd: RunningLibvirtd) -> None:
+    """The attach path's only copy of the key is libvirt's ephemeral secret; after the
+    tests above, no file under libvirt's directories or /dev/shm holds a passphrase."""
+    name = f"probe-{secrets.token_hex(3)}"
+    _create(site, name, "files")
+    with site.plane.admin() as admin:
+        key = admin.attach_volume(name, "probe").key_bytes()
+        admin.detach_volume(name, "probe")
+    for root in (libvirtd.work_dir, Path("/dev/shm"), site.plane.data_dir):
+        assert files_holding(root, passphrase(key)) == []
+        assert files_holding(root, key) == []
+    assert site.alice("volume", "delete", name).returncode == 0
