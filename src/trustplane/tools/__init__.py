@@ -6,7 +6,14 @@ has a timeout; a failure is one `ToolError` naming the tool and its last
 stderr line. See `executor` for the rules and `runner` for where tools run.
 """
 
-from trustplane.tools.background import ToolProcess, is_mounted, mount_points, mounts, unmount
+from trustplane.tools.background import (
+    AdoptedProcess,
+    ToolProcess,
+    is_mounted,
+    mount_points,
+    mounts,
+    unmount,
+)
 from trustplane.tools.command import Command, SecretArg, SecretFd, SecretFile
 from trustplane.tools.executor import Executor, ToolResult
 from trustplane.tools.failure import FailureMap
@@ -16,6 +23,7 @@ from trustplane.tools.runner import Completed, Runner, Started
 
 __all__ = [
     "QEMU_PBKDF_CALIBRATION",
+    "AdoptedProcess",
     "Command",
     "Completed",
     "Executor",

@@ -168,6 +168,16 @@ class ToolProcess:
         if errors:
             raise errors[0]
 
+    def outlive_this_process(self) -> int:
+        """Keep the tool running when this interpreter exits; its pid.
+
+        For a tool that serves others beyond our lifetime (a volume in use by
+        containers outlives a restart of the volume plugin); a later run
+        takes it over with `AdoptedProcess`. `stop()` still stops it.
+        """
+        _LIVE.discard(self)
+        return self.started.pid
+
     def __enter__(self) -> Self:
         return self
 
@@ -181,3 +191,74 @@ class ToolProcess:
 
     def __repr__(self) -> str:
         return f"ToolProcess({self.tool!r}, running={self.running()})"
+
+
+class AdoptedProcess:
+    """A tool that an earlier run started and left running, known by its pid.
+
+    It is ours only while its command line still holds `marker` (pids are
+    reused); `stop()` signals it, waits for it to go (its parent is gone, so
+    init reaps it) and unmounts what it was declared to make, like
+    `ToolProcess.stop()`.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        pid: int,
+        marker: str,
+        *,
+        mounts: Sequence[str | os.PathLike[str]] = (),
+        grace: float = 10.0,
+    ) -> None:
+        if pid <= 1:
+            raise ValueError("not a process id to adopt")
+        self.executor = executor
+        self.pid = pid
+        self.marker = marker
+        self.mounts = [_canonical(m) for m in mounts]
+        self.grace = grace
+        self._stopped = False
+
+    def running(self) -> bool:
+        """True while the pid runs a command holding the marker and is not a zombie."""
+        probe = self.executor.run(
+            ["sh", "-c", 'cat "/proc/$1/stat" && tr "\\0" " " < "/proc/$1/cmdline"', "sh",
+             str(self.pid)],
+            check=False,
+            timeout=30,
+        )  # fmt: skip
+        if probe.returncode != 0:
+            return False
+        stat, _, cmdline = probe.text.partition("\n")
+        state = stat.rpartition(")")[2].split()[:1]
+        return state != ["Z"] and self.marker in cmdline
+
+    def stop(self) -> None:
+        """Stop it (TERM, then KILL after the grace time) and unmount its mounts. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.running():
+            self._signal("TERM")
+            if not self._gone_within(self.grace):
+                self._signal("KILL")
+                self._gone_within(self.grace)
+        still = mount_points(self.executor)
+        for point in self.mounts:
+            if point in still:
+                unmount(self.executor, point)
+
+    def _signal(self, name: str) -> None:
+        self.executor.run(["kill", f"-{name}", str(self.pid)], check=False, timeout=30)
+
+    def _gone_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.running():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_INTERVAL * 2)
+        return True
+
+    def __repr__(self) -> str:
+        return f"AdoptedProcess({self.pid}, {self.marker!r})"

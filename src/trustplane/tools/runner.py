@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from trustplane.errors import UnsupportedError
 from trustplane.tools.command import Command
 
 
@@ -30,6 +31,11 @@ class Completed:
 
 class Started(ABC):
     """A long-running tool a runner started in its own process group."""
+
+    @property
+    def pid(self) -> int:
+        """Its process id where it runs (for a later run to adopt it)."""
+        raise UnsupportedError(f"{type(self).__name__} cannot hand a tool over to a later run")
 
     @abstractmethod
     def poll(self) -> int | None:

@@ -14,6 +14,12 @@ Closing undoes everything in reverse order (unmount, loop device, daemon,
 FUSE mount, the private directory); a daemon that died leaves no stale
 FUSE mount (`ToolProcess` unmounts what it declared). DESIGN.md, "Docker
 volume plugins": run the daemon in the foreground and wait for it.
+
+A volume that must stay open while the program that opened it restarts
+(the Docker volume plugin: containers keep using it) is described by a
+`UserspaceRecord` (pids and paths, no secret): a later run adopts it
+(`UserspaceVolume.adopt`) and checks it is still whole (`intact`), or
+closes what is left of it.
 """
 
 from __future__ import annotations
@@ -25,8 +31,18 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from trustplane.errors import TrustplaneError
-from trustplane.tools import Executor, SecretFile, ToolProcess, is_mounted, unmount
+from trustplane.tools import (
+    AdoptedProcess,
+    Executor,
+    SecretFile,
+    ToolProcess,
+    is_mounted,
+    mount_points,
+    unmount,
+)
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import QemuNode
 from trustplane.volumes.opening import WRONG_KEY, OpenVolume
@@ -42,13 +58,25 @@ def key_object(passphrase: bytes) -> SecretFile:
     return SecretFile(passphrase, f"secret,id={KEY_OBJECT},file={{}}")
 
 
+class UserspaceRecord(BaseModel):
+    """An open user-space volume as a later run finds it again: pids and paths, no secret."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pid: int
+    directory: str
+    export: str
+    device: str | None
+    mountpoint: str | None
+
+
 class UserspaceVolume(OpenVolume):
     """A volume exported as a plaintext file (`export`), on a loop device, maybe mounted."""
 
     def __init__(
         self,
         executor: Executor,
-        daemon: ToolProcess,
+        daemon: ToolProcess | AdoptedProcess,
         directory: Path,
         export: Path,
         device: str | None,
@@ -63,18 +91,28 @@ class UserspaceVolume(OpenVolume):
         self.path = device or os.fspath(export)
         self._closed = False
 
-    def close(self) -> None:
+    def close(self, *, force: bool = False) -> None:
+        """Unmount, detach, stop the daemon, remove the directory. Idempotent.
+
+        A file system that will not unmount (busy) stops the close before
+        anything under it goes: the volume stays open and whole, and the
+        error says why. `force` is for a volume already broken (its daemon
+        died): the file system is detached lazily and the rest torn down.
+        """
         if self._closed:
             return
+        if self.mountpoint is not None:
+            if force:
+                if is_mounted(self.executor, self.mountpoint):
+                    unmount(self.executor, self.mountpoint)
+            else:
+                _unmount_if_mounted(self.executor, self.mountpoint)
         self._closed = True
         errors: list[TrustplaneError] = []
         steps: list[Callable[[], object]] = []
-        if self.mountpoint is not None:
-            point = self.mountpoint
-            steps.append(lambda: _unmount_if_mounted(self.executor, point))
         if self.device is not None:
             device = self.device
-            steps.append(lambda: self.executor.run(["losetup", "--detach", device], timeout=60))
+            steps.append(lambda: self._detach_loop(device))
         steps.append(self.daemon.stop)
         for step in steps:
             try:
@@ -84,6 +122,74 @@ class UserspaceVolume(OpenVolume):
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
             raise errors[0]
+
+    def mount(self, mountpoint: Path, *, options: Sequence[str] = ()) -> None:
+        """Mount the loop device's file system at `mountpoint` (close unmounts it)."""
+        if self.device is None:
+            raise ValueError("mounting needs the loop device")
+        if self.mountpoint is not None:
+            raise ValueError(f"already mounted at {self.mountpoint}")
+        extra = ["-o", ",".join(options)] if options else []
+        self.executor.run(["mount", *extra, self.device, os.fspath(mountpoint)], timeout=60)
+        self.mountpoint = mountpoint
+
+    def _detach_loop(self, device: str) -> None:
+        """Detach the loop device, if it is still the one on our export (numbers are reused)."""
+        if loop_backing_file(self.executor, device) == os.fspath(self.export):
+            self.executor.run(["losetup", "--detach", device], timeout=60)
+
+    def keep_past_exit(self) -> UserspaceRecord:
+        """Leave the volume open when this process exits; what a later run adopts it by."""
+        daemon = self.daemon
+        pid = daemon.outlive_this_process() if isinstance(daemon, ToolProcess) else daemon.pid
+        return UserspaceRecord(
+            pid=pid,
+            directory=os.fspath(self.directory),
+            export=os.fspath(self.export),
+            device=self.device,
+            mountpoint=None if self.mountpoint is None else os.fspath(self.mountpoint),
+        )
+
+    @classmethod
+    def adopt(cls, executor: Executor, record: UserspaceRecord) -> UserspaceVolume:
+        """The volume an earlier run left open (or what is left of it: see `intact`)."""
+        export = Path(record.export)
+        daemon = AdoptedProcess(
+            executor, record.pid, _export_marker(export), mounts=[export], grace=STOP_GRACE
+        )
+        mountpoint = None if record.mountpoint is None else Path(record.mountpoint)
+        return cls(executor, daemon, Path(record.directory), export, record.device, mountpoint)
+
+    def intact(self) -> bool:
+        """True when the daemon serves the export, the loop device is on it and it is mounted."""
+        if not self.daemon.running():
+            return False
+        mounted = mount_points(self.executor)
+        if os.fspath(self.export) not in mounted:
+            return False
+        if self.device is not None and loop_backing_file(self.executor, self.device) != os.fspath(
+            self.export
+        ):
+            return False
+        if self.mountpoint is None:
+            return True
+        return os.fspath(self.mountpoint.parent.resolve() / self.mountpoint.name) in mounted
+
+
+def loop_backing_file(executor: Executor, device: str) -> str | None:
+    """The file behind loop device `device` (None when it is detached)."""
+    name = Path(device).name
+    if not name.startswith("loop") or not name[4:].isdigit():
+        return None
+    probe = executor.run(["cat", f"/sys/block/{name}/loop/backing_file"], check=False, timeout=30)
+    if probe.returncode != 0:
+        return None
+    return probe.text.strip().removesuffix(" (deleted)") or None
+
+
+def _export_marker(export: Path) -> str:
+    """What the daemon's command line holds for this export (adoption checks it)."""
+    return f"mountpoint={_opt(export)},"
 
 
 def _unmount_if_mounted(executor: Executor, point: Path) -> None:
@@ -111,7 +217,8 @@ def open_userspace(
     """
     if mountpoint is not None and not loop:
         raise ValueError("mounting needs the loop device")
-    directory = Path(tempfile.mkdtemp(prefix="trustplane-volume-", dir=run_dir))
+    # Resolved, so the paths match what the mount table and the loop device show.
+    directory = Path(tempfile.mkdtemp(prefix="trustplane-volume-", dir=run_dir)).resolve()
     export = directory / "export"
     daemon: ToolProcess | None = None
     device: str | None = None
@@ -124,7 +231,7 @@ def open_userspace(
             argv += ["--blockdev", node]
         argv += [
             "--export",
-            f"type=fuse,id=e0,node-name={top},mountpoint={_opt(export)},"
+            f"type=fuse,id=e0,node-name={top},{_export_marker(export)}"
             f"writable={'on' if writable else 'off'}",
         ]
         daemon = executor.start(

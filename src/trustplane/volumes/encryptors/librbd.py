@@ -111,6 +111,7 @@ class LibrbdEncryptor(Encryptor):
         writable: bool = True,
         loop: bool = True,
         mountpoint: Path | None = None,
+        run_dir: Path | None = None,
         luks_version: int | None = None,
     ) -> UserspaceVolume:
         """`luks_version` (the fingerprint's) spares reading the header to learn it."""
@@ -125,6 +126,7 @@ class LibrbdEncryptor(Encryptor):
             writable=writable,
             loop=loop,
             mountpoint=mountpoint,
+            run_dir=run_dir,
         )
 
     def _provider(

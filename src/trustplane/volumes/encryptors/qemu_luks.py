@@ -123,6 +123,7 @@ class QemuLuksEncryptor(Encryptor):
         writable: bool = True,
         loop: bool = True,
         mountpoint: Path | None = None,
+        run_dir: Path | None = None,
     ) -> UserspaceVolume:
         check_key_bytes(key)
         node = qemu_node(location, credentials)
@@ -139,6 +140,7 @@ class QemuLuksEncryptor(Encryptor):
             writable=writable,
             loop=loop,
             mountpoint=mountpoint,
+            run_dir=run_dir,
         )
 
     def check_key(
