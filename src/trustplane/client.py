@@ -623,6 +623,19 @@ class ControlClient:
         )
 
 
+def connect_as_node(
+    url: str, node: str, key: jwk.JWK, ca_file: Path | None = None, audience: str | None = None
+) -> ControlClient:
+    """A client logged in as `node` (a fresh single-use assertion signed with its key)."""
+    client = ControlClient(url, ca_file)
+    try:
+        client.login_as_node(node, key, audience)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 class AsyncControlClient:
     """The API over an asynchronous connection, for the gateway.
 

@@ -21,7 +21,7 @@ from trustplane.agent.runtime import ContainerCheck, RuntimeIntegrity
 from trustplane.agent.tpm import Tpm
 from trustplane.agent.tpm_lock import node_tpm
 from trustplane.atomic import atomic_write
-from trustplane.client import ControlClient
+from trustplane.client import ControlClient, connect_as_node
 from trustplane.crypto.keys import generate_key_pair
 from trustplane.crypto.node_assertion import load_node_key
 from trustplane.errors import TrustplaneError, UsageError
@@ -75,13 +75,13 @@ class Agent:
 
     def client(self) -> ControlClient:
         """A client logged in as the node (a fresh single-use assertion)."""
-        client = ControlClient(self.config.server_url, self.config.ca_file)
-        try:
-            client.login_as_node(self.config.node, self._signing, self.config.audience)
-        except BaseException:
-            client.close()
-            raise
-        return client
+        return connect_as_node(
+            self.config.server_url,
+            self.config.node,
+            self._signing,
+            self.config.ca_file,
+            self.config.audience,
+        )
 
     def attester(self, tpm: Tpm) -> Attester:
         """The attester for this node's state directory and PCR, on `tpm`."""

@@ -46,9 +46,17 @@ class VolumePluginServer:
         )
         self._server = uvicorn.Server(config)
 
+    def _recover(self) -> None:
+        self.recovery = report = self.driver.start()
+        log.info(
+            "volume plugin state: adopted %s, opened again %s, lost %s, cleared %s",
+            report.adopted or "-", report.reopened or "-", report.lost or "-",
+            report.cleared or "-",
+        )  # fmt: skip
+
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT (uvicorn's handlers); volumes stay open."""
-        self.recovery = self.driver.start()
+        self._recover()
         try:
             listener = bind_unix(self.socket, 0o600)
             try:
@@ -65,7 +73,7 @@ class VolumePluginServer:
     @contextlib.contextmanager
     def beside(self) -> Iterator[VolumePluginServer]:
         """Serve in a thread until the block ends (inside the agent)."""
-        self.recovery = self.driver.start()
+        self._recover()
         try:
             listener = bind_unix(self.socket, 0o600)
             thread = threading.Thread(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,14 @@ from trustplane.cli.node_options import (
     TpmTcti,
 )
 from trustplane.cli.session import Ca
+from trustplane.cli.volume_plugin import (
+    CephKeyFile,
+    DefaultSize,
+    DefaultType,
+    PluginRoot,
+    PluginSocket,
+    plugin_server,
+)
 from trustplane.errors import IntegrityError
 
 
@@ -50,6 +59,18 @@ def agent(
         Path | None,
         typer.Option(help="Also run the edge gateway in this process, configured by this TOML."),
     ] = None,
+    volume_plugin: Annotated[
+        bool,
+        typer.Option(
+            "--volume-plugin",
+            help="Also serve the Docker volume plugin (trustplane volume-plugin) in this process.",
+        ),
+    ] = False,
+    plugin_socket: PluginSocket = None,
+    plugin_root: PluginRoot = None,
+    default_type: DefaultType = None,
+    default_size: DefaultSize = None,
+    ceph_key_file: CephKeyFile = None,
 ) -> None:
     """Enrol this node's TPM with the control plane, then attest on an interval."""
     # Imported here: tpm2-pytss loads the TSS libraries, which no other command needs.
@@ -65,6 +86,13 @@ def agent(
         gateway = load_gateway_config(
             gateway_config, server=server_url, ca_file=ca, node=node, node_key=node_key
         )
+
+    plugin = None
+    if volume_plugin:
+        plugin = plugin_server(
+            server_url, node, node_key, ca, socket=plugin_socket, root=plugin_root,
+            default_type=default_type, default_size=default_size, ceph_key_file=ceph_key_file,
+        )  # fmt: skip
 
     service = Agent(
         AgentConfig(
@@ -102,7 +130,7 @@ def agent(
                     highlight=False,
                 )
 
-    with gateway_beside(gateway):
+    with gateway_beside(gateway), plugin.beside() if plugin else contextlib.nullcontext():
         last = service.run(rounds=1 if once else None, report=report, runtime_report=report_runtime)
     if once and (last is None or not last.passed):
         raise IntegrityError(f"{node}: attestation failed")

@@ -22,6 +22,7 @@ from trustplane.cli.agent import agent
 from trustplane.cli.common import state_directory
 from trustplane.cli.gateway import gateway
 from trustplane.cli.run import run as run_image_command
+from trustplane.cli.volume_plugin import volume_plugin
 from trustplane.errors import ExitCode, TrustplaneError, from_os_error
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ app.command()(gateway)
 app.command()(agent)
 app.command(name="run")(run_image_command)
 app.command()(store.snapshotter)
+app.command(name="volume-plugin")(volume_plugin)
 
 
 @app.command()

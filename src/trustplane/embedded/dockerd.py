@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from trustplane.errors import UnavailableError
 from trustplane.tools.local import path_with_sbin
 
 DEFAULT_SOCKET = Path("/var/run/docker.sock")
+PLUGIN_SOCKETS = Path("/run/docker/plugins")
+"""Where dockerd looks for the sockets of legacy plugins (not configurable)."""
 DEFAULT_STATE_DIR = Path("/var/lib/trustplane-dockerd")
 START_TIMEOUT = 60.0
 # dockerd stops running containers (10 s each by default) and then containerd.
@@ -94,6 +97,7 @@ def ensure_dockerd(
     state_dir: Path = DEFAULT_STATE_DIR,
     extra_args: Sequence[str] = (),
     private_network: bool = False,
+    plugin_dir: Path | None = None,
     timeout: float = START_TIMEOUT,
 ) -> DockerDaemon:
     """Reuse the daemon answering on `socket`, or start one; its log goes to work_dir.
@@ -108,6 +112,13 @@ def ensure_dockerd(
     iptables rules. Never run a second daemon in the host's namespace: with
     `--bridge=none` dockerd deletes the host's docker0 at start, and with the
     default bridge both daemons would manage the same one.
+
+    `plugin_dir` gives the daemon a plugin directory of its own: dockerd
+    only looks for plugin sockets in /run/docker/plugins, so it runs in a
+    new mount namespace (`unshare --mount --propagation slave`) where
+    `plugin_dir` is bound over that path. Mounts made afterwards in the
+    host's namespace reach the daemon's only under a shared mount (a volume
+    plugin's mount root: `make_shared`); its own mounts never reach the host.
     """
     if ping(socket):
         return DockerDaemon(socket=socket, started_by_us=False)
@@ -130,6 +141,16 @@ def ensure_dockerd(
     _remove_stale_socket(socket)
     socket.parent.mkdir(parents=True, exist_ok=True)
     prefix = [require_binary("unshare", "util-linux"), "--net"] if private_network else []
+    if plugin_dir is not None:
+        plugin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        PLUGIN_SOCKETS.mkdir(parents=True, exist_ok=True)
+        if not prefix:
+            prefix = [require_binary("unshare", "util-linux")]
+        prefix += [
+            "--mount", "--propagation", "slave",
+            "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
+            str(plugin_dir), str(PLUGIN_SOCKETS),
+        ]  # fmt: skip
     argv = [
         *prefix,
         dockerd,
@@ -156,6 +177,21 @@ def ensure_dockerd(
     )
     process.start()
     return DockerDaemon(socket=socket, started_by_us=True, process=process, state_dir=state_dir)
+
+
+def make_shared(directory: Path) -> None:
+    """Make `directory` a shared mount (bound onto itself), so mounts under it
+    propagate into a daemon started with `plugin_dir`; `unmake_shared` undoes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mount = require_binary("mount", "mount")
+    subprocess.run([mount, "--bind", str(directory), str(directory)], check=True)
+    subprocess.run([mount, "--make-shared", str(directory)], check=True)
+
+
+def unmake_shared(directory: Path) -> None:
+    """Remove the bind mount `make_shared` put on `directory` (and anything left under it)."""
+    subprocess.run([require_binary("umount", "mount"), "--recursive", "--lazy", str(directory)],
+                   check=False, capture_output=True)  # fmt: skip
 
 
 def _wait_for_ping(socket: Path, timeout: float) -> bool:

@@ -1,0 +1,313 @@
+"""The Docker volume plugin with the real dockerd, control plane and QEMU tools.
+
+`docker volume create -d trustplane` creates a volume through the control
+plane; containers write and read it through the plugin's user-space open
+(qemu-storage-daemon, FUSE, loop device, ext4); the raw file holds no
+plaintext. The plugin survives its restart and its `kill -9` (with or
+without the daemon it started), a refused key release leaves nothing
+behind, and the key is never in argv, an environment, a log or a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from gateway_helpers import DockerCli
+from volume_plugin_helpers import (
+    BACKEND,
+    MIB,
+    VOLUME_TYPE,
+    PluginProcess,
+    backends_env,
+    file_holds,
+    files_holding,
+    leftovers,
+    mounts_under,
+    node_rules,
+    processes_holding,
+    register_node,
+    running_container,
+    set_policy,
+    wait_for_nothing,
+)
+
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd, make_shared, unmake_shared
+from trustplane.embedded.sample_images import import_busybox_base
+from trustplane.errors import TrustplaneError
+from trustplane.volumes.header import LUKS_MAGIC
+
+TAG = "trustplane/busybox:volumes"
+NOTHING: dict[str, list[object]] = {
+    "host mounts": [], "dockerd mounts": [], "loop devices": [], "daemons": [],
+}  # fmt: skip
+
+
+@dataclass
+class Stack:
+    plane: RunningControlPlane
+    base_policy: str
+    node: str
+    volumes: Path
+    root: Path
+    daemon: DockerDaemon
+    docker: DockerCli
+    plugin: PluginProcess
+
+    def left(self) -> dict[str, list[object]]:
+        return leftovers(self.root, self.daemon)
+
+    def nothing_left(self) -> dict[str, list[object]]:
+        """What is left once the kernel has let go (a loop device whose file system a
+        dead container still held detaches when that mount goes): NOTHING, or what stays."""
+        return wait_for_nothing(self.root, self.daemon)
+
+    def allow_all(self) -> None:
+        set_policy(self.plane, self.base_policy, node_rules(self.node))
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    # Short: dockerd's containerd socket paths under the state dir stay below 108 bytes.
+    top = Path(tempfile.mkdtemp(prefix="tpv-", dir="/tmp"))
+    volumes, root, plugins = top / "volumes", top / "root", top / "plugins"
+    plane = start_control_plane(top / "cp", env=backends_env(volumes))
+    daemon: DockerDaemon | None = None
+    plugin: PluginProcess | None = None
+    make_shared(root)
+    try:
+        node = "docker-host-1"
+        with plane.admin() as admin:
+            key = register_node(admin, top, node)
+            admin.create_volume_type(VOLUME_TYPE, BACKEND)
+        base_policy = (plane.data_dir / "policy.yaml").read_text()
+        set_policy(plane, base_policy, node_rules(node))
+        plugin = PluginProcess(plane, node, key, plugins / "trustplane.sock", root, top / "work")
+        plugins.mkdir(mode=0o700)
+        plugin.start()  # before dockerd: it asks the plugin for its volumes at start
+        daemon = ensure_dockerd(
+            top / "work", socket=top / "d.sock", state_dir=top / "state",
+            private_network=True, plugin_dir=plugins,
+        )  # fmt: skip
+        assert daemon.started_by_us
+        client = daemon.client()
+        try:
+            import_busybox_base(client, TAG)
+        finally:
+            client.close()
+        docker = DockerCli.make(daemon.base_url, top / "cli", None)
+        yield Stack(plane, base_policy, node, volumes, root, daemon, docker, plugin)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if plugin is not None:
+            plugin.stop()
+        unmake_shared(root)
+        plane.stop()
+        subprocess.run(["umount", "-R", str(top / "state" / "data")], capture_output=True,
+                       check=False)  # fmt: skip
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _create(stack: Stack, name: str, size: str = "64M") -> None:
+    stack.docker.ok(
+        "volume", "create", "-d", "trustplane",
+        "--opt", f"type={VOLUME_TYPE}", "--opt", f"size={size}", name,
+    )  # fmt: skip
+
+
+def _run(stack: Stack, volume: str, script: str) -> str:
+    return stack.docker.ok(
+        "run", "--rm", "--network", "none", "-v", f"{volume}:/data", TAG, "sh", "-c", script
+    )
+
+
+def _key_of(stack: Stack, name: str) -> bytes:
+    """The volume key, fetched as an admin would (an attach to another domain, then detach):
+    what the attacker tests look for."""
+    with stack.plane.admin() as admin:
+        release = admin.attach_volume(name, "probe")
+        admin.detach_volume(name, "probe")
+    return release.key_bytes()
+
+
+def _needles(key: bytes) -> list[bytes]:
+    """The key as raw bytes, as the LUKS passphrase (hex) and as base64."""
+    return [key, key.hex().encode(), base64.b64encode(key)]
+
+
+def test_a_container_writes_and_a_second_reads_back_no_plaintext_on_the_backend(
+    stack: Stack,
+) -> None:
+    _create(stack, "v1")
+    listed = stack.docker.ok("volume", "ls", "--format", "{{.Driver}} {{.Name}}")
+    assert "trustplane v1" in listed.splitlines()
+    marker = "confidential-marker-7d1f3e"
+    _run(stack, "v1", f"echo {marker} > /data/note && sync")
+    # The container is gone: the volume is closed, its key forgotten here.
+    assert stack.nothing_left() == NOTHING
+    with stack.plane.admin() as admin:
+        assert admin.volume("v1").attachment is None
+    assert _run(stack, "v1", "cat /data/note").strip() == marker
+    raw = stack.volumes / "v1.img"
+    assert raw.read_bytes()[:6] == LUKS_MAGIC
+    assert not file_holds(raw, marker.encode())
+    assert stack.nothing_left() == NOTHING
+
+
+def test_two_containers_share_one_open_and_the_last_one_closes_it(stack: Stack) -> None:
+    _create(stack, "v-shared")
+    args = ("--network", "none", "-v", "v-shared:/data", TAG, "sleep", "600")
+    with running_container(stack.docker, *args) as first:
+        opened = stack.left()
+        assert len(opened["daemons"]) == 1
+        assert len(opened["loop devices"]) == 1
+        with running_container(stack.docker, *args) as second:
+            stack.docker.ok("exec", first, "sh", "-c", "echo one > /data/one && sync")
+            assert stack.docker.ok("exec", second, "cat", "/data/one").strip() == "one"
+            assert stack.left()["daemons"] == opened["daemons"]  # one open, two users
+        assert stack.left()["daemons"] == opened["daemons"]  # still used by the first
+    assert stack.nothing_left() == NOTHING
+
+
+def test_the_key_is_in_no_argv_environment_log_or_file_while_open(stack: Stack) -> None:
+    """Attacker: a local user who reads every process's argv and environment (ps, /proc)
+    and the plugin's files and log; the key must be in none of them."""
+    _create(stack, "v-secret")
+    key = _key_of(stack, "v-secret")
+    needles = _needles(key)
+    args = ("--network", "none", "-v", "v-secret:/data", TAG, "sleep", "600")
+    with running_container(stack.docker, *args):
+        assert stack.left()["daemons"], "the volume is open"
+        assert processes_holding(needles) == []
+        assert files_holding(stack.root, needles, skip=(stack.root / "mounts",)) == []
+        assert files_holding(stack.plugin.work, needles) == []  # the plugin's logs
+        # Where the executor's secret files go (removed once the daemon has read them),
+        # and the temporary directory the tools use.
+        for scratch in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+            for entry in scratch.glob("trustplane-*"):
+                assert files_holding(entry, needles) == [], entry
+        assert not any(n in stack.plugin.log_text().encode() for n in needles)
+
+
+def test_plugin_socket_answers_root_only(stack: Stack) -> None:
+    """Attacker: a local non-root user; whoever talks to the socket opens volumes."""
+    socket = stack.plugin.socket
+    assert socket.stat().st_mode & 0o777 == 0o600
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\n"
+        "else:\n    print('connected')\n"
+    )
+    # The plugin directory itself is 0700, so nobody else even reaches the socket.
+    seen = subprocess.run(
+        ["python3", "-c", probe, str(socket)], capture_output=True, text=True, user=65534,
+        check=False,
+    )  # fmt: skip
+    assert seen.stdout.strip() == "refused", seen
+
+
+def test_restart_while_mounted_loses_no_data(stack: Stack) -> None:
+    _create(stack, "v-restart")
+    args = ("--network", "none", "-v", "v-restart:/data", TAG, "sleep", "600")
+    with running_container(stack.docker, *args) as name:
+        stack.docker.ok("exec", name, "sh", "-c", "echo before > /data/a && sync")
+        daemons = stack.left()["daemons"]
+        stack.plugin.stop()
+        assert stack.left()["daemons"] == daemons  # the container's volume stays open
+        stack.plugin.start()
+        assert "adopted ['v-restart']" in stack.plugin.log_text()
+        stack.docker.ok("exec", name, "sh", "-c", "echo after > /data/b && sync")
+    # Unmount went to the restarted plugin, which closed what it adopted.
+    assert stack.nothing_left() == NOTHING
+    assert _run(stack, "v-restart", "cat /data/a /data/b").split() == ["before", "after"]
+
+
+def test_kill9_of_the_plugin_leaves_no_stale_mount_after_restart(stack: Stack) -> None:
+    _create(stack, "v-kill")
+    args = ("--network", "none", "-v", "v-kill:/data", TAG, "sleep", "600")
+    with running_container(stack.docker, *args) as name:
+        stack.docker.ok("exec", name, "sh", "-c", "echo kept > /data/k && sync")
+        stack.plugin.kill9()
+        stack.plugin.start()
+        assert "adopted ['v-kill']" in stack.plugin.log_text()
+        assert len(stack.left()["daemons"]) == 1
+        stack.docker.ok("exec", name, "sh", "-c", "echo more > /data/m && sync")
+    assert stack.nothing_left() == NOTHING
+    assert _run(stack, "v-kill", "cat /data/k /data/m").split() == ["kept", "more"]
+
+
+def test_kill9_of_plugin_and_daemon_clears_the_stale_fuse_mount_and_reopens(
+    stack: Stack,
+) -> None:
+    """The whole service killed (a cgroup kill): the FUSE export is left dead
+    (`Transport endpoint is not connected`); the restart clears it and opens the
+    volume again for the container Docker still counts."""
+    _create(stack, "v-dead")
+    args = ("--network", "none", "-v", "v-dead:/data", TAG, "sleep", "600")
+    with running_container(stack.docker, *args) as name:
+        stack.docker.ok("exec", name, "sh", "-c", "echo synced > /data/s && sync")
+        (daemon_pid,) = stack.left()["daemons"]
+        stack.plugin.kill9()
+        subprocess.run(["kill", "-9", str(daemon_pid)], check=True)
+        stale = [p for p, kind in mounts_under(stack.root) if kind.startswith("fuse")]
+        assert stale, "the dead daemon left its FUSE export mounted"
+        stack.plugin.start()
+        assert "opened again ['v-dead']" in stack.plugin.log_text()
+        for point, _ in mounts_under(stack.root):
+            Path(point).stat()  # raises ENOTCONN on a stale FUSE mount
+        assert len(stack.left()["daemons"]) == 1
+    assert stack.nothing_left() == NOTHING
+    assert _run(stack, "v-dead", "cat /data/s").strip() == "synced"
+
+
+def test_refused_key_release_fails_docker_run_and_leaves_nothing(stack: Stack) -> None:
+    _create(stack, "locked-1")
+    set_policy(stack.plane, stack.base_policy, node_rules(stack.node, denied=("locked-*",)))
+    try:
+        refused = stack.docker(
+            "run", "--rm", "--network", "none", "-v", "locked-1:/data", TAG, "true"
+        )
+        assert refused.returncode != 0
+        assert "policy refuses volume.attach of volume:locked-1" in refused.stderr
+        assert stack.nothing_left() == NOTHING
+        assert not (stack.root / "mounts" / "locked-1").exists()
+        with stack.plane.admin() as admin:
+            assert admin.volume("locked-1").attachment is None
+    finally:
+        stack.allow_all()
+    assert _run(stack, "locked-1", "ls /data").split() == ["lost+found"]
+
+
+def test_create_refuses_bad_options_and_leaves_no_volume(stack: Stack) -> None:
+    bad = stack.docker("volume", "create", "-d", "trustplane", "--opt", "type=secure", "v-nosize")
+    assert bad.returncode != 0
+    assert "needs --opt size=SIZE" in bad.stderr
+    odd = stack.docker(
+        "volume", "create", "-d", "trustplane", "--opt", "type=secure", "--opt", "size=64M",
+        "--opt", "fs=xfs", "v-odd",
+    )  # fmt: skip
+    assert odd.returncode != 0
+    assert "unknown option 'fs'" in odd.stderr
+    with stack.plane.admin() as admin:
+        names = {v.name for v in admin.volumes()}
+    assert not {"v-nosize", "v-odd"} & names
+
+
+def test_remove_destroys_key_and_storage(stack: Stack) -> None:
+    _create(stack, "v-gone", size=f"{8 * MIB}")
+    with stack.plane.admin() as admin:
+        key_id = admin.volume("v-gone").key_id
+    assert key_id is not None
+    stack.docker.ok("volume", "rm", "v-gone")
+    assert not (stack.volumes / "v-gone.img").exists()
+    with stack.plane.admin() as admin, pytest.raises(TrustplaneError):
+        admin.volume("v-gone")

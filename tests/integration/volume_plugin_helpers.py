@@ -1,0 +1,253 @@
+"""A stack for the Docker volume plugin's tests: control plane, dockerd, plugin process.
+
+- The control plane runs with a file backend (`files`) and a volume type
+  (`secure`); the plugin's node is registered and the policy lets it
+  create, delete and attach volumes.
+- dockerd is a second daemon (own socket, state, network namespace) with a
+  plugin directory of its own bound over /run/docker/plugins in its mount
+  namespace, so the plugin is `trustplane` there and nowhere else; the
+  plugin's mount root is a shared mount, so the file systems the plugin
+  mounts reach the daemon.
+- The plugin is `trustplane volume-plugin`, a real process, restarted and
+  killed by the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwcrypto import jwk
+
+from trustplane.client import ControlClient
+from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.dockerd import DockerDaemon
+from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
+from trustplane.oci.layout import atomic_write
+
+VOLUME_TYPE = "secure"
+BACKEND = "files"
+MIB = 1 << 20
+_STARTS = itertools.count(1)
+
+
+def backends_env(directory: Path) -> dict[str, str]:
+    """The control plane's settings: one file backend in `directory`."""
+    config = {BACKEND: {"kind": "file", "directory": str(directory)}}
+    return {"TRUSTPLANE_VOLUME_BACKENDS": json.dumps(config)}
+
+
+def register_node(admin: ControlClient, directory: Path, name: str) -> Path:
+    """Register node `name`; its private key file."""
+    signing = ec.generate_private_key(ec.SECP256R1())
+    key = directory / f"{name}.key"
+    key.write_bytes(jwk.JWK.from_pyca(signing).export_to_pem(private_key=True, password=None))
+    key.chmod(0o600)
+    admin.register_node(name, "host", jwk.JWK.from_pyca(signing).export_to_pem().decode())
+    return key
+
+
+def node_rules(node: str, denied: tuple[str, ...] = ()) -> str:
+    """Policy rules: the node creates, deletes and attaches volumes, except `denied` ones."""
+    text = f"""\
+  - subjects: ["node:{node}"]
+    actions: [volume.create, volume.delete, volume.attach]
+    resources: ["volume:*"]
+"""
+    for pattern in denied:
+        text += f"""\
+  - effect: deny
+    subjects: ["node:{node}"]
+    actions: [volume.attach]
+    resources: ["volume:{pattern}"]
+"""
+    return text
+
+
+def set_policy(plane: RunningControlPlane, base: str, extra: str) -> None:
+    """Replace the server's policy file (it reloads it when it changes)."""
+    path = plane.data_dir / "policy.yaml"
+    atomic_write(path, (base + extra).encode(), mode=0o600)
+    time.sleep(0.05)  # a distinct mtime even on coarse clocks
+
+
+@dataclass
+class PluginProcess:
+    """`trustplane volume-plugin` as the tests run it: started, stopped, killed."""
+
+    plane: RunningControlPlane
+    node: str
+    node_key: Path
+    socket: Path
+    root: Path
+    work: Path
+    process: ManagedProcess | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self) -> ManagedProcess:
+        assert self.process is None or not self.process.running()
+        process = ManagedProcess(
+            f"volume-plugin-{next(_STARTS)}",
+            [
+                sys.executable, "-m", "trustplane", "volume-plugin",
+                "--server", self.plane.url, "--ca", str(self.plane.ca_file),
+                "--node", self.node, "--node-key", str(self.node_key),
+                "--plugin-socket", str(self.socket), "--plugin-root", str(self.root),
+            ],
+            self.work,
+            ready=lambda: unix_socket_accepts(self.socket),
+            timeout=120,
+            grace=30,
+        )  # fmt: skip
+        self.process = process
+        self.logs.append(process.log_file)
+        return process.start()
+
+    def stop(self) -> None:
+        """SIGTERM and wait: the plugin's own stop (volumes stay open)."""
+        if self.process is not None:
+            self.process.stop()
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        assert self.process.pid is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while self.process.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.process.stop()  # reaps it; its group is gone already
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+def mounts_under(directory: Path, pid: int | str = "self") -> list[tuple[str, str]]:
+    """(mount point, type) of every mount under `directory` in `pid`'s namespace."""
+    prefix = str(directory.resolve()) + "/"
+    found = []
+    for line in Path(f"/proc/{pid}/mounts").read_text().splitlines():
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        if point.startswith(prefix):
+            found.append((point, fields[2]))
+    return found
+
+
+def loop_devices_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file lies under `directory`."""
+    listed = subprocess.run(
+        ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if not listed.stdout.strip():
+        return []
+    prefix = str(directory.resolve()) + "/"
+    return [
+        entry["name"]
+        for entry in json.loads(listed.stdout)["loopdevices"]
+        if str(entry.get("back-file") or "").startswith(prefix)
+    ]
+
+
+def daemons_under(directory: Path) -> list[int]:
+    """qemu-storage-daemon processes exporting under `directory`."""
+    marker = f"mountpoint={directory.resolve()}/".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"qemu-storage-daemon" in cmdline and marker in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def leftovers(root: Path, daemon: DockerDaemon) -> dict[str, list[object]]:
+    """Everything of an open volume still on the host (empty lists: nothing)."""
+    pid = daemon.process.pid if daemon.process is not None else "self"
+    assert pid is not None
+    return {
+        "host mounts": list(mounts_under(root)),
+        "dockerd mounts": list(mounts_under(root, pid)),
+        "loop devices": list(loop_devices_under(root)),
+        "daemons": list(daemons_under(root)),
+    }
+
+
+def wait_for_nothing(
+    root: Path, daemon: DockerDaemon, within: float = 30.0
+) -> dict[str, list[object]]:
+    """`leftovers`, polled until empty or `within` seconds have passed (the last seen)."""
+    deadline = time.monotonic() + within
+    while True:
+        seen = leftovers(root, daemon)
+        if not any(seen.values()) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
+
+
+def processes_holding(needles: list[bytes]) -> list[str]:
+    """Processes whose argv or environment holds any of `needles`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        for part in ("cmdline", "environ"):
+            with contextlib.suppress(OSError):
+                data = (entry / part).read_bytes()
+                if any(n in data for n in needles):
+                    found.append(f"{entry.name}/{part}")
+    return found
+
+
+def files_holding(directory: Path, needles: list[bytes], skip: tuple[Path, ...] = ()) -> list[str]:
+    """Regular files under `directory` (not under `skip`) that hold any of `needles`."""
+    found: list[str] = []
+    skipped = [str(s.resolve()) for s in skip]
+    if not directory.is_dir():
+        return found
+    for path in directory.rglob("*"):
+        if any(str(path.resolve()).startswith(s) for s in skipped):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                if any(n in data for n in needles):
+                    found.append(str(path))
+    return found
+
+
+def file_holds(path: Path, needle: bytes, chunk: int = 4 * MIB) -> bool:
+    """True when `needle` occurs in the file (read in chunks, overlapping)."""
+    tail = b""
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle) :]
+    return False
+
+
+@contextlib.contextmanager
+def running_container(docker: object, *args: str) -> Iterator[str]:
+    """`docker run -d ARGS`; removed (forced) when the block ends."""
+    from gateway_helpers import DockerCli
+
+    assert isinstance(docker, DockerCli)
+    name = docker.ok("run", "-d", *args).strip()
+    try:
+        yield name
+    finally:
+        docker("rm", "-f", name)
