@@ -105,3 +105,28 @@ def test_networks_and_volume_drivers_reaching_the_host_are_seen() -> None:
         assert host_access("network", network, body)[0] == expected, body
     assert wanted({"VolumeDriver": "some-plugin"}) == {"host-bind"}
     assert wanted({"VolumeDriver": "local"}) == set()
+
+
+def test_trustplane_volumes_are_named_volumes_not_host_binds() -> None:
+    """The trustplane driver's volumes are encrypted control-plane volumes: with its own
+    options (type, size) they reach no host path; any other option, or any other driver,
+    is a host bind."""
+    volume = parse_target("POST", "/volumes/create")
+    for body, expected in (
+        (b'{"Name": "v", "Driver": "trustplane", "DriverOpts": {"type": "t", "size": "1G"}}',
+         set()),
+        (b'{"Name": "v", "Driver": "trustplane"}', set()),
+        (b'{"Name": "v", "Driver": "trustplane", "DriverOpts": {"device": "/etc"}}',
+         {"host-bind"}),
+        (b'{"Name": "v", "Driver": "local", "DriverOpts": {"type": "t"}}', {"host-bind"}),
+        (b'{"Name": "v", "Driver": "trustplane-evil"}', {"host-bind"}),
+    ):  # fmt: skip
+        assert host_access("volume", volume, body)[0] == expected, body
+    assert wanted({"VolumeDriver": "trustplane", "Binds": ["v1:/data"]}) == set()
+    mount = {
+        "Type": "volume", "Source": "v1", "Target": "/data",
+        "VolumeOptions": {"DriverConfig": {"Name": "trustplane", "Options": {"size": "1G"}}},
+    }  # fmt: skip
+    assert wanted({"Mounts": [mount]}) == set()
+    mount["VolumeOptions"] = {"DriverConfig": {"Name": "trustplane", "Options": {"o": "bind"}}}
+    assert wanted({"Mounts": [mount]}) == {"host-bind"}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from gateway_helpers import DockerCli
+from gateway_helpers import DockerCli, make_people, register_local_image, start_gateway
 from volume_plugin_helpers import (
     BACKEND,
     MIB,
@@ -52,6 +52,7 @@ NOTHING: dict[str, list[object]] = {
 
 @dataclass
 class Stack:
+    top: Path
     plane: RunningControlPlane
     base_policy: str
     node: str
@@ -103,7 +104,7 @@ def stack() -> Iterator[Stack]:
         finally:
             client.close()
         docker = DockerCli.make(daemon.base_url, top / "cli", None)
-        yield Stack(plane, base_policy, node, volumes, root, daemon, docker, plugin)
+        yield Stack(top, plane, base_policy, node, volumes, root, daemon, docker, plugin)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -311,3 +312,43 @@ def test_remove_destroys_key_and_storage(stack: Stack) -> None:
     assert not (stack.volumes / "v-gone.img").exists()
     with stack.plane.admin() as admin, pytest.raises(TrustplaneError):
         admin.volume("v-gone")
+
+
+def test_through_the_gateway_a_named_volume_is_authorized_like_any_start(stack: Stack) -> None:
+    """The gateway in front of dockerd: a trustplane volume by name is not a host-path
+    bind; host paths, foreign options and foreign drivers still are (attacker: an
+    operator of this gateway)."""
+    people = make_people(stack.plane, "volumes")
+    client = stack.daemon.client()
+    try:
+        register_local_image(stack.plane, client, TAG)
+    finally:
+        client.close()
+    gateways = start_gateway(stack.top / "gw", stack.plane, stack.daemon)
+    gateway = next(gateways)
+    try:
+        operator = DockerCli.make(gateway.host, stack.top / "op", people.operator_token)
+        user = DockerCli.make(gateway.host, stack.top / "user", people.user_token)
+        operator.ok(
+            "volume", "create", "-d", "trustplane",
+            "--opt", f"type={VOLUME_TYPE}", "--opt", "size=64M", "v-gw",
+        )  # fmt: skip
+        ran = operator.ok("run", "--rm", "--network", "none", "-v", "v-gw:/data", TAG,
+                          "sh", "-c", "echo through-gw > /data/x && cat /data/x")  # fmt: skip
+        assert ran.strip() == "through-gw"
+        mount = "type=volume,src=v-gw,dst=/data,volume-driver=trustplane"
+        read = operator.ok("run", "--rm", "--network", "none", "--mount", mount, TAG,
+                           "cat", "/data/x")  # fmt: skip
+        assert read.strip() == "through-gw"
+        user.refused("run", "--rm", "--network", "none", "-v", "v-gw:/data", TAG, "true",
+                     text="normal privilege")  # fmt: skip
+        operator.refused("run", "--rm", "--network", "none", "-v", "/etc:/data", TAG, "true",
+                         text="host-bind access")  # fmt: skip
+        operator.refused("volume", "create", "-d", "trustplane", "--opt", "device=/etc",
+                         "v-evil", text="host-bind access")  # fmt: skip
+        operator.refused("volume", "create", "-d", "local", "--opt", "type=none",
+                         "--opt", "o=bind", "--opt", "device=/etc", "v-evil2",
+                         text="host-bind access")  # fmt: skip
+    finally:
+        gateways.close()
+    assert stack.nothing_left() == NOTHING

@@ -10,9 +10,14 @@ each such request unless its configuration explicitly allows that category
   field is checked both under `HostConfig` and at the top level of a create
   body, where dockerd's deprecated embedded HostConfig reads it too.)
 - `host-bind`: HostConfig.Binds with a host path; Mounts of type bind (or a
-  volume with driver options or another driver); VolumesFrom; a
-  VolumeDriver other than `local`;
-  `volumes/create` with DriverOpts or a driver other than `local`.
+  volume whose driver is not confined, see below); VolumesFrom; a
+  VolumeDriver that is not confined; `volumes/create` with a driver that is
+  not confined. A named volume is not a host-path bind when its driver
+  cannot reach a host path (`CONFINED_DRIVERS`): `local` without options
+  (with them it binds any host path: `type=none,o=bind,device=/`), and
+  trustplane's own plugin (`trustplane`: encrypted control-plane volumes,
+  options `type` and `size` only). Any other plugin may mount what it
+  likes, so it needs `host-bind`.
 - `host-namespace`: Pid/Network/Ipc/UTS/Userns/Cgroupns mode `host`
   (sharing another container's, `container:NAME`, is allowed); build
   `networkmode=host`; a network whose driver is not bridge or overlay
@@ -43,6 +48,11 @@ from trustplane.gateway.request import Target
 CATEGORIES = frozenset(
     {"privileged", "host-bind", "host-namespace", "capabilities", "devices", "security-opt"}
 )
+CONFINED_DRIVERS: dict[str, frozenset[str]] = {
+    "local": frozenset(),
+    "trustplane": frozenset({"type", "size"}),
+}
+"""Volume drivers whose volumes stay off the host's paths, with the options that keep them so."""
 _NAMESPACES = ("pidmode", "networkmode", "ipcmode", "utsmode", "usernsmode", "cgroupnsmode")
 
 
@@ -98,9 +108,8 @@ def host_access(check: BodyCheck, target: Target, body: bytes) -> tuple[set[str]
             return {"host-namespace"}, document
         return set(), document
     if check == "volume":
-        opts = _mapping(document, "driveropts")
-        driver = _string(document, "driver")
-        return ({"host-bind"} if opts or driver not in ("", "local") else set()), document
+        confined = _confined(_string(document, "driver"), _mapping(document, "driveropts"))
+        return (set() if confined else {"host-bind"}), document
     raise MalformedError(f"unknown body check {check}")
 
 
@@ -119,7 +128,7 @@ def _host_config(host: dict[str, Any]) -> set[str]:
         source = bind.split(":", 1)[0]
         if source.startswith("/") or source.startswith(".") or not source:
             wanted.add("host-bind")
-    if _strings(host, "volumesfrom") or _string(host, "volumedriver") not in ("", "local"):
+    if _strings(host, "volumesfrom") or not _confined(_string(host, "volumedriver"), {}):
         wanted.add("host-bind")
     mounts = host.get("mounts")
     if mounts is not None:
@@ -133,7 +142,7 @@ def _host_config(host: dict[str, Any]) -> set[str]:
                 wanted.add("host-bind")
             volume_options = _mapping(mount, "volumeoptions")
             driver = _mapping(volume_options, "driverconfig")
-            if _mapping(driver, "options") or _string(driver, "name") not in ("", "local"):
+            if not _confined(_string(driver, "name"), _mapping(driver, "options")):
                 wanted.add("host-bind")
     for mode in _NAMESPACES:
         value = _string(host, mode).lower()
@@ -147,6 +156,12 @@ def _host_config(host: dict[str, Any]) -> set[str]:
         wanted.add("security-opt")
     wanted |= _devices(host)
     return wanted
+
+
+def _confined(driver: str, options: dict[str, Any]) -> bool:
+    """True when volumes of `driver` with `options` cannot reach a host path."""
+    allowed = CONFINED_DRIVERS.get(driver or "local")
+    return allowed is not None and set(options) <= allowed
 
 
 def _devices(document: dict[str, Any]) -> set[str]:
