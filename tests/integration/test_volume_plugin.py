@@ -38,10 +38,13 @@ from volume_plugin_helpers import (
     wait_for_nothing,
 )
 
+from trustplane.client import connect_as_node
+from trustplane.crypto.node_assertion import load_node_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd, make_shared, unmake_shared
 from trustplane.embedded.sample_images import import_busybox_base
-from trustplane.errors import TrustplaneError
+from trustplane.errors import TrustplaneError, UsageError
+from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
 from trustplane.volumes.header import LUKS_MAGIC
 
 TAG = "trustplane/busybox:volumes"
@@ -196,6 +199,31 @@ def test_the_key_is_in_no_argv_environment_log_or_file_while_open(stack: Stack) 
             for entry in scratch.glob("trustplane-*"):
                 assert files_holding(entry, needles) == [], entry
         assert not any(n in stack.plugin.log_text().encode() for n in needles)
+
+
+def test_a_volume_open_on_this_node_is_refused_to_another_node(stack: Stack) -> None:
+    """Attacker: another registered node the policy lets attach volumes, asking for the
+    key of a volume a container uses here."""
+    other = "docker-host-2"
+    with stack.plane.admin() as admin:
+        key_file = register_node(admin, stack.top, other)
+    rules = node_rules(stack.node) + node_rules(other)
+    set_policy(stack.plane, stack.base_policy, rules)
+    signing = load_node_key(key_file.read_bytes(), str(key_file))
+    elsewhere = ControlVolumeService(
+        lambda: connect_as_node(stack.plane.url, other, signing, stack.plane.ca_file)
+    )
+    try:
+        _create(stack, "v-excl")
+        args = ("--network", "none", "-v", "v-excl:/data", TAG, "sleep", "600")
+        with running_container(stack.docker, *args), pytest.raises(UsageError, match="attached"):
+            elsewhere.attach("v-excl")
+        assert stack.nothing_left() == NOTHING
+        material = elsewhere.attach("v-excl")  # closed here: the other node may have it now
+        assert len(material.key) == 32
+        elsewhere.detached("v-excl")
+    finally:
+        stack.allow_all()
 
 
 def test_plugin_socket_answers_root_only(stack: Stack) -> None:
