@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,9 @@ from trustplane.client import connect_as_node
 from trustplane.crypto.node_assertion import load_node_key
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd, make_shared, unmake_shared
+from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
 from trustplane.embedded.sample_images import import_busybox_base
+from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
 from trustplane.volumes.header import LUKS_MAGIC
@@ -380,3 +384,51 @@ def test_through_the_gateway_a_named_volume_is_authorized_like_any_start(stack: 
     finally:
         gateways.close()
     assert stack.nothing_left() == NOTHING
+
+
+def test_the_agent_serves_the_plugin_and_attestation_gates_the_keys(
+    stack: Stack, swtpm: RunningSwtpm
+) -> None:
+    """`trustplane agent --volume-plugin`: with a rule that asks for attestation, a
+    node that never attested gets no key (attacker: a node whose TPM state is not
+    vouched for); the agent attests, then the same mount works."""
+    _create(stack, "v-attested")
+    set_policy(stack.plane, stack.base_policy, node_rules(stack.node, attested=True))
+    agent: ManagedProcess | None = None
+    try:
+        refused = stack.docker(
+            "run", "--rm", "--network", "none", "-v", "v-attested:/data", TAG, "true"
+        )
+        assert refused.returncode != 0
+        assert "attest" in refused.stderr
+        assert stack.nothing_left() == NOTHING
+        stack.plugin.stop()
+        plugin = stack.plugin
+        agent = ManagedProcess(
+            "agent-volume-plugin",
+            [
+                sys.executable, "-m", "trustplane", "agent",
+                "--server", stack.plane.url, "--ca", str(stack.plane.ca_file),
+                "--node", stack.node, "--node-key", str(plugin.node_key),
+                "--tpm", swtpm.tcti, "--state-dir", str(stack.top / "agent-state"),
+                "--volume-plugin", "--plugin-socket", str(plugin.socket),
+                "--plugin-root", str(plugin.root),
+            ],
+            stack.top / "work",
+            ready=lambda: unix_socket_accepts(plugin.socket),
+            timeout=120,
+            grace=30,
+        ).start()  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "attested: quote verified" not in agent.log_file.read_text(errors="replace"):
+            assert agent.running(), agent.log_tail()
+            assert time.monotonic() < deadline, agent.log_tail()
+            time.sleep(0.2)
+        assert _run(stack, "v-attested", "ls /data").split() == ["lost+found"]
+        assert stack.nothing_left() == NOTHING
+    finally:
+        if agent is not None:
+            agent.stop()
+        stack.allow_all()
+        if stack.plugin.process is None or not stack.plugin.process.running():
+            stack.plugin.start()

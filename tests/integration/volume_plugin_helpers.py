@@ -58,13 +58,16 @@ def register_node(admin: ControlClient, directory: Path, name: str) -> Path:
     return key
 
 
-def node_rules(node: str, denied: tuple[str, ...] = ()) -> str:
-    """Policy rules: the node creates, deletes and attaches volumes, except `denied` ones."""
+def node_rules(node: str, denied: tuple[str, ...] = (), *, attested: bool = False) -> str:
+    """Policy rules: the node creates, deletes and attaches volumes, except `denied` ones;
+    with `attested`, keys go to it only while its attestation is fresh."""
     text = f"""\
   - subjects: ["node:{node}"]
     actions: [volume.create, volume.delete, volume.attach]
     resources: ["volume:*"]
 """
+    if attested:
+        text += "    require_attestation: true\n"
     for pattern in denied:
         text += f"""\
   - effect: deny
