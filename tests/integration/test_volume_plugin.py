@@ -23,20 +23,14 @@ from pathlib import Path
 import pytest
 from gateway_helpers import DockerCli, make_people, register_local_image, start_gateway
 from volume_plugin_helpers import (
-    BACKEND,
     MIB,
     VOLUME_TYPE,
-    PluginProcess,
-    backends_env,
     file_holds,
     files_holding,
     leftovers,
     mounts_under,
-    node_rules,
     processes_holding,
-    register_node,
     running_container,
-    set_policy,
     wait_for_nothing,
 )
 
@@ -47,6 +41,14 @@ from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd, make_share
 from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
 from trustplane.embedded.sample_images import import_busybox_base
 from trustplane.embedded.swtpm import RunningSwtpm
+from trustplane.embedded.volume_plugin import (
+    FILE_BACKEND,
+    PluginProcess,
+    register_volume_node,
+    replace_policy,
+    volume_backends_env,
+    volume_node_rules,
+)
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
 from trustplane.volumes.header import LUKS_MAGIC
@@ -78,7 +80,7 @@ class Stack:
         return wait_for_nothing(self.root, self.daemon)
 
     def allow_all(self) -> None:
-        set_policy(self.plane, self.base_policy, node_rules(self.node))
+        replace_policy(self.plane, self.base_policy + volume_node_rules(self.node))
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +88,17 @@ def stack() -> Iterator[Stack]:
     # Short: dockerd's containerd socket paths under the state dir stay below 108 bytes.
     top = Path(tempfile.mkdtemp(prefix="tpv-", dir="/tmp"))
     volumes, root, plugins = top / "volumes", top / "root", top / "plugins"
-    plane = start_control_plane(top / "cp", env=backends_env(volumes))
+    plane = start_control_plane(top / "cp", env=volume_backends_env(volumes))
     daemon: DockerDaemon | None = None
     plugin: PluginProcess | None = None
     make_shared(root)
     try:
         node = "docker-host-1"
         with plane.admin() as admin:
-            key = register_node(admin, top, node)
-            admin.create_volume_type(VOLUME_TYPE, BACKEND)
+            key = register_volume_node(admin, top, node)
+            admin.create_volume_type(VOLUME_TYPE, FILE_BACKEND)
         base_policy = (plane.data_dir / "policy.yaml").read_text()
-        set_policy(plane, base_policy, node_rules(node))
+        replace_policy(plane, base_policy + volume_node_rules(node))
         plugin = PluginProcess(plane, node, key, plugins / "trustplane.sock", root, top / "work")
         plugins.mkdir(mode=0o700)
         plugin.start()  # before dockerd: it asks the plugin for its volumes at start
@@ -210,9 +212,9 @@ def test_a_volume_open_on_this_node_is_refused_to_another_node(stack: Stack) -> 
     key of a volume a container uses here."""
     other = "docker-host-2"
     with stack.plane.admin() as admin:
-        key_file = register_node(admin, stack.top, other)
-    rules = node_rules(stack.node) + node_rules(other)
-    set_policy(stack.plane, stack.base_policy, rules)
+        key_file = register_volume_node(admin, stack.top, other)
+    rules = volume_node_rules(stack.node) + volume_node_rules(other)
+    replace_policy(stack.plane, stack.base_policy + rules)
     signing = load_node_key(key_file.read_bytes(), str(key_file))
     elsewhere = ControlVolumeService(
         lambda: connect_as_node(stack.plane.url, other, signing, stack.plane.ca_file)
@@ -304,7 +306,9 @@ def test_kill9_of_plugin_and_daemon_clears_the_stale_fuse_mount_and_reopens(
 
 def test_refused_key_release_fails_docker_run_and_leaves_nothing(stack: Stack) -> None:
     _create(stack, "locked-1")
-    set_policy(stack.plane, stack.base_policy, node_rules(stack.node, denied=("locked-*",)))
+    replace_policy(
+        stack.plane, stack.base_policy + volume_node_rules(stack.node, denied=("locked-*",))
+    )
     try:
         refused = stack.docker(
             "run", "--rm", "--network", "none", "-v", "locked-1:/data", TAG, "true"
@@ -393,7 +397,7 @@ def test_the_agent_serves_the_plugin_and_attestation_gates_the_keys(
     node that never attested gets no key (attacker: a node whose TPM state is not
     vouched for); the agent attests, then the same mount works."""
     _create(stack, "v-attested")
-    set_policy(stack.plane, stack.base_policy, node_rules(stack.node, attested=True))
+    replace_policy(stack.plane, stack.base_policy + volume_node_rules(stack.node, attested=True))
     agent: ManagedProcess | None = None
     try:
         refused = stack.docker(

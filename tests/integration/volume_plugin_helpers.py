@@ -9,130 +9,26 @@
   plugin's mount root is a shared mount, so the file systems the plugin
   mounts reach the daemon.
 - The plugin is `trustplane volume-plugin`, a real process, restarted and
-  killed by the tests.
+  killed by the tests (`embedded.volume_plugin.PluginProcess`).
+
+Here: what the tests look at on the host (mounts, loop devices, daemons,
+where a key could leak).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec
-from jwcrypto import jwk
-
-from trustplane.client import ControlClient
-from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.dockerd import DockerDaemon
-from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
-from trustplane.oci.layout import atomic_write
 
 VOLUME_TYPE = "secure"
-BACKEND = "files"
 MIB = 1 << 20
-_STARTS = itertools.count(1)
-
-
-def backends_env(directory: Path) -> dict[str, str]:
-    """The control plane's settings: one file backend in `directory`."""
-    config = {BACKEND: {"kind": "file", "directory": str(directory)}}
-    return {"TRUSTPLANE_VOLUME_BACKENDS": json.dumps(config)}
-
-
-def register_node(admin: ControlClient, directory: Path, name: str) -> Path:
-    """Register node `name`; its private key file."""
-    signing = ec.generate_private_key(ec.SECP256R1())
-    key = directory / f"{name}.key"
-    key.write_bytes(jwk.JWK.from_pyca(signing).export_to_pem(private_key=True, password=None))
-    key.chmod(0o600)
-    admin.register_node(name, "host", jwk.JWK.from_pyca(signing).export_to_pem().decode())
-    return key
-
-
-def node_rules(node: str, denied: tuple[str, ...] = (), *, attested: bool = False) -> str:
-    """Policy rules: the node creates, deletes and attaches volumes, except `denied` ones;
-    with `attested`, keys go to it only while its attestation is fresh."""
-    text = f"""\
-  - subjects: ["node:{node}"]
-    actions: [volume.create, volume.delete, volume.attach]
-    resources: ["volume:*"]
-"""
-    if attested:
-        text += "    require_attestation: true\n"
-    for pattern in denied:
-        text += f"""\
-  - effect: deny
-    subjects: ["node:{node}"]
-    actions: [volume.attach]
-    resources: ["volume:{pattern}"]
-"""
-    return text
-
-
-def set_policy(plane: RunningControlPlane, base: str, extra: str) -> None:
-    """Replace the server's policy file (it reloads it when it changes)."""
-    path = plane.data_dir / "policy.yaml"
-    atomic_write(path, (base + extra).encode(), mode=0o600)
-    time.sleep(0.05)  # a distinct mtime even on coarse clocks
-
-
-@dataclass
-class PluginProcess:
-    """`trustplane volume-plugin` as the tests run it: started, stopped, killed."""
-
-    plane: RunningControlPlane
-    node: str
-    node_key: Path
-    socket: Path
-    root: Path
-    work: Path
-    process: ManagedProcess | None = None
-    logs: list[Path] = field(default_factory=list)
-
-    def start(self) -> ManagedProcess:
-        assert self.process is None or not self.process.running()
-        process = ManagedProcess(
-            f"volume-plugin-{next(_STARTS)}",
-            [
-                sys.executable, "-m", "trustplane", "volume-plugin",
-                "--server", self.plane.url, "--ca", str(self.plane.ca_file),
-                "--node", self.node, "--node-key", str(self.node_key),
-                "--plugin-socket", str(self.socket), "--plugin-root", str(self.root),
-            ],
-            self.work,
-            ready=lambda: unix_socket_accepts(self.socket),
-            timeout=120,
-            grace=30,
-        )  # fmt: skip
-        self.process = process
-        self.logs.append(process.log_file)
-        return process.start()
-
-    def stop(self) -> None:
-        """SIGTERM and wait: the plugin's own stop (volumes stay open)."""
-        if self.process is not None:
-            self.process.stop()
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        assert self.process.pid is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while self.process.running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.process.stop()  # reaps it; its group is gone already
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
 
 def mounts_under(directory: Path, pid: int | str = "self") -> list[tuple[str, str]]:
