@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -112,19 +113,23 @@ def processes_holding(needles: list[bytes]) -> list[str]:
 
 
 def files_holding(directory: Path, needles: list[bytes], skip: tuple[Path, ...] = ()) -> list[str]:
-    """Regular files under `directory` (not under `skip`) that hold any of `needles`."""
+    """Regular files under `directory` (not under `skip`) that hold any of `needles`.
+
+    Files and directories that vanish while it looks (other programs' scratch
+    space) are passed over.
+    """
     found: list[str] = []
-    skipped = [str(s.resolve()) for s in skip]
-    if not directory.is_dir():
-        return found
-    for path in directory.rglob("*"):
-        if any(str(path.resolve()).startswith(s) for s in skipped):
+    skipped = tuple(str(s.resolve()) + "/" for s in skip)
+    for top, _, names in os.walk(directory):  # errors (a vanished directory) are ignored
+        if (top + "/").startswith(skipped):
             continue
-        with contextlib.suppress(OSError):
-            if path.is_file() and not path.is_symlink():
-                data = path.read_bytes()
-                if any(n in data for n in needles):
-                    found.append(str(path))
+        for name in names:
+            path = Path(top, name)
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink():
+                    data = path.read_bytes()
+                    if any(n in data for n in needles):
+                        found.append(str(path))
     return found
 
 
