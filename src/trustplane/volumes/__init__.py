@@ -16,7 +16,8 @@
   `encryptors.base.passphrase()` derives the LUKS passphrase from a KMS
   key the way OpenStack does.
 - `attachers/`: libvirt (secret + domain XML, hot-plug and persistent),
-  user-space open (qemu-storage-daemon FUSE export + loop device).
+  user-space open (qemu-storage-daemon FUSE export + loop device), and the
+  Docker volume plugin on top of it (`attachers.docker_plugin`).
 - `volume`: the few calls the block-storage service makes (create,
   delete) on top of the drivers.
 """
