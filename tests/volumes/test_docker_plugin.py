@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from trustplane.api.volume_spec import BackendKind, VolumeTypeSpec
 from trustplane.errors import (
     Forbidden,
     IntegrityError,
@@ -31,7 +32,6 @@ from trustplane.volumes.attachers.docker_plugin.opener import open_plaintext
 from trustplane.volumes.attachers.docker_plugin.protocol import CONTENT_TYPE
 from trustplane.volumes.attachers.docker_plugin.service import AttachMaterial, VolumeInfo
 from trustplane.volumes.backends.file import FileBackend
-from trustplane.volumes.spec import BackendKind, VolumeTypeSpec
 from trustplane.volumes.volume import CreatedVolume, create_volume, delete_volume
 
 SIZE = "16M"

@@ -65,12 +65,12 @@ def plugin_server(
     """The plugin server for these options (checked before anything starts)."""
     # Imported here: the server pulls in uvicorn and the volume drivers.
     from trustplane.agent.volume_plugin import DEFAULT_ROOT, DEFAULT_SOCKET, VolumePluginServer
+    from trustplane.api.volume_spec import parse_size
     from trustplane.client import connect_as_node
     from trustplane.crypto.node_assertion import load_node_key
     from trustplane.volumes.access import NodeCredentials
     from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
     from trustplane.volumes.attachers.docker_plugin.driver import VolumeDriver
-    from trustplane.volumes.spec import parse_size
 
     signing = load_node_key(read_file(node_key, "--node-key"), f"--node-key {node_key}")
     size = None if default_size is None else parse_size(default_size)

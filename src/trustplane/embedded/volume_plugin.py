@@ -27,10 +27,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
+from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
 from trustplane.embedded.control_plane import RunningControlPlane
 from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
-from trustplane.oci.layout import atomic_write
 
 FILE_BACKEND = "files"
 START_TIMEOUT = 120.0

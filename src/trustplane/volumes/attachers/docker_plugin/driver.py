@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from trustplane.api.volume_location import check_name
+from trustplane.api.volume_spec import parse_size
 from trustplane.errors import TrustplaneError, UnavailableError, UsageError
 from trustplane.tools import AdoptedProcess, Executor, mount_points, unmount
 from trustplane.volumes.attachers.docker_plugin.filesystem import make_filesystem
@@ -53,8 +55,6 @@ from trustplane.volumes.attachers.docker_plugin.state import (
     state_directory,
 )
 from trustplane.volumes.attachers.userspace import DAEMON, UserspaceVolume
-from trustplane.volumes.location import check_name
-from trustplane.volumes.spec import parse_size
 
 log = logging.getLogger("trustplane.volumes.plugin")
 

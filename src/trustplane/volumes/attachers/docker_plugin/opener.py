@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from trustplane.api.volume_spec import Engine
 from trustplane.errors import TrustplaneError, UnsupportedError
 from trustplane.tools import Executor
 from trustplane.volumes.attachers.docker_plugin.filesystem import require_filesystem
 from trustplane.volumes.attachers.docker_plugin.service import AttachMaterial
 from trustplane.volumes.attachers.userspace import UserspaceVolume
 from trustplane.volumes.encryptors import LibrbdEncryptor, QemuLuksEncryptor, encryptor_for
-from trustplane.volumes.spec import Engine
 
 
 def open_plaintext(

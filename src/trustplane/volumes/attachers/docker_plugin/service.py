@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from trustplane.api.volume_location import AnyLocation
+from trustplane.api.volume_spec import Engine
+from trustplane.api.volumes import HeaderFingerprint
 from trustplane.volumes.access import NodeCredentials
-from trustplane.volumes.header import HeaderFingerprint
-from trustplane.volumes.location import AnyLocation
-from trustplane.volumes.spec import Engine
 
 
 @dataclass(frozen=True)

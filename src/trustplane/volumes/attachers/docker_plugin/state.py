@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trustplane.atomic import atomic_write
 from trustplane.errors import MalformedError
-from trustplane.oci.layout import atomic_write
 from trustplane.volumes.attachers.userspace import UserspaceRecord
 
 STATE_FILE = "state.json"
