@@ -87,11 +87,13 @@ from trustplane.api.signatures import SignatureEntry, SignatureLogged, Signature
 from trustplane.api.volume_spec import EncryptionSpec
 from trustplane.api.volumes import (
     AttachRequest,
+    ExtendRequest,
     NewVolume,
     NewVolumeType,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeTypeInfo,
+    VolumeVerification,
 )
 from trustplane.ca_bundle import client_context
 from trustplane.crypto.node_assertion import make_node_assertion
@@ -466,6 +468,17 @@ class ControlClient:
     def delete_volume(self, name: str) -> None:
         """Crypto-shred the volume's key, then destroy its storage."""
         self.call(Call("DELETE", f"/v1/volumes/{name}", _nothing))
+
+    def verify_volume(self, name: str, samples: int | None = None) -> VolumeVerification:
+        """The raw storage checked against the record and the type (`passed`, each check)."""
+        params = {"samples": str(samples)} if samples is not None else None
+        path = f"/v1/volumes/{name}/verification"
+        return self.call(Call("GET", path, _model(VolumeVerification), params=params))
+
+    def extend_volume(self, name: str, size: int) -> VolumeInfo:
+        """Grow a detached volume to `size` usable bytes (whole MiB)."""
+        body = ExtendRequest.model_construct(size=size)
+        return self.call(Call("POST", f"/v1/volumes/{name}/size", _model(VolumeInfo), body))
 
     def attach_volume(self, name: str, domain: str) -> VolumeKeyRelease:
         """The volume's record and key for an attach to `domain` (volume.attach; logged).

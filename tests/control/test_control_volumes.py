@@ -6,14 +6,17 @@ Real SQLite, real file KEK, real policy file and log, real file volumes
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from plane_helpers import entries_since, set_policy
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from trustplane.api.volume_location import FileLocation
 from trustplane.api.volume_spec import BackendKind, ControlLocation, EncryptionSpec, Provider
 from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.control.identity import Principal
@@ -22,8 +25,20 @@ from trustplane.control.policy import DEFAULT_POLICY
 from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.volumes import SimulatedCrash
-from trustplane.errors import Forbidden, IntegrityError, NotFoundError, UsageError
+from trustplane.errors import (
+    Forbidden,
+    IntegrityError,
+    NotFoundError,
+    UnsupportedError,
+    UsageError,
+)
+from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor
+from trustplane.tools.command import Arg
 from trustplane.volumes.access import FileRawReader
+from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
+from trustplane.volumes.backends import IscsiBackend
+from trustplane.volumes.encryptors import QemuLuksEncryptor
+from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.header import LUKS_MAGIC, verify
 
 MIB = 1 << 20
@@ -282,3 +297,220 @@ def test_a_volume_replaced_behind_the_service_is_detected_by_its_fingerprint(
     (volumes_dir / "b.img").replace(volumes_dir / "a.img")
     with pytest.raises(IntegrityError, match="replaced or re-formatted"):
         verify(FileRawReader(volumes_dir / "a.img"), info.header, "volume a")
+
+
+# -- verify: prove encryption -------------------------------------------------------------
+
+EXECUTOR = Executor()
+
+
+def _key(plane: ControlPlane, key_id: str) -> bytes:
+    record = plane.store.find(key_id)
+    assert record is not None
+    return plane.store.unseal(record)
+
+
+def _qemu_io(path: Path, key: bytes, *commands: str) -> str:
+    """qemu-io through QEMU's LUKS driver (the encrypted path), key from a 0600 file."""
+    argv: list[Arg] = ["qemu-io", "--object", key_object(passphrase(key)), "--image-opts"]
+    argv.append(f"driver=luks,key-secret={KEY_OBJECT},file.driver=file,file.filename={path}")
+    for command in commands:
+        argv += ["-c", command]
+    return EXECUTOR.run(argv).text
+
+
+def _failed(plane: ControlPlane, name: str = "data") -> list[str]:
+    return [c.name for c in plane.volumes.verify(ALICE, name).checks if not c.passed]
+
+
+def test_a_fresh_volume_and_one_written_through_luks_verify(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    set_policy(plane, DEFAULT_POLICY + NODE_RULE)
+    key_id = _create(plane)
+    start, _ = plane.log.head()
+    fresh = plane.volumes.verify(ALICE, "data")
+    assert fresh.passed, fresh.checks
+    assert [c.name for c in fresh.checks] == [
+        "luks-header",
+        "header-uuid",
+        "header-digest",
+        "cipher",
+        "payload",
+    ]
+    assert fresh.payload.sampled == 32
+    assert fresh.payload.unwritten == 32  # sparse: nothing written yet, and nothing in the clear
+    # Written through the encryptor (the same byte over 8 MiB): every sample is ciphertext.
+    _qemu_io(volumes_dir / "data.img", _key(plane, key_id), "write -P 0x41 0 8M")
+    written = plane.volumes.verify(ADMIN, "data", samples=64)
+    assert written.passed, written.checks
+    assert (written.payload.sampled, written.payload.ciphertext) == (64, 64)
+    assert written.payload.min_entropy is not None
+    assert written.payload.min_entropy >= written.payload.threshold
+    logged = [e for e in entries_since(plane, start) if e["kind"] == "volume.verify"]
+    assert [(e["subject"], e["passed"], e["failed"]) for e in logged] == [
+        ("user:alice", True, []),
+        ("user:admin", True, []),
+    ]
+    # Only the owner or an admin: a node that may attach sees it but may not verify it,
+    # a stranger does not see it at all.
+    with pytest.raises(Forbidden, match="only the owner"):
+        plane.volumes.verify(COMPUTE, "data")
+    with pytest.raises(NotFoundError):
+        plane.volumes.verify(BOB, "data")
+
+
+def test_a_header_reformatted_behind_the_service_fails_naming_the_checks(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    _create(plane)
+    raw = volumes_dir / "data.img"
+    # Someone with the storage re-formats it under a key of their own (same cipher).
+    theirs = key_object(passphrase(secrets.token_bytes(32)))
+    argv: list[Arg] = [
+        "qemu-img", "create", "-q", "-f", "luks", "--object", theirs,
+        "-o", f"key-secret={KEY_OBJECT},iter-time=10", str(raw), str(8 * MIB),
+    ]  # fmt: skip
+    EXECUTOR.run(argv, retry=QEMU_PBKDF_CALIBRATION)
+    report = plane.volumes.verify(ALICE, "data")
+    assert not report.passed
+    assert _failed(plane) == ["header-uuid", "header-digest"]
+    [uuid_check] = [c for c in report.checks if c.name == "header-uuid"]
+    assert "record:" in uuid_check.detail
+    # A header wiped altogether: every header check fails, said as such.
+    with raw.open("r+b") as handle:
+        handle.write(bytes(4096))
+    assert _failed(plane) == ["luks-header", "header-uuid", "header-digest", "cipher"]
+
+
+@pytest.mark.parametrize("plaintext", ["text", "zeros"])
+def test_a_payload_overwritten_in_the_clear_fails_the_sampling(
+    plaintext: str, plane: ControlPlane, volumes_dir: Path
+) -> None:
+    key_id = _create(plane)
+    raw = volumes_dir / "data.img"
+    _qemu_io(raw, _key(plane, key_id), "write -P 0x41 0 8M")
+    info = plane.volumes.show(ALICE, "data")
+    assert info.header is not None
+    # Someone with the storage writes 1 MiB around the encryption, in the payload area.
+    clear = (
+        b"Confidential customer list: name, address, card number\n" * 20000
+        if plaintext == "text"
+        else bytes(20000 * 56)
+    )[:MIB]
+    with raw.open("r+b") as handle:
+        handle.seek(info.header.header_bytes + 2 * MIB)
+        handle.write(clear)
+    report = plane.volumes.verify(ALICE, "data")
+    assert not report.passed
+    assert _failed(plane) == ["payload"]
+    # 32 samples over 8 MiB, 256 KiB apart: the clear MiB holds 4 of them.
+    assert report.payload.plaintext == 4
+    assert report.payload.ciphertext == 28
+    assert report.payload.min_entropy is not None
+    assert report.payload.min_entropy < (5.0 if plaintext == "text" else 0.1)
+
+
+def test_a_volume_truncated_behind_the_service_fails_the_sampling(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    _create(plane)
+    raw = volumes_dir / "data.img"
+    os.truncate(raw, raw.stat().st_size - 4 * MIB)
+    report = plane.volumes.verify(ALICE, "data")
+    assert _failed(plane) == ["payload"]
+    assert report.payload.short > 0
+
+
+# -- extend (offline) -----------------------------------------------------------------------
+
+
+def test_extend_grows_the_usable_size_and_keeps_the_data(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    set_policy(plane, DEFAULT_POLICY + NODE_RULE)
+    key_id = _create(plane)
+    key = _key(plane, key_id)
+    raw = volumes_dir / "data.img"
+    info = plane.volumes.show(ALICE, "data")
+    assert info.header is not None
+    _qemu_io(raw, key, "write -P 0x5a 0 1M", "write -P 0xa5 7M 1M")
+    start, _ = plane.log.head()
+    grown = plane.volumes.extend(ALICE, "data", 24 * MIB)
+    assert (grown.size, grown.state) == (24 * MIB, "available")
+    assert grown.header == info.header  # LUKS1 keeps no size: the header is untouched
+    # What a guest sees through QEMU's LUKS driver: exactly the size asked for.
+    encryptor = QemuLuksEncryptor()
+    assert encryptor.usable_size(FileLocation(path=str(raw)), key) == 24 * MIB
+    assert raw.stat().st_size == info.header.header_bytes + 24 * MIB
+    # The data written before reads back; the new end is writable and readable.
+    out = _qemu_io(
+        raw,
+        key,
+        "read -P 0x5a 0 1M",
+        "read -P 0xa5 7M 1M",
+        "write -P 0x33 23M 1M",
+        "read -P 0x33 23M 1M",
+    )
+    assert "Pattern verification failed" not in out
+    assert plane.volumes.verify(ALICE, "data").passed
+    kinds = [(e["kind"], e.get("from"), e.get("to")) for e in entries_since(plane, start)]
+    assert ("volume.extend", 8 * MIB, 24 * MIB) in kinds
+    # The same size again changes nothing; a smaller one is refused, and so is a stranger.
+    assert plane.volumes.extend(ALICE, "data", 24 * MIB).size == 24 * MIB
+    with pytest.raises(UsageError, match="shrinking it is refused"):
+        plane.volumes.extend(ALICE, "data", 16 * MIB)
+    with pytest.raises(UsageError, match="MiB"):
+        plane.volumes.extend(ALICE, "data", 24 * MIB + 512)
+    with pytest.raises(NotFoundError):
+        plane.volumes.extend(BOB, "data", 32 * MIB)
+    with pytest.raises(Forbidden, match="only the owner"):
+        plane.volumes.extend(COMPUTE, "data", 32 * MIB)
+    assert raw.stat().st_size == info.header.header_bytes + 24 * MIB
+
+
+def test_extend_is_refused_while_attached_and_an_interrupted_one_is_put_back(
+    tmp_path: Path, volumes_dir: Path
+) -> None:
+    settings = _settings(tmp_path / "data", volumes_dir)
+    first = build(settings, announce=False)
+    try:
+        set_policy(first, DEFAULT_POLICY + NODE_RULE)
+        first.volumes.create_type(ADMIN, NewVolumeType(name="secure", backend="files"))
+        _create(first)
+        raw = volumes_dir / "data.img"
+        before = raw.stat().st_size
+        first.volumes.release(COMPUTE, "data", "vm-1")
+        with pytest.raises(UsageError, match="detach it first"):
+            first.volumes.extend(ALICE, "data", 16 * MIB)
+        assert raw.stat().st_size == before
+        assert first.volumes.show(ALICE, "data").size == 8 * MIB
+        first.volumes.detach(COMPUTE, "data", "vm-1")
+        # A crash in the middle of an extend leaves the record `extending`: no attach,
+        # no delete meanwhile; the next start puts it back, the next extend finishes it.
+        with first.db.session() as session:
+            session.execute(update(Volume).values(state="extending"))
+        with pytest.raises(UsageError, match="extending"):
+            first.volumes.release(COMPUTE, "data", "vm-1")
+        with pytest.raises(UsageError, match="being extended"):
+            first.volumes.delete(ALICE, "data")
+    finally:
+        first.close()
+    second = build(settings, announce=False)
+    try:
+        second.volumes.recover()
+        assert second.volumes.show(ALICE, "data").state == "available"
+        assert second.volumes.extend(ALICE, "data", 16 * MIB).size == 16 * MIB
+    finally:
+        second.close()
+
+
+def test_extend_of_an_iscsi_volume_is_said_to_be_not_done() -> None:
+    iscsi = IscsiBackend.__new__(IscsiBackend)
+    with pytest.raises(UnsupportedError, match="extending iscsi volumes is not done"):
+        QemuLuksEncryptor().extend(
+            iscsi,
+            FileLocation(path="/nonexistent"),
+            secrets.token_bytes(32),
+            16 * MIB,
+        )

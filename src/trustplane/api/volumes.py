@@ -27,7 +27,7 @@ DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 MAX_VOLUME_SIZE = 1 << 50
 """1 PiB: more than any backend here makes, and within every database's integers."""
 
-VolumeState = Literal["creating", "available", "deleting", "shredded"]
+VolumeState = Literal["creating", "available", "extending", "deleting", "shredded"]
 
 
 class HeaderFingerprint(BaseModel):
@@ -109,3 +109,47 @@ class VolumeKeyRelease(BaseModel):
 
     def key_bytes(self) -> bytes:
         return base64.b64decode(self.key)
+
+
+class ExtendRequest(BaseModel):
+    size: int = Field(
+        ge=1 << 20,
+        le=MAX_VOLUME_SIZE,
+        description="The new usable size in bytes (a whole number of MiB, larger than now)",
+    )
+
+
+CheckName = Literal["luks-header", "header-uuid", "header-digest", "cipher", "payload"]
+
+
+class VerificationCheck(BaseModel):
+    name: CheckName
+    passed: bool
+    detail: str
+
+
+class PayloadSamples(BaseModel):
+    """What the sampled payload sectors looked like (`volumes.verification`)."""
+
+    sampled: int = Field(description="Samples read, spread evenly over the payload area")
+    sample_bytes: int
+    ciphertext: int = Field(description="Samples whose byte entropy is at least `threshold`")
+    unwritten: int = Field(
+        description="Samples in a hole of sparse storage (never written), or all-zero "
+        "where the backend cannot tell holes from zeros"
+    )
+    plaintext: int = Field(description="Samples that are neither: data written in the clear")
+    short: int = Field(description="Samples past the end of the storage")
+    min_entropy: float | None = Field(description="Bits per byte of the lowest written sample")
+    threshold: float
+
+
+class VolumeVerification(BaseModel):
+    """`trustplane volume verify`: the raw storage checked against the record and the type."""
+
+    volume: str
+    location: str
+    passed: bool
+    checks: list[VerificationCheck]
+    payload: PayloadSamples
+    log_index: int

@@ -1,6 +1,7 @@
 """`trustplane volume …`: encrypted volumes from the block-storage service, attached on a host.
 
-`create|list|show|delete` and `type create|list` talk to the control plane.
+`create|list|show|delete|verify|extend` and `type create|list` talk to the
+control plane.
 `attach|detach` run on the VM's host (the compute side): the volume's key
 comes from the control plane (`volume.attach` in the policy, logged), goes
 into an ephemeral private libvirt secret from bytes, and QEMU decrypts. The
@@ -25,7 +26,7 @@ from trustplane.cli.common import AsJson, emit_json, read_file, stdout
 from trustplane.cli.node_options import check_node_key
 from trustplane.cli.session import Ca, Server, connect, load
 from trustplane.client import ControlClient
-from trustplane.errors import MalformedError, UsageError
+from trustplane.errors import IntegrityError, MalformedError, UsageError
 
 app = typer.Typer(help="Encrypted volumes (the block-storage service).", no_args_is_help=True)
 type_app = typer.Typer(help="Volume types: a backend and its encryption.", no_args_is_help=True)
@@ -166,6 +167,59 @@ def delete(name: Name, server: Server = None, ca: Ca = None) -> None:
     with connect(server, ca) as client:
         client.delete_volume(name)
     stdout.print(f"deleted volume {name} (key destroyed, storage removed)")
+
+
+@app.command("verify")
+def verify(
+    name: Name,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", min=1, help="Payload samples of 4 KiB to test (default 32)."),
+    ] = None,
+    as_json: AsJson = False,
+    server: Server = None,
+    ca: Ca = None,
+) -> None:
+    """Prove a volume is encrypted: the server reads its raw storage and checks it.
+
+    The LUKS header is there, its UUID and digest are the recorded ones, the
+    cipher is the type's, and sampled payload sectors are not plaintext-like
+    (byte entropy). Exits with the integrity error's code when a check fails
+    (the JSON is printed first with --json)."""
+    with connect(server, ca) as client:
+        report = client.verify_volume(name, samples)
+    if as_json:
+        emit_json(report)
+    else:
+        table = Table("CHECK", "RESULT", "DETAIL", box=None)
+        for check in report.checks:
+            table.add_row(check.name, "ok" if check.passed else "FAILED", check.detail)
+        stdout.print(f"volume {report.volume} at {report.location}")
+        stdout.print(table)
+    if not report.passed:
+        failed = ", ".join(c.name for c in report.checks if not c.passed)
+        raise IntegrityError(f"volume {name} failed verification: {failed}")
+
+
+@app.command("extend")
+def extend(
+    name: Name,
+    size: Annotated[str, typer.Option("--size", help="The new usable size: 2G, 1536M, …")],
+    as_json: AsJson = False,
+    server: Server = None,
+    ca: Ca = None,
+) -> None:
+    """Grow a detached volume to a new usable size (the LUKS header comes on top).
+
+    Refused while it is attached and for a smaller size; file volumes only
+    for now."""
+    size_bytes = parse_size(size)
+    with connect(server, ca) as client:
+        volume = client.extend_volume(name, size_bytes)
+    if as_json:
+        emit_json(volume)
+        return
+    stdout.print(f"volume {volume.name}: {_size(volume.size)}")
 
 
 @app.command("attach")

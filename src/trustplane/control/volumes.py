@@ -12,6 +12,13 @@ What Cinder and Barbican do for an encrypted volume, in one place:
   rule asks for it), and only while the volume is not attached to another
   domain; the attachment is recorded, every decision logged before the key
   is handed out (control/release.py).
+- verify: the raw storage read back and checked against the record and
+  the type (volumes/verification.py): the LUKS header, its UUID and digest,
+  the cipher, sampled payload sectors; logged.
+- extend (offline): a detached volume grows to the usable size asked for
+  (the LUKS header comes on top); the state `extending` keeps an attach
+  out meanwhile, and a crash there is put back to `available` at the next
+  start (growing again to the same size is harmless).
 - delete: crypto-shredding first (the KMS secret is destroyed: no copy of
   the storage can be opened after that), then the storage. The record's
   state says how far a delete got, so a crash in between is finished at the
@@ -51,6 +58,7 @@ from trustplane.api.volumes import (
     VolumeInfo,
     VolumeKeyRelease,
     VolumeTypeInfo,
+    VolumeVerification,
 )
 from trustplane.control.db import Database
 from trustplane.control.identity import Principal
@@ -73,11 +81,13 @@ from trustplane.volumes.backends import (
     LvmBackend,
     RbdBackend,
 )
-from trustplane.volumes.volume import create_volume, delete_volume
+from trustplane.volumes.verification import DEFAULT_SAMPLES, verify_encryption
+from trustplane.volumes.volume import create_volume, delete_volume, extend_volume
 
 logger = logging.getLogger("trustplane.volumes")
 
 CREATING, AVAILABLE, DELETING, SHREDDED = "creating", "available", "deleting", "shredded"
+EXTENDING = "extending"
 
 
 @dataclass(frozen=True)
@@ -343,6 +353,117 @@ class BlockStorage:
             rows = session.scalars(select(Volume).order_by(Volume.name)).all()
         return [_info(row) for row in rows if self._may_see(principal, row)]
 
+    def _owned(self, principal: Principal, name: str, what: str) -> Volume:
+        """The volume, for its owner or an admin (others who may see it: Forbidden)."""
+        row = self._visible(principal, name)
+        if principal.subject != row.owner and principal.role != "admin":
+            raise Forbidden(f"only the owner of volume {name} or an admin may {what} it")
+        return row
+
+    # -- verify: prove the storage is encrypted -----------------------------------------
+
+    def verify(
+        self, principal: Principal, name: str, samples: int = DEFAULT_SAMPLES
+    ) -> VolumeVerification:
+        """Read the raw storage and check it against the record and the type; logged.
+
+        A failed check is an answer (`passed` false), not an error: monitoring
+        reads which one failed."""
+        row = self._owned(principal, name, "verify")
+        if row.state != AVAILABLE or row.location is None or row.fingerprint is None:
+            raise UsageError(f"volume {name} is {row.state}; only an available volume is verified")
+        backend = self.backend(row.backend)
+        location = load_location(row.location)
+        _, spec = self._type(row.type_name)
+        assert spec.encryption is not None
+        expected = HeaderFingerprint.model_validate(row.fingerprint)
+        checks, payload = verify_encryption(
+            backend.reader(location), expected, spec.encryption, row.size, samples
+        )
+        passed = all(c.passed for c in checks)
+        receipt = self.log.append(
+            "volume.verify",
+            {
+                "subject": principal.subject,
+                "volume": name,
+                "id": row.id,
+                "passed": passed,
+                "failed": [c.name for c in checks if not c.passed],
+                "samples": payload.sampled,
+            },
+        )
+        return VolumeVerification(
+            volume=name,
+            location=location.describe(),
+            passed=passed,
+            checks=checks,
+            payload=payload,
+            log_index=receipt.index,
+        )
+
+    # -- extend (offline) -----------------------------------------------------------------
+
+    def extend(self, principal: Principal, name: str, size: int) -> VolumeInfo:
+        """Grow a detached volume to `size` usable bytes (volume.create: it takes storage).
+
+        The key is unsealed here for QEMU's LUKS driver (which checks it and
+        reads the grown size back through it) and dropped after; logged."""
+        row = self._owned(principal, name, "extend")
+        self._require(principal, "volume.create", f"volume:{name}")
+        size = check_volume_size(size)
+        if row.attached_to is not None:
+            raise UsageError(
+                f"volume {name} is attached to domain {row.attached_domain} of "
+                f"{row.attached_to}; detach it first (online extend is not done)"
+            )
+        if size < row.size:
+            raise UsageError(f"volume {name} is {row.size} bytes; shrinking it is refused")
+        if size == row.size:
+            return _info(row)
+        if row.key_id is None or row.location is None or row.fingerprint is None:
+            raise UsageError(f"volume {name} is {row.state}, not available")
+        backend = self.backend(row.backend)
+        _, spec = self._type(row.type_name)
+        record = self.store.rows.get(row.key_id)
+        if record is None:
+            raise NotFoundError(f"the key of volume {name} does not exist (it was destroyed)")
+        # Claim it: no attach (which wants `available`) and no second extend meanwhile.
+        claimed = self._set(row.id, only_if=AVAILABLE, state=EXTENDING)
+        current = self._row(name)
+        if not claimed or current is None or current.attached_to is not None:
+            if claimed:
+                self._set(row.id, only_if=EXTENDING, state=AVAILABLE)
+            state = current.state if current is not None else "gone"
+            raise UsageError(f"volume {name} is {state} or attached; not extended")
+        try:
+            key = self.store.unseal(record)
+            extend_volume(
+                backend,
+                spec,
+                load_location(row.location),
+                size,
+                key,
+                HeaderFingerprint.model_validate(row.fingerprint),
+            )
+            del key
+            self._set(row.id, only_if=EXTENDING, state=AVAILABLE, size=size)
+        except BaseException:
+            self._set(row.id, only_if=EXTENDING, state=AVAILABLE)
+            raise
+        receipt = self.log.append(
+            "volume.extend",
+            {
+                "subject": principal.subject,
+                "volume": name,
+                "id": row.id,
+                "secret": row.key_id,
+                "from": row.size,
+                "to": size,
+            },
+        )
+        logger.info("volume %s extended to %d bytes (log %d)", name, size, receipt.index)
+        return self.show(principal, name)
+
     # -- attach: the key release --------------------------------------------------------
 
     def release(self, principal: Principal, name: str, domain: str) -> VolumeKeyRelease:
@@ -489,6 +610,8 @@ class BlockStorage:
                 f"volume {name} is attached to domain {row.attached_domain} of "
                 f"{row.attached_to}; detach it first"
             )
+        if row.state == EXTENDING:
+            raise UsageError(f"volume {name} is being extended; delete it after that")
         self.log.append(
             "volume.delete",
             {"subject": principal.subject, "volume": name, "id": row.id, "secret": row.key_id},
@@ -505,7 +628,7 @@ class BlockStorage:
             row = session.get(Volume, volume_id)
             if row is None:
                 return
-            if row.state in (CREATING, AVAILABLE):
+            if row.state in (CREATING, AVAILABLE, EXTENDING):
                 row.state = DELETING
             state, key_id, name = row.state, row.key_id, row.name
             backend_name, location_json = row.backend, row.location
@@ -539,6 +662,10 @@ class BlockStorage:
             ids = list(
                 session.scalars(select(Volume.id).where(Volume.state.in_((DELETING, SHREDDED))))
             )
+        # An extend a crash interrupted: the record's size is the old one, and a
+        # grown storage under it is harmless (extending again finishes it).
+        with self.db.session() as session:
+            session.execute(update(Volume).where(Volume.state == EXTENDING).values(state=AVAILABLE))
         done = 0
         for volume_id in ids:
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -185,6 +186,22 @@ class FileRawReader:
             return _file_digest(self.path, length)
         except FileNotFoundError:
             raise NotFoundError(f"volume file {self.path} does not exist") from None
+
+    def unwritten(self, offset: int, length: int) -> bool:
+        """True when [offset, offset+length) lies in a hole of the sparse file (never
+        written). A file system without holes reports none: zeros then count as written."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFoundError(f"volume file {self.path} does not exist") from None
+        try:
+            return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from `offset` to the end
+                return True
+            raise
+        finally:
+            os.close(fd)
 
 
 class DeviceRawReader:

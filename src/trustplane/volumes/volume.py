@@ -1,4 +1,4 @@
-"""The calls the block-storage service makes: create and delete a volume.
+"""The calls the block-storage service makes: create, extend and delete a volume.
 
 The service orders a key from the KMS, calls `create_volume` with it and
 stores what comes back (`CreatedVolume`: location, engine, header
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from trustplane.api.volume_location import Location
 from trustplane.api.volume_spec import Engine, VolumeTypeSpec, check_volume_size
 from trustplane.api.volumes import HeaderFingerprint
-from trustplane.errors import TrustplaneError, UsageError
+from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.encryptors import encryptor_for
 
@@ -64,6 +64,28 @@ def create_volume(
             backend.delete(location)
         raise
     return CreatedVolume(location=location, size=size, engine=engine, fingerprint=fingerprint)
+
+
+def extend_volume(
+    backend: Backend,
+    volume_type: VolumeTypeSpec,
+    location: Location,
+    size: int,
+    key: bytes,
+    expected: HeaderFingerprint,
+) -> None:
+    """Grow a detached encrypted volume to `size` usable bytes under its own `key`.
+
+    The header is checked against the record first (a replaced volume is not
+    grown) and again after (growing never rewrites it)."""
+    engine = volume_type.engine
+    if engine is None or volume_type.encryption is None:
+        raise UnsupportedError("extending a plain volume is not done")
+    encryptor = encryptor_for(engine, backend.executor)
+    credentials = backend.credentials()
+    encryptor.verify_header(location, expected, credentials)
+    encryptor.extend(backend, location, key, check_volume_size(size), credentials)
+    encryptor.verify_header(location, expected, credentials)
 
 
 def delete_volume(backend: Backend, location: Location) -> None:

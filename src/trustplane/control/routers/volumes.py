@@ -10,13 +10,16 @@ from trustplane.api.volumes import (
     DOMAIN_NAME,
     VOLUME_NAME,
     AttachRequest,
+    ExtendRequest,
     NewVolume,
     NewVolumeType,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeTypeInfo,
+    VolumeVerification,
 )
 from trustplane.control.routers.deps import Caller, Plane
+from trustplane.volumes.verification import DEFAULT_SAMPLES, MAX_SAMPLES
 
 router = APIRouter(prefix="/v1", tags=["volumes"])
 VolumeName = Annotated[str, Path(pattern=VOLUME_NAME)]
@@ -74,3 +77,24 @@ def detach_volume(
 ) -> VolumeInfo:
     """Clear the volume's attachment to `domain` (after the host detached it)."""
     return plane.volumes.detach(caller, name, domain)
+
+
+@router.get("/volumes/{name}/verification", response_model=VolumeVerification)
+def verify_volume(
+    name: VolumeName,
+    caller: Caller,
+    plane: Plane,
+    samples: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = DEFAULT_SAMPLES,
+) -> VolumeVerification:
+    """Read the raw storage: LUKS header, its UUID and digest against the record, the
+    type's cipher, sampled payload sectors not plaintext-like (owner or admin; logged).
+    A failed check is in the answer (`passed` false), not an error status."""
+    return plane.volumes.verify(caller, name, samples)
+
+
+@router.post("/volumes/{name}/size", response_model=VolumeInfo)
+def extend_volume(
+    name: VolumeName, body: ExtendRequest, caller: Caller, plane: Plane
+) -> VolumeInfo:
+    """Grow a detached volume to `size` usable bytes (owner or admin, volume.create)."""
+    return plane.volumes.extend(caller, name, body.size)

@@ -36,6 +36,11 @@ class Backend(ABC):
     """`qemu-img create -f luks TARGET` makes the storage (file, rbd) rather than
     formatting storage that exists (an iSCSI LUN, a logical volume)."""
 
+    qemu_grows_storage: ClassVar[bool] = False
+    """`qemu-img resize` through QEMU's LUKS driver grows the storage itself (a file).
+    An iSCSI LUN cannot be grown by its initiator (`Cannot grow iSCSI devices`), a
+    logical volume needs `lvextend`: not done."""
+
     def __init__(self, executor: Executor | None = None) -> None:
         self.executor = executor or Executor()
 

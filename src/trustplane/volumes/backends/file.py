@@ -26,6 +26,7 @@ SUFFIX = ".img"
 
 class FileBackend(Backend):
     kind: ClassVar[BackendKind] = BackendKind.FILE
+    qemu_grows_storage: ClassVar[bool] = True
 
     def __init__(self, root: Path, executor: Executor | None = None) -> None:
         super().__init__(executor)

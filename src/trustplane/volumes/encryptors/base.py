@@ -33,7 +33,7 @@ from trustplane.api.volume_spec import (
     check_volume_size,
 )
 from trustplane.api.volumes import HeaderFingerprint
-from trustplane.errors import MalformedError, TrustplaneError, UsageError
+from trustplane.errors import MalformedError, TrustplaneError, UnsupportedError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials, raw_reader
 from trustplane.volumes.backends.base import Backend
@@ -169,6 +169,19 @@ class Encryptor(ABC):
         writable: bool = True,
     ) -> OpenVolume:
         """Open the volume on this host; DecryptionKeyError for a wrong key."""
+
+    def extend(
+        self,
+        backend: Backend,
+        location: AnyLocation,
+        key: bytes,
+        size: int,
+        credentials: NodeCredentials | None = None,
+    ) -> None:
+        """Grow the detached volume to `size` usable bytes, and check that it reads so.
+
+        Default: not done for this engine (UnsupportedError)."""
+        raise UnsupportedError(f"extending {self.engine} volumes is not done")
 
     @abstractmethod
     def check_key(

@@ -25,12 +25,19 @@ OpenSSL's AES-XTS has; QEMU adds 512-byte sectors and a bounce buffer.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import ClassVar
 
 from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider, check_volume_size
-from trustplane.errors import TrustplaneError, UsageError
+from trustplane.errors import (
+    IntegrityError,
+    TrustplaneError,
+    UnavailableError,
+    UnsupportedError,
+    UsageError,
+)
 from trustplane.tools import QEMU_PBKDF_CALIBRATION
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
@@ -142,6 +149,62 @@ class QemuLuksEncryptor(Encryptor):
             mountpoint=mountpoint,
             run_dir=run_dir,
         )
+
+    @staticmethod
+    def _luks_opts(
+        location: AnyLocation, credentials: NodeCredentials | None
+    ) -> tuple[list[Arg], str]:
+        """The `--object` arguments (key, cephx) and `--image-opts` of the LUKS node."""
+        node = qemu_node(location, credentials)
+        return node.object_args(), f"driver=luks,key-secret={KEY_OBJECT},{node.opts('file.')}"
+
+    def extend(
+        self,
+        backend: Backend,
+        location: AnyLocation,
+        key: bytes,
+        size: int,
+        credentials: NodeCredentials | None = None,
+    ) -> None:
+        """`qemu-img resize` through the LUKS driver: it adds the header's bytes to the
+        storage, so `size` is what the guest sees; then read back with `qemu-img info`.
+
+        LUKS1 records no payload size (the payload runs to the end of the
+        storage), so the header is not rewritten."""
+        check_key_bytes(key)
+        if not backend.qemu_grows_storage:
+            raise UnsupportedError(
+                f"extending {backend.kind} volumes is not done (QEMU cannot grow the storage)"
+            )
+        objects, opts = self._luks_opts(location, credentials)
+        key_arg = key_object(passphrase(key))
+        resize: list[Arg] = [
+            "qemu-img", "resize", "-q", "--object", key_arg, *objects,
+            "--image-opts", opts, str(size),
+        ]  # fmt: skip
+        self.executor.run(resize, failures=WRONG_KEY, timeout=_CREATE_TIMEOUT)
+        seen = self.usable_size(location, key, credentials)
+        if seen != size:
+            raise IntegrityError(
+                f"{location.describe()}: QEMU reads {seen} usable bytes after growing it to {size}"
+            )
+
+    def usable_size(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
+    ) -> int:
+        """The size a guest sees, through QEMU's LUKS driver (`qemu-img info`)."""
+        check_key_bytes(key)
+        objects, opts = self._luks_opts(location, credentials)
+        argv: list[Arg] = [
+            "qemu-img", "info", "-U", "--output=json", "--object", key_object(passphrase(key)),
+            *objects, "--image-opts", opts,
+        ]  # fmt: skip
+        out = self.executor.run(argv, failures=WRONG_KEY, timeout=120).text
+        try:
+            return int(json.loads(out)["virtual-size"])
+        except (ValueError, KeyError, TypeError):
+            what = location.describe()
+            raise UnavailableError(f"qemu-img info gave no size for {what}") from None
 
     def check_key(
         self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
