@@ -396,3 +396,40 @@ def test_nothing_on_the_host_holds_a_released_key(site: Site, libvirtd: RunningL
         assert files_holding(root, passphrase(key)) == []
         assert files_holding(root, key) == []
     assert site.alice("volume", "delete", name).returncode == 0
+
+
+def test_verify_and_extend_from_the_command_line(site: Site) -> None:
+    """The owner proves the volume is encrypted, grows it, and sees tampering fail."""
+    name = f"life-{secrets.token_hex(3)}"
+    created = _create(site, name, "files")
+    verified = site.alice("volume", "verify", name, "--json")
+    assert verified.returncode == 0, verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["passed"] is True
+    assert {c["name"]: c["passed"] for c in report["checks"]} == {
+        "luks-header": True,
+        "header-uuid": True,
+        "header-digest": True,
+        "cipher": True,
+        "payload": True,
+    }
+    table = site.alice("volume", "verify", name)
+    assert table.returncode == 0, table.stderr
+    assert "payload" in table.stdout
+    assert "FAILED" not in table.stdout
+
+    grown = site.alice("volume", "extend", name, "--size", "32M", "--json")
+    assert grown.returncode == 0, grown.stderr
+    assert json.loads(grown.stdout)["size"] == 32 << 20
+    raw = site.volumes_dir / f"{name}.img"
+    assert raw.stat().st_size == created["header"]["header_bytes"] + (32 << 20)
+    assert_fails(site.alice("volume", "extend", name, "--size", "16M"), ExitCode.USAGE, "shrinking")
+
+    # Someone with the storage writes text around the encryption, into the payload.
+    with raw.open("r+b") as handle:
+        handle.seek(created["header"]["header_bytes"])
+        handle.write(b"quarterly numbers, in the clear\n" * (1 << 15))
+    tampered = site.alice("volume", "verify", name, "--json")
+    assert_fails(tampered, ExitCode.INTEGRITY, f"volume {name} failed verification: payload")
+    assert json.loads(tampered.stdout)["passed"] is False
+    assert site.alice("volume", "delete", name).returncode == 0
