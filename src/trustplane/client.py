@@ -480,6 +480,11 @@ class ControlClient:
         body = ExtendRequest.model_construct(size=size)
         return self.call(Call("POST", f"/v1/volumes/{name}/size", _model(VolumeInfo), body))
 
+    def rotate_volume_key(self, name: str) -> VolumeInfo:
+        """A new KMS key wraps the volume (its key slot rewritten); the old key is destroyed."""
+        path = f"/v1/volumes/{name}/key-rotation"
+        return self.call(Call("POST", path, _model(VolumeInfo)))
+
     def attach_volume(self, name: str, domain: str) -> VolumeKeyRelease:
         """The volume's record and key for an attach to `domain` (volume.attach; logged).
         The attachment is recorded until `detach_volume`."""

@@ -26,6 +26,7 @@ from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.volumes import SimulatedCrash
 from trustplane.errors import (
+    DecryptionKeyError,
     Forbidden,
     IntegrityError,
     NotFoundError,
@@ -514,3 +515,146 @@ def test_extend_of_an_iscsi_volume_is_said_to_be_not_done() -> None:
             secrets.token_bytes(32),
             16 * MIB,
         )
+
+
+# -- rotate the wrapping passphrase -------------------------------------------------------
+
+
+def _opens(raw: Path, key: bytes) -> bool:
+    try:
+        QemuLuksEncryptor().check_key(FileLocation(path=str(raw)), key)
+    except DecryptionKeyError:
+        return False
+    return True
+
+
+def _intact(raw: Path, key: bytes) -> bool:
+    out = _qemu_io(raw, key, "read -P 0x5a 0 1M", "read -P 0xa5 7M 1M")
+    return "Pattern verification failed" not in out and out.count("read 1048576/1048576") == 2
+
+
+def test_rotation_gives_the_volume_a_new_key_and_the_old_one_opens_nothing(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    set_policy(plane, DEFAULT_POLICY + NODE_RULE)
+    old_id = _create(plane)
+    old_key = _key(plane, old_id)
+    raw = volumes_dir / "data.img"
+    _qemu_io(raw, old_key, "write -P 0x5a 0 1M", "write -P 0xa5 7M 1M")
+    before = plane.volumes.show(ALICE, "data")
+    assert before.header is not None
+    start, _ = plane.log.head()
+    rotated = plane.volumes.rotate(ALICE, "data")
+    new_id = rotated.key_id
+    assert new_id is not None
+    assert new_id != old_id
+    assert rotated.state == "available"
+    assert plane.store.rows.get(old_id) is None  # the old KMS secret is destroyed
+    new_key = _key(plane, new_id)
+    assert not _opens(raw, old_key)
+    assert _intact(raw, new_key)
+    assert QemuLuksEncryptor().active_keyslots(FileLocation(path=str(raw)), new_key) == 1
+    # Same volume (UUID), a new header digest, recorded: verify and attach accept it.
+    assert rotated.header is not None
+    assert rotated.header.uuid == before.header.uuid
+    assert rotated.header.digest != before.header.digest
+    assert plane.volumes.verify(ALICE, "data").passed
+    verify(FileRawReader(raw), rotated.header, "data")
+    entries = entries_since(plane, start)
+    assert [e["kind"] for e in entries] == [
+        "kms.order",
+        "volume.rotate",
+        "kms.delete",
+        "volume.verify",
+    ]
+    assert (entries[1]["from"], entries[1]["to"]) == (old_id, new_id)
+    assert entries[2]["secret"] == old_id
+    # Attached: refused; a stranger does not see it, an attaching node may not rotate it.
+    assert plane.volumes.release(COMPUTE, "data", "vm-1").key_bytes() == new_key
+    with pytest.raises(UsageError, match="detach it first"):
+        plane.volumes.rotate(ALICE, "data")
+    with pytest.raises(Forbidden, match="only the owner"):
+        plane.volumes.rotate(COMPUTE, "data")
+    with pytest.raises(NotFoundError):
+        plane.volumes.rotate(BOB, "data")
+    assert plane.volumes.show(ALICE, "data").key_id == new_id
+
+
+@pytest.mark.parametrize("crash_at", ["after_new_slot", "after_switch"])
+def test_a_rotation_interrupted_is_settled_at_the_next_start(
+    crash_at: str, tmp_path: Path, volumes_dir: Path
+) -> None:
+    settings = _settings(tmp_path / "data", volumes_dir)
+    raw = volumes_dir / "data.img"
+    first = build(settings, announce=False)
+    try:
+        set_policy(first, DEFAULT_POLICY + NODE_RULE)
+        first.volumes.create_type(ADMIN, NewVolumeType(name="secure", backend="files"))
+        old_id = _create(first)
+        old_key = _key(first, old_id)
+        _qemu_io(raw, old_key, "write -P 0x5a 0 1M", "write -P 0xa5 7M 1M")
+
+        def crash(name: str) -> None:
+            raise SimulatedCrash(name)
+
+        setattr(first.volumes, crash_at, crash)
+        with pytest.raises(SimulatedCrash):
+            first.volumes.rotate(ALICE, "data")
+        left = first.volumes.show(ADMIN, "data")
+        assert left.state == "rotating"
+        # The record switches only after the new slot works.
+        assert (left.key_id == old_id) is (crash_at == "after_new_slot")
+        [new_id] = [i for i in (_other_secret_ids(first) | {left.key_id}) if i != old_id]
+        new_key = _key(first, new_id)
+        # In between, both keys open it (the record's among them); nothing is attached.
+        assert _opens(raw, old_key)
+        assert _opens(raw, new_key)
+        with pytest.raises(UsageError, match="rotating"):
+            first.volumes.release(COMPUTE, "data", "vm-1")
+    finally:
+        first.close()
+    second = build(settings, announce=False)
+    try:
+        second.volumes.recover()
+        settled = second.volumes.show(ADMIN, "data")
+        assert settled.state == "available"
+        kept, dropped = (old_id, new_id) if crash_at == "after_new_slot" else (new_id, old_id)
+        kept_key, dropped_key = (old_key, new_key) if kept == old_id else (new_key, old_key)
+        assert settled.key_id == kept
+        assert second.store.rows.get(dropped) is None
+        assert not _opens(raw, dropped_key)
+        assert _intact(raw, kept_key)
+        assert second.volumes.verify(ALICE, "data").passed
+        # And the next rotation works from there.
+        again = second.volumes.rotate(ALICE, "data")
+        assert again.key_id not in (old_id, new_id)
+        assert not _opens(raw, kept_key)
+    finally:
+        second.close()
+
+
+def test_deleting_a_volume_left_mid_rotation_destroys_every_key_of_it(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    old_id = _create(plane)
+
+    def crash(name: str) -> None:
+        raise SimulatedCrash(name)
+
+    plane.volumes.after_new_slot = crash
+    with pytest.raises(SimulatedCrash):
+        plane.volumes.rotate(ALICE, "data")
+    [new_id] = _other_secret_ids(plane)
+    plane.volumes.delete(ALICE, "data")
+    assert plane.store.rows.get(old_id) is None
+    assert plane.store.rows.get(new_id) is None
+    assert not (volumes_dir / "data.img").exists()
+
+
+def _other_secret_ids(plane: ControlPlane) -> set[str]:
+    """The block storage's keys for volume `data` that its record does not name."""
+    with plane.db.session() as session:
+        row = session.scalar(select(Volume).where(Volume.name == "data"))
+        assert row is not None
+        ids = session.scalars(select(Secret.id).where(Secret.name == "volume:data")).all()
+        return {i for i in ids if i != row.key_id}

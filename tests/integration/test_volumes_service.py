@@ -425,6 +425,15 @@ def test_verify_and_extend_from_the_command_line(site: Site) -> None:
     assert raw.stat().st_size == created["header"]["header_bytes"] + (32 << 20)
     assert_fails(site.alice("volume", "extend", name, "--size", "16M"), ExitCode.USAGE, "shrinking")
 
+    rotated = site.alice("volume", "rotate-key", name, "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    assert json.loads(rotated.stdout)["key_id"] != created["key_id"]
+    assert site.alice("volume", "verify", name).returncode == 0
+    with site.plane.admin() as admin:  # the old key is destroyed in the KMS
+        assert admin.volume(name).key_id == json.loads(rotated.stdout)["key_id"]
+        with pytest.raises(NotFoundError):
+            admin.secret(created["key_id"])
+
     # Someone with the storage writes text around the encryption, into the payload.
     with raw.open("r+b") as handle:
         handle.seek(created["header"]["header_bytes"])

@@ -27,7 +27,7 @@ DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 MAX_VOLUME_SIZE = 1 << 50
 """1 PiB: more than any backend here makes, and within every database's integers."""
 
-VolumeState = Literal["creating", "available", "extending", "deleting", "shredded"]
+VolumeState = Literal["creating", "available", "extending", "rotating", "deleting", "shredded"]
 
 
 class HeaderFingerprint(BaseModel):

@@ -1,6 +1,6 @@
 """`trustplane volume …`: encrypted volumes from the block-storage service, attached on a host.
 
-`create|list|show|delete|verify|extend` and `type create|list` talk to the
+`create|list|show|delete|verify|extend|rotate-key` and `type create|list` talk to the
 control plane.
 `attach|detach` run on the VM's host (the compute side): the volume's key
 comes from the control plane (`volume.attach` in the policy, logged), goes
@@ -220,6 +220,19 @@ def extend(
         emit_json(volume)
         return
     stdout.print(f"volume {volume.name}: {_size(volume.size)}")
+
+
+@app.command("rotate-key")
+def rotate_key(name: Name, as_json: AsJson = False, server: Server = None, ca: Ca = None) -> None:
+    """Rotate a detached volume's wrapping key: a new KMS key gets a LUKS key slot,
+    the old key's slot is erased and the old key destroyed (no data is copied)."""
+    with connect(server, ca) as client:
+        before = client.volume(name).key_id
+        volume = client.rotate_volume_key(name)
+    if as_json:
+        emit_json(volume)
+        return
+    stdout.print(f"volume {volume.name}: key {volume.key_id} (was {before}, destroyed)")
 
 
 @app.command("attach")

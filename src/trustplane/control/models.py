@@ -298,7 +298,9 @@ class Volume(Base):
     `state` makes create and delete safe against a crash: `creating` until
     the storage is formatted, `deleting` once a delete began (the key is
     being destroyed), `shredded` once the key is gone and the storage not
-    yet (finished at the next start or delete).
+    yet (finished at the next start or delete); `extending` and `rotating`
+    while a detached volume grows or gets a new key (no attach meanwhile; put
+    back or settled at the next start).
     """
 
     __tablename__ = "volumes"

@@ -19,6 +19,14 @@ What Cinder and Barbican do for an encrypted volume, in one place:
   (the LUKS header comes on top); the state `extending` keeps an attach
   out meanwhile, and a crash there is put back to `available` at the next
   start (growing again to the same size is harmless).
+- rotate (the wrapping passphrase only): a new KMS key gets a key slot
+  of its own (`qemu-img amend`), the record switches to it only once it
+  opens the volume, then every other key of the volume (found by its KMS
+  name) loses its slot and is destroyed, and the header fingerprint is
+  taken again (`_settle`). A crash anywhere leaves `rotating` and a volume
+  that the recorded key opens; the next start or rotation settles it (the
+  new key kept if the record had switched, else dropped), a delete
+  destroys every key of the volume.
 - delete: crypto-shredding first (the KMS secret is destroyed: no copy of
   the storage can be opened after that), then the storage. The record's
   state says how far a delete got, so a crash in between is finished at the
@@ -62,12 +70,14 @@ from trustplane.api.volumes import (
 )
 from trustplane.control.db import Database
 from trustplane.control.identity import Principal
-from trustplane.control.models import Volume, VolumeType
+from trustplane.control.models import Secret, Volume, VolumeType
 from trustplane.control.release import Authorize, Gate, Release
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.transparency import TransparencyLog
 from trustplane.errors import (
+    DecryptionKeyError,
     Forbidden,
+    IntegrityError,
     NotFoundError,
     TrustplaneError,
     UnavailableError,
@@ -81,13 +91,14 @@ from trustplane.volumes.backends import (
     LvmBackend,
     RbdBackend,
 )
+from trustplane.volumes.header import fingerprint as header_fingerprint
 from trustplane.volumes.verification import DEFAULT_SAMPLES, verify_encryption
-from trustplane.volumes.volume import create_volume, delete_volume, extend_volume
+from trustplane.volumes.volume import create_volume, delete_volume, extend_volume, key_slots
 
 logger = logging.getLogger("trustplane.volumes")
 
 CREATING, AVAILABLE, DELETING, SHREDDED = "creating", "available", "deleting", "shredded"
-EXTENDING = "extending"
+EXTENDING, ROTATING = "extending", "rotating"
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,10 @@ class BlockStorage:
         self._configs = dict(settings.volume_backends)
         # Opened at start: a backend configured wrong stops the server with one line.
         self._backends = {name: open_backend(name, c) for name, c in self._configs.items()}
+        self.after_new_slot: Callable[[str], None] | None = None
+        self.after_switch: Callable[[str], None] | None = None
+        """Tests only: called in a rotation after the new key slot works, and after
+        the record switched to the new key, to crash there."""
         self.after_shred: Callable[[str], None] | None = None
         """Tests only (set in-process, never from configuration): called between
         the key's destruction and the storage's, to crash there."""
@@ -464,6 +479,143 @@ class BlockStorage:
         logger.info("volume %s extended to %d bytes (log %d)", name, size, receipt.index)
         return self.show(principal, name)
 
+    # -- rotate the wrapping passphrase ---------------------------------------------------
+
+    def rotate(self, principal: Principal, name: str) -> VolumeInfo:
+        """A new KMS key opens the detached volume, the old one nothing (owner or admin).
+
+        The master key stays (no data copied): what changes is the key slot
+        and the KMS secret that wraps it. Logged: kms.order, volume.rotate,
+        kms.delete."""
+        row = self._owned(principal, name, "rotate the key of")
+        if row.attached_to is not None:
+            raise UsageError(
+                f"volume {name} is attached to domain {row.attached_domain} of "
+                f"{row.attached_to}; detach it first"
+            )
+        if row.key_id is None or row.location is None:
+            raise UsageError(f"volume {name} is {row.state}, not available")
+        _, spec = self._type(row.type_name)
+        key_slots(self.backend(row.backend), spec)  # not done for this engine: say so first
+        if not self._set(row.id, only_if=AVAILABLE, state=ROTATING) or (
+            (current := self._row(name)) is not None and current.attached_to is not None
+        ):
+            self._set(row.id, only_if=ROTATING, state=AVAILABLE)
+            raise UsageError(f"volume {name} is busy (attached, extending or rotating)")
+        try:
+            self._rotate(principal, row, spec)
+        except TrustplaneError:
+            # A tool or the KMS failed (not a crash): keep whichever key the record has.
+            try:
+                self._settle(row.id, "rotation failed")
+            except TrustplaneError as exc:
+                logger.error("volume %s: settling a failed rotation failed: %s", name, exc)
+            raise
+        return self.show(principal, name)
+
+    def _rotate(self, principal: Principal, row: Volume, spec: VolumeTypeSpec) -> None:
+        name = row.name
+        assert row.location is not None
+        self._settle(row.id, "rotation", final=False)  # leftovers of an earlier crash first
+        old_id = self._by_id(row.id).key_id
+        assert old_id is not None
+        new_id, new_key = self._order_key(principal, name)
+        backend = self.backend(row.backend)
+        encryptor = key_slots(backend, spec)
+        location = load_location(row.location)
+        credentials = backend.credentials()
+        old_key = self._key(old_id, name)
+        encryptor.add_key(location, old_key, new_key, credentials)
+        del old_key
+        encryptor.check_key(location, new_key, credentials)
+        del new_key
+        if self.after_new_slot is not None:
+            self.after_new_slot(name)
+        # The switch: only now that the new key opens the volume.
+        if not self._set(row.id, only_if=ROTATING, key_id=new_id):
+            raise UsageError(f"volume {name} was deleted while its key was rotated")
+        self.log.append(
+            "volume.rotate",
+            {"subject": principal.subject, "volume": name, "id": row.id, "from": old_id,
+             "to": new_id},
+        )  # fmt: skip
+        if self.after_switch is not None:
+            self.after_switch(name)
+        self._settle(row.id, "rotation")
+
+    def _key(self, key_id: str, name: str) -> bytes:
+        record = self.store.rows.get(key_id)
+        if record is None:
+            raise NotFoundError(f"the key of volume {name} does not exist (it was destroyed)")
+        return self.store.unseal(record)
+
+    def _other_keys(self, name: str, keep: str | None) -> list[str]:
+        """The service's KMS keys for volume `name` besides `keep` (a rotation's leftovers)."""
+        with self.db.session() as session:
+            ids = session.scalars(
+                select(Secret.id).where(
+                    Secret.name == f"volume:{name}", Secret.creator == SERVICE.subject
+                )
+            ).all()
+        return [i for i in ids if i != keep]
+
+    def _settle(self, volume_id: str, reason: str, *, final: bool = True) -> None:
+        """Leave only the recorded key: every other key of the volume loses its slot (if it
+        has one) and is destroyed; the fingerprint is taken again; `available`.
+
+        The new header is accepted only when its UUID is the recorded one and
+        the recorded key opens its single active slot: a header restored from
+        before a rotation (with the old slot) is not."""
+        row = self._by_id(volume_id)
+        if row.key_id is None or row.location is None or row.fingerprint is None:
+            raise UsageError(f"volume {row.name} is {row.state}; nothing to settle")
+        _, spec = self._type(row.type_name)
+        backend = self.backend(row.backend)
+        encryptor = key_slots(backend, spec)
+        location = load_location(row.location)
+        credentials = backend.credentials()
+        key = self._key(row.key_id, row.name)
+        for other_id in self._other_keys(row.name, row.key_id):
+            record = self.store.rows.get(other_id)
+            if record is not None:
+                other = self.store.unseal(record)
+                try:
+                    encryptor.check_key(location, other, credentials)
+                except DecryptionKeyError:
+                    pass  # no slot (a crash before it was added, or after it was erased)
+                else:
+                    encryptor.remove_key(location, key, other, credentials)
+                del other
+                self.store.rows.delete(other_id)
+            self.log.append(
+                "kms.delete",
+                {"subject": SERVICE.subject, "secret": other_id, "for": f"volume:{row.name}",
+                 "reason": reason},
+            )  # fmt: skip
+        slots = encryptor.active_keyslots(location, key, credentials)
+        del key
+        recorded = HeaderFingerprint.model_validate(row.fingerprint)
+        now = header_fingerprint(backend.reader(location))
+        if now.uuid != recorded.uuid or slots != 1:
+            raise IntegrityError(
+                f"volume {row.name}: header {now.uuid} with {slots} active key slots is not "
+                f"the recorded {recorded.uuid} with one; refused"
+            )
+        self._set(
+            volume_id,
+            only_if=ROTATING,
+            header_digest=now.digest,
+            fingerprint=now.model_dump(mode="json"),
+            **({"state": AVAILABLE} if final else {}),
+        )
+
+    def _by_id(self, volume_id: str) -> Volume:
+        with self.db.session() as session:
+            row = session.get(Volume, volume_id)
+        if row is None:
+            raise NotFoundError(f"volume {volume_id} does not exist")
+        return row
+
     # -- attach: the key release --------------------------------------------------------
 
     def release(self, principal: Principal, name: str, domain: str) -> VolumeKeyRelease:
@@ -628,16 +780,17 @@ class BlockStorage:
             row = session.get(Volume, volume_id)
             if row is None:
                 return
-            if row.state in (CREATING, AVAILABLE, EXTENDING):
+            if row.state in (CREATING, AVAILABLE, EXTENDING, ROTATING):
                 row.state = DELETING
             state, key_id, name = row.state, row.key_id, row.name
             backend_name, location_json = row.backend, row.location
         if state == DELETING:
-            if key_id is not None:
-                self.store.rows.delete(key_id)  # crypto-shredding: no key, no volume
+            # crypto-shredding: no key, no volume (and no key a rotation left behind)
+            for doomed in [*([key_id] if key_id else []), *self._other_keys(name, key_id)]:
+                self.store.rows.delete(doomed)
                 self.log.append(
                     "kms.delete",
-                    {"subject": SERVICE.subject, "secret": key_id, "for": f"volume:{name}"},
+                    {"subject": SERVICE.subject, "secret": doomed, "for": f"volume:{name}"},
                 )
             self._set(volume_id, state=SHREDDED)
             if self.after_shred is not None:
@@ -666,6 +819,13 @@ class BlockStorage:
         # grown storage under it is harmless (extending again finishes it).
         with self.db.session() as session:
             session.execute(update(Volume).where(Volume.state == EXTENDING).values(state=AVAILABLE))
+        with self.db.session() as session:
+            rotating = list(session.scalars(select(Volume.id).where(Volume.state == ROTATING)))
+        for volume_id in rotating:
+            try:
+                self._settle(volume_id, "rotation finished after a crash")
+            except TrustplaneError as exc:
+                logger.error("volume %s: finishing its rotation failed: %s", volume_id, exc)
         done = 0
         for volume_id in ids:
             try:

@@ -1,4 +1,4 @@
-"""The calls the block-storage service makes: create, extend and delete a volume.
+"""The calls the block-storage service makes: create, extend, re-key and delete a volume.
 
 The service orders a key from the KMS, calls `create_volume` with it and
 stores what comes back (`CreatedVolume`: location, engine, header
@@ -17,7 +17,7 @@ from trustplane.api.volume_spec import Engine, VolumeTypeSpec, check_volume_size
 from trustplane.api.volumes import HeaderFingerprint
 from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
 from trustplane.volumes.backends.base import Backend
-from trustplane.volumes.encryptors import encryptor_for
+from trustplane.volumes.encryptors import QemuLuksEncryptor, encryptor_for
 
 
 class CreatedVolume(BaseModel):
@@ -86,6 +86,22 @@ def extend_volume(
     encryptor.verify_header(location, expected, credentials)
     encryptor.extend(backend, location, key, check_volume_size(size), credentials)
     encryptor.verify_header(location, expected, credentials)
+
+
+def key_slots(backend: Backend, volume_type: VolumeTypeSpec) -> QemuLuksEncryptor:
+    """The encryptor that changes key slots of this type's volumes (QEMU's LUKS1 only).
+
+    `qemu-img amend` rewrites LUKS1 key slots; a LUKS2 header (dm-crypt's,
+    librbd's) would need `cryptsetup luksAddKey/luksKillSlot` on a host with
+    device-mapper or `rbd encryption`: not done."""
+    if volume_type.engine is not Engine.QEMU:
+        raise UnsupportedError(
+            f"rotating the passphrase of {volume_type.engine} volumes is not done "
+            "(QEMU's LUKS1 volumes only)"
+        )
+    encryptor = encryptor_for(Engine.QEMU, backend.executor)
+    assert isinstance(encryptor, QemuLuksEncryptor)
+    return encryptor
 
 
 def delete_volume(backend: Backend, location: Location) -> None:

@@ -98,3 +98,10 @@ def extend_volume(
 ) -> VolumeInfo:
     """Grow a detached volume to `size` usable bytes (owner or admin, volume.create)."""
     return plane.volumes.extend(caller, name, body.size)
+
+
+@router.post("/volumes/{name}/key-rotation", response_model=VolumeInfo)
+def rotate_volume_key(name: VolumeName, caller: Caller, plane: Plane) -> VolumeInfo:
+    """A new KMS key for a detached volume's key slot; the old key is destroyed (owner or
+    admin; the master key and the data stay)."""
+    return plane.volumes.rotate(caller, name)

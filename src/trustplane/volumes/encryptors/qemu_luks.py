@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider, check_volume_size
@@ -38,7 +38,7 @@ from trustplane.errors import (
     UnsupportedError,
     UsageError,
 )
-from trustplane.tools import QEMU_PBKDF_CALIBRATION
+from trustplane.tools import QEMU_PBKDF_CALIBRATION, SecretFile
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
 from trustplane.volumes.attachers.userspace import (
@@ -57,6 +57,8 @@ from trustplane.volumes.opening import WRONG_KEY
 # payload offset 4040 sectors for a 512-bit master key, 2056 for 256 bits).
 _HEADER_BYTES = {512: 4040 * 512, 256: 2056 * 512}
 _CREATE_TIMEOUT = 300.0
+OTHER_KEY_OBJECT = "key1"
+"""The second secret object of a key-slot change (the new key, or the one removed)."""
 
 
 class QemuLuksEncryptor(Encryptor):
@@ -189,10 +191,10 @@ class QemuLuksEncryptor(Encryptor):
                 f"{location.describe()}: QEMU reads {seen} usable bytes after growing it to {size}"
             )
 
-    def usable_size(
-        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
-    ) -> int:
-        """The size a guest sees, through QEMU's LUKS driver (`qemu-img info`)."""
+    def _info(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None
+    ) -> dict[str, Any]:
+        """`qemu-img info` through the LUKS driver (opened with `key`)."""
         check_key_bytes(key)
         objects, opts = self._luks_opts(location, credentials)
         argv: list[Arg] = [
@@ -201,10 +203,77 @@ class QemuLuksEncryptor(Encryptor):
         ]  # fmt: skip
         out = self.executor.run(argv, failures=WRONG_KEY, timeout=120).text
         try:
-            return int(json.loads(out)["virtual-size"])
+            info = json.loads(out)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise UnavailableError(f"qemu-img info of {location.describe()} is not JSON")
+        return info
+
+    def usable_size(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
+    ) -> int:
+        """The size a guest sees, through QEMU's LUKS driver (`qemu-img info`)."""
+        try:
+            return int(self._info(location, key, credentials)["virtual-size"])
         except (ValueError, KeyError, TypeError):
             what = location.describe()
             raise UnavailableError(f"qemu-img info gave no size for {what}") from None
+
+    def active_keyslots(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
+    ) -> int:
+        """How many LUKS key slots are active (`key` must open one of them)."""
+        info = self._info(location, key, credentials)
+        try:
+            slots = info["format-specific"]["data"]["slots"]
+            return sum(1 for slot in slots if slot["active"])
+        except (KeyError, TypeError):
+            what = location.describe()
+            raise UnavailableError(f"qemu-img info gave no key slots for {what}") from None
+
+    def _amend(
+        self,
+        location: AnyLocation,
+        opener: bytes,
+        other: bytes,
+        options: str,
+        credentials: NodeCredentials | None,
+    ) -> None:
+        """`qemu-img amend` of the LUKS header, opened with `opener`; `other` is object key1."""
+        check_key_bytes(opener)
+        check_key_bytes(other)
+        objects, opts = self._luks_opts(location, credentials)
+        other_object = SecretFile(passphrase(other), f"secret,id={OTHER_KEY_OBJECT},file={{}}")
+        argv: list[Arg] = [
+            "qemu-img", "amend", "-q", "--object", key_object(passphrase(opener)),
+            "--object", other_object, *objects, "--image-opts", opts, "-o", options,
+        ]  # fmt: skip
+        self.executor.run(argv, failures=WRONG_KEY, timeout=_CREATE_TIMEOUT)
+
+    def add_key(
+        self,
+        location: AnyLocation,
+        key: bytes,
+        new_key: bytes,
+        credentials: NodeCredentials | None = None,
+    ) -> None:
+        """A new key slot for `new_key` (the master key is unchanged: no data copied)."""
+        options = f"state=active,new-secret={OTHER_KEY_OBJECT},iter-time={self.iter_time_ms}"
+        self._amend(location, key, new_key, options, credentials)
+
+    def remove_key(
+        self,
+        location: AnyLocation,
+        key: bytes,
+        removed: bytes,
+        credentials: NodeCredentials | None = None,
+    ) -> None:
+        """Erase every key slot `removed` opens (QEMU overwrites the slot's key material);
+        opened with `key`, which keeps its slot."""
+        self._amend(
+            location, key, removed, f"state=inactive,old-secret={OTHER_KEY_OBJECT}", credentials
+        )
 
     def check_key(
         self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
