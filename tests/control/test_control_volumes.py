@@ -611,6 +611,10 @@ def test_a_rotation_interrupted_is_settled_at_the_next_start(
         assert _opens(raw, new_key)
         with pytest.raises(UsageError, match="rotating"):
             first.volumes.release(COMPUTE, "data", "vm-1")
+        with pytest.raises(UsageError, match="next start"):
+            first.volumes.rotate(ALICE, "data")
+        assert _opens(raw, old_key)
+        assert _opens(raw, new_key)
     finally:
         first.close()
     second = build(settings, announce=False)

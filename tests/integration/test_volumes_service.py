@@ -42,6 +42,7 @@ from trustplane.embedded.libvirtd import RunningLibvirtd
 from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
 from trustplane.embedded.volume_guest import ScannerGuest, build_scanner_initrd
 from trustplane.errors import (
+    DecryptionKeyError,
     ExitCode,
     Forbidden,
     NotFoundError,
@@ -441,4 +442,43 @@ def test_verify_and_extend_from_the_command_line(site: Site) -> None:
     tampered = site.alice("volume", "verify", name, "--json")
     assert_fails(tampered, ExitCode.INTEGRITY, f"volume {name} failed verification: payload")
     assert json.loads(tampered.stdout)["passed"] is False
+    assert site.alice("volume", "delete", name).returncode == 0
+
+
+def test_an_iscsi_volume_verifies_and_rotates_its_key(site: Site) -> None:
+    """On a LUN of tgtd, through libiscsi: the raw LUN proves it is encrypted, and after
+    rotate-key the old key opens nothing while the new one reads the data."""
+    name = f"san-life-{secrets.token_hex(3)}"
+    _create(site, name, "san")
+    marker = f"trustplane-rotate-{secrets.token_hex(6)}".encode()
+    _write_marker(site, name, "san", marker)
+    verified = site.alice("volume", "verify", name, "--json")
+    assert verified.returncode == 0, verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["passed"] is True
+    assert report["payload"]["ciphertext"] >= 1  # the marker's sector, and more
+    backend = site.backends["san"]
+    with site.plane.admin() as admin:
+        old = admin.attach_volume(name, "probe")
+        admin.detach_volume(name, "probe")
+    rotated = site.alice("volume", "rotate-key", name)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "destroyed" in rotated.stdout
+    assert old.volume.location is not None
+    assert old.volume.engine is not None
+    encryptor = encryptor_for(old.volume.engine)
+    with pytest.raises(DecryptionKeyError):
+        encryptor.check_key(old.volume.location, old.key_bytes(), backend.credentials())
+    with site.plane.admin() as admin:
+        new = admin.attach_volume(name, "probe")
+        assert new.key_bytes() != old.key_bytes()
+        location = new.volume.location
+        assert location is not None
+        with (
+            encryptor.open(location, new.key_bytes(), backend.credentials()) as opened,
+            Path(opened.path).open("rb") as plain,
+        ):
+            assert plain.read(len(marker)) == marker
+        admin.detach_volume(name, "probe")
+    assert site.alice("volume", "verify", name).returncode == 0
     assert site.alice("volume", "delete", name).returncode == 0

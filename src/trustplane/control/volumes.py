@@ -24,9 +24,10 @@ What Cinder and Barbican do for an encrypted volume, in one place:
   opens the volume, then every other key of the volume (found by its KMS
   name) loses its slot and is destroyed, and the header fingerprint is
   taken again (`_settle`). A crash anywhere leaves `rotating` and a volume
-  that the recorded key opens; the next start or rotation settles it (the
-  new key kept if the record had switched, else dropped), a delete
-  destroys every key of the volume.
+  that the recorded key opens; the next start settles it (the new key kept
+  if the record had switched, else dropped; a rotation asked meanwhile is
+  refused, since another replica may be running it), and a delete destroys
+  every key of the volume.
 - delete: crypto-shredding first (the KMS secret is destroyed: no copy of
   the storage can be opened after that), then the storage. The record's
   state says how far a delete got, so a crash in between is finished at the
@@ -497,10 +498,18 @@ class BlockStorage:
             raise UsageError(f"volume {name} is {row.state}, not available")
         _, spec = self._type(row.type_name)
         key_slots(self.backend(row.backend), spec)  # not done for this engine: say so first
-        if not self._set(row.id, only_if=AVAILABLE, state=ROTATING) or (
-            (current := self._row(name)) is not None and current.attached_to is not None
-        ):
-            self._set(row.id, only_if=ROTATING, state=AVAILABLE)
+        if row.state == ROTATING:
+            # Not taken over here: another request may be rotating it right now. A
+            # rotation a crash left is settled at the server's next start (or deleted).
+            raise UsageError(
+                f"volume {name} is rotating (or a rotation was interrupted: the server "
+                "settles it at its next start)"
+            )
+        claimed = self._set(row.id, only_if=AVAILABLE, state=ROTATING)
+        current = self._row(name)
+        if not claimed or current is None or current.attached_to is not None:
+            if claimed:
+                self._set(row.id, only_if=ROTATING, state=AVAILABLE)
             raise UsageError(f"volume {name} is busy (attached, extending or rotating)")
         try:
             self._rotate(principal, row, spec)

@@ -18,6 +18,8 @@
 - `attachers/`: libvirt (secret + domain XML, hot-plug and persistent),
   user-space open (qemu-storage-daemon FUSE export + loop device), and the
   Docker volume plugin on top of it (`attachers.docker_plugin`).
+- `verification`: prove a volume is encrypted from its raw storage (the
+  header against the record and the type, sampled payload entropy).
 - `volume`: the few calls the block-storage service makes (create,
-  delete) on top of the drivers.
+  extend, key slots for a rotation, delete) on top of the drivers.
 """
