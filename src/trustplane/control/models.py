@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-from sqlalchemy.types import BigInteger, DateTime
+from sqlalchemy.types import BigInteger, DateTime, Float
 
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 """SQLite's rowid is INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for logs that grow."""
@@ -180,8 +180,8 @@ class Revocation(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     subject: Mapped[str] = mapped_column(String(160))
     token_id: Mapped[str | None] = mapped_column(String(64))
-    issued_before: Mapped[float | None]
-    expires: Mapped[float] = mapped_column(index=True)
+    issued_before: Mapped[float | None] = mapped_column(Float)
+    expires: Mapped[float] = mapped_column(Float, index=True)
     revoker: Mapped[str] = mapped_column(String(160))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
@@ -326,3 +326,35 @@ class Volume(Base):
     attached_domain: Mapped[str | None] = mapped_column(String(128))
     attached_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class VolumeOperation(Base):
+    """A long volume operation that copies data (re-encryption, encrypt in place, clone).
+
+    It outlives a crash: the row names the new key and the new storage before
+    either exists, and `progress` counts the bytes copied and flushed to the new
+    storage, so a restarted server (or a resume) carries on from there or undoes
+    what was made. One running operation per volume (`volume_id` is unique); the
+    row is deleted once the operation is finished or undone.
+    """
+
+    __tablename__ = "volume_operations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    """What is done: e.g. `reencrypt`, `encrypt`, `clone`."""
+    phase: Mapped[str] = mapped_column(String(32))
+    """Where the operation is (each kind names its own phases)."""
+    key_id: Mapped[str | None] = mapped_column(String(36))
+    """The UUID of the new key in the KMS, ordered before the copy starts."""
+    target: Mapped[str | None] = mapped_column(Text)
+    """api.volume_location of the new storage as JSON (no secret in it)."""
+    source: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    """What the data comes from when it is not the volume itself (kind-specific)."""
+    progress: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Bytes copied and flushed to the new storage: a resume starts here."""
+    total: Mapped[int] = mapped_column(BigInteger, default=0)
+    subject: Mapped[str] = mapped_column(String(160))
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
