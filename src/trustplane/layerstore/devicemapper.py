@@ -73,6 +73,7 @@ import json
 import os
 import shlex
 import uuid
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -753,30 +754,22 @@ def _stack_failure(script: _Script, result: ToolResult) -> TrustplaneError:
     return ToolError(f"dmsetup failed: {what}", tool="dmsetup", returncode=result.returncode)
 
 
-class _DmAttachment(Attachment):
-    """A chain's device stack, bottom up, and its top device brought to this process."""
+class _OpenedStack(Attachment):
+    """A device stack in the guest with its top device brought to this process.
+
+    Closing drops the local device first, then takes the stack down
+    (`_take_down`, which each kind of stack does its own way); whatever fails
+    on the way undoes the lease, so `recover` finds what is left."""
 
     def __init__(
-        self,
-        backend: DeviceMapperBackend,
-        pool: _Pool,
-        lease: Lease,
-        stack: _Stack,
-        records: Sequence[_Record],
-        top: str,
-        writable: bool,
+        self, backend: DeviceMapperBackend, lease: Lease, top: str, *, writable: bool
     ) -> None:
         self.backend = backend
-        self.pool = pool
         self.lease = lease
         self.writable = writable
-        self.records = list(records)
-        self.names = list(stack.names)
-        self.tag = stack.tag
-        self.top = top
         self.device = ""
         self._opened: OpenedDevice | None = backend.devices.open(
-            f"/dev/mapper/{self.top}", writable=writable, lease=lease
+            f"/dev/mapper/{top}", writable=writable, lease=lease
         )
         self.device = self._opened.path
         lease.update(device=self.device)
@@ -789,16 +782,44 @@ class _DmAttachment(Attachment):
                 opened, self._opened = self._opened, None
                 opened.close()
             self.device = ""
-            if self.writable:
-                self._finish_top()
-            else:
-                script = _Script()
-                script.remove(list(reversed(self.names)))
-                script.run(self.backend.dm)
+            self._take_down()
         except BaseException:
             self.backend._undo_lease(self.lease)
             raise
         self.lease.release()
+
+    @abstractmethod
+    def _take_down(self) -> None:
+        """Remove this stack's devices in the guest (the local device is closed)."""
+
+
+class _DmAttachment(_OpenedStack):
+    """A chain's device stack, bottom up, and its top device brought to this process."""
+
+    def __init__(
+        self,
+        backend: DeviceMapperBackend,
+        pool: _Pool,
+        lease: Lease,
+        stack: _Stack,
+        records: Sequence[_Record],
+        top: str,
+        writable: bool,
+    ) -> None:
+        self.pool = pool
+        self.records = list(records)
+        self.names = list(stack.names)
+        self.tag = stack.tag
+        self.top = top
+        super().__init__(backend, lease, top, writable=writable)
+
+    def _take_down(self) -> None:
+        if self.writable:
+            self._finish_top()
+        else:
+            script = _Script()
+            script.remove(list(reversed(self.names)))
+            script.run(self.backend.dm)
 
     def _finish_top(self) -> None:
         """Take a written layer's devices down: its snapshot must still be valid (a
@@ -828,7 +849,7 @@ class _DmAttachment(Attachment):
         self.backend._write(replace(record, disk_bytes=disk), prepared=True)
 
 
-class _ScratchAttachment(Attachment):
+class _ScratchAttachment(_OpenedStack):
     """dm-crypt under a random key over a fresh thin volume; deleted at close."""
 
     def __init__(
@@ -840,35 +861,16 @@ class _ScratchAttachment(Attachment):
         device: str,
         thin_id: int,
     ) -> None:
-        self.backend = backend
         self.pool = pool
-        self.lease = lease
-        self.writable = True
         self.names = list(stack.names)
         self.thin_id = thin_id
-        self.device = ""
-        self._opened: OpenedDevice | None = backend.devices.open(
-            f"/dev/mapper/{device}", writable=True, lease=lease
-        )
-        self.device = self._opened.path
-        lease.update(device=self.device)
+        super().__init__(backend, lease, device, writable=True)
 
-    def close(self) -> None:
-        if not self.lease.path.exists():
-            return
-        try:
-            if self._opened is not None:
-                opened, self._opened = self._opened, None
-                opened.close()
-            self.device = ""
-            script = _Script()
-            script.remove(list(reversed(self.names)))
-            script.add("dmsetup", "message", self.pool.name, "0", f"delete {self.thin_id}")
-            script.run(self.backend.dm)
-        except BaseException:
-            self.backend._undo_lease(self.lease)
-            raise
-        self.lease.release()
+    def _take_down(self) -> None:
+        script = _Script()
+        script.remove(list(reversed(self.names)))
+        script.add("dmsetup", "message", self.pool.name, "0", f"delete {self.thin_id}")
+        script.run(self.backend.dm)
 
 
 # -- helpers ---------------------------------------------------------------------------
