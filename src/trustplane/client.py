@@ -102,6 +102,7 @@ from trustplane.errors import (
     MalformedError,
     TrustplaneError,
     UnavailableError,
+    UnreachableError,
     error_from_http,
 )
 
@@ -243,8 +244,8 @@ def _unreachable(url: str, exc: httpx.HTTPError) -> TrustplaneError:
     if isinstance(exc, httpx.ConnectError):
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             return AuthError(f"{url}: the server's certificate does not verify; give its CA (--ca)")
-        return UnavailableError(f"control plane {url} unreachable: {exc}")
-    return UnavailableError(f"control plane {url}: {str(exc) or type(exc).__name__}")
+        return UnreachableError(f"control plane {url} unreachable: {exc}")
+    return UnreachableError(f"control plane {url}: {str(exc) or type(exc).__name__}")
 
 
 def _checked(response: httpx.Response) -> httpx.Response:

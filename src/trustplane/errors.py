@@ -147,6 +147,11 @@ class UnavailableError(TrustplaneError):
     error_type = "UnavailableError"
 
 
+class UnreachableError(UnavailableError):
+    """No answer at all from a service (connection refused, reset, timed out), as
+    opposed to an answer that says it cannot serve; travels as UnavailableError."""
+
+
 class ToolError(UnavailableError):
     """An external tool (qemu-img, cryptsetup, dmsetup, ...) failed.
 

@@ -6,7 +6,9 @@ talks to it creates, opens and removes volumes with this node's identity,
 so only root (dockerd) may. The driver recovers what an earlier run left
 before the socket accepts, so dockerd never sees a half-known state. When
 the plugin stops, open volumes stay open for their containers; the next
-start adopts them.
+start adopts them. A tender thread calls `driver.tend()` every
+TEND_INTERVAL seconds: leased keys are forgotten at their expiry, and what
+the control plane missed while unreachable is sent once it answers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DEFAULT_ROOT = Path("/run/trustplane/volume-plugin")
 """Runtime state: what is open is gone after a reboot, and so is this directory."""
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+TEND_INTERVAL = 1.0
 log = logging.getLogger("trustplane.volumes.plugin")
 
 
@@ -54,13 +57,32 @@ class VolumePluginServer:
             report.cleared or "-",
         )  # fmt: skip
 
+    @contextlib.contextmanager
+    def _tending(self) -> Iterator[None]:
+        stop = threading.Event()
+
+        def tend() -> None:
+            while not stop.wait(TEND_INTERVAL):
+                try:
+                    self.driver.tend()
+                except Exception:
+                    log.exception("volume plugin: tending failed")
+
+        thread = threading.Thread(target=tend, name="trustplane-volume-plugin-tend", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(STOP_TIMEOUT)
+
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT (uvicorn's handlers); volumes stay open."""
         self._recover()
         try:
             listener = bind_unix(self.socket, 0o600)
             try:
-                with contextlib.suppress(KeyboardInterrupt):
+                with contextlib.suppress(KeyboardInterrupt), self._tending():
                     self._server.run(sockets=[listener])
             finally:
                 listener.close()
@@ -88,7 +110,8 @@ class VolumePluginServer:
                         raise UnavailableError(f"the volume plugin did not start on {self.socket}")
                     time.sleep(0.02)
                 log.info("volume plugin on unix://%s", self.socket)
-                yield self
+                with self._tending():
+                    yield self
             finally:
                 self._server.should_exit = True
                 thread.join(STOP_TIMEOUT)

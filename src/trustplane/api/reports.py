@@ -1,4 +1,5 @@
-"""`POST /v1/reports`: a node's own decisions, monitor actions and status, for the log."""
+"""`POST /v1/reports`: a node's own decisions, monitor actions and status, for the log
+(`volume.lease`: a volume opened with a leased key while the control plane was unreachable)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from trustplane.api.fields import Scalar, bounded_details
 
 MAX_BATCH = 100
-ReportKind = Literal["gateway.decision", "gateway.monitor", "gateway.status"]
+ReportKind = Literal["gateway.decision", "gateway.monitor", "gateway.status", "volume.lease"]
 
 
 class Report(BaseModel):

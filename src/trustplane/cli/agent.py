@@ -27,6 +27,7 @@ from trustplane.cli.volume_plugin import (
     CephKeyFile,
     DefaultSize,
     DefaultType,
+    KeyLeaseSeconds,
     PluginRoot,
     PluginSocket,
     plugin_server,
@@ -71,6 +72,7 @@ def agent(
     default_type: DefaultType = None,
     default_size: DefaultSize = None,
     ceph_key_file: CephKeyFile = None,
+    key_lease: KeyLeaseSeconds = None,
 ) -> None:
     """Enrol this node's TPM with the control plane, then attest on an interval."""
     # Imported here: tpm2-pytss loads the TSS libraries, which no other command needs.
@@ -92,6 +94,7 @@ def agent(
         plugin = plugin_server(
             server_url, node, node_key, ca, socket=plugin_socket, root=plugin_root,
             default_type=default_type, default_size=default_size, ceph_key_file=ceph_key_file,
+            key_lease=key_lease,
         )  # fmt: skip
 
     service = Agent(

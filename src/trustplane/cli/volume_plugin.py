@@ -2,7 +2,9 @@
 
 `docker volume create -d trustplane --opt type=TYPE --opt size=1G NAME`
 creates a volume through the control plane; `docker run -v NAME:/data`
-opens it on this node for as long as a container uses it.
+opens it on this node for as long as a container uses it. `--key-lease
+SECONDS` (off by default) lets a volume be opened again during a
+control-plane outage with the key released for it at most SECONDS ago.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ DefaultType = Annotated[
 DefaultSize = Annotated[
     str | None, typer.Option(help="Size when `docker volume create` gives no --opt size= (1G).")
 ]
+KeyLeaseSeconds = Annotated[
+    float | None,
+    typer.Option(
+        "--key-lease",
+        metavar="SECONDS",
+        help="Keep each released volume key in memory this long (at most 3600; off by "
+        "default) so the same volume reopens on this node while the control plane cannot "
+        "be reached; each such open is logged and reported. A refusal is never overridden.",
+    ),
+]
 CephKeyFile = Annotated[
     Path | None,
     typer.Option(help="This node's cephx key (`ceph auth get-key` output), for RBD volumes."),
@@ -61,6 +73,7 @@ def plugin_server(
     default_type: str | None,
     default_size: str | None,
     ceph_key_file: Path | None,
+    key_lease: float | None = None,
 ) -> VolumePluginServer:
     """The plugin server for these options (checked before anything starts)."""
     # Imported here: the server pulls in uvicorn and the volume drivers.
@@ -71,7 +84,9 @@ def plugin_server(
     from trustplane.volumes.access import NodeCredentials
     from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
     from trustplane.volumes.attachers.docker_plugin.driver import VolumeDriver
+    from trustplane.volumes.attachers.docker_plugin.lease import KeyLease
 
+    lease = None if key_lease is None else KeyLease(key_lease)
     signing = load_node_key(read_file(node_key, "--node-key"), f"--node-key {node_key}")
     size = None if default_size is None else parse_size(default_size)
     credentials = NodeCredentials()
@@ -85,8 +100,9 @@ def plugin_server(
         lambda: connect_as_node(server_url, node, signing, ca), credentials
     )
     driver = VolumeDriver(
-        service, root or DEFAULT_ROOT, default_type=default_type, default_size=size
-    )
+        service, root or DEFAULT_ROOT, default_type=default_type, default_size=size,
+        key_lease=lease,
+    )  # fmt: skip
     return VolumePluginServer(driver, socket or DEFAULT_SOCKET)
 
 
@@ -100,11 +116,13 @@ def volume_plugin(
     default_type: DefaultType = None,
     default_size: DefaultSize = None,
     ceph_key_file: CephKeyFile = None,
+    key_lease: KeyLeaseSeconds = None,
 ) -> None:
     """Serve Docker's volume plugin protocol: encrypted control-plane volumes for containers."""
     server = plugin_server(
         server_url, node, node_key, ca, socket=plugin_socket, root=plugin_root,
         default_type=default_type, default_size=default_size, ceph_key_file=ceph_key_file,
+        key_lease=key_lease,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stdout.print(f"volume plugin for node {node} on unix://{server.socket}", highlight=False)

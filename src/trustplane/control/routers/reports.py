@@ -9,6 +9,8 @@ each becomes one log entry of its kind with the reporting node's name:
 - `gateway.decision`: a refusal made at the gateway, with its reason;
 - `gateway.monitor`: a measurement over threshold and the action taken;
 - `gateway.status`: a gateway's periodic state (running containers, drops).
+- `volume.lease`: a volume the Docker volume plugin opened with a leased key
+  while it could not reach the control plane (reported once it could).
 
 Only principals with role `node` may report, and only as themselves (the
 node name is the caller's, never the body's). The body is bounded: at most

@@ -5,17 +5,21 @@ the node's key), so the plugin holds no long-lived token. The key release
 is the attach of volume NAME to the domain `docker` on this node: the
 control plane decides it (`volume.attach` on `volume:NAME` for
 `node:NODE`, through the attestation gate when the policy asks), records
-the attachment until the plugin detaches, and logs both.
+the attachment until the plugin detaches, and logs both. Opens made
+with a leased key during an outage (`lease`) are reported afterwards as
+`volume.lease` entries (`POST /v1/reports`, as this node).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from trustplane.api.reports import Report
 from trustplane.api.volumes import VolumeInfo as ApiVolume
 from trustplane.client import ControlClient
 from trustplane.errors import IntegrityError
 from trustplane.volumes.access import NodeCredentials
+from trustplane.volumes.attachers.docker_plugin.lease import LeaseUse
 from trustplane.volumes.attachers.docker_plugin.service import AttachMaterial, VolumeInfo
 
 DOMAIN = "docker"
@@ -69,6 +73,23 @@ class ControlVolumeService:
     def detached(self, name: str) -> None:
         with self.connect() as client:
             client.detach_volume(name, self.domain)
+
+    def report_lease_uses(self, uses: Sequence[LeaseUse]) -> None:
+        reports = [
+            Report(
+                kind="volume.lease",
+                time=use.time,
+                details={
+                    "volume": use.volume,
+                    "domain": self.domain,
+                    "released": use.released,
+                    "expires": use.expires,
+                },
+            )
+            for use in uses
+        ]
+        with self.connect() as client:
+            client.report(reports)
 
 
 def _info(volume: ApiVolume) -> VolumeInfo:

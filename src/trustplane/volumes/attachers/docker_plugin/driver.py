@@ -16,6 +16,13 @@
 - Remove: refused while the volume is open here; otherwise the service
   destroys key and storage.
 
+While the control plane cannot be reached (no answer at all), open volumes
+stay open and Mount of a volume not open here fails closed, unless the
+optional key lease (`lease`) still holds the key the control plane released
+for that volume on this node; any answer from the control plane (a refusal
+too) ends that volume's lease. Detaches and lease uses that could not be
+told to the control plane are kept and sent by `tend()` once it answers.
+
 The plugin's own restart does not close anything: open volumes belong to
 running containers. The state file (`state`) lists them; `recover()` at
 start adopts each one whose daemon, export, loop device and mount are all
@@ -42,12 +49,17 @@ from typing import IO
 
 from trustplane.api.volume_location import check_name
 from trustplane.api.volume_spec import parse_size
-from trustplane.errors import TrustplaneError, UnavailableError, UsageError
+from trustplane.errors import TrustplaneError, UnavailableError, UnreachableError, UsageError
 from trustplane.tools import AdoptedProcess, Executor, mount_points, unmount
 from trustplane.volumes.attachers.docker_plugin.filesystem import make_filesystem
+from trustplane.volumes.attachers.docker_plugin.lease import KeyLease
 from trustplane.volumes.attachers.docker_plugin.opener import open_mounted, open_plaintext
 from trustplane.volumes.attachers.docker_plugin.protocol import VolumeView
-from trustplane.volumes.attachers.docker_plugin.service import VolumeInfo, VolumeService
+from trustplane.volumes.attachers.docker_plugin.service import (
+    AttachMaterial,
+    VolumeInfo,
+    VolumeService,
+)
 from trustplane.volumes.attachers.docker_plugin.state import (
     OpenRecord,
     PluginState,
@@ -58,6 +70,8 @@ from trustplane.volumes.attachers.userspace import DAEMON, UserspaceVolume
 
 log = logging.getLogger("trustplane.volumes.plugin")
 
+MAX_REPORT = 100
+"""Lease uses sent in one report (the control plane's batch limit)."""
 OPTIONS = ("type", "size")
 """What `docker volume create -d trustplane --opt K=V` takes."""
 
@@ -91,6 +105,7 @@ class VolumeDriver:
         *,
         default_type: str | None = None,
         default_size: int | None = None,
+        key_lease: KeyLease | None = None,
     ) -> None:
         self.service = service
         self.root = state_directory(root.absolute())
@@ -105,6 +120,9 @@ class VolumeDriver:
         self._lock = threading.Lock()
         self._volume_locks: dict[str, threading.Lock] = {}
         self._owner: IO[bytes] | None = None
+        self.key_lease = key_lease
+        self._undetached: set[str] = set()
+        """Volumes closed here whose detach the control plane did not hear yet."""
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -122,7 +140,10 @@ class VolumeDriver:
         return self.recover()
 
     def stop(self) -> None:
-        """Release the root. Open volumes stay open: containers use them (see `recover`)."""
+        """Release the root and forget every leased key. Open volumes stay open:
+        containers use them (see `recover`)."""
+        if self.key_lease is not None:
+            self.key_lease.clear()
         if self._owner is not None:
             self._owner.close()
             self._owner = None
@@ -161,6 +182,8 @@ class VolumeDriver:
                     f"volume {name} is mounted on this node for {len(record.callers)} "
                     "container(s); it cannot be removed"
                 )
+            if self.key_lease is not None:
+                self.key_lease.forget(name, "volume removed")
             self.service.delete(name)
         log.info("volume %s removed", name)
 
@@ -235,11 +258,17 @@ class VolumeDriver:
         record = self._state.volumes.get(name)
         try:
             info = self.service.get(name)
-        except UnavailableError:
-            if record is None:
-                raise
-            return VolumeView(name=name, mountpoint=record.mountpoint,
-                              status={"mounts": len(record.callers)})  # fmt: skip
+        except UnavailableError as exc:
+            if record is not None:
+                return VolumeView(name=name, mountpoint=record.mountpoint,
+                                  status={"mounts": len(record.callers)})  # fmt: skip
+            leased = isinstance(exc, UnreachableError) and self._leased(name)
+            if not leased:
+                raise self._unreachable(name, exc) from None
+            return VolumeView(name=name, mountpoint="", status={"key lease": "held"})
+        except TrustplaneError:
+            self._forget_lease(name, "the control plane refused")
+            raise
         return self._view(info, record)
 
     def list_volumes(self) -> list[VolumeView]:
@@ -364,10 +393,11 @@ class VolumeDriver:
                     self.service.detached(name)
 
     def _open_mounted(self, name: str, mountpoint: Path) -> UserspaceVolume:
-        material = self.service.attach(name)
+        material = self._release(name)
         try:
             return open_mounted(self.executor, material, mountpoint, self.run_dir)
         except BaseException:
+            self._forget_lease(name, "the open failed")
             with contextlib.suppress(TrustplaneError):
                 self.service.detached(name)
             raise
@@ -382,9 +412,89 @@ class VolumeDriver:
         self._save()
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
-        with contextlib.suppress(TrustplaneError):
+        self._detached(name)
+        kept = self.key_lease is not None and self.key_lease.holds(name)
+        log.info("volume %s closed; its key is forgotten on this node%s", name,
+                 " (but for the key lease)" if kept else "")  # fmt: skip
+
+    # -- the control plane's availability ---------------------------------------------
+
+    def _release(self, name: str) -> AttachMaterial:
+        """The key from the control plane; while it cannot be reached, the leased one
+        (if any). A refusal ends the volume's lease."""
+        try:
+            material = self.service.attach(name)
+        except UnreachableError as exc:
+            leased = None if self.key_lease is None else self.key_lease.use(name)
+            if leased is None:
+                raise self._unreachable(name, exc) from None
+            return leased
+        except TrustplaneError:
+            self._forget_lease(name, "the control plane refused")
+            raise
+        if self.key_lease is not None:
+            self.key_lease.keep(material)
+        return material
+
+    def _unreachable(self, name: str, exc: UnavailableError) -> UnavailableError:
+        """The one line dockerd shows when a volume cannot be opened without the control plane."""
+        if not isinstance(exc, UnreachableError):
+            return exc
+        if self.key_lease is None:
+            why = "no key lease is configured"
+        else:
+            why = "this node holds no live key lease for it"
+        return UnreachableError(
+            f"volume {name}: not opened: the control plane cannot be reached and {why} "
+            f"(volumes open already stay open; {exc})"
+        )
+
+    def _leased(self, name: str) -> bool:
+        return self.key_lease is not None and self.key_lease.holds(name)
+
+    def _forget_lease(self, name: str, why: str) -> None:
+        if self.key_lease is not None:
+            self.key_lease.forget(name, why)
+
+    def _detached(self, name: str) -> None:
+        try:
             self.service.detached(name)
-        log.info("volume %s closed; its key is forgotten on this node", name)
+        except UnreachableError:
+            self._undetached.add(name)
+            log.warning("volume %s: the control plane cannot be reached; it hears of the "
+                        "detach once it answers", name)  # fmt: skip
+        except TrustplaneError as exc:
+            log.warning("volume %s: the control plane did not take the detach: %s", name, exc)
+        else:
+            self._undetached.discard(name)
+
+    def tend(self) -> None:
+        """Forget expired leased keys; tell the control plane what it missed while it
+        could not be reached (lease uses, detaches), if it answers now."""
+        if self.key_lease is not None:
+            self.key_lease.sweep()
+            uses = self.key_lease.uses()[:MAX_REPORT]
+            if uses:
+                try:
+                    self.service.report_lease_uses(uses)
+                except TrustplaneError as exc:
+                    log.debug("lease uses not reported yet: %s", exc)
+                    return
+                self.key_lease.reported(uses)
+                log.info("reported %d key lease use(s) to the control plane", len(uses))
+        for name in sorted(self._undetached):
+            with self._volume_lock(name):
+                if name in self._state.volumes:  # open again: attached once more
+                    self._undetached.discard(name)
+                    continue
+                try:
+                    self.service.detached(name)
+                except UnreachableError:
+                    return
+                except TrustplaneError as exc:
+                    log.warning("volume %s: the control plane did not take the detach: %s",
+                                name, exc)  # fmt: skip
+                self._undetached.discard(name)
 
     def _view(self, info: VolumeInfo, record: OpenRecord | None) -> VolumeView:
         status: dict[str, str | int] = {"type": info.volume_type, "size": info.size}

@@ -9,13 +9,17 @@ behind it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import Engine
 from trustplane.api.volumes import HeaderFingerprint
 from trustplane.volumes.access import NodeCredentials
+
+if TYPE_CHECKING:
+    from trustplane.volumes.attachers.docker_plugin.lease import LeaseUse
 
 
 @dataclass(frozen=True)
@@ -65,4 +69,8 @@ class VolumeService(Protocol):
 
     def detached(self, name: str) -> None:
         """The volume is closed on this node again (the key is forgotten)."""
+        ...
+
+    def report_lease_uses(self, uses: Sequence[LeaseUse]) -> None:
+        """Log opens made with a leased key while the control plane was unreachable."""
         ...
