@@ -11,132 +11,53 @@ behind, and the key is never in argv, an environment, a log or a file.
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from gateway_helpers import DockerCli, make_people, register_local_image, start_gateway
 from volume_plugin_helpers import (
     MIB,
+    NOTHING,
+    TAG,
     VOLUME_TYPE,
+    Stack,
+    create_volume,
     file_holds,
     files_holding,
-    leftovers,
     mounts_under,
+    plugin_stack,
     processes_holding,
+    run_on,
     running_container,
-    wait_for_nothing,
 )
 
 from trustplane.client import connect_as_node
 from trustplane.crypto.node_assertion import load_node_key
-from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
-from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd, make_shared, unmake_shared
 from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
-from trustplane.embedded.sample_images import import_busybox_base
 from trustplane.embedded.swtpm import RunningSwtpm
 from trustplane.embedded.volume_plugin import (
-    FILE_BACKEND,
-    PluginProcess,
     register_volume_node,
     replace_policy,
-    volume_backends_env,
     volume_node_rules,
 )
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
 from trustplane.volumes.header import LUKS_MAGIC
 
-TAG = "trustplane/busybox:volumes"
-NOTHING: dict[str, list[object]] = {
-    "host mounts": [], "dockerd mounts": [], "loop devices": [], "daemons": [],
-}  # fmt: skip
-
-
-@dataclass
-class Stack:
-    top: Path
-    plane: RunningControlPlane
-    base_policy: str
-    node: str
-    volumes: Path
-    root: Path
-    daemon: DockerDaemon
-    docker: DockerCli
-    plugin: PluginProcess
-
-    def left(self) -> dict[str, list[object]]:
-        return leftovers(self.root, self.daemon)
-
-    def nothing_left(self) -> dict[str, list[object]]:
-        """What is left once the kernel has let go (a loop device whose file system a
-        dead container still held detaches when that mount goes): NOTHING, or what stays."""
-        return wait_for_nothing(self.root, self.daemon)
-
-    def allow_all(self) -> None:
-        replace_policy(self.plane, self.base_policy + volume_node_rules(self.node))
-
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    # Short: dockerd's containerd socket paths under the state dir stay below 108 bytes.
-    top = Path(tempfile.mkdtemp(prefix="tpv-", dir="/tmp"))
-    volumes, root, plugins = top / "volumes", top / "root", top / "plugins"
-    plane = start_control_plane(top / "cp", env=volume_backends_env(volumes))
-    daemon: DockerDaemon | None = None
-    plugin: PluginProcess | None = None
-    make_shared(root)
-    try:
-        node = "docker-host-1"
-        with plane.admin() as admin:
-            key = register_volume_node(admin, top, node)
-            admin.create_volume_type(VOLUME_TYPE, FILE_BACKEND)
-        base_policy = (plane.data_dir / "policy.yaml").read_text()
-        replace_policy(plane, base_policy + volume_node_rules(node))
-        plugin = PluginProcess(plane, node, key, plugins / "trustplane.sock", root, top / "work")
-        plugins.mkdir(mode=0o700)
-        plugin.start()  # before dockerd: it asks the plugin for its volumes at start
-        daemon = ensure_dockerd(
-            top / "work", socket=top / "d.sock", state_dir=top / "state",
-            private_network=True, plugin_dir=plugins,
-        )  # fmt: skip
-        assert daemon.started_by_us
-        client = daemon.client()
-        try:
-            import_busybox_base(client, TAG)
-        finally:
-            client.close()
-        docker = DockerCli.make(daemon.base_url, top / "cli", None)
-        yield Stack(top, plane, base_policy, node, volumes, root, daemon, docker, plugin)
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        if plugin is not None:
-            plugin.stop()
-        unmake_shared(root)
-        plane.stop()
-        subprocess.run(["umount", "-R", str(top / "state" / "data")], capture_output=True,
-                       check=False)  # fmt: skip
-        shutil.rmtree(top, ignore_errors=True)
+    with plugin_stack() as started:
+        yield started
 
 
-def _create(stack: Stack, name: str, size: str = "64M") -> None:
-    stack.docker.ok(
-        "volume", "create", "-d", "trustplane",
-        "--opt", f"type={VOLUME_TYPE}", "--opt", f"size={size}", name,
-    )  # fmt: skip
-
-
-def _run(stack: Stack, volume: str, script: str) -> str:
-    return stack.docker.ok(
-        "run", "--rm", "--network", "none", "-v", f"{volume}:/data", TAG, "sh", "-c", script
-    )
+_create = create_volume
+_run = run_on
 
 
 def _key_of(stack: Stack, name: str) -> bytes:

@@ -12,7 +12,8 @@
   killed by the tests (`embedded.volume_plugin.PluginProcess`).
 
 Here: what the tests look at on the host (mounts, loop devices, daemons,
-where a key could leak).
+where a key could leak), and the stack itself (`plugin_stack`), whose
+control plane can be stopped and started again (`plane_down`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,27 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from trustplane.embedded.dockerd import DockerDaemon
+from gateway_helpers import DockerCli
+
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.dockerd import DockerDaemon, ensure_dockerd, make_shared, unmake_shared
+from trustplane.embedded.sample_images import import_busybox_base
+from trustplane.embedded.volume_plugin import (
+    FILE_BACKEND,
+    PluginProcess,
+    register_volume_node,
+    replace_policy,
+    volume_backends_env,
+    volume_node_rules,
+)
 
 VOLUME_TYPE = "secure"
 MIB = 1 << 20
@@ -147,11 +163,128 @@ def file_holds(path: Path, needle: bytes, chunk: int = 4 * MIB) -> bool:
 @contextlib.contextmanager
 def running_container(docker: object, *args: str) -> Iterator[str]:
     """`docker run -d ARGS`; removed (forced) when the block ends."""
-    from gateway_helpers import DockerCli
-
     assert isinstance(docker, DockerCli)
     name = docker.ok("run", "-d", *args).strip()
     try:
         yield name
     finally:
         docker("rm", "-f", name)
+
+
+# -- the stack ------------------------------------------------------------------------
+
+TAG = "trustplane/busybox:volumes"
+NOTHING: dict[str, list[object]] = {
+    "host mounts": [], "dockerd mounts": [], "loop devices": [], "daemons": [],
+}  # fmt: skip
+
+
+@dataclass
+class Stack:
+    top: Path
+    plane: RunningControlPlane
+    base_policy: str
+    node: str
+    volumes: Path
+    root: Path
+    daemon: DockerDaemon
+    docker: DockerCli
+    plugin: PluginProcess
+
+    def left(self) -> dict[str, list[object]]:
+        return leftovers(self.root, self.daemon)
+
+    def nothing_left(self) -> dict[str, list[object]]:
+        """What is left once the kernel has let go (a loop device whose file system a
+        dead container still held detaches when that mount goes): NOTHING, or what stays."""
+        return wait_for_nothing(self.root, self.daemon)
+
+    def allow_all(self) -> None:
+        replace_policy(self.plane, self.base_policy + volume_node_rules(self.node))
+
+    def stop_plane(self) -> None:
+        """The control plane goes away (its port refuses connections)."""
+        self.plane.stop()
+
+    def start_plane(self) -> None:
+        """The same control plane again: same data, port and admin."""
+        old = self.plane
+        self.plane = start_control_plane(
+            self.top / "cp", port=int(old.url.rsplit(":", 1)[1]),
+            env=volume_backends_env(self.volumes), admin_password=old.admin_password,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def plane_down(self) -> Iterator[None]:
+        """The control plane is unreachable inside the block, back after it."""
+        self.stop_plane()
+        try:
+            yield
+        finally:
+            self.start_plane()
+
+    def restart_plugin(self, *args: str) -> None:
+        """`trustplane volume-plugin` again, with these extra options."""
+        self.plugin.stop()
+        self.plugin.args = args
+        self.plugin.start()
+
+
+@contextlib.contextmanager
+def plugin_stack() -> Iterator[Stack]:
+    """Control plane (file backend, volume type `secure`), the plugin, dockerd, busybox."""
+    # Short: dockerd's containerd socket paths under the state dir stay below 108 bytes.
+    top = Path(tempfile.mkdtemp(prefix="tpv-", dir="/tmp"))
+    volumes, root, plugins = top / "volumes", top / "root", top / "plugins"
+    plane = start_control_plane(top / "cp", env=volume_backends_env(volumes))
+    daemon: DockerDaemon | None = None
+    plugin: PluginProcess | None = None
+    stack: Stack | None = None
+    make_shared(root)
+    try:
+        node = "docker-host-1"
+        with plane.admin() as admin:
+            key = register_volume_node(admin, top, node)
+            admin.create_volume_type(VOLUME_TYPE, FILE_BACKEND)
+        base_policy = (plane.data_dir / "policy.yaml").read_text()
+        replace_policy(plane, base_policy + volume_node_rules(node))
+        plugin = PluginProcess(plane, node, key, plugins / "trustplane.sock", root, top / "work")
+        plugins.mkdir(mode=0o700)
+        plugin.start()  # before dockerd: it asks the plugin for its volumes at start
+        daemon = ensure_dockerd(
+            top / "work", socket=top / "d.sock", state_dir=top / "state",
+            private_network=True, plugin_dir=plugins,
+        )  # fmt: skip
+        assert daemon.started_by_us
+        client = daemon.client()
+        try:
+            import_busybox_base(client, TAG)
+        finally:
+            client.close()
+        docker = DockerCli.make(daemon.base_url, top / "cli", None)
+        stack = Stack(top, plane, base_policy, node, volumes, root, daemon, docker, plugin)
+        yield stack
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if plugin is not None:
+            plugin.stop()
+        unmake_shared(root)
+        (plane if stack is None else stack.plane).stop()
+        subprocess.run(["umount", "-R", str(top / "state" / "data")], capture_output=True,
+                       check=False)  # fmt: skip
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def create_volume(stack: Stack, name: str, size: str = "64M") -> None:
+    stack.docker.ok(
+        "volume", "create", "-d", "trustplane",
+        "--opt", f"type={VOLUME_TYPE}", "--opt", f"size={size}", name,
+    )  # fmt: skip
+
+
+def run_on(stack: Stack, volume: str, script: str) -> str:
+    """`docker run --rm -v VOLUME:/data busybox sh -c SCRIPT`; its output."""
+    return stack.docker.ok(
+        "run", "--rm", "--network", "none", "-v", f"{volume}:/data", TAG, "sh", "-c", script
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from trustplane.errors import (
 from trustplane.tools import Executor, mount_points
 from trustplane.volumes.attachers.docker_plugin.app import create_app
 from trustplane.volumes.attachers.docker_plugin.driver import VolumeDriver
+from trustplane.volumes.attachers.docker_plugin.lease import LeaseUse
 from trustplane.volumes.attachers.docker_plugin.opener import open_plaintext
 from trustplane.volumes.attachers.docker_plugin.protocol import CONTENT_TYPE
 from trustplane.volumes.attachers.docker_plugin.service import AttachMaterial, VolumeInfo
@@ -80,6 +81,9 @@ class LocalService:
 
     def detached(self, name: str) -> None:
         self.attached.discard(name)
+
+    def report_lease_uses(self, uses: Sequence[LeaseUse]) -> None:
+        raise AssertionError("no key lease here")
 
 
 @pytest.fixture

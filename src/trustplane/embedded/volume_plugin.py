@@ -95,6 +95,8 @@ class PluginProcess:
     work: Path
     process: ManagedProcess | None = None
     logs: list[Path] = field(default_factory=list)
+    args: tuple[str, ...] = ()
+    """More options for `trustplane volume-plugin` (`--key-lease 60`), from the next start."""
 
     def start(self) -> ManagedProcess:
         """Start it; returns once its socket accepts (it recovered what was left first)."""
@@ -107,6 +109,7 @@ class PluginProcess:
                 "--server", self.plane.url, "--ca", str(self.plane.ca_file),
                 "--node", self.node, "--node-key", str(self.node_key),
                 "--plugin-socket", str(self.socket), "--plugin-root", str(self.root),
+                *self.args,
             ],
             self.work,
             ready=lambda: unix_socket_accepts(self.socket),

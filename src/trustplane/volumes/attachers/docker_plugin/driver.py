@@ -49,7 +49,13 @@ from typing import IO
 
 from trustplane.api.volume_location import check_name
 from trustplane.api.volume_spec import parse_size
-from trustplane.errors import TrustplaneError, UnavailableError, UnreachableError, UsageError
+from trustplane.errors import (
+    NotFoundError,
+    TrustplaneError,
+    UnavailableError,
+    UnreachableError,
+    UsageError,
+)
 from trustplane.tools import AdoptedProcess, Executor, mount_points, unmount
 from trustplane.volumes.attachers.docker_plugin.filesystem import make_filesystem
 from trustplane.volumes.attachers.docker_plugin.lease import KeyLease
@@ -170,6 +176,7 @@ class VolumeDriver:
                 with contextlib.suppress(TrustplaneError):
                     self.service.delete(name)
                 raise
+        self._know([name])
         log.info("volume %s created (type %s, %d bytes) with an ext4 file system", name,
                  volume_type, size)  # fmt: skip
 
@@ -185,6 +192,7 @@ class VolumeDriver:
             if self.key_lease is not None:
                 self.key_lease.forget(name, "volume removed")
             self.service.delete(name)
+            self._forget_names([name])
         log.info("volume %s removed", name)
 
     def mount(self, name: str, caller: str) -> str:
@@ -202,9 +210,11 @@ class VolumeDriver:
             mountpoint.mkdir(mode=0o700, exist_ok=True)
             try:
                 volume = self._open_mounted(name, mountpoint)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     mountpoint.rmdir()
+                if isinstance(exc, TrustplaneError):
+                    log.warning("volume %s: not opened: %s", name, exc)
                 raise
             try:
                 record = OpenRecord(
@@ -262,18 +272,24 @@ class VolumeDriver:
             if record is not None:
                 return VolumeView(name=name, mountpoint=record.mountpoint,
                                   status={"mounts": len(record.callers)})  # fmt: skip
-            leased = isinstance(exc, UnreachableError) and self._leased(name)
-            if not leased:
-                raise self._unreachable(name, exc) from None
-            return VolumeView(name=name, mountpoint="", status={"key lease": "held"})
-        except TrustplaneError:
-            self._forget_lease(name, "the control plane refused")
+            if isinstance(exc, UnreachableError) and name in self._state.known:
+                # Known, not open: Mount decides (and fails closed without a lease).
+                return VolumeView(name=name, mountpoint="",
+                                  status={"control plane": "unreachable"})  # fmt: skip
             raise
+        except TrustplaneError as exc:
+            self._forget_lease(name, "the control plane refused")
+            if isinstance(exc, NotFoundError):
+                self._forget_names([name])
+            raise
+        self._know([name])
         return self._view(info, record)
 
     def list_volumes(self) -> list[VolumeView]:
         opened = self._state.volumes
-        return [self._view(info, opened.get(info.name)) for info in self.service.list()]
+        listed = self.service.list()
+        self._know([info.name for info in listed], every=True)
+        return [self._view(info, opened.get(info.name)) for info in listed]
 
     # -- recovery -------------------------------------------------------------------
 
@@ -309,7 +325,7 @@ class VolumeDriver:
                 opened=again.keep_past_exit(),
             )
             report.reopened.append(name)
-        self._state = PluginState(volumes=kept)
+        self._state = PluginState(volumes=kept, known=state.known)
         self._save()
         report.cleared = self._clear_leftovers(kept)
         return report
@@ -449,8 +465,20 @@ class VolumeDriver:
             f"(volumes open already stay open; {exc})"
         )
 
-    def _leased(self, name: str) -> bool:
-        return self.key_lease is not None and self.key_lease.holds(name)
+    def _know(self, names: list[str], every: bool = False) -> None:
+        """Remember volume names the control plane showed (`every`: all there are)."""
+        with self._lock:
+            known = set(self._state.known)
+            wanted = set(names) if every else known | set(names)
+            if wanted == known:
+                return
+            self._state.known = sorted(wanted)
+        self._save()
+
+    def _forget_names(self, names: list[str]) -> None:
+        with self._lock:
+            self._state.known = sorted(set(self._state.known) - set(names))
+        self._save()
 
     def _forget_lease(self, name: str, why: str) -> None:
         if self.key_lease is not None:

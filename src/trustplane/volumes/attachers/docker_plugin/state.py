@@ -37,6 +37,10 @@ class PluginState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     volumes: dict[str, OpenRecord] = Field(default_factory=dict)
+    known: list[str] = Field(default_factory=list)
+    """Names the control plane showed this node: while it cannot be reached, Get still
+    answers for them, since dockerd drops a volume whose Get fails and would then make a
+    plain `local` volume of that name for the next `docker run -v NAME:...`."""
 
 
 class StateFile:
