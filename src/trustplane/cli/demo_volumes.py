@@ -7,14 +7,20 @@ to each through the encrypted path; the file and the RADOS objects hold none
 of it. A compute node (its own key, one policy rule) attaches both to a
 running VM: the key comes from the control plane, goes into an ephemeral
 private libvirt secret, and QEMU decrypts; the VM reads what was written.
-Detach leaves no libvirt secret; delete destroys the key first; the log
-shows every key release.
+Detach leaves no libvirt secret; the log shows every key release. Then a
+container: `trustplane volume-plugin` serves a file volume to a dockerd of
+its own (never the shared one), one container writes, a second reads back,
+the raw file holds no plaintext and the last unmount leaves no mount, loop
+device or daemon. Delete destroys each key first.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,17 +36,28 @@ from trustplane.atomic import atomic_write
 from trustplane.crypto.keys import generate_key_pair
 from trustplane.crypto.node_assertion import load_node_key
 from trustplane.embedded.ceph import RunningCeph
-from trustplane.embedded.control_plane import start_control_plane
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.dockerd import ensure_dockerd, make_shared, unmake_shared
 from trustplane.embedded.guest_kernel import GuestKernel
 from trustplane.embedded.libvirtd import RunningLibvirtd
+from trustplane.embedded.sample_images import import_busybox_base
 from trustplane.embedded.volume_guest import ScannerGuest, build_scanner_initrd
+from trustplane.embedded.volume_plugin import (
+    PluginProcess,
+    register_volume_node,
+    replace_policy,
+    volume_node_rules,
+)
 from trustplane.errors import IntegrityError, NotFoundError
+from trustplane.tools import Executor, mount_points
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher
 from trustplane.volumes.encryptors import encryptor_for
 
 Say = Callable[[str, str], None]
 NODE = "demo-compute"
+DOCKER_NODE = "demo-docker"
+TAG = "trustplane/busybox:demo-volumes"
 MIB = 1 << 20
 
 
@@ -157,6 +174,8 @@ def volumes_scene(
             raise IntegrityError("a key release is missing from the log")
         proved("every key release is in the transparency log")
 
+        _containers(work / "docker", control, admin, say, proved)
+
         for kind, name in names.items():
             key_id = created[kind].key_id
             admin.delete_volume(name)
@@ -196,3 +215,76 @@ def _check_storage(
     for data in ceph.image_objects(rbd_location.image).values():
         if markers["rbd"].encode() in data:
             raise IntegrityError("a RADOS object holds plaintext")
+
+
+def _containers(
+    work: Path,
+    control: RunningControlPlane,
+    admin: Any,
+    say: Say,
+    proved: Callable[[str], None],
+) -> None:
+    """Containers on an encrypted volume, through the Docker volume plugin."""
+    work.mkdir(parents=True, exist_ok=True)
+    node_key = register_volume_node(admin, work, DOCKER_NODE)
+    policy = control.data_dir / "policy.yaml"
+    replace_policy(control, policy.read_text() + volume_node_rules(DOCKER_NODE))
+    root, plugins = work / "plugin-root", work / "plugins"
+    plugins.mkdir(mode=0o700)
+    # Short: dockerd's containerd socket paths under its state dir stay below 108 bytes.
+    state = Path(tempfile.mkdtemp(prefix="tpd-", dir="/tmp"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, state, ignore_errors=True)
+        stack.callback(subprocess.run, ["umount", "-R", str(state / "data")], check=False,
+                       capture_output=True)  # fmt: skip
+        make_shared(root)
+        stack.callback(unmake_shared, root)
+        plugin = PluginProcess(
+            control, DOCKER_NODE, node_key, plugins / "trustplane.sock", root, work
+        )
+        plugin.start()
+        stack.callback(plugin.stop)
+        daemon = ensure_dockerd(
+            work, socket=state / "d.sock", state_dir=state, private_network=True,
+            plugin_dir=plugins,
+        )  # fmt: skip
+        stack.callback(daemon.stop)
+        client = daemon.client()
+        stack.callback(client.close)
+        import_busybox_base(client, TAG)
+        say("volume plugin", f"trustplane volume-plugin as node {DOCKER_NODE}, for a dockerd "
+            "of its own (its /run/docker/plugins holds only this plugin)")  # fmt: skip
+        name = f"demo-docker-{secrets.token_hex(2)}"
+        client.volumes.create(name, driver="trustplane",
+                              driver_opts={"type": "file-luks", "size": "32M"})  # fmt: skip
+        marker = f"trustplane-demo-container-{secrets.token_hex(6)}"
+        mounts = {name: {"bind": "/data", "mode": "rw"}}
+
+        def run(script: str) -> str:
+            out = client.containers.run(TAG, ["sh", "-c", script], volumes=mounts,
+                                        network_mode="none", remove=True)  # fmt: skip
+            return bytes(out).decode(errors="replace").strip()
+
+        run(f"echo {marker} > /data/note && sync")
+        say(name, "docker volume create -d trustplane; a container wrote a note to /data")
+        seen = run("cat /data/note")
+        if seen != marker:
+            raise IntegrityError(f"the second container read {seen!r}, not what was written")
+        say(name, f"a second container reads: {seen}")
+        location = admin.volume(name).location
+        if not isinstance(location, FileLocation):
+            raise IntegrityError(f"volume {name} is not a file volume")
+        raw = Path(location.path).read_bytes()
+        if marker.encode() in raw:
+            raise IntegrityError(f"{location.path} holds the container's plaintext")
+        say(location.path, f"{len(raw) >> 20} MiB, starts {raw[:6]!r}; the note is not in it")
+        proved("a container writes, another reads back; the raw file holds only ciphertext")
+        under = f"{root.resolve()}/"
+        left = [p for p in mount_points(Executor()) if p.startswith(under)]
+        opened = [p.name for p in (root / "run").iterdir()] if (root / "run").exists() else []
+        loops = Executor().run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE"])
+        opened += [line for line in loops.text.splitlines() if line.strip().startswith(under)]
+        if left or opened or admin.volume(name).attachment is not None:
+            raise IntegrityError(f"the last unmount left {left or opened or 'an attachment'}")
+        proved("the last unmount closed it all: no mount, loop device or daemon; key released")
+        client.volumes.get(name).remove()
