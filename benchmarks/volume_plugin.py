@@ -21,6 +21,8 @@ One run, ratios reported; no thresholds. The machine may be shared: the
 figures of one run are comparable with each other, not across runs.
 
     python benchmarks/volume_plugin.py [--runs 7] [--size-mib 256]
+
+benchmarks/volumes.py runs the same (`measure`, `summary`) as its container section.
 """
 
 from __future__ import annotations
@@ -101,14 +103,10 @@ def run_p50(daemon: DockerDaemon, volume: str, runs: int, *command: str) -> floa
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--size-mib", type=int, default=256)
-    options = parser.parse_args()
+def measure(runs: int, size: int) -> dict[str, float]:
+    """Every figure of the module docstring, for `runs` starts and SIZE MiB of I/O."""
     top = Path(tempfile.mkdtemp(prefix="tpvb-", dir="/tmp"))
     scratch = Path(tempfile.mkdtemp(prefix="tpvb-", dir="/dev/shm"))
-    size = options.size_mib
     results: dict[str, float] = {}
     try:
         with docker_host(top, scratch) as daemon:
@@ -120,7 +118,7 @@ def main() -> None:
             write = f"dd if=/dev/zero of=/data/f bs=1M count={size} conv=fsync 2>/dev/null"
             read = "dd if=/data/f of=/dev/null bs=1M 2>/dev/null"
             for label, volume in (("trustplane", "enc"), ("local", "plain")):
-                start = run_p50(daemon, volume, options.runs, "true")
+                start = run_p50(daemon, volume, runs, "true")
                 results[f"run_{label}_p50_s"] = start
                 written = run_p50(daemon, volume, 3, "sh", "-c", write)
                 results[f"write_{label}_mib_s"] = size / max(written - start, 1e-3)
@@ -133,16 +131,34 @@ def main() -> None:
                        check=False)  # fmt: skip
         shutil.rmtree(top, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def summary(results: dict[str, float], runs: int, size: int) -> list[str]:
+    """The report lines for `measure`'s results."""
     added = results["run_trustplane_p50_s"] - results["run_local_p50_s"]
-    print(f"docker volume create: trustplane {results['create_trustplane_s']:.2f} s "
-          f"({size + 64} MiB), local {results['create_local_s']:.2f} s")  # fmt: skip
-    print(f"docker run -v (p50 of {options.runs}): trustplane "
-          f"{results['run_trustplane_p50_s']:.3f} s, local {results['run_local_p50_s']:.3f} s, "
-          f"added {added:.3f} s")  # fmt: skip
+    lines = [
+        f"docker volume create: trustplane {results['create_trustplane_s']:.2f} s "
+        f"({size + 64} MiB), local {results['create_local_s']:.2f} s",
+        f"docker run -v (p50 of {runs}): trustplane {results['run_trustplane_p50_s']:.3f} s, "
+        f"local {results['run_local_p50_s']:.3f} s, added {added:.3f} s",
+    ]
     for kind in ("write", "read"):
         encrypted, plain = results[f"{kind}_trustplane_mib_s"], results[f"{kind}_local_mib_s"]
-        print(f"sequential {kind} in the container ({size} MiB): trustplane {encrypted:.0f} "
-              f"MiB/s, local {plain:.0f} MiB/s ({encrypted / plain:.2f}x)")  # fmt: skip
+        lines.append(
+            f"sequential {kind} in the container ({size} MiB): trustplane {encrypted:.0f} "
+            f"MiB/s, local {plain:.0f} MiB/s ({encrypted / plain:.2f}x)"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--size-mib", type=int, default=256)
+    options = parser.parse_args()
+    results = measure(options.runs, options.size_mib)
+    print("\n".join(summary(results, options.runs, options.size_mib)))
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
 

@@ -28,6 +28,11 @@ times: the key release over HTTPS (policy, log commit), the header check,
 the ephemeral libvirt secret, QEMU's `blockdev-add` of the LUKS volume.
 p50 and p90 of the whole attach, of the key release alone, and of detach.
 
+Containers (`--container-runs`, 0 skips): `docker run` with a trustplane
+volume against a `local` one, the added start time (p50) and sequential
+throughput inside the container, with ratios: benchmarks/volume_plugin.py's
+`measure`, run as a section here.
+
 One run, ratios reported; no thresholds. The machine may be shared: the
 figures of one run are comparable with each other, not across runs.
 
@@ -445,6 +450,17 @@ def main() -> None:
         "--only-attach", action="store_true", help="only the hot-plug attach figures"
     )
     parser.add_argument(
+        "--container-runs",
+        type=int,
+        default=5,
+        help="docker run starts timed per volume (0: no container section)",
+    )
+    parser.add_argument(
+        "--container-size-mib", type=int, default=64, help="I/O inside the container (MiB)"
+    )
+    parser.add_argument("--only-containers", action="store_true",
+                        help="only the container figures")  # fmt: skip
+    parser.add_argument(
         "--file-dir",
         type=Path,
         default=Path("/dev/shm"),
@@ -471,6 +487,16 @@ def main() -> None:
             f" = {gnutls / bound:.2f}x the bound"
         )
     results: dict[str, dict[str, float]] = {}
+    # Containers on encrypted volumes: benchmarks/volume_plugin.py, as a section.
+    if args.container_runs > 0:
+        from volume_plugin import measure, summary  # benchmarks/ is on sys.path
+
+        runs, mib = args.container_runs, args.container_size_mib
+        report.append("\n## Containers: docker run -v trustplane volume vs local volume")
+        report.extend("  " + line for line in summary(measure(runs, mib), runs, mib))
+        if args.only_containers:
+            print("\n".join(report))
+            return
     with tempfile.TemporaryDirectory(prefix="tp-bench-volumes-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         with tempfile.TemporaryDirectory(prefix="tp-bench-attach-", dir=args.file_dir) as fast:
