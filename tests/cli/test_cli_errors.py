@@ -339,6 +339,23 @@ CASES: dict[str, Case] = {
         "--gateway-config {tmp}/gw.toml does not exist",
         absent=("{tmp}/st",),
     ),
+    "key lease above its maximum": Case(
+        (
+            "volume-plugin",
+            *NODE,
+            "--node-key",
+            "{alice_pem}",
+            "--plugin-root",
+            "{tmp}/root",
+            "--plugin-socket",
+            "{tmp}/p.sock",
+            "--key-lease",
+            "3601",
+        ),
+        ExitCode.USAGE,
+        "--key-lease 3601: a key lease lasts more than 0 and at most 3600 seconds",
+        absent=("{tmp}/root", "{tmp}/p.sock"),
+    ),
     "run with its public key missing": Case(
         (
             "run",
