@@ -20,8 +20,11 @@ While the control plane cannot be reached (no answer at all), open volumes
 stay open and Mount of a volume not open here fails closed, unless the
 optional key lease (`lease`) still holds the key the control plane released
 for that volume on this node; any answer from the control plane (a refusal
-too) ends that volume's lease. Detaches and lease uses that could not be
-told to the control plane are kept and sent by `tend()` once it answers.
+too) ends that volume's lease. Get still answers for the names the control
+plane showed this node (`state.known`): dockerd drops a volume whose Get
+fails and would give the next container a plain `local` one of that name.
+Detaches and lease uses the control plane could not be told of are kept and
+sent by `tend()` once it answers.
 
 The plugin's own restart does not close anything: open volumes belong to
 running containers. The state file (`state`) lists them; `recover()` at
