@@ -32,8 +32,12 @@ from volume_plugin_helpers import (
 
 from trustplane.client import connect_as_node
 from trustplane.crypto.node_assertion import load_node_key
-from trustplane.embedded.volume_plugin import replace_policy, volume_node_rules
-from trustplane.errors import Forbidden, UnreachableError
+from trustplane.embedded.volume_plugin import (
+    register_volume_node,
+    replace_policy,
+    volume_node_rules,
+)
+from trustplane.errors import Forbidden, UnreachableError, UsageError
 from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
 from trustplane.volumes.attachers.docker_plugin.driver import VolumeDriver
 from trustplane.volumes.attachers.docker_plugin.lease import KeyLease
@@ -126,6 +130,21 @@ def test_with_a_key_lease_the_same_volume_reopens_and_the_use_is_reported(
     create_volume(stack, "l-never")
     run_on(stack, "l-used", "echo leased-marker > /data/m && sync")  # released: leased
     before = len(_reported(stack, "l-used"))
+    # Attacker: another node the policy lets attach volumes, asking for the key while
+    # this node may still open the volume on its own: the attachment stays with the lease.
+    other = "docker-host-2"
+    with stack.plane.admin() as admin:
+        assert admin.volume("l-used").attachment is not None
+        other_key = load_node_key(register_volume_node(admin, stack.top, other).read_bytes(), "")
+    rules = volume_node_rules(stack.node) + volume_node_rules(other)
+    replace_policy(stack.plane, stack.base_policy + rules)
+    url, ca = stack.plane.url, stack.plane.ca_file
+    elsewhere = ControlVolumeService(lambda: connect_as_node(url, other, other_key, ca))
+    try:
+        with pytest.raises(UsageError, match="attached"):
+            elsewhere.attach("l-used")
+    finally:
+        stack.allow_all()
     with stack.plane_down():
         assert run_on(stack, "l-used", "cat /data/m").strip() == "leased-marker"
         assert stack.nothing_left() == NOTHING
@@ -141,6 +160,7 @@ def test_with_a_key_lease_the_same_volume_reopens_and_the_use_is_reported(
     assert entry["node"] == f"node:{stack.node}"
     assert entry["domain"] == "docker"
     assert float(str(entry["released"])) <= float(str(entry["reported"]))
+    stack.docker.ok("volume", "rm", "l-used")  # ends the lease and its attachment first
 
 
 def test_a_refusal_ends_the_lease_and_is_not_overridden_by_an_outage(stack: Stack) -> None:
@@ -197,6 +217,13 @@ def test_the_lease_ends_at_plugin_stop_and_at_expiry(stack: Stack) -> None:
         "the lease's end",
         lambda: "e-short: key lease ended (expired)" in stack.plugin.log_text(),
     )
+
+    def detached(name: str) -> bool:
+        with stack.plane.admin() as admin:
+            return admin.volume(name).attachment is None
+
+    assert detached("e-stop")  # the plugin's stop ended the lease and its attachment
+    _wait_for("the detach at the lease's end", lambda: detached("e-short"))
     with stack.plane_down():
         for volume in ("e-stop", "e-short"):
             assert "holds no live key lease" in _refused(stack, volume)
@@ -224,8 +251,10 @@ def test_within_the_lease_a_remount_works_after_it_not(stack: Stack, tmp_path: P
             with pytest.raises(UnreachableError, match="holds no live key lease"):
                 driver.mount("c-clock", "c")
             assert not (tmp_path / "root" / "mounts" / "c-clock").exists()
-        driver.tend()  # the control plane answers: the use is reported
-        assert len(_reported(stack, "c-clock")) == 1
+        driver.tend()  # the control plane answers: the use is reported, the lease's
+        assert len(_reported(stack, "c-clock")) == 1  # attachment cleared
+        with stack.plane.admin() as admin:
+            assert admin.volume("c-clock").attachment is None
         replace_policy(
             stack.plane, stack.base_policy + volume_node_rules(stack.node, denied=("c-*",))
         )

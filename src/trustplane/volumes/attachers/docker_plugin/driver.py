@@ -149,10 +149,15 @@ class VolumeDriver:
         return self.recover()
 
     def stop(self) -> None:
-        """Release the root and forget every leased key. Open volumes stay open:
-        containers use them (see `recover`)."""
+        """Release the root and forget every leased key (the attachments kept with them
+        are cleared where the control plane answers). Open volumes stay open: containers
+        use them (see `recover`)."""
         if self.key_lease is not None:
             self.key_lease.clear()
+            for name in sorted(self._undetached - set(self._state.volumes)):
+                with contextlib.suppress(TrustplaneError):
+                    self.service.detached(name)
+                    self._undetached.discard(name)
         if self._owner is not None:
             self._owner.close()
             self._owner = None
@@ -194,6 +199,8 @@ class VolumeDriver:
                 )
             if self.key_lease is not None:
                 self.key_lease.forget(name, "volume removed")
+            if name in self._undetached:
+                self._detached(name)  # the lease kept it attached; no delete while attached
             self.service.delete(name)
             self._forget_names([name])
         log.info("volume %s removed", name)
@@ -431,10 +438,14 @@ class VolumeDriver:
         self._save()
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
-        self._detached(name)
-        kept = self.key_lease is not None and self.key_lease.holds(name)
-        log.info("volume %s closed; its key is forgotten on this node%s", name,
-                 " (but for the key lease)" if kept else "")  # fmt: skip
+        if self._leased(name):
+            # The attachment stays with the lease: no other node gets the key while this
+            # one may still open the volume without asking (tend() detaches at its end).
+            self._undetached.add(name)
+            log.info("volume %s closed; the key lease keeps its key and attachment", name)
+        else:
+            self._detached(name)
+            log.info("volume %s closed; its key is forgotten on this node", name)
 
     # -- the control plane's availability ---------------------------------------------
 
@@ -483,6 +494,9 @@ class VolumeDriver:
             self._state.known = sorted(set(self._state.known) - set(names))
         self._save()
 
+    def _leased(self, name: str) -> bool:
+        return self.key_lease is not None and self.key_lease.holds(name)
+
     def _forget_lease(self, name: str, why: str) -> None:
         if self.key_lease is not None:
             self.key_lease.forget(name, why)
@@ -517,6 +531,8 @@ class VolumeDriver:
             with self._volume_lock(name):
                 if name in self._state.volumes:  # open again: attached once more
                     self._undetached.discard(name)
+                    continue
+                if self._leased(name):  # the attachment lasts as long as the lease
                     continue
                 try:
                     self.service.detached(name)

@@ -12,6 +12,12 @@ later outage cannot bring the key back. The lease ends at its expiry (the
 plugin's tender sweeps it), when the volume is removed, and when the
 plugin stops.
 
+While a key is leased the volume stays attached to this node in the
+control plane even when no container uses it (the driver detaches it when
+the lease ends), so no other node gets the key while this one may still
+open the volume on its own: the control plane's one-node-at-a-time rule
+holds through an outage.
+
 Every use is logged in the plugin's log and kept (volume, time, when the
 key was released) until the control plane answers again; the driver then
 reports it (`volume.lease` entries in the transparency log, through
