@@ -183,13 +183,17 @@ def test_a_refusal_ends_the_lease_and_is_not_overridden_by_an_outage(stack: Stac
 
 
 def test_a_rotated_key_leaves_the_leased_one_useless(stack: Stack) -> None:
-    """Attacker: as above, after the volume's key was rotated (the old key destroyed and
-    its key slot removed) while the node held the old key in its lease."""
+    """Attacker: as above, after an administrator detached the volume from the node and
+    rotated its key (the old key destroyed, its key slot removed) while the node held the
+    old key in its lease."""
     stack.restart_plugin("--key-lease", "600")
     create_volume(stack, "r-rotated")
     run_on(stack, "r-rotated", "true")  # the old key is leased
     with stack.plane.admin() as admin:
         old_key = admin.volume("r-rotated").key_id
+        with pytest.raises(UsageError, match="attached to domain docker"):
+            admin.rotate_volume_key("r-rotated")  # the lease keeps it attached to the node
+        admin.detach_volume("r-rotated", "docker")  # the administrator takes it back
         assert admin.rotate_volume_key("r-rotated").key_id != old_key
     with stack.plane_down():
         assert _refused(stack, "r-rotated")  # the leased key opens nothing
@@ -201,11 +205,11 @@ def test_a_rotated_key_leaves_the_leased_one_useless(stack: Stack) -> None:
 
 def test_the_lease_ends_at_plugin_stop_and_at_expiry(stack: Stack) -> None:
     create_volume(stack, "e-stop")
-    stack.restart_plugin("--key-lease", "600")
-    run_on(stack, "e-stop", "true")
     with stack.plane.admin() as admin:  # the key, as an admin sees it
         key = admin.attach_volume("e-stop", "probe").key_bytes()
         admin.detach_volume("e-stop", "probe")
+    stack.restart_plugin("--key-lease", "600")
+    run_on(stack, "e-stop", "true")
     needles = [key, key.hex().encode(), base64.b64encode(key)]
     assert files_holding(stack.root, needles) == []  # the lease is in memory only
     assert files_holding(stack.plugin.work, needles) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,14 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 TEND_INTERVAL = 1.0
 log = logging.getLogger("trustplane.volumes.plugin")
+
+
+class _Stopped(Exception):
+    """SIGTERM, which uvicorn raises again once it has shut down."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 class VolumePluginServer:
@@ -82,8 +91,14 @@ class VolumePluginServer:
         try:
             listener = bind_unix(self.socket, 0o600)
             try:
-                with contextlib.suppress(KeyboardInterrupt), self._tending():
-                    self._server.run(sockets=[listener])
+                # uvicorn re-raises the signal it stopped on: without a handler of ours,
+                # SIGTERM would end the process before the driver's stop below.
+                previous = signal.signal(signal.SIGTERM, _stopped)
+                try:
+                    with contextlib.suppress(KeyboardInterrupt, _Stopped), self._tending():
+                        self._server.run(sockets=[listener])
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
             finally:
                 listener.close()
                 self.socket.unlink(missing_ok=True)
