@@ -152,6 +152,7 @@ class VolumeDriver:
         """Release the root and forget every leased key (the attachments kept with them
         are cleared where the control plane answers). Open volumes stay open: containers
         use them (see `recover`)."""
+        self.tend()  # what the control plane has not heard yet, if it answers now
         if self.key_lease is not None:
             self.key_lease.clear()
             for name in sorted(self._undetached - set(self._state.volumes)):
