@@ -16,9 +16,10 @@ What Cinder and Barbican do for an encrypted volume, in one place:
   the type (volumes/verification.py): the LUKS header, its UUID and digest,
   the cipher, sampled payload sectors; logged.
 - extend (offline): a detached volume grows to the usable size asked for
-  (the LUKS header comes on top); the state `extending` keeps an attach
-  out meanwhile, and a crash there is put back to `available` at the next
-  start (growing again to the same size is harmless).
+  (the LUKS header comes on top; `Backend.grow` on every backend); the state
+  `extending` keeps an attach out meanwhile, and a crash there is put back to
+  `available` at the next start (growing again to the same size is harmless).
+  Online (attached) on the attachment's host: control/volume_extend.py.
 - rotate (the wrapping passphrase only): a new KMS key gets a key slot
   of its own (`qemu-img amend`), the record switches to it only once it
   opens the volume, then every other key of the volume (found by its KMS
@@ -430,7 +431,8 @@ class BlockStorage:
         if row.attached_to is not None:
             raise UsageError(
                 f"volume {name} is attached to domain {row.attached_domain} of "
-                f"{row.attached_to}; detach it first (online extend is not done)"
+                f"{row.attached_to}; extend it online on that host (volume extend --domain) "
+                "or detach it first"
             )
         if size < row.size:
             raise UsageError(f"volume {name} is {row.size} bytes; shrinking it is refused")
@@ -453,7 +455,7 @@ class BlockStorage:
             raise UsageError(f"volume {name} is {state} or attached; not extended")
         try:
             key = self.store.unseal(record)
-            extend_volume(
+            size = extend_volume(
                 backend,
                 spec,
                 load_location(row.location),

@@ -73,19 +73,25 @@ def extend_volume(
     size: int,
     key: bytes,
     expected: HeaderFingerprint,
-) -> None:
-    """Grow a detached encrypted volume to `size` usable bytes under its own `key`.
+) -> int:
+    """Grow a detached encrypted volume to `size` usable bytes under its own `key`;
+    the usable size it has then (`size`, or more where the backend rounds up).
 
     The header is checked against the record first (a replaced volume is not
-    grown) and again after (growing never rewrites it)."""
+    grown) and again after (growing never rewrites it). The raw storage grows
+    to the recorded payload offset plus `size` (`Backend.grow`: a file, a LUN
+    re-added to tgtd, `lvextend`, `rbd resize`)."""
     engine = volume_type.engine
     if engine is None or volume_type.encryption is None:
         raise UnsupportedError("extending a plain volume is not done")
     encryptor = encryptor_for(engine, backend.executor)
     credentials = backend.credentials()
     encryptor.verify_header(location, expected, credentials)
-    encryptor.extend(backend, location, key, check_volume_size(size), credentials)
+    seen = encryptor.extend(
+        backend, location, key, check_volume_size(size), expected.header_bytes, credentials
+    )
     encryptor.verify_header(location, expected, credentials)
+    return seen
 
 
 def key_slots(backend: Backend, volume_type: VolumeTypeSpec) -> QemuLuksEncryptor:

@@ -5,6 +5,9 @@ a given size, deletes it, and locates it (`Location`: what QEMU and libvirt
 need to reach it). It knows nothing about encryption; an encryptor formats
 what a backend created (`trustplane.volumes.encryptors`).
 
+`grow` makes the raw storage larger for an extend (the encryptor checks
+what the LUKS layer then reads: `Encryptor.extend`).
+
 Some storage is made by QEMU itself while it writes the LUKS header
 (`qemu-img create -f luks` onto `rbd:pool/image` creates the image;
 onto a file path, the file): such a backend says `qemu_creates_storage`
@@ -35,11 +38,6 @@ class Backend(ABC):
     qemu_creates_storage: ClassVar[bool] = False
     """`qemu-img create -f luks TARGET` makes the storage (file, rbd) rather than
     formatting storage that exists (an iSCSI LUN, a logical volume)."""
-
-    qemu_grows_storage: ClassVar[bool] = False
-    """`qemu-img resize` through QEMU's LUKS driver grows the storage itself (a file).
-    An iSCSI LUN cannot be grown by its initiator (`Cannot grow iSCSI devices`), a
-    logical volume needs `lvextend`: not done."""
 
     def __init__(self, executor: Executor | None = None) -> None:
         self.executor = executor or Executor()
@@ -78,6 +76,13 @@ class Backend(ABC):
     @abstractmethod
     def size(self, location: AnyLocation) -> int:
         """The raw size in bytes."""
+
+    def grow(self, location: AnyLocation, size: int) -> None:
+        """Grow the raw storage to `size` bytes (an offline extend: nobody uses it).
+
+        Storage of `size` bytes or more is left as it is (a retry after a crash,
+        or an allocation rounded up); nothing ever shrinks. Default: not done."""
+        raise UnsupportedError(f"growing {self.kind} volumes is not done")
 
     def locate(self, name: str) -> AnyLocation:
         """Where volume `name` is; NotFoundError when there is no such storage."""

@@ -26,7 +26,6 @@ SUFFIX = ".img"
 
 class FileBackend(Backend):
     kind: ClassVar[BackendKind] = BackendKind.FILE
-    qemu_grows_storage: ClassVar[bool] = True
 
     def __init__(self, root: Path, executor: Executor | None = None) -> None:
         super().__init__(executor)
@@ -70,6 +69,23 @@ class FileBackend(Backend):
 
     def size(self, location: AnyLocation) -> int:
         return Path(_file(location).path).stat().st_size
+
+    def grow(self, location: AnyLocation, size: int) -> None:
+        """`ftruncate` to `size` (sparse: the new bytes take no space until written)."""
+        self.check_size(size)
+        path = Path(_file(location).path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        finally:
+            os.close(fd)
 
     def qemu_format_target(self, location: AnyLocation) -> Arg:
         return _file(location).path

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from trustplane.api.volume_location import AnyLocation, Endpoint, IscsiLocation
 from trustplane.api.volume_spec import BackendKind
-from trustplane.errors import ToolError, UsageError
+from trustplane.errors import NotFoundError, ToolError, UsageError
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.backends.base import Backend
@@ -34,6 +34,7 @@ IQN_PREFIX = "iqn.2024-01.dev.trustplane"
 LUN = 1
 _TARGET_LINE = re.compile(r"^Target (\d+): (\S+)$", re.MULTILINE)
 _TID_ATTEMPTS = 20
+_NEXUS_LINE = re.compile(r"^\s+I_T nexus: \d+$", re.MULTILINE)
 
 
 class IscsiBackend(Backend):
@@ -137,8 +138,61 @@ class IscsiBackend(Backend):
     def size(self, location: AnyLocation) -> int:
         return self.backing_file(location).stat().st_size
 
+    def grow(self, location: AnyLocation, size: int) -> None:
+        """Grow the backing file, then delete and add the LUN again: tgtd reads a
+        backing file's size only when the LUN is added (it has no resize), and
+        initiators see the new capacity at their next READ CAPACITY.
+
+        Refused while an initiator is logged in to the target (an I_T nexus):
+        re-adding the LUN under it would pull its disk away. The LUN keeps its
+        number and serial (tgtd derives both from the target and LUN ids), and a
+        crash between the delete and the add is repaired by the next grow (the
+        LUN is added when it is missing)."""
+        self.check_size(size)
+        lun = _lun(location)
+        backing = self.backing_file(location)
+        with self._lock:
+            tid = self._targets().get(lun.iqn)
+            if tid is None:
+                raise NotFoundError(f"iSCSI target {lun.iqn} does not exist")
+            section = _section(self._tgtadm("--mode", "target", "--op", "show"), tid)
+            if _NEXUS_LINE.search(section):
+                raise UsageError(
+                    f"an initiator is logged in to {lun.iqn}; tgtd cannot grow a LUN in use "
+                    "(detach the volume first)"
+                )
+            try:
+                fd = os.open(backing, os.O_WRONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                raise NotFoundError(f"the backing file of {lun.iqn} is missing") from None
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if re.search(rf"^\s+LUN: {LUN}$", section, re.MULTILINE):
+                self._tgtadm(
+                    "--mode", "logicalunit", "--op", "delete", "--tid", str(tid),
+                    "--lun", str(LUN),
+                )  # fmt: skip
+            self._tgtadm(
+                "--mode", "logicalunit", "--op", "new", "--tid", str(tid),
+                "--lun", str(LUN), "--backing-store", os.fspath(backing),
+            )  # fmt: skip
+
     def qemu_format_target(self, location: AnyLocation) -> Arg:
         return _lun(location).url
+
+
+def _section(shown: str, tid: int) -> str:
+    """Target `tid`'s part of `tgtadm --op show` (up to the next target)."""
+    starts = [(int(m.group(1)), m.start()) for m in _TARGET_LINE.finditer(shown)]
+    for i, (found, start) in enumerate(starts):
+        if found == tid:
+            end = starts[i + 1][1] if i + 1 < len(starts) else len(shown)
+            return shown[start:end]
+    raise NotFoundError(f"tgtd shows no target {tid}")
 
 
 def _lun(location: AnyLocation) -> IscsiLocation:

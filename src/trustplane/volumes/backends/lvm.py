@@ -66,6 +66,17 @@ class LvmBackend(Backend):
         )  # fmt: skip
         return int(out.text.strip())
 
+    def grow(self, location: AnyLocation, size: int) -> None:
+        """`lvextend` to at least `size` bytes: LVM rounds up to whole extents (a volume
+        group with 1 MiB extents gives every MiB size exactly)."""
+        self.check_size(size)
+        lv = _lv(location)
+        if self.size(lv) >= size:
+            return
+        self.executor.run(
+            ["lvextend", "--yes", "--size", f"{size}b", f"{lv.vg}/{lv.lv}"], timeout=120
+        )
+
     def reader(self, location: AnyLocation) -> RawReader:
         return DeviceRawReader(self.executor, _lv(location).device)
 

@@ -106,6 +106,14 @@ class RbdBackend(Backend):
         info = json.loads(self.rbd("info", _image(location).spec, "--format", "json"))
         return int(info["size"])
 
+    def grow(self, location: AnyLocation, size: int) -> None:
+        """`rbd resize` of the raw image (librbd's encryption not loaded: Ceph 16 would
+        take the number as the raw size anyway, not add its LUKS header)."""
+        self.check_size(size)
+        image = _image(location)
+        if self.size(image) < size:
+            self.rbd("resize", "--no-progress", image.spec, "--size", f"{size}B")
+
     def qemu_create_target(self, location: AnyLocation) -> Arg:
         """`rbd:POOL/IMAGE:id=…:mon_host=…:keyfile=F` (librados reads the key from F)."""
         image = _image(location)

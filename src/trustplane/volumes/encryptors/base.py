@@ -33,7 +33,13 @@ from trustplane.api.volume_spec import (
     check_volume_size,
 )
 from trustplane.api.volumes import HeaderFingerprint
-from trustplane.errors import MalformedError, TrustplaneError, UnsupportedError, UsageError
+from trustplane.errors import (
+    IntegrityError,
+    MalformedError,
+    TrustplaneError,
+    UnsupportedError,
+    UsageError,
+)
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials, raw_reader
 from trustplane.volumes.backends.base import Backend
@@ -176,12 +182,42 @@ class Encryptor(ABC):
         location: AnyLocation,
         key: bytes,
         size: int,
+        header_bytes: int,
         credentials: NodeCredentials | None = None,
-    ) -> None:
-        """Grow the detached volume to `size` usable bytes, and check that it reads so.
+    ) -> int:
+        """Grow the detached volume to `size` usable bytes; the usable size read back.
+
+        The key is checked first (a wrong key grows nothing). The backend grows
+        the raw storage to the header's bytes (`header_bytes`, the payload
+        offset) plus `size`; the LUKS header is not rewritten: LUKS1 records no
+        payload size, and the LUKS2 headers made here have a dynamic segment
+        (the payload runs to the end of the storage). Then the volume is opened
+        with the key and its size read (IntegrityError unless it is at least
+        `size`: more only when the backend rounds up, LVM's extents)."""
+        check_key_bytes(key)
+        check_volume_size(size)
+        self.check_key(location, key, credentials)
+        before = backend.size(location) - header_bytes
+        if size < before:
+            raise UsageError(
+                f"{location.describe()} holds {before} usable bytes; shrinking it is refused"
+            )
+        backend.grow(location, header_bytes + size)
+        seen = self.usable_size(location, key, credentials)
+        if seen < size or seen != backend.size(location) - header_bytes:
+            raise IntegrityError(
+                f"{location.describe()}: {seen} usable bytes after growing it to {size} "
+                f"(+{header_bytes} header bytes)"
+            )
+        return seen
+
+    def usable_size(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
+    ) -> int:
+        """The size the volume has opened with `key` (what a guest sees).
 
         Default: not done for this engine (UnsupportedError)."""
-        raise UnsupportedError(f"extending {self.engine} volumes is not done")
+        raise UnsupportedError(f"reading the size of {self.engine} volumes is not done")
 
     @abstractmethod
     def check_key(

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from trustplane.api.volume_location import AnyLocation, LvmLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider
-from trustplane.errors import UnsupportedError, UsageError
+from trustplane.errors import UnavailableError, UnsupportedError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.backends.base import Backend
@@ -118,6 +118,19 @@ class DmCryptEncryptor(Encryptor):
             [*argv, device, mapping], stdin=passphrase(key), failures=WRONG_KEY, timeout=_TIMEOUT
         )
         return DmCryptVolume(self.executor, mapping)
+
+    def usable_size(
+        self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None
+    ) -> int:
+        """Opened read-only under a name of its own, `blockdev --getsize64`, closed."""
+        device = _device(location)
+        name = f"trustplane-size-{device.rsplit('/', 1)[-1]}"
+        with self.open(location, key, credentials, writable=False, name=name) as opened:
+            out = self.executor.run(["blockdev", "--getsize64", opened.path], timeout=_TIMEOUT)
+        try:
+            return int(out.text.strip())
+        except ValueError:
+            raise UnavailableError(f"blockdev gave no size for {opened.path}") from None
 
     def check_key(
         self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None = None

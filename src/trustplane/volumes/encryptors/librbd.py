@@ -18,6 +18,7 @@ opens it in ~0.1 s.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import ClassVar
 
 from trustplane.api.volume_location import AnyLocation, RbdLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider
-from trustplane.errors import UsageError
+from trustplane.errors import UnavailableError, UsageError
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
 from trustplane.volumes.attachers.userspace import (
@@ -140,6 +141,32 @@ class LibrbdEncryptor(Encryptor):
             return Provider.LUKS2 if luks_version == 2 else Provider.LUKS
         first = self.reader(location, credentials).read(0, 8)
         return Provider.LUKS2 if first[6:8] == b"\x00\x02" else Provider.LUKS
+
+    def usable_size(
+        self,
+        location: AnyLocation,
+        key: bytes,
+        credentials: NodeCredentials | None = None,
+        *,
+        luks_version: int | None = None,
+    ) -> int:
+        """`qemu-img info` of the rbd node with librbd's encryption loaded (Ceph 16
+        gives the raw size less the payload offset)."""
+        check_key_bytes(key)
+        provider = self._provider(location, credentials, luks_version)
+        node = qemu_node(_image(location), credentials)
+        argv: list[Arg] = [
+            "qemu-img", "info", "-U", "--output=json", "--object", key_object(passphrase(key)),
+            *node.object_args(), "--image-opts",
+            f"{node.opts()},encrypt.format={encrypt_format(provider)},"
+            f"encrypt.key-secret={KEY_OBJECT}",
+        ]  # fmt: skip
+        out = self.executor.run(argv, failures=WRONG_KEY, timeout=_TIMEOUT).text
+        try:
+            return int(json.loads(out)["virtual-size"])
+        except (ValueError, KeyError, TypeError):
+            what = location.describe()
+            raise UnavailableError(f"qemu-img info gave no size for {what}") from None
 
     def check_key(
         self,

@@ -32,10 +32,8 @@ from typing import Any, ClassVar
 from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine, Provider, check_volume_size
 from trustplane.errors import (
-    IntegrityError,
     TrustplaneError,
     UnavailableError,
-    UnsupportedError,
     UsageError,
 )
 from trustplane.tools import QEMU_PBKDF_CALIBRATION, SecretFile
@@ -159,37 +157,6 @@ class QemuLuksEncryptor(Encryptor):
         """The `--object` arguments (key, cephx) and `--image-opts` of the LUKS node."""
         node = qemu_node(location, credentials)
         return node.object_args(), f"driver=luks,key-secret={KEY_OBJECT},{node.opts('file.')}"
-
-    def extend(
-        self,
-        backend: Backend,
-        location: AnyLocation,
-        key: bytes,
-        size: int,
-        credentials: NodeCredentials | None = None,
-    ) -> None:
-        """`qemu-img resize` through the LUKS driver: it adds the header's bytes to the
-        storage, so `size` is what the guest sees; then read back with `qemu-img info`.
-
-        LUKS1 records no payload size (the payload runs to the end of the
-        storage), so the header is not rewritten."""
-        check_key_bytes(key)
-        if not backend.qemu_grows_storage:
-            raise UnsupportedError(
-                f"extending {backend.kind} volumes is not done (QEMU cannot grow the storage)"
-            )
-        objects, opts = self._luks_opts(location, credentials)
-        key_arg = key_object(passphrase(key))
-        resize: list[Arg] = [
-            "qemu-img", "resize", "-q", "--object", key_arg, *objects,
-            "--image-opts", opts, str(size),
-        ]  # fmt: skip
-        self.executor.run(resize, failures=WRONG_KEY, timeout=_CREATE_TIMEOUT)
-        seen = self.usable_size(location, key, credentials)
-        if seen != size:
-            raise IntegrityError(
-                f"{location.describe()}: QEMU reads {seen} usable bytes after growing it to {size}"
-            )
 
     def _info(
         self, location: AnyLocation, key: bytes, credentials: NodeCredentials | None
