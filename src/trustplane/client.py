@@ -90,6 +90,7 @@ from trustplane.api.volumes import (
     ExtendRequest,
     NewVolume,
     NewVolumeType,
+    OnlineExtendResult,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeTypeInfo,
@@ -476,10 +477,19 @@ class ControlClient:
         path = f"/v1/volumes/{name}/verification"
         return self.call(Call("GET", path, _model(VolumeVerification), params=params))
 
-    def extend_volume(self, name: str, size: int) -> VolumeInfo:
-        """Grow a detached volume to `size` usable bytes (whole MiB)."""
-        body = ExtendRequest.model_construct(size=size)
+    def extend_volume(self, name: str, size: int, domain: str | None = None) -> VolumeInfo:
+        """Grow a detached volume to `size` usable bytes (whole MiB); with `domain`, start
+        the online extend of the volume attached there (`finish_online_extend` after)."""
+        body = ExtendRequest.model_construct(size=size, domain=domain)
         return self.call(Call("POST", f"/v1/volumes/{name}/size", _model(VolumeInfo), body))
+
+    def finish_online_extend(
+        self, name: str, domain: str, size: int, *, grown: bool, reason: str | None = None
+    ) -> VolumeInfo:
+        """Report the block resize of an online extend: the record takes `size` if `grown`."""
+        body = OnlineExtendResult(domain=domain, size=size, grown=grown, reason=reason)
+        path = f"/v1/volumes/{name}/size/online"
+        return self.call(Call("POST", path, _model(VolumeInfo), body))
 
     def rotate_volume_key(self, name: str) -> VolumeInfo:
         """A new KMS key wraps the volume (its key slot rewritten); the old key is destroyed."""

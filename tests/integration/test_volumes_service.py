@@ -48,6 +48,7 @@ from trustplane.errors import (
     NotFoundError,
     TrustplaneError,
 )
+from trustplane.volumes.attachers.libvirt import LibvirtAttacher
 from trustplane.volumes.backends import Backend, FileBackend
 from trustplane.volumes.encryptors import encryptor_for
 from trustplane.volumes.encryptors.base import passphrase
@@ -482,3 +483,205 @@ def test_an_iscsi_volume_verifies_and_rotates_its_key(site: Site) -> None:
         admin.detach_volume(name, "probe")
     assert site.alice("volume", "verify", name).returncode == 0
     assert site.alice("volume", "delete", name).returncode == 0
+
+
+MIB = 1 << 20
+
+
+def _usable_and_start(site: Site, name: str, volume_type: str, length: int) -> tuple[int, bytes]:
+    """Through the encrypted path with the released key: the usable size and the first bytes."""
+    with site.plane.admin() as admin:
+        release = admin.attach_volume(name, "probe")
+        volume = release.volume
+        assert volume.location is not None
+        assert volume.engine is not None
+        backend = site.backends[volume_type]
+        encryptor = encryptor_for(volume.engine)
+        try:
+            usable = encryptor.usable_size(volume.location, release.key_bytes(),
+                                           backend.credentials())  # fmt: skip
+            with (
+                encryptor.open(
+                    volume.location, release.key_bytes(), backend.credentials(), writable=False
+                ) as opened,  # fmt: skip
+                Path(opened.path).open("rb") as plain,
+            ):
+                start = plain.read(length)
+        finally:
+            admin.detach_volume(name, "probe")
+    return usable, start
+
+
+def _extends(admin: ControlClient, start: int, name: str) -> list[dict[str, Any]]:
+    return [e for e in entries_since(admin, start) if e["kind"] == "volume.extend"
+            and e["volume"] == name]  # fmt: skip
+
+
+@pytest.mark.parametrize("volume_type", ["san", "rbd"])
+def test_offline_extend_of_a_lun_and_an_rbd_image(site: Site, volume_type: str) -> None:
+    """The owner grows a detached LUN (tgtd re-reads it) or RBD image: the data stays, the
+    volume opens with exactly the size asked, a shrink is refused; logged."""
+    name = f"{volume_type}-grow-{secrets.token_hex(3)}"
+    _create(site, name, volume_type)
+    marker = f"trustplane-grow-{secrets.token_hex(6)}".encode()
+    _write_marker(site, name, volume_type, marker)
+    with site.plane.admin() as admin:
+        start = admin.health().log_size
+    grown = site.alice("volume", "extend", name, "--size", "48M", "--json")
+    assert grown.returncode == 0, grown.stderr
+    assert json.loads(grown.stdout)["size"] == 48 * MIB
+    assert json.loads(grown.stdout)["state"] == "available"
+    assert _usable_and_start(site, name, volume_type, len(marker)) == (48 * MIB, marker)
+    assert_fails(site.alice("volume", "extend", name, "--size", "32M"), ExitCode.USAGE, "shrinking")
+    with site.plane.admin() as admin:
+        assert [(e["subject"], e["from"], e["to"]) for e in _extends(admin, start, name)] == [
+            ("user:alice", 16 * MIB, 48 * MIB)
+        ]
+    assert site.alice("volume", "delete", name).returncode == 0
+
+
+def _extend_online(
+    site: Site, libvirtd: RunningLibvirtd, node: str, name: str, domain: str, size: str
+) -> Any:
+    return site.admin(
+        *_node_cli(
+            site,
+            libvirtd,
+            node,
+            "volume",
+            "extend",
+            name,
+            "--domain",
+            domain,
+            "--size",
+            size,
+            "--json",
+        )
+    )
+
+
+@pytest.mark.parametrize("volume_type", ["files", "rbd"])
+def test_online_extend_on_the_attachments_host_and_nowhere_else(
+    site: Site, guest: ScannerGuest, libvirtd: RunningLibvirtd, volume_type: str
+) -> None:
+    """The node holding the attachment grows the disk in the running guest (virsh
+    blockresize): the guest sees exactly the size asked (libvirt and QEMU's LUKS driver
+    add the header themselves), the record follows, the data stays. Everyone else with
+    exactly the access they have is refused, and nothing changes."""
+    name = f"{volume_type}-live-{secrets.token_hex(3)}"
+    _create(site, name, volume_type)
+    marker = f"trustplane-live-{secrets.token_hex(6)}".encode()
+    _write_marker(site, name, volume_type, marker)
+    extra = ["--ceph-key-file", str(site.ceph_key_file)] if volume_type == "rbd" else []
+    attached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "attach", name, "--domain", guest.name,
+                   "--live"), *extra,
+    )  # fmt: skip
+    assert attached.returncode == 0, attached.stderr
+    guest.wait_size(name, 16 * MIB)
+    with site.plane.admin() as admin:
+        start = admin.health().log_size
+
+    # A node the policy does not name: no such volume, as far as it can tell.
+    stranger = _extend_online(site, libvirtd, STRANGER, name, guest.name, "32M")
+    assert_fails(stranger, ExitCode.NOT_FOUND, f"volume '{name}' does not exist")
+    # A node the policy allows volume.attach (it sees the volume) but that holds no attachment.
+    other = _extend_online(site, libvirtd, ATTESTED_ONLY, name, guest.name, "32M")
+    assert_fails(other, ExitCode.AUTH, f"is not attached to domain {guest.name} of node:")
+    # The owner: not from her login (she holds no attachment), and not offline while attached.
+    owner = site.alice(
+        "volume", "extend", name, "--domain", guest.name, "--size", "32M",
+        "--libvirt", libvirtd.uri,
+    )  # fmt: skip
+    assert_fails(owner, ExitCode.AUTH, "is not attached to domain")
+    offline = site.alice("volume", "extend", name, "--size", "32M")
+    assert_fails(offline, ExitCode.USAGE, "extend it online on that host")
+    # The holder, naming a domain that is not the attachment's.
+    wrong = _extend_online(site, libvirtd, NODE, name, "another-vm", "32M")
+    assert_fails(wrong, ExitCode.AUTH, "is not attached to domain another-vm")
+    shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
+    assert (shown["size"], shown["state"]) == (16 * MIB, "available")
+    assert guest.sizes(name) == [16 * MIB]
+    with site.plane.admin() as admin:
+        assert _extends(admin, start, name) == []
+
+    grown = _extend_online(site, libvirtd, NODE, name, guest.name, "32M")
+    assert grown.returncode == 0, grown.stderr
+    assert json.loads(grown.stdout)["size"] == 32 * MIB
+    guest.wait_size(name, 32 * MIB)
+    assert guest.sizes(name) == [16 * MIB, 32 * MIB]
+    shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
+    assert (shown["size"], shown["state"]) == (32 * MIB, "available")
+    assert shown["attachment"]["domain"] == guest.name
+    with site.plane.admin() as admin:
+        logged = [(e["subject"], e["online"], e["domain"], e["phase"], e["from"], e["to"])
+                  for e in _extends(admin, start, name)]  # fmt: skip
+    assert logged == [
+        (f"node:{NODE}", True, guest.name, "started", 16 * MIB, 32 * MIB),
+        (f"node:{NODE}", True, guest.name, "done", 16 * MIB, 32 * MIB),
+    ]
+    shrink = _extend_online(site, libvirtd, NODE, name, guest.name, "16M")
+    assert_fails(shrink, ExitCode.USAGE, "shrinking it is refused")
+
+    detached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "detach", name, "--domain", guest.name)
+    )
+    assert detached.returncode == 0, detached.stderr
+    guest.wait_gone(name)
+    assert _usable_and_start(site, name, volume_type, len(marker)) == (32 * MIB, marker)
+    assert site.alice("volume", "delete", name).returncode == 0
+
+
+def test_a_failed_online_extend_leaves_the_record_as_it_was(
+    site: Site, guest: ScannerGuest, libvirtd: RunningLibvirtd
+) -> None:
+    """The disk is gone from the domain behind the control plane's back: the resize fails,
+    the host reports it, the record keeps its size and state (logged as failed). An
+    attached LUN is not grown online at all (tgtd cannot while the VM is logged in)."""
+    name = f"gone-{secrets.token_hex(3)}"
+    _create(site, name, "files")
+    attached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "attach", name, "--domain", guest.name,
+                   "--live")
+    )  # fmt: skip
+    assert attached.returncode == 0, attached.stderr
+    guest.wait_size(name, 16 * MIB)
+    LibvirtAttacher(libvirtd.uri).detach(guest.name, name)
+    guest.wait_gone(name)
+    with site.plane.admin() as admin:
+        start = admin.health().log_size
+    failed = _extend_online(site, libvirtd, NODE, name, guest.name, "32M")
+    assert_fails(failed, ExitCode.NOT_FOUND, "has no disk with serial")
+    shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
+    assert (shown["size"], shown["state"]) == (16 * MIB, "available")
+    assert (volume_raw := site.volumes_dir / f"{name}.img").stat().st_size == (
+        shown["header"]["header_bytes"] + 16 * MIB
+    ), volume_raw
+    with site.plane.admin() as admin:
+        phases = [(e["phase"], e.get("reason", "")) for e in _extends(admin, start, name)]
+    assert [p for p, _ in phases] == ["started", "failed"]
+    assert "has no disk with serial" in phases[1][1]
+    detached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "detach", name, "--domain", guest.name)
+    )
+    assert detached.returncode == 0, detached.stderr
+    assert site.alice("volume", "delete", name).returncode == 0
+
+    lun = f"san-live-{secrets.token_hex(3)}"
+    _create(site, lun, "san")
+    attached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "attach", lun, "--domain", guest.name,
+                   "--live")
+    )  # fmt: skip
+    assert attached.returncode == 0, attached.stderr
+    guest.wait_size(lun, 16 * MIB)
+    refused = _extend_online(site, libvirtd, NODE, lun, guest.name, "32M")
+    assert_fails(refused, ExitCode.UNSUPPORTED, "detach it and extend it offline")
+    shown = json.loads(site.alice("volume", "show", lun, "--json").stdout)
+    assert (shown["size"], shown["state"]) == (16 * MIB, "available")
+    detached = site.admin(
+        *_node_cli(site, libvirtd, NODE, "volume", "detach", lun, "--domain", guest.name)
+    )
+    assert detached.returncode == 0, detached.stderr
+    guest.wait_gone(lun)
+    assert site.alice("volume", "delete", lun).returncode == 0

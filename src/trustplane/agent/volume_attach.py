@@ -18,9 +18,10 @@ import contextlib
 
 from trustplane.api.volumes import VolumeInfo
 from trustplane.client import ControlClient
-from trustplane.errors import TrustplaneError, UsageError
+from trustplane.errors import IntegrityError, TrustplaneError, UsageError
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher, VolumeAttachment, serial_for
+from trustplane.volumes.online import block_resize_bytes
 
 
 def attach_volume(
@@ -55,6 +56,35 @@ def attach_volume(
             client.detach_volume(name, domain)
         raise
     return volume, attachment
+
+
+def extend_attached_volume(
+    client: ControlClient, attacher: LibvirtAttacher, name: str, domain: str, size: int
+) -> VolumeInfo:
+    """Grow volume `name`, attached to the running `domain` here, to `size` usable bytes.
+
+    The control plane checks that this caller holds the attachment and logs
+    the start (control/volume_extend.py); the disk is resized through libvirt
+    and its capacity read back; the outcome is reported, and the record's size
+    changes only if the disk has `size` usable bytes now."""
+    volume = client.extend_volume(name, size, domain)
+    if volume.size == size and volume.state != "extending":
+        return volume  # it has that size already
+    try:
+        if volume.engine is None or volume.header is None:
+            raise UsageError(f"volume {name} is {volume.state}; it has no storage to extend")
+        wanted = block_resize_bytes(volume.engine, volume.header.header_bytes, size)
+        seen = attacher.resize(domain, serial_for(name), wanted)
+        if seen != size:
+            raise IntegrityError(
+                f"volume {name} in {domain}: {seen} usable bytes after the resize to {size}"
+            )
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, TrustplaneError) else type(exc).__name__
+        with contextlib.suppress(TrustplaneError):
+            client.finish_online_extend(name, domain, size, grown=False, reason=reason[:500])
+        raise
+    return client.finish_online_extend(name, domain, size, grown=True)
 
 
 def detach_volume(

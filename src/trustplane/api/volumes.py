@@ -117,6 +117,21 @@ class ExtendRequest(BaseModel):
         le=MAX_VOLUME_SIZE,
         description="The new usable size in bytes (a whole number of MiB, larger than now)",
     )
+    domain: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="Online: the domain the caller holds the attachment for (it then runs "
+        "the block resize and reports with OnlineExtendResult); none: offline",
+    )
+
+
+class OnlineExtendResult(BaseModel):
+    """What the host reports after the block resize of an online extend."""
+
+    domain: str = Field(pattern=DOMAIN_NAME)
+    size: int = Field(ge=1 << 20, le=MAX_VOLUME_SIZE, description="The size asked at the start")
+    grown: bool = Field(description="Whether the domain's disk now has `size` usable bytes")
+    reason: str | None = Field(default=None, max_length=500, description="Why not, if not")
 
 
 CheckName = Literal["luks-header", "header-uuid", "header-digest", "cipher", "payload"]

@@ -205,17 +205,38 @@ def verify(
 def extend(
     name: Name,
     size: Annotated[str, typer.Option("--size", help="The new usable size: 2G, 1536M, …")],
+    domain: Annotated[
+        str | None,
+        typer.Option(
+            "--domain", help="Online: the running VM on this host the volume is attached to."
+        ),
+    ] = None,
+    libvirt_uri: Libvirt = DEFAULT_LIBVIRT,
+    node: NodeOption = None,
+    node_key: NodeKeyOption = None,
     as_json: AsJson = False,
     server: Server = None,
     ca: Ca = None,
 ) -> None:
-    """Grow a detached volume to a new usable size (the LUKS header comes on top).
+    """Grow a volume to a new usable size (the LUKS header comes on top); shrinking is refused.
 
-    Refused while it is attached and for a smaller size; file volumes only
-    for now."""
+    Detached (owner or admin): on every backend. Attached, with --domain, on the
+    VM's host as the attachment's holder (--node/--node-key): the disk grows
+    in the running VM (file and QEMU-LUKS RBD volumes)."""
     size_bytes = parse_size(size)
-    with connect(server, ca) as client:
-        volume = client.extend_volume(name, size_bytes)
+    if domain is None:
+        if node is not None or node_key is not None:
+            raise UsageError("--node and --node-key go with --domain (an online extend)")
+        with connect(server, ca) as client:
+            volume = client.extend_volume(name, size_bytes)
+    else:
+        from trustplane.agent.volume_attach import extend_attached_volume
+        from trustplane.volumes.attachers.libvirt import LibvirtAttacher
+
+        with _client(server, ca, node, node_key) as client:
+            volume = extend_attached_volume(
+                client, LibvirtAttacher(libvirt_uri), name, domain, size_bytes
+            )
     if as_json:
         emit_json(volume)
         return

@@ -3,7 +3,9 @@
 It boots Debian's cloud kernel with a busybox initramfs whose /init scans
 `/sys/block/vd*` five times a second and prints, for each disk it has not
 seen, `DISK serial=S dev=D data=…` (the first 64 bytes, printable) on the
-serial console, and `GONE serial=S` when one leaves. The guest names disks
+serial console, `SIZE serial=S sectors=N` when a disk appears or its size
+changes (`/sys/block/vdX/size`, 512-byte sectors), and `GONE serial=S` when
+one leaves. The guest names disks
 in probe order, so tests look for the serial libvirt gave the disk, never
 for a target name.
 """
@@ -30,14 +32,19 @@ SCANNER_INIT = f"""#!/bin/sh
 {GUEST_SETUP}
 echo GUEST-UP
 seen=" "
+sizes=" "
 while :; do
     now=" "
+    nowsizes=" "
     for b in /sys/block/vd*; do
         [ -e "$b/serial" ] || continue
         d=${{b##*/}}
         s=$(cat "$b/serial")
         [ -n "$s" ] || continue
         now="$now$s "
+        z="$s:$(cat "$b/size")"
+        nowsizes="$nowsizes$z "
+        case "$sizes" in *" $z "*) ;; *) echo "SIZE serial=$s sectors=${{z##*:}}" ;; esac
         case "$seen" in *" $s "*) continue ;; esac
         data=$(head -c 64 "/dev/$d" | tr -d '\\000' | tr -c 'A-Za-z0-9._:-' '?')
         echo "DISK serial=$s dev=$d data=$data"
@@ -46,6 +53,7 @@ while :; do
         case "$now" in *" $s "*) ;; *) echo "GONE serial=$s" ;; esac
     done
     seen="$now"
+    sizes="$nowsizes"
     sleep 0.2
 done
 """
@@ -114,6 +122,15 @@ class ScannerGuest:
         if found is None:
             raise UnavailableError(f"guest {self.name}: no data line for disk {serial}")
         return found.group(2)
+
+    def wait_size(self, serial: str, size: int, timeout: float = DISK_TIMEOUT) -> None:
+        """Wait until the guest reports `size` bytes for the disk with `serial`."""
+        self.wait_for(f"SIZE serial={serial} sectors={size // 512}\n", timeout)
+
+    def sizes(self, serial: str) -> list[int]:
+        """Every size (bytes) the guest reported for the disk with `serial`, in order."""
+        found = re.findall(rf"SIZE serial={re.escape(serial)} sectors=(\d+)\n", self.text())
+        return [int(sectors) * 512 for sectors in found]
 
     def wait_gone(self, serial: str, timeout: float = DISK_TIMEOUT) -> None:
         self.wait_for(f"GONE serial={serial}\n", timeout)

@@ -13,11 +13,13 @@ from trustplane.api.volumes import (
     ExtendRequest,
     NewVolume,
     NewVolumeType,
+    OnlineExtendResult,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeTypeInfo,
     VolumeVerification,
 )
+from trustplane.control import volume_extend
 from trustplane.control.routers.deps import Caller, Plane
 from trustplane.volumes.verification import DEFAULT_SAMPLES, MAX_SAMPLES
 
@@ -96,8 +98,19 @@ def verify_volume(
 def extend_volume(
     name: VolumeName, body: ExtendRequest, caller: Caller, plane: Plane
 ) -> VolumeInfo:
-    """Grow a detached volume to `size` usable bytes (owner or admin, volume.create)."""
+    """Grow a detached volume to `size` usable bytes (owner or admin, volume.create); with
+    `domain`, start the online extend of the volume the caller holds attached there."""
+    if body.domain is not None:
+        return volume_extend.start(plane.volumes, caller, name, body.size, body.domain)
     return plane.volumes.extend(caller, name, body.size)
+
+
+@router.post("/volumes/{name}/size/online", response_model=VolumeInfo)
+def finish_online_extend(
+    name: VolumeName, body: OnlineExtendResult, caller: Caller, plane: Plane
+) -> VolumeInfo:
+    """The host's outcome of an online extend's block resize (the attachment's holder)."""
+    return volume_extend.finish(plane.volumes, caller, name, body)
 
 
 @router.post("/volumes/{name}/key-rotation", response_model=VolumeInfo)
