@@ -18,9 +18,10 @@ from sqlalchemy import select, update
 
 from trustplane.api.volume_location import FileLocation
 from trustplane.api.volume_spec import BackendKind, ControlLocation, EncryptionSpec, Provider
-from trustplane.api.volumes import NewVolume, NewVolumeType
+from trustplane.api.volumes import NewVolume, NewVolumeType, OnlineExtendResult
+from trustplane.control import volume_extend
 from trustplane.control.identity import Principal
-from trustplane.control.models import Attestation, Secret, Volume
+from trustplane.control.models import Attestation, Secret, Volume, VolumeOperation
 from trustplane.control.policy import DEFAULT_POLICY
 from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
@@ -30,14 +31,12 @@ from trustplane.errors import (
     Forbidden,
     IntegrityError,
     NotFoundError,
-    UnsupportedError,
     UsageError,
 )
 from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import FileRawReader
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
-from trustplane.volumes.backends import IscsiBackend
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.header import LUKS_MAGIC, verify
@@ -506,15 +505,82 @@ def test_extend_is_refused_while_attached_and_an_interrupted_one_is_put_back(
         second.close()
 
 
-def test_extend_of_an_iscsi_volume_is_said_to_be_not_done() -> None:
-    iscsi = IscsiBackend.__new__(IscsiBackend)
-    with pytest.raises(UnsupportedError, match="extending iscsi volumes is not done"):
-        QemuLuksEncryptor().extend(
-            iscsi,
-            FileLocation(path="/nonexistent"),
-            secrets.token_bytes(32),
+def test_online_extend_is_the_attachment_holders_and_the_record_follows_its_report(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """The control plane's half of an online extend (the host's resize is tested with a
+    guest in tests/integration): who may start it, what it claims, what a report does."""
+    set_policy(plane, DEFAULT_POLICY + NODE_RULE)
+    _create(plane)
+    raw = volumes_dir / "data.img"
+    before = raw.stat().st_size
+    plane.volumes.release(COMPUTE, "data", "vm-1")
+    start, _ = plane.log.head()
+    # Only the holder, for its domain; not the owner, not another node, not shrinking.
+    for who, domain in ((OTHER, "vm-1"), (ALICE, "vm-1"), (COMPUTE, "vm-2")):
+        with pytest.raises(Forbidden, match=f"not attached to domain {domain}"):
+            volume_extend.start(plane.volumes, who, "data", 16 * MIB, domain)
+    with pytest.raises(UsageError, match="shrinking it is refused"):
+        volume_extend.start(plane.volumes, COMPUTE, "data", 4 * MIB, "vm-1")
+    assert entries_since(plane, start) == []
+
+    started = volume_extend.start(plane.volumes, COMPUTE, "data", 16 * MIB, "vm-1")
+    assert (started.state, started.size) == ("extending", 8 * MIB)
+    with plane.db.session() as session:
+        (operation,) = session.scalars(select(VolumeOperation)).all()
+        assert (operation.kind, operation.total, operation.subject) == (
+            "extend-online",
             16 * MIB,
+            "node:compute-1",
         )
+    with pytest.raises(UsageError, match="is extending"):
+        volume_extend.start(plane.volumes, COMPUTE, "data", 24 * MIB, "vm-1")
+    # A report for another size, or from someone else, is not taken.
+    with pytest.raises(UsageError, match="no online extend to 25165824 bytes"):
+        volume_extend.finish(
+            plane.volumes, COMPUTE, "data",
+            OnlineExtendResult(domain="vm-1", size=24 * MIB, grown=True),
+        )  # fmt: skip
+    with pytest.raises(Forbidden):
+        volume_extend.finish(
+            plane.volumes, OTHER, "data",
+            OnlineExtendResult(domain="vm-1", size=16 * MIB, grown=True),
+        )  # fmt: skip
+    # A failed resize: the record keeps its size, the volume is available again.
+    failed = volume_extend.finish(
+        plane.volumes, COMPUTE, "data",
+        OnlineExtendResult(domain="vm-1", size=16 * MIB, grown=False, reason="no such disk"),
+    )  # fmt: skip
+    assert (failed.state, failed.size) == ("available", 8 * MIB)
+    # A crash after the start: the next start of the server puts it back, a new one works.
+    volume_extend.start(plane.volumes, COMPUTE, "data", 16 * MIB, "vm-1")
+    plane.volumes.recover()
+    assert plane.volumes.show(ALICE, "data").state == "available"
+    volume_extend.start(plane.volumes, COMPUTE, "data", 16 * MIB, "vm-1")
+    done = volume_extend.finish(
+        plane.volumes, COMPUTE, "data",
+        OnlineExtendResult(domain="vm-1", size=16 * MIB, grown=True),
+    )  # fmt: skip
+    assert (done.state, done.size) == ("available", 16 * MIB)
+    with plane.db.session() as session:
+        assert session.scalars(select(VolumeOperation)).all() == []
+    phases = [
+        (e["subject"], e["phase"], e["to"])
+        for e in entries_since(plane, start)
+        if e["kind"] == "volume.extend"
+    ]
+    assert phases == [
+        ("node:compute-1", "started", 16 * MIB),
+        ("node:compute-1", "failed", 16 * MIB),
+        ("node:compute-1", "started", 16 * MIB),
+        ("node:compute-1", "started", 16 * MIB),
+        ("node:compute-1", "done", 16 * MIB),
+    ]
+    assert raw.stat().st_size == before  # the control plane never touches an attached disk
+    # Detached, the volume is not extended online.
+    plane.volumes.detach(COMPUTE, "data", "vm-1")
+    with pytest.raises(Forbidden, match="not attached"):
+        volume_extend.start(plane.volumes, COMPUTE, "data", 24 * MIB, "vm-1")
 
 
 # -- rotate the wrapping passphrase -------------------------------------------------------

@@ -51,6 +51,7 @@ from trustplane.volumes.backends import Backend
 from trustplane.volumes.encryptors import encryptor_for
 from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.header import LUKS_MAGIC
+from trustplane.volumes.online import block_resize_bytes
 from trustplane.volumes.volume import CreatedVolume, create_volume
 
 MIB = 1 << 20
@@ -259,6 +260,15 @@ def test_librbd_encryption_attaches_at_define_time_and_hot_plug_is_refused(
         assert "engine='librbd'" in guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         guest.start()
         assert guest.disk_data(name).startswith(marker.decode())
+        # Online extend: Ceph 16 resizes the raw image to the number given, so the host
+        # asks for the payload offset on top; the guest sees exactly the size asked.
+        header = created.fingerprint.header_bytes
+        wanted = block_resize_bytes(Engine.LIBRBD, header, 32 * MIB)
+        assert wanted == header + 32 * MIB
+        assert attacher.resize(guest.name, attachment.serial, wanted) == 32 * MIB
+        guest.wait_size(name, 32 * MIB)
+        assert guest.sizes(name) == [16 * MIB, 32 * MIB]
+        assert backend.size(location) == header + 32 * MIB
         guest.domain.destroy()
         attacher.detach(guest.name, attachment.serial)
         assert f"<serial>{name}</serial>" not in guest.domain.XMLDesc(

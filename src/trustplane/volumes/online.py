@@ -10,7 +10,8 @@ at once (virtio-blk's config change). What grows the storage is QEMU:
 - librbd's encryption (engine `librbd`): Ceph 16 resizes the raw image to
   the number it is given (it does not add the LUKS header, measured: a resize
   to 24 MiB of a LUKS2 image left 8 MiB usable), so the number given is the
-  payload offset plus the usable size.
+  payload offset plus the usable size; QEMU then reads the new usable size
+  back through librbd (measured: a guest sees exactly the size asked).
 
 Not online: an iSCSI LUN (tgtd cannot grow a LUN while the VM's initiator
 is logged in, and QEMU's iscsi driver refuses to grow one) and a logical
@@ -27,6 +28,7 @@ ONLINE = frozenset(
     {
         (BackendKind.FILE, Engine.QEMU),
         (BackendKind.RBD, Engine.QEMU),
+        (BackendKind.RBD, Engine.LIBRBD),
     }
 )
 
