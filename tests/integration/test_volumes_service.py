@@ -527,6 +527,24 @@ def test_offline_extend_of_a_lun_and_an_rbd_image(site: Site, volume_type: str) 
     _write_marker(site, name, volume_type, marker)
     with site.plane.admin() as admin:
         start = admin.health().log_size
+    if volume_type == "san":
+        # An initiator logged in to the LUN (not through an attach): tgtd cannot grow it
+        # under it, so the extend fails and the record keeps its size and state.
+        with site.plane.admin() as admin:
+            release = admin.attach_volume(name, "holder")
+            admin.detach_volume(name, "holder")
+        assert release.volume.location is not None
+        assert release.volume.engine is not None
+        backend = site.backends[volume_type]
+        with encryptor_for(release.volume.engine).open(
+            release.volume.location, release.key_bytes(), backend.credentials()
+        ):
+            busy = site.alice("volume", "extend", name, "--size", "48M")
+        assert_fails(busy, ExitCode.USAGE, "an initiator is logged in")
+        shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
+        assert (shown["size"], shown["state"]) == (16 * MIB, "available")
+        with site.plane.admin() as admin:
+            start = admin.health().log_size
     grown = site.alice("volume", "extend", name, "--size", "48M", "--json")
     assert grown.returncode == 0, grown.stderr
     assert json.loads(grown.stdout)["size"] == 48 * MIB
