@@ -533,8 +533,6 @@ def test_online_extend_is_the_attachment_holders_and_the_record_follows_its_repo
             16 * MIB,
             "node:compute-1",
         )
-    with pytest.raises(UsageError, match="is extending"):
-        volume_extend.start(plane.volumes, COMPUTE, "data", 24 * MIB, "vm-1")
     # A report for another size, or from someone else, is not taken.
     with pytest.raises(UsageError, match="no online extend to 25165824 bytes"):
         volume_extend.finish(
@@ -557,28 +555,48 @@ def test_online_extend_is_the_attachment_holders_and_the_record_follows_its_repo
     plane.volumes.recover()
     assert plane.volumes.show(ALICE, "data").state == "available"
     volume_extend.start(plane.volumes, COMPUTE, "data", 16 * MIB, "vm-1")
+    # The host died before it reported: its next try takes the operation over.
+    resumed = volume_extend.start(plane.volumes, COMPUTE, "data", 24 * MIB, "vm-1")
+    assert (resumed.state, resumed.size) == ("extending", 8 * MIB)
+    # Detached meanwhile: the report of the one that started it is still taken, no other.
+    plane.volumes.detach(COMPUTE, "data", "vm-1")
+    with pytest.raises(Forbidden, match="only it reports it"):
+        volume_extend.finish(
+            plane.volumes, OTHER, "data",
+            OnlineExtendResult(domain="vm-1", size=24 * MIB, grown=True),
+        )  # fmt: skip
+    with pytest.raises(UsageError, match="no online extend to 16777216 bytes"):
+        volume_extend.finish(
+            plane.volumes, COMPUTE, "data",
+            OnlineExtendResult(domain="vm-1", size=16 * MIB, grown=True),
+        )  # fmt: skip
     done = volume_extend.finish(
         plane.volumes, COMPUTE, "data",
-        OnlineExtendResult(domain="vm-1", size=16 * MIB, grown=True),
+        OnlineExtendResult(domain="vm-1", size=24 * MIB, grown=True),
     )  # fmt: skip
-    assert (done.state, done.size) == ("available", 16 * MIB)
+    assert (done.state, done.size) == ("available", 24 * MIB)
+    with pytest.raises(UsageError, match="no online extend"):  # reported once only
+        volume_extend.finish(
+            plane.volumes, COMPUTE, "data",
+            OnlineExtendResult(domain="vm-1", size=24 * MIB, grown=True),
+        )  # fmt: skip
     with plane.db.session() as session:
         assert session.scalars(select(VolumeOperation)).all() == []
     phases = [
-        (e["subject"], e["phase"], e["to"])
+        (e["subject"], e["phase"], e["to"], e.get("resumed", False))
         for e in entries_since(plane, start)
         if e["kind"] == "volume.extend"
     ]
     assert phases == [
-        ("node:compute-1", "started", 16 * MIB),
-        ("node:compute-1", "failed", 16 * MIB),
-        ("node:compute-1", "started", 16 * MIB),
-        ("node:compute-1", "started", 16 * MIB),
-        ("node:compute-1", "done", 16 * MIB),
+        ("node:compute-1", "started", 16 * MIB, False),
+        ("node:compute-1", "failed", 16 * MIB, False),
+        ("node:compute-1", "started", 16 * MIB, False),
+        ("node:compute-1", "started", 16 * MIB, False),
+        ("node:compute-1", "started", 24 * MIB, True),
+        ("node:compute-1", "done", 24 * MIB, False),
     ]
     assert raw.stat().st_size == before  # the control plane never touches an attached disk
     # Detached, the volume is not extended online.
-    plane.volumes.detach(COMPUTE, "data", "vm-1")
     with pytest.raises(Forbidden, match="not attached"):
         volume_extend.start(plane.volumes, COMPUTE, "data", 24 * MIB, "vm-1")
 

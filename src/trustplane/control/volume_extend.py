@@ -17,10 +17,13 @@ in as the node). The control plane:
    `available` either way, the operation row goes, and `volume.extend` is
    logged again (phase `done` or `failed`).
 
-A crash in between leaves `extending`, which the server's start puts back to
-`available` with the old size (the disk may have grown: extending it again
-to the same size finishes the record); a stale operation row is dropped by
-the next `start`.
+The report is taken from the caller that started it only (for its domain and
+size, once), even if the volume was detached meanwhile. A host that dies
+before it reports leaves `extending`: its next `start` for the same domain
+takes the operation over. A server crash in between: its next start puts the
+volume back to `available` with the old size (the disk may have grown:
+extending it again to the same size finishes the record); the stale
+operation row is dropped by the next `start`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def start(
         return storage.show(principal, name)
     _, spec = storage._type(row.type_name)
     check_online(storage.backend(row.backend).kind, spec.engine)
+    if row.state == EXTENDING and _take_over(storage, row, principal, domain, size):
+        _log(storage, principal, row, domain, "started", size, resumed=True)
+        return storage.show(principal, name)
     if row.state != AVAILABLE:
         raise UsageError(f"volume {name} is {row.state}; not extended")
     with storage.db.write_session() as session:
@@ -109,56 +115,99 @@ def start(
     except BaseException:
         storage._set(row.id, only_if=EXTENDING, state=AVAILABLE)
         raise
+    _log(storage, principal, row, domain, "started", size)
+    return storage.show(principal, name)
+
+
+def _take_over(
+    storage: BlockStorage, row: Volume, principal: Principal, domain: str, size: int
+) -> bool:
+    """An online extend this caller started for this domain and never reported (its host
+    died, say) is taken over by its next one: the recorded size becomes `size`."""
+    with storage.db.write_session() as session:
+        operation = session.scalar(
+            select(VolumeOperation).where(
+                VolumeOperation.volume_id == row.id, VolumeOperation.kind == KIND
+            )
+        )
+        if (
+            operation is None
+            or operation.subject != principal.subject
+            or (operation.source or {}).get("domain") != domain
+        ):
+            return False
+        operation.total = size
+        operation.updated = datetime.now(UTC)
+    return True
+
+
+def _log(
+    storage: BlockStorage,
+    principal: Principal,
+    row: Volume,
+    domain: str,
+    phase: str,
+    size: int,
+    **extra: object,
+) -> None:
     storage.log.append(
         "volume.extend",
         {
             "subject": principal.subject,
-            "volume": name,
+            "volume": row.name,
             "id": row.id,
             "online": True,
             "domain": domain,
-            "phase": "started",
+            "phase": phase,
             "from": row.size,
             "to": size,
+            **extra,
         },
     )
-    return storage.show(principal, name)
 
 
 def finish(
     storage: BlockStorage, principal: Principal, name: str, result: OnlineExtendResult
 ) -> VolumeInfo:
-    """The host's outcome of the block resize: the size recorded if it grew; logged."""
-    row = _holder(storage, principal, name, result.domain)
+    """The host's outcome of the block resize: the size recorded if it grew; logged.
+
+    Taken from the caller that started it, for its domain and size (the
+    operation row says so), even if the volume was detached meanwhile."""
+    row = storage._visible(principal, name)
+    storage._require(principal, "volume.attach", f"volume:{name}")
     with storage.db.session() as session:
         operation = session.scalar(
             select(VolumeOperation).where(
                 VolumeOperation.volume_id == row.id, VolumeOperation.kind == KIND
             )
         )
+    if operation is not None and operation.subject != principal.subject:
+        raise Forbidden(
+            f"the online extend of volume {name} is {operation.subject}'s; only it reports it"
+        )
     if (
         operation is None
         or row.state != EXTENDING
-        or operation.subject != principal.subject
         or (operation.source or {}).get("domain") != result.domain
         or operation.total != result.size
     ):
         raise UsageError(f"volume {name} has no online extend to {result.size} bytes running")
-    grown = {"state": AVAILABLE, **({"size": result.size} if result.grown else {})}
     with storage.db.write_session() as session:
-        session.execute(delete(VolumeOperation).where(VolumeOperation.id == operation.id))
-    storage._set(row.id, only_if=EXTENDING, **grown)
-    entry: dict[str, object] = {
-        "subject": principal.subject,
-        "volume": name,
-        "id": row.id,
-        "online": True,
-        "domain": result.domain,
-        "phase": "done" if result.grown else "failed",
-        "from": row.size,
-        "to": result.size,
-    }
-    if not result.grown:
-        entry["reason"] = result.reason or "the host did not say"
-    storage.log.append("volume.extend", entry)
+        # The row is the claim: a second report (or a take-over to another size) finds none.
+        taken = session.execute(
+            delete(VolumeOperation).where(
+                VolumeOperation.id == operation.id, VolumeOperation.total == result.size
+            )
+        ).rowcount  # type: ignore[attr-defined]
+    if not taken:
+        raise UsageError(f"volume {name} has no online extend to {result.size} bytes running")
+    storage._set(
+        row.id,
+        only_if=EXTENDING,
+        state=AVAILABLE,
+        **({"size": result.size} if result.grown else {}),
+    )
+    extra = {} if result.grown else {"reason": result.reason or "the host did not say"}
+    _log(storage, principal, row, result.domain, "done" if result.grown else "failed",
+         result.size, **extra)  # fmt: skip
     return storage.show(principal, name)
