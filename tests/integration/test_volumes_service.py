@@ -631,6 +631,13 @@ def test_online_extend_on_the_attachments_host_and_nowhere_else(
     shown = json.loads(site.alice("volume", "show", name, "--json").stdout)
     assert (shown["size"], shown["state"]) == (32 * MIB, "available")
     assert shown["attachment"]["domain"] == guest.name
+    # libvirt passed the size on as it was; QEMU's LUKS driver put its header on top.
+    with site.plane.admin() as admin:
+        volume = admin.volume(name)
+    assert volume.location is not None
+    assert volume.header is not None
+    raw = site.backends[volume_type].size(volume.location)
+    assert raw == volume.header.header_bytes + 32 * MIB
     with site.plane.admin() as admin:
         logged = [(e["subject"], e["online"], e["domain"], e["phase"], e["from"], e["to"])
                   for e in _extends(admin, start, name)]  # fmt: skip
