@@ -93,6 +93,7 @@ from trustplane.api.volumes import (
     OnlineExtendResult,
     VolumeInfo,
     VolumeKeyRelease,
+    VolumeOperationInfo,
     VolumeTypeInfo,
     VolumeVerification,
 )
@@ -495,6 +496,17 @@ class ControlClient:
         """A new KMS key wraps the volume (its key slot rewritten); the old key is destroyed."""
         path = f"/v1/volumes/{name}/key-rotation"
         return self.call(Call("POST", path, _model(VolumeInfo)))
+
+    def reencrypt_volume(self, name: str) -> VolumeInfo:
+        """Copy the detached volume under a new master key and KMS key; the old storage
+        and key are destroyed. Waits for the end (no timeout: the copy takes its time)."""
+        path = f"/v1/volumes/{name}/reencryption"
+        return VolumeInfo.model_validate_json(self.request("POST", path, timeout=None).content)
+
+    def reencryption(self, name: str) -> VolumeOperationInfo:
+        """The volume's running re-encryption (NotFoundError when none runs)."""
+        path = f"/v1/volumes/{name}/reencryption"
+        return self.call(Call("GET", path, _model(VolumeOperationInfo)))
 
     def attach_volume(self, name: str, domain: str) -> VolumeKeyRelease:
         """The volume's record and key for an attach to `domain` (volume.attach; logged).

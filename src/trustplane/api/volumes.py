@@ -27,7 +27,9 @@ DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 MAX_VOLUME_SIZE = 1 << 50
 """1 PiB: more than any backend here makes, and within every database's integers."""
 
-VolumeState = Literal["creating", "available", "extending", "rotating", "deleting", "shredded"]
+VolumeState = Literal[
+    "creating", "available", "extending", "rotating", "reencrypting", "deleting", "shredded"
+]
 
 
 class HeaderFingerprint(BaseModel):
@@ -168,3 +170,21 @@ class VolumeVerification(BaseModel):
     checks: list[VerificationCheck]
     payload: PayloadSamples
     log_index: int
+
+
+class VolumeOperationInfo(BaseModel):
+    """A long operation running on a volume (`reencrypt`: the data key itself rotated),
+    as the server records it: `progress` is the bytes copied and flushed to the new
+    storage, out of `total`. No secret in it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    volume: str
+    kind: str
+    phase: str
+    key_id: str | None = Field(description="The UUID of the new key in the KMS, once ordered")
+    progress: int
+    total: int
+    subject: str
+    started: datetime
+    updated: datetime

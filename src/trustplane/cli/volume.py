@@ -1,6 +1,6 @@
 """`trustplane volume …`: encrypted volumes from the block-storage service, attached on a host.
 
-`create|list|show|delete|verify|extend|rotate-key` and `type create|list` talk to the
+`create|list|show|delete|verify|extend|rotate-key|reencrypt` and `type create|list` talk to the
 control plane.
 `attach|detach` run on the VM's host (the compute side): the volume's key
 comes from the control plane (`volume.attach` in the policy, logged), goes
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,8 @@ from trustplane.cli.common import AsJson, emit_json, read_file, stdout
 from trustplane.cli.node_options import check_node_key
 from trustplane.cli.session import Ca, Server, connect, load
 from trustplane.client import ControlClient
-from trustplane.errors import IntegrityError, MalformedError, UsageError
+from trustplane.errors import IntegrityError, MalformedError, TrustplaneError, UsageError
+from trustplane.progress import Reporter
 
 app = typer.Typer(help="Encrypted volumes (the block-storage service).", no_args_is_help=True)
 type_app = typer.Typer(help="Volume types: a backend and its encryption.", no_args_is_help=True)
@@ -254,6 +256,52 @@ def rotate_key(name: Name, as_json: AsJson = False, server: Server = None, ca: C
         emit_json(volume)
         return
     stdout.print(f"volume {volume.name}: key {volume.key_id} (was {before}, destroyed)")
+
+
+@app.command("reencrypt")
+def reencrypt(name: Name, as_json: AsJson = False, server: Server = None, ca: Ca = None) -> None:
+    """Re-encrypt a detached volume under a new master key and a new KMS key: the data
+    is copied into new storage, then the old storage and the old key are destroyed.
+
+    The server records the bytes copied: after a crash it carries on at its
+    next start, or when this is run again. A progress bar shows the copy."""
+    outcome: list[VolumeInfo | BaseException] = []
+
+    def run() -> None:
+        try:
+            with connect(server, ca) as client:
+                outcome.append(client.reencrypt_volume(name))
+        except BaseException as exc:  # handed to the main thread, raised there
+            outcome.append(exc)
+
+    with connect(server, ca) as watcher:
+        before = watcher.volume(name).key_id
+        worker = threading.Thread(target=run, name="reencrypt", daemon=True)
+        worker.start()
+        with Reporter() as reporter:
+            shown, advance = 0, None
+            while worker.is_alive():
+                worker.join(0.5)
+                try:
+                    op = watcher.reencryption(name)
+                except TrustplaneError:
+                    continue  # not started yet, or done
+                if advance is None:
+                    advance = reporter.bar(f"re-encrypting {name}", op.total)
+                if op.progress > shown:
+                    advance(op.progress - shown)
+                    shown = op.progress
+            worker.join()
+            [result] = outcome
+            if isinstance(result, BaseException):
+                raise result
+    if as_json:
+        emit_json(result)
+        return
+    stdout.print(
+        f"volume {result.name}: re-encrypted under key {result.key_id} "
+        f"(was {before}, destroyed with the old storage)"
+    )
 
 
 @app.command("attach")

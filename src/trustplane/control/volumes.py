@@ -100,7 +100,7 @@ from trustplane.volumes.volume import create_volume, delete_volume, extend_volum
 logger = logging.getLogger("trustplane.volumes")
 
 CREATING, AVAILABLE, DELETING, SHREDDED = "creating", "available", "deleting", "shredded"
-EXTENDING, ROTATING = "extending", "rotating"
+EXTENDING, ROTATING, REENCRYPTING = "extending", "rotating", "reencrypting"
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,10 @@ class BlockStorage:
         self.after_shred: Callable[[str], None] | None = None
         """Tests only (set in-process, never from configuration): called between
         the key's destruction and the storage's, to crash there."""
+        from trustplane.control.volume_reencryption import Reencryption
+
+        self.reencryption = Reencryption(self)
+        """Re-encryption under a new master key (control/volume_reencryption.py)."""
 
     # -- backends ---------------------------------------------------------------------
 
@@ -773,8 +777,9 @@ class BlockStorage:
                 f"volume {name} is attached to domain {row.attached_domain} of "
                 f"{row.attached_to}; detach it first"
             )
-        if row.state == EXTENDING:
-            raise UsageError(f"volume {name} is being extended; delete it after that")
+        if row.state in (EXTENDING, REENCRYPTING):
+            being = "being extended" if row.state == EXTENDING else "being re-encrypted"
+            raise UsageError(f"volume {name} is {being}; delete it after that")
         self.log.append(
             "volume.delete",
             {"subject": principal.subject, "volume": name, "id": row.id, "secret": row.key_id},
@@ -844,6 +849,7 @@ class BlockStorage:
                 done += 1
             except TrustplaneError as exc:
                 logger.error("volume %s: finishing its delete failed: %s", volume_id, exc)
+        self.reencryption.resume_all()  # re-encryptions a crash interrupted carry on
         return done
 
     # -- helpers ----------------------------------------------------------------------------

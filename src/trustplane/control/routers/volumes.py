@@ -16,6 +16,7 @@ from trustplane.api.volumes import (
     OnlineExtendResult,
     VolumeInfo,
     VolumeKeyRelease,
+    VolumeOperationInfo,
     VolumeTypeInfo,
     VolumeVerification,
 )
@@ -118,3 +119,18 @@ def rotate_volume_key(name: VolumeName, caller: Caller, plane: Plane) -> VolumeI
     """A new KMS key for a detached volume's key slot; the old key is destroyed (owner or
     admin; the master key and the data stay)."""
     return plane.volumes.rotate(caller, name)
+
+
+@router.post("/volumes/{name}/reencryption", response_model=VolumeInfo)
+def reencrypt_volume(name: VolumeName, caller: Caller, plane: Plane) -> VolumeInfo:
+    """Re-encrypt a detached volume under a new master key and a new KMS key: its data
+    copied into new storage, then the old storage and the old key destroyed (owner or
+    admin; resumes one a crash interrupted). Answers when it is done."""
+    return plane.volumes.reencryption.start(caller, name)
+
+
+@router.get("/volumes/{name}/reencryption", response_model=VolumeOperationInfo)
+def reencryption_progress(name: VolumeName, caller: Caller, plane: Plane) -> VolumeOperationInfo:
+    """The re-encryption running on the volume: its phase and the bytes copied and flushed
+    to the new storage (404 when none runs)."""
+    return plane.volumes.reencryption.status(caller, name)
