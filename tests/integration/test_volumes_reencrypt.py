@@ -1,0 +1,244 @@
+"""Re-encryption against a real server process: `kill -9` mid-copy, then a restart resumes it.
+
+The server is `trustplane server` (a subprocess) with a file backend; a
+256 MiB volume carries a pattern over its whole payload (written through
+QEMU's LUKS driver with the key an attach released). The re-encryption is
+asked over HTTP; once the server has recorded some bytes copied and flushed
+(and not all), the server process alone gets SIGKILL: its
+qemu-storage-daemons live on (their own sessions), as after a real crash.
+The restarted server carries on by itself from the recorded progress
+(logged: `volume.reencrypt` stage `resume` with it), stops the dead run's
+daemons, and ends with every byte readable under the new key, none under
+the old one, the old storage and the old KMS key gone.
+
+The CLI (`trustplane volume reencrypt`) and its refusals: an attached
+volume, another user's stolen token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import start_control_plane_or_fail
+from control_helpers import Cli, assert_fails, entries_since
+from durability_helpers import write_server_config
+
+from trustplane.api.volume_location import FileLocation
+from trustplane.client import ControlClient
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.errors import DecryptionKeyError, ExitCode, NotFoundError, TrustplaneError
+from trustplane.tools import Executor
+from trustplane.tools.command import Arg
+from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
+from trustplane.volumes.encryptors import QemuLuksEncryptor
+from trustplane.volumes.encryptors.base import passphrase
+
+MIB = 1 << 20
+BIG_MIB = 256
+SMALL_MIB = 8
+EXECUTOR = Executor()
+
+
+@dataclass
+class Site:
+    work: Path
+    plane: RunningControlPlane
+    alice: Cli
+    bob: Cli
+    alice_password: str
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    volumes = tmp_path / "volumes"
+    write_server_config(
+        tmp_path / "data",
+        volume_backends={"files": {"kind": "file", "directory": str(volumes)}},
+    )
+    plane = start_control_plane_or_fail(tmp_path, data_dir=tmp_path / "data")
+    alice_password, bob_password = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
+    with plane.admin() as admin:
+        admin.create_volume_type("secure", "files")
+        admin.create_user("alice", "user", alice_password)
+        admin.create_user("bob", "user", bob_password)
+    alice, bob = Cli(tmp_path / "alice.json"), Cli(tmp_path / "bob.json")
+    alice.login(plane, "alice", alice_password)
+    bob.login(plane, "bob", bob_password)
+    current = Site(tmp_path, plane, alice, bob, alice_password)
+    try:
+        yield current
+    finally:
+        current.plane.stop()
+
+
+def _pattern(mib: int) -> str:
+    return f"0x{(mib * 37 + 11) % 256:02x}"
+
+
+def _qemu_io(path: str, key: bytes, commands: list[str]) -> str:
+    argv: list[Arg] = ["qemu-io", "--object", key_object(passphrase(key)), "--image-opts"]
+    argv.append(f"driver=luks,key-secret={KEY_OBJECT},file.driver=file,file.filename={path}")
+    for command in commands:
+        argv += ["-c", command]
+    return EXECUTOR.run(argv, timeout=600).text
+
+
+def _with_key(plane: RunningControlPlane, name: str) -> tuple[str, bytes]:
+    """The volume's file and key, as an attach releases them (admin), then let go."""
+    with plane.admin() as admin:
+        release = admin.attach_volume(name, "checker")
+        admin.detach_volume(name, "checker")
+    location = release.volume.location
+    assert isinstance(location, FileLocation)
+    return location.path, release.key_bytes()
+
+
+def _write_pattern(plane: RunningControlPlane, name: str, mib: int) -> None:
+    path, key = _with_key(plane, name)
+    _qemu_io(path, key, [f"write -P {_pattern(i)} {i}M 1M" for i in range(mib)])
+
+
+def _holds_pattern(path: str, key: bytes, mib: int) -> bool:
+    out = _qemu_io(path, key, [f"read -P {_pattern(i)} {i}M 1M" for i in range(mib)])
+    return "Pattern verification failed" not in out and out.count("read 1048576/") == mib
+
+
+def _opens(path: str, key: bytes) -> bool:
+    try:
+        QemuLuksEncryptor().check_key(FileLocation(path=path), key)
+    except DecryptionKeyError:
+        return False
+    return True
+
+
+def _operation_row(data_dir: Path) -> tuple[str, int, int, dict[str, object]] | None:
+    """The re-encryption row as the (dead) server left it in its database."""
+    with sqlite3.connect(data_dir / "trustplane.db") as db:
+        row = db.execute("SELECT phase, progress, total, source FROM volume_operations").fetchone()
+    if row is None:
+        return None
+    return row[0], row[1], row[2], json.loads(row[3])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_kill_9_mid_copy_then_the_restarted_server_resumes_from_the_recorded_progress(
+    site: Site,
+) -> None:
+    plane = site.plane
+    with plane.client() as alice:
+        alice.login("alice", site.alice_password)
+        created = alice.create_volume("big", BIG_MIB * MIB, "secure")
+    old_id = created.key_id
+    assert old_id is not None
+    _write_pattern(plane, "big", BIG_MIB)
+    old_path, old_key = _with_key(plane, "big")
+    with plane.admin() as admin:
+        start = admin.health().log_size
+
+    def reencrypt() -> None:
+        client = ControlClient(plane.url, plane.ca_file)
+        client.login("alice", site.alice_password)
+        with contextlib.suppress(TrustplaneError):  # the server is killed under it
+            client.reencrypt_volume("big")
+
+    worker = threading.Thread(target=reencrypt, daemon=True)
+    worker.start()
+    # Wait until some chunks are flushed and recorded (not all), then kill -9 the server.
+    watcher = ControlClient(plane.url, plane.ca_file)
+    watcher.login("alice", site.alice_password)
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline, "the copy never started"
+        try:
+            op = watcher.reencryption("big")
+        except NotFoundError:
+            time.sleep(0.02)
+            continue
+        if op.progress > 0:
+            assert op.progress < op.total, "the copy ended before the kill"
+            break
+    pid = plane.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    worker.join(60)
+    plane.process.stop()  # reaps it; it is dead already
+    assert plane.process.returncode() == -signal.SIGKILL
+    # What the dead server left: the row in `copying` with progress > 0, its daemons.
+    left = _operation_row(plane.data_dir)
+    assert left is not None
+    phase, progress, total, source = left
+    assert phase == "copying"
+    assert 0 < progress < total == BIG_MIB * MIB
+    daemons = source["daemons"]
+    assert isinstance(daemons, list)
+    assert len(daemons) == 2
+    pids = [int(d["pid"]) for d in daemons]
+    assert any(_alive(p) for p in pids)
+    # Restart: it carries on by itself from the recorded progress.
+    site.plane = plane = start_control_plane(
+        site.work, data_dir=plane.data_dir, admin_password=plane.admin_password
+    )
+    with plane.admin() as admin:
+        deadline = time.monotonic() + 600
+        while admin.volume("big").state != "available":
+            assert time.monotonic() < deadline, "the re-encryption was not finished"
+            time.sleep(0.2)
+        done = admin.volume("big")
+        entries = [e for e in entries_since(admin, start) if e["kind"] == "volume.reencrypt"]
+        with pytest.raises(NotFoundError):
+            admin.secret(old_id)  # the old KMS key is destroyed
+    stages = [(e["stage"], e.get("progress")) for e in entries]
+    assert stages[0] == ("start", None)
+    assert ("resume", progress) in stages  # from the recorded bytes, not from 0
+    assert stages[-1] == ("finish", None)
+    assert done.key_id not in (None, old_id)
+    new_path, new_key = _with_key(plane, "big")
+    assert new_path != old_path
+    assert not Path(old_path).exists()
+    assert _holds_pattern(new_path, new_key, BIG_MIB)
+    assert not _opens(new_path, old_key)
+    assert not any(_alive(p) for p in pids)  # the dead run's daemons were stopped
+
+
+def test_the_cli_reencrypts_and_refuses_attached_volumes_and_stolen_tokens(site: Site) -> None:
+    created = site.alice("volume", "create", "small", "--size", f"{SMALL_MIB}M", "--type",
+                         "secure", "--json")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    old_id = json.loads(created.stdout)["key_id"]
+    _write_pattern(site.plane, "small", SMALL_MIB)
+    old_path, old_key = _with_key(site.plane, "small")
+    # Bob, holding his own valid token, does not even see Alice's volume.
+    assert_fails(site.bob("volume", "reencrypt", "small"), ExitCode.NOT_FOUND, "does not exist")
+    # Attached: refused, nothing changed.
+    with site.plane.admin() as admin:
+        admin.attach_volume("small", "vm-1")
+        assert_fails(site.alice("volume", "reencrypt", "small"), ExitCode.USAGE, "detach it first")
+        admin.detach_volume("small", "vm-1")
+    result = site.alice("volume", "reencrypt", "small", "--json")
+    assert result.returncode == 0, result.stderr
+    volume = json.loads(result.stdout)
+    assert volume["state"] == "available"
+    assert volume["key_id"] != old_id
+    new_path, new_key = _with_key(site.plane, "small")
+    assert _holds_pattern(new_path, new_key, SMALL_MIB)
+    assert not _opens(new_path, old_key)
+    assert not Path(old_path).exists()
