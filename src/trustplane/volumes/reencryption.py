@@ -8,14 +8,15 @@ both volumes in user space, each by its own `qemu-storage-daemon` (the old
 one read-only with the old key, the new one writable with the new key;
 keys reach the daemons only as secret objects from 0600 files, through the
 executor) exporting the plaintext through FUSE, and copies fixed-size
-chunks between the two exports with one preallocated buffer (memory stays
-flat whatever the size). After each chunk the new export is flushed
-(`fsync`: QEMU's FUSE export flushes its block node, so the bytes are on
-the new storage) and only then is `flushed(end)` called, so the progress
-recorded never runs ahead of the storage.
+chunks between the two exports with two preallocated buffers (one read
+while the other is written: memory stays flat whatever the size). After
+each chunk the new export is flushed (`fsync`: QEMU's FUSE export flushes
+its block node, so the bytes are on the new storage) and only then is
+`flushed(end)` called, so the progress recorded never runs ahead of the
+storage.
 
 A process that dies mid-copy leaves its daemons running (they are in
-sessions of their own): `DaemonRecord`s (pids and paths, no secret) are
+sessions of their own): `UserspaceRecord`s (pids and paths, no secret) are
 handed to the caller, which records them, and `stop_leftovers` stops the
 ones a dead run left before the copy is started again (QEMU would refuse to
 open the new storage for writing while a leftover daemon holds its lock).
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -137,9 +140,11 @@ def _record(volume: UserspaceVolume) -> UserspaceRecord:
 def copy_exports(
     source: Path, target: Path, start: int, total: int, flushed: Flushed, chunk: int
 ) -> None:
-    """The copy loop over two plaintext files, one buffer of `chunk` bytes."""
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
+    """The copy loop over two plaintext files, with two buffers of `chunk` bytes.
+
+    A reader thread fills one buffer from the source while this thread writes
+    and flushes the other, so the two daemons decrypt and encrypt at the same
+    time (QEMU runs each one's cipher on its own thread)."""
     src = os.open(source, os.O_RDONLY)
     try:
         dst = os.open(target, os.O_WRONLY)
@@ -150,18 +155,55 @@ def copy_exports(
             ):
                 if size < total:
                     raise UnavailableError(f"the {what} volume holds {size} bytes, not {total}")
-            offset = start
-            while offset < total:
-                n = min(chunk, total - offset)
-                _read_exactly(src, view[:n], offset)
-                _write_all(dst, view[:n], offset)
-                os.fsync(dst)
-                offset += n
-                flushed(offset)
+            _pipeline(src, dst, start, total, flushed, chunk)
         finally:
             os.close(dst)
     finally:
         os.close(src)
+
+
+_Filled = tuple[int, int, bytearray] | BaseException | None
+
+
+def _pipeline(src: int, dst: int, start: int, total: int, flushed: Flushed, chunk: int) -> None:
+    free: queue.Queue[bytearray | None] = queue.Queue()
+    filled: queue.Queue[_Filled] = queue.Queue()
+    for _ in range(2):
+        free.put(bytearray(chunk))
+
+    def read() -> None:
+        try:
+            offset = start
+            while offset < total:
+                buffer = free.get()
+                if buffer is None:
+                    return
+                n = min(chunk, total - offset)
+                _read_exactly(src, memoryview(buffer)[:n], offset)
+                filled.put((offset, n, buffer))
+                offset += n
+            filled.put(None)
+        except BaseException as exc:  # handed to the writer, raised there
+            filled.put(exc)
+
+    reader = threading.Thread(target=read, name="reencrypt-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = filled.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            offset, n, buffer = item
+            _write_all(dst, memoryview(buffer)[:n], offset)
+            os.fsync(dst)
+            flushed(offset + n)
+            free.put(buffer)
+    finally:
+        free.put(None)
+        free.put(None)
+        reader.join()
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
