@@ -290,6 +290,10 @@ def test_a_crash_at_each_step_is_carried_on_at_the_next_start(
         )
         if step == "chunk":
             assert op.progress == 3 * MIB  # three chunks flushed, then the crash
+        if step == "shredded":  # the old header is zeros before the old storage goes
+            header = QemuLuksEncryptor().header_bytes(EncryptionSpec())
+            with old_raw.open("rb") as wiped:
+                assert wiped.read(header) == bytes(header)
         # Before the switch the record still names the old key and storage.
         assert (left.key_id == old_id) is (step in ("ordered", "created", "chunk"))
         new_id = op.key_id

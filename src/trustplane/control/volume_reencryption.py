@@ -24,9 +24,10 @@ or by asking again:
    flushed to the new storage, so a resume starts from there.
 4. The switch, one transaction: the volume record takes the new key,
    location and header fingerprint; the row goes to `destroying`.
-5. `destroying`: the old KMS key is destroyed (crypto-shredding the old
-   storage), then the old storage; the row is deleted and the volume is
-   `available` again.
+5. `destroying`: the old storage's LUKS header (its key slots) is
+   overwritten with zeros, the old KMS key is destroyed (crypto-shredding
+   the old storage), then the old storage is deleted; the row is deleted
+   and the volume is `available` again.
 
 A failure that is not a crash (a tool or the backend refused) before the
 switch undoes the operation: target and new key removed, the volume as it
@@ -66,6 +67,7 @@ from trustplane.volumes.reencryption import (
     create_target,
     stop_leftovers,
     user_space_encryptor,
+    wipe_header,
 )
 
 if TYPE_CHECKING:
@@ -363,11 +365,18 @@ class Reencryption:
     def _destroy(
         self, op: VolumeOperation, row: Volume, backend: Backend, source: dict[str, Any]
     ) -> None:
-        """The old key (and any stray key of the volume), then the old storage, then done."""
+        """The old header wiped, the old key (and any stray key of the volume) destroyed,
+        the old storage deleted, then done. Each step may run again after a crash."""
+        old = load_location(source["location"])
+        stale = dump_location(old) != row.location
+        if stale and not source.get("wiped"):
+            _, spec = self.storage._type(row.type_name)
+            assert spec.encryption is not None
+            wipe_header(backend, self._engine(spec), spec.encryption, old)
+            self._update(op.id, source={**source, "wiped": True})
         self._destroy_keys(row.name, keep=row.key_id, reason="re-encrypted")
         self._step(row.name, "shredded")
-        old = load_location(source["location"])
-        if dump_location(old) != row.location:
+        if stale:
             backend.delete(old)
         with self.storage.db.session() as session:
             session.execute(

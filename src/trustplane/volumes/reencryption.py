@@ -39,7 +39,8 @@ from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine
 from trustplane.errors import TrustplaneError, UnavailableError, UnsupportedError
 from trustplane.tools import Executor, ToolProcess
-from trustplane.volumes.access import NodeCredentials
+from trustplane.tools.command import Arg
+from trustplane.volumes.access import NodeCredentials, qemu_node
 from trustplane.volumes.attachers.userspace import UserspaceRecord, UserspaceVolume
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.encryptors import LibrbdEncryptor, QemuLuksEncryptor, encryptor_for
@@ -70,6 +71,23 @@ def create_target(
     """New storage `name` of `size` usable bytes, formatted under `key` (never over storage
     that exists: the encryptor refuses it)."""
     return user_space_encryptor(engine, backend.executor).create(backend, name, size, key, spec)
+
+
+def wipe_header(
+    backend: Backend, engine: Engine, spec: EncryptionSpec, location: AnyLocation
+) -> None:
+    """Overwrite the LUKS header of storage about to be deleted (its key slots) with zeros.
+
+    The KMS key is destroyed too; this also leaves nothing a kept copy of that
+    key could unlock in blocks the storage gives back (an unlinked file's on
+    the disk, a LUN's backing file, an image's objects)."""
+    size = user_space_encryptor(engine, backend.executor).header_bytes(spec)
+    node = qemu_node(location, backend.credentials())
+    argv: list[Arg] = [
+        "qemu-io", *node.object_args(), "--image-opts", node.opts(),
+        "-c", f"write -P 0 0 {size}", "-c", "flush",
+    ]  # fmt: skip
+    backend.executor.run(argv, timeout=300)
 
 
 def stop_leftovers(executor: Executor, records: Sequence[UserspaceRecord]) -> None:
