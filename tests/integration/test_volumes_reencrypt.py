@@ -34,14 +34,22 @@ from conftest import start_control_plane_or_fail
 from control_helpers import Cli, assert_fails, entries_since
 from durability_helpers import write_server_config
 
-from trustplane.api.volume_location import FileLocation
+from trustplane.api.volume_location import AnyLocation, FileLocation
+from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Engine
+from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.client import ControlClient
+from trustplane.control.identity import Principal
+from trustplane.control.service import ControlPlane, build
+from trustplane.control.settings import ServerSettings, VolumeBackendSettings
+from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.tgtd import RunningTgtd
 from trustplane.errors import DecryptionKeyError, ExitCode, NotFoundError, TrustplaneError
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
-from trustplane.volumes.encryptors import QemuLuksEncryptor
+from trustplane.volumes.backends import Backend
+from trustplane.volumes.encryptors import QemuLuksEncryptor, encryptor_for
 from trustplane.volumes.encryptors.base import passphrase
 
 MIB = 1 << 20
@@ -242,3 +250,90 @@ def test_the_cli_reencrypts_and_refuses_attached_volumes_and_stolen_tokens(site:
     assert _holds_pattern(new_path, new_key, SMALL_MIB)
     assert not _opens(new_path, old_key)
     assert not Path(old_path).exists()
+
+
+# -- iSCSI and RBD: the same path, in-process, on the session's tgtd and Ceph ---------------
+
+ADMIN = Principal("user", "admin", "admin", frozenset())
+OWNER = Principal("user", "alice", "user", frozenset())
+KINDS = {
+    "san": None,  # QEMU LUKS1 on an iSCSI LUN
+    "rbd-front": {"provider": "luks", "control_location": "front-end"},  # QEMU LUKS1 on RBD
+    "rbd-librbd": {"provider": "luks2", "control_location": "back-end"},  # librbd LUKS2
+}
+
+
+@pytest.fixture(scope="module")
+def remote_plane(
+    tmp_path_factory: pytest.TempPathFactory, tgtd: RunningTgtd, ceph: RunningCeph
+) -> Iterator[ControlPlane]:
+    work = tmp_path_factory.mktemp("reencrypt-remote")
+    key_file = work / "ceph.key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(ceph.client.key + "\n")
+    client = ceph.client
+    backends = {
+        "san": VolumeBackendSettings(
+            kind=BackendKind.ISCSI, directory=work / "luns", portal=f"127.0.0.1:{tgtd.port}",
+            control_port=tgtd.control_port,
+        ),
+        "ceph": VolumeBackendSettings(
+            kind=BackendKind.RBD, pool=ceph.pool, user=client.user,
+            monitors=[f"{client.mon_host}:{client.mon_port}"], key_file=key_file,
+        ),
+    }  # fmt: skip
+    plane = build(ServerSettings(data_dir=work / "data", volume_backends=backends), announce=False)
+    for name, encryption in KINDS.items():
+        spec = None if encryption is None else EncryptionSpec.model_validate(encryption)
+        backend = "san" if name == "san" else "ceph"
+        plane.volumes.create_type(ADMIN, NewVolumeType(name=name, backend=backend, encryption=spec))
+    yield plane
+    plane.close()
+
+
+def _exported(plane: ControlPlane, name: str) -> tuple[AnyLocation, bytes, Backend, Engine]:
+    info = plane.volumes.show(ADMIN, name)
+    assert info.key_id is not None
+    assert info.location is not None
+    assert info.engine is not None
+    record = plane.store.find(info.key_id)
+    assert record is not None
+    backend = plane.volumes.backend(info.backend)
+    return info.location, plane.store.unseal(record), backend, info.engine
+
+
+def _payload(mib: int) -> bytes:
+    return b"".join(bytes([(i * 37 + 11) % 256]) * MIB for i in range(mib))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_iscsi_and_rbd_volumes_are_reencrypted_the_same_way(
+    kind: str, remote_plane: ControlPlane
+) -> None:
+    plane = remote_plane
+    name = f"{kind}-{secrets.token_hex(3)}"
+    plane.volumes.create(OWNER, NewVolume(name=name, size=SMALL_MIB * MIB, volume_type=kind))
+    old_location, old_key, backend, engine = _exported(plane, name)
+    encryptor = encryptor_for(engine, backend.executor)
+    with encryptor.open(old_location, old_key, backend.credentials(), loop=False) as opened:
+        Path(opened.path).write_bytes(_payload(SMALL_MIB))
+    old_id = plane.volumes.show(OWNER, name).key_id
+    plane.volumes.reencryption.chunk = MIB
+    done = plane.volumes.reencryption.start(OWNER, name)
+    assert done.state == "available"
+    assert done.key_id != old_id
+    new_location, new_key, _, _ = _exported(plane, name)
+    assert new_location != old_location
+    assert old_id is not None
+    assert plane.store.rows.get(old_id) is None
+    with pytest.raises(DecryptionKeyError):
+        encryptor.check_key(new_location, old_key, backend.credentials())
+    with encryptor.open(
+        new_location, new_key, backend.credentials(), writable=False, loop=False
+    ) as opened:
+        assert Path(opened.path).read_bytes()[: SMALL_MIB * MIB] == _payload(SMALL_MIB)
+    assert plane.volumes.verify(OWNER, name).passed
+    # The old storage (made under the volume's name) is gone from the backend.
+    assert old_location == backend.location(name)
+    assert not backend.exists(name)
+    plane.volumes.delete(OWNER, name)
