@@ -339,13 +339,22 @@ def test_asking_again_resumes_an_interrupted_reencryption(
 ) -> None:
     old_id, _old_key, old_raw = _create(plane, volumes_dir)
 
+    refused: list[str] = []
+
     def crash(name: str, reached: str) -> None:
         if reached == "chunk":
+            # While it runs, a second request (the owner's, even) is refused, not run twice.
+            with pytest.raises(UsageError, match="being re-encrypted") as second:
+                plane.volumes.reencryption.start(ALICE, "data")
+            refused.append(str(second.value))
             raise SimulatedCrash(name)
 
     plane.volumes.reencryption.after_step = crash
     with pytest.raises(SimulatedCrash):
         plane.volumes.reencryption.start(ALICE, "data")
+    assert refused == [
+        f"volume data is being re-encrypted ({MIB} of {SIZE_MIB * MIB} bytes copied)"
+    ]
     plane.volumes.reencryption.after_step = None
     # Another user cannot take it over; the owner's second request carries it on.
     with pytest.raises(NotFoundError):
