@@ -366,3 +366,40 @@ def test_asking_again_resumes_an_interrupted_reencryption(
     assert _holds_pattern(_path(plane), _key(plane, done.key_id))
     assert not old_raw.exists()
     assert plane.store.rows.get(old_id) is None
+
+
+def test_a_key_ordered_by_a_run_that_died_before_recording_it_is_destroyed(
+    tmp_path: Path, volumes_dir: Path
+) -> None:
+    settings = _settings(tmp_path / "data", volumes_dir)
+    first = _start(settings, True)
+    try:
+        old_id, _, old_raw = _create(first, volumes_dir)
+
+        def crash(name: str, reached: str) -> None:
+            if reached == "key made":
+                raise SimulatedCrash(name)
+
+        first.volumes.reencryption.after_step = crash
+        with pytest.raises(SimulatedCrash):
+            first.volumes.reencryption.start(ALICE, "data")
+        op = _operation(first)
+        assert op is not None
+        assert (op.phase, op.key_id) == ("ordering", None)
+        [orphan] = _volume_keys(first) - {old_id}
+    finally:
+        first.close()
+    second = _start(settings, False)
+    try:
+        start, _ = second.log.head()
+        second.volumes.recover()
+        done = second.volumes.show(ALICE, "data")
+        assert done.state == "available"
+        assert done.key_id not in (None, old_id, orphan)
+        assert _volume_keys(second) == {done.key_id}
+        assert _holds_pattern(_path(second), _key(second, str(done.key_id)))
+        assert not old_raw.exists()
+        deleted = [e["secret"] for e in entries_since(second, start) if e["kind"] == "kms.delete"]
+        assert deleted == [orphan, old_id]
+    finally:
+        second.close()

@@ -112,8 +112,9 @@ class Reencryption:
         self.storage = storage
         self.chunk = DEFAULT_CHUNK
         self.after_step: Callable[[str, str], None] | None = None
-        """Tests only (set in-process): called with (volume, step) after `ordered`,
-        `created`, each flushed `chunk`, `switched` and `shredded`, to crash there."""
+        """Tests only (set in-process): called with (volume, step) after `key made` (not
+        recorded yet), `ordered`, `created`, each flushed `chunk`, `switched` and
+        `shredded`, to crash there."""
 
     # -- requests -------------------------------------------------------------------------
 
@@ -219,20 +220,22 @@ class Reencryption:
 
     # -- the state machine -------------------------------------------------------------------
 
-    def _run(self, op_id: str, resumed_by: str) -> None:
+    def _run(self, op_id: str, by: str) -> None:
+        """Run the operation from its recorded phase to the end; `by`: who asked (logged
+        when it is a resume)."""
         op = self._op_by_id(op_id)
         with _RUNNING_LOCK:
             if op.volume_id in _RUNNING:
                 raise UsageError("this volume's re-encryption is running")
             _RUNNING.add(op.volume_id)
         try:
-            self._claim_runner(op)
-            self._steps(op_id, resumed_by)
+            self._claim_runner(op, by)
+            self._steps(op_id)
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.discard(op.volume_id)
 
-    def _claim_runner(self, op: VolumeOperation) -> None:
+    def _claim_runner(self, op: VolumeOperation, by: str) -> None:
         source = dict(op.source or {})
         fresh = source.get("runner") == _runner()
         source["runner"] = _runner()
@@ -241,12 +244,11 @@ class Reencryption:
             row = self.storage._by_id(op.volume_id)
             self.storage.log.append(
                 "volume.reencrypt",
-                {"subject": "service:block-storage", "volume": row.name, "id": row.id,
-                 "stage": "resume", "phase": op.phase, "progress": op.progress,
-                 "total": op.total},
+                {"subject": by, "volume": row.name, "id": row.id, "stage": "resume",
+                 "phase": op.phase, "progress": op.progress, "total": op.total},
             )  # fmt: skip
 
-    def _steps(self, op_id: str, subject: str) -> None:
+    def _steps(self, op_id: str) -> None:
         storage = self.storage
         while True:
             op = self._op_by_id(op_id)
@@ -260,7 +262,7 @@ class Reencryption:
                 return
             try:
                 if op.phase == ORDERING:
-                    self._order(op, row, subject)
+                    self._order(op, row)
                 elif op.phase == CREATING:
                     self._create(op, row, backend, engine, spec)
                 elif op.phase == COPYING:
@@ -272,15 +274,17 @@ class Reencryption:
                 self._undo(op_id, exc)
                 raise
 
-    def _order(self, op: VolumeOperation, row: Volume, subject: str) -> None:
+    def _order(self, op: VolumeOperation, row: Volume) -> None:
         # A key a dead run ordered but did not record is not the volume's: destroyed.
         self._destroy_keys(row.name, keep=row.key_id, reason="re-encryption restarted")
-        kind, _, who = subject.partition(":")
+        # Ordered for whoever asked for the re-encryption (kms.order names them).
+        kind, _, who = op.subject.partition(":")
         principal = Principal(
             "node" if kind == "node" else "user", who or kind, "user", frozenset()
         )
         new_id, new_key = self.storage._order_key(principal, row.name)
         del new_key
+        self._step(row.name, "key made")
         self._update(op.id, key_id=new_id, phase=CREATING)
         self._step(row.name, "ordered")
 
