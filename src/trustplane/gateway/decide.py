@@ -48,6 +48,12 @@ from trustplane.gateway.monitor import ResourceMonitor
 from trustplane.gateway.reporter import Reporter
 from trustplane.gateway.request import Target
 from trustplane.gateway.revocations import RevocationWatch
+from trustplane.gateway.volume_access import (
+    DRIVER,
+    container_volumes,
+    create_volumes,
+    volume_name,
+)
 
 TOKEN_HEADER = "x-trustplane-token"  # noqa: S105 - a header name
 SUPER_ROLES = frozenset({"operator", "admin"})
@@ -79,6 +85,10 @@ class Verdict:
     """For a create: the image id that was authenticated (see confirm_created)."""
     logged: bool = False
     """The control plane logged this decision itself (`/v1/authorize`)."""
+    volume_checks: list[tuple[str, str]] = field(default_factory=list)
+    """(action, `volume:NAME`) the caller needs besides the call's own (volume_access.py)."""
+    volumes: set[str] = field(default_factory=set)
+    """For a create: the trustplane volumes the caller was allowed to attach."""
 
 
 def _status(error: TrustplaneError) -> int:
@@ -302,6 +312,15 @@ class Gatekeeper:
             raise Forbidden(
                 f"trustplane gateway: the control plane refuses {action} on {resource}: {reason}"
             )
+        for volume_action, volume in dict.fromkeys(verdict.volume_checks):
+            # The volume plugin gets the key as the node: the caller must be allowed it too.
+            allowed, why = await self.link.authorize(caller, volume_action, volume, context)
+            if not allowed:
+                verdict.logged = True
+                raise Forbidden(
+                    f"trustplane gateway: the control plane refuses {volume_action} on "
+                    f"{volume}: {why}"
+                )
         verdict.allowed, verdict.status = True, 200
         verdict.message = f"{action} on {resource}: {reason}"
 
@@ -338,6 +357,7 @@ class Gatekeeper:
             repository, image_id = await self.images.for_start(image)
             verdict.metadata["image"] = image
             verdict.image_id = image_id
+            await self._create_volumes(verdict, document)
             return f"image:{repository}"
         if classified.kind == "exec" and name is not None:
             exec_info = await self.docker.inspect("exec", name)
@@ -347,9 +367,13 @@ class Gatekeeper:
             if not name:
                 raise MalformedError("dockerd names no container for this exec instance")
         if classified.kind in ("container", "exec") and name is not None:
-            return await self._container(verdict, name, classified.action == "container.start")
+            return await self._container(verdict, name, classified.action)
         if classified.kind == "image" and name is not None:
             return f"image:{await self._image_repository(name)}"
+        if classified.kind == "volume" or target.segments == ("volumes", "prune"):
+            await self._volume_call(verdict, classified, name, document, target)
+            if classified.kind == "system":
+                return "container:*"
         if classified.kind in ("volume", "network"):
             label = name or str(document.get("name", "")) or "*"
             return f"{classified.kind}:{label}"
@@ -358,7 +382,41 @@ class Gatekeeper:
             return f"image:{reference_name(tags[0])[0]}" if tags and tags[0] else "image:*"
         return "container:*"
 
-    async def _container(self, verdict: Verdict, name: str, starting: bool) -> str:
+    async def _create_volumes(self, verdict: Verdict, document: dict[str, Any]) -> None:
+        """A create's trustplane volumes: `volume.attach` (and `volume.create` for a new one)."""
+        for volume, drivers in create_volumes(document).items():
+            driver = await self.docker.volume_driver(volume)
+            if driver is None and DRIVER in drivers:
+                # dockerd would create it with the plugin: a new volume, made and opened.
+                verdict.volume_checks.append(("volume.create", f"volume:{volume}"))
+            elif driver != DRIVER:
+                continue
+            verdict.volume_checks.append(("volume.attach", f"volume:{volume}"))
+            verdict.volumes.add(volume)
+
+    async def _volume_call(
+        self,
+        verdict: Verdict,
+        classified: Classified,
+        name: str | None,
+        document: dict[str, Any],
+        target: Target,
+    ) -> None:
+        """Volume create, delete and prune: what they need on trustplane volumes."""
+        if target.segments == ("volumes", "prune"):
+            verdict.volume_checks.append(("volume.delete", "volume:*"))
+        elif classified.action == "container.delete" and name is not None:
+            if await self.docker.volume_driver(volume_name(name)) == DRIVER:
+                verdict.volume_checks.append(("volume.delete", f"volume:{name}"))
+        elif target.segments == ("volumes", "create"):
+            driver = document.get("driver")
+            if driver == DRIVER:
+                label = document.get("name")
+                if not isinstance(label, str) or not label:
+                    raise Forbidden("trustplane gateway: a trustplane volume needs a name")
+                verdict.volume_checks.append(("volume.create", f"volume:{volume_name(label)}"))
+
+    async def _container(self, verdict: Verdict, name: str, action: str | None) -> str:
         container = await self.docker.inspect("containers", name)
         if container is None:
             raise NotFoundError(f"No such container: {name}")
@@ -372,7 +430,13 @@ class Gatekeeper:
         )
         if self.monitor is not None and isinstance(pid, int) and pid > 0:
             verdict.metadata.update(await self.monitor.usage(str(container.get("Id", "")), pid))
-        if starting:
+        if action in ("container.start", "container.modify"):
+            # Starting mounts its volumes, and exec/cp/export read them: the
+            # caller must be allowed each trustplane volume it mounts.
+            verdict.volume_checks.extend(
+                ("volume.attach", f"volume:{volume}") for volume in container_volumes(container)
+            )
+        if action == "container.start":
             # Re-authenticate the image the container was made from: a container
             # created behind the gateway's back must not start through it.
             await self.images.for_start(str(container.get("Image", "")))
@@ -389,7 +453,8 @@ class Gatekeeper:
         return reference_name(name)[0]
 
     async def confirm_created(self, verdict: Verdict, answer: bytes) -> bool:
-        """After dockerd created a container: is it made from the image that was checked?
+        """After dockerd created a container: is it made from the image that was checked,
+        with no trustplane volume that was not authorized (verdict.message says why not)?
 
         dockerd resolves the image name again when it creates; a tag moved in
         between would run an image nobody authenticated. A container made
@@ -403,12 +468,22 @@ class Gatekeeper:
                 raise MalformedError("dockerd's create answer names no container")
             container = await self.docker.inspect("containers", container_id)
             if container is not None and container.get("Image") == verdict.image_id:
-                return True
+                unchecked = set(container_volumes(container)) - verdict.volumes
+                if not unchecked:
+                    return True
+                verdict.message = (
+                    "trustplane gateway: the container mounts trustplane volumes that were "
+                    f"not authorized: {', '.join(sorted(unchecked))[:200]}"
+                )
+                log.warning("gateway: %s", verdict.message)
+                await self.docker.remove_container(container_id)
+                return False
         except Exception:  # fail closed: remove what cannot be confirmed
             log.exception("gateway: cannot confirm a created container")
         if container_id.isalnum():
             await self.docker.remove_container(container_id)
         log.warning("gateway: removed container %s: not from the checked image", container_id)
+        verdict.message = "trustplane gateway: the image changed between its check and the create"
         return False
 
 

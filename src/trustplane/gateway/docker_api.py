@@ -49,6 +49,25 @@ class DockerApi:
             raise MalformedError("dockerd sent an unexpected inspect answer")
         return document
 
+    async def volume_driver(self, name: str) -> str | None:
+        """`GET /volumes/{name}`: the volume's driver, or None when dockerd has no such volume."""
+        try:
+            response = await self._http.get(f"/volumes/{name}")
+        except httpx.HTTPError as exc:
+            raise UnavailableError(f"dockerd at {self.socket_path}: {type(exc).__name__}") from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise UnavailableError(f"dockerd answered {response.status_code} to a volume inspect")
+        try:
+            document = response.json()
+        except ValueError:
+            raise MalformedError("dockerd sent no JSON") from None
+        driver = document.get("Driver") if isinstance(document, dict) else None
+        if not isinstance(driver, str) or not driver:
+            raise MalformedError("dockerd names no driver for this volume")
+        return driver
+
     async def ping(self) -> None:
         """`GET /_ping`: UnavailableError unless dockerd answers OK."""
         try:

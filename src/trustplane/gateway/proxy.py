@@ -281,8 +281,7 @@ class GatewayProxy:
                     if len(answer) > MAX_DECIDED_BODY:
                         break
             if not await self.gatekeeper.confirm_created(verdict, answer):
-                message = "trustplane gateway: the image changed between its check and the create"
-                await _answer_error(writer, 403, message, head_only)
+                await _answer_error(writer, 403, verdict.message, head_only)
                 raise _Close
             writer.write(_response_head(response, Framing(length=len(answer))) + answer)
             await writer.drain()
