@@ -56,12 +56,15 @@ class Scene:
 @pytest.fixture(scope="module")
 def scene() -> Iterator[Scene]:
     with plugin_stack() as stack:
-        rules = volume_node_rules(stack.node) + """\
+        rules = (
+            volume_node_rules(stack.node)
+            + """\
   - effect: deny
     subjects: ["user:mallory"]
     actions: [volume.attach, volume.create, volume.delete]
     resources: ["volume:*"]
 """
+        )
         replace_policy(stack.plane, stack.base_policy + rules)
         client = stack.daemon.client()
         try:
