@@ -13,6 +13,7 @@ is an operator with the defaults.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,15 @@ class Scene:
     def volume_driver(self, name: str) -> str | None:
         result = self.dockerd("volume", "inspect", "--format", "{{.Driver}}", name)
         return result.stdout.strip() if result.returncode == 0 else None
+
+    def stat(self, cli: DockerCli, container: str, path: str) -> bytes:
+        """`HEAD /containers/NAME/archive?path=PATH` through the gateway as `cli`'s caller."""
+        token = json.loads((cli.config_dir / "config.json").read_text())["HttpHeaders"]
+        head = (
+            f"HEAD /v1.41/containers/{container}/archive?path={path} HTTP/1.1\r\nHost: d\r\n"
+            f"X-Trustplane-Token: {token['X-Trustplane-Token']}\r\n\r\n"
+        )
+        return self.gateway.raw(head.encode())
 
     def authorize_entries(self, start: int, subject: str) -> list[dict[str, Any]]:
         with self.stack.plane.admin() as admin:
@@ -139,7 +149,10 @@ def test_a_container_made_by_someone_allowed_is_not_a_way_in(scene: Scene) -> No
     try:
         refusal = "refuses volume.attach on volume:gv2"
         scene.mallory.refused("start", "a2", text=refusal)
-        # `docker cp` out of a stopped container mounts its volumes too.
+        # A path stat (read-only otherwise) and `docker cp` out of a stopped
+        # container mount its volumes too.
+        assert scene.stat(scene.mallory, "a2", "/data").startswith(b"HTTP/1.1 403 ")
+        assert scene.stat(scene.alice, "a2", "/data").startswith(b"HTTP/1.1 200 ")
         scene.mallory.refused("cp", "a2:/data/x", str(scene.stack.top / "x"), text=refusal)
         state = scene.dockerd.ok("container", "inspect", "--format", "{{.State.Status}}", "a2")
         assert state.strip() == "created"

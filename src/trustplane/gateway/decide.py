@@ -286,6 +286,8 @@ class Gatekeeper:
         else:
             wanted, document = host_access(classified.body, target, b"")
         if classified.action is None:
+            if target.method == "HEAD" and target.segments[-1:] == ("archive",) and classified.name:
+                await self._stat_volumes(caller, verdict, classified.name)
             verdict.allowed, verdict.status, verdict.message = True, 200, "read-only"
             return
         action = classified.action
@@ -381,6 +383,18 @@ class Gatekeeper:
             tags = target.query.get("t") or target.query.get("repo") or []
             return f"image:{reference_name(tags[0])[0]}" if tags and tags[0] else "image:*"
         return "container:*"
+
+    async def _stat_volumes(self, caller: Caller, verdict: Verdict, name: str) -> None:
+        """A path stat in a stopped container mounts its volumes: `volume.attach` for each."""
+        container = await self.docker.inspect("containers", name)
+        for volume in container_volumes(container or {}):
+            allowed, why = await self.link.authorize(caller, "volume.attach", f"volume:{volume}")
+            if not allowed:
+                verdict.logged = True
+                raise Forbidden(
+                    f"trustplane gateway: the control plane refuses volume.attach on "
+                    f"volume:{volume}: {why}"
+                )
 
     async def _create_volumes(self, verdict: Verdict, document: dict[str, Any]) -> None:
         """A create's trustplane volumes: `volume.attach` (and `volume.create` for a new one)."""
