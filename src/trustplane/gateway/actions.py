@@ -46,6 +46,10 @@ path segment; `{image}` is one or more (image names contain `/`).
 |        | /tasks, /secrets, /configs, /plugins,         |                   |              |
 |        | /containers/{id}/attach/ws, anything else     |                   |              |
 
+Calls that use a volume of the `trustplane` driver need the caller's
+`volume.attach`, `volume.create` or `volume.delete` on it besides the
+action above (volume_access.py).
+
 A request body is refused unless the call takes one (`none` in the table
 below): the start call of API versions before 1.24 took a HostConfig, so
 those versions are refused too (request.py). Form bodies are refused for

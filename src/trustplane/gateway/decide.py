@@ -20,6 +20,8 @@
    signatures (image_signatures.py).
 8. Operation authorization: the control plane's explicit `allow`. A build
    (`image.build`) is authorized on the one repository it tags.
+9. Trustplane volumes the call uses: the caller's own `allow` for each
+   (`volume.attach`, `volume.create`, `volume.delete`; volume_access.py).
 
 Any exception on the way is a denial: fail closed.
 """
