@@ -16,6 +16,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,8 @@ from control_helpers import entries_since, log_size
 from gateway_helpers import DockerCli, RunningGateway, register_local_image, start_gateway
 from volume_plugin_helpers import NOTHING, TAG, VOLUME_TYPE, Stack, create_volume, plugin_stack
 
+from trustplane.embedded.control_plane import RunningControlPlane
+from trustplane.embedded.dockerd import DockerDaemon
 from trustplane.embedded.volume_plugin import replace_policy, volume_node_rules
 
 
@@ -46,13 +49,14 @@ class Scene:
         return result.stdout.strip() if result.returncode == 0 else None
 
     def stat(self, cli: DockerCli, container: str, path: str) -> bytes:
-        """`HEAD /containers/NAME/archive?path=PATH` through the gateway as `cli`'s caller."""
+        """`HEAD /containers/NAME/archive?path=PATH` as `cli`'s caller, where `cli` talks."""
         token = json.loads((cli.config_dir / "config.json").read_text())["HttpHeaders"]
         head = (
             f"HEAD /v1.41/containers/{container}/archive?path={path} HTTP/1.1\r\nHost: d\r\n"
             f"X-Trustplane-Token: {token['X-Trustplane-Token']}\r\n\r\n"
         )
-        return self.gateway.raw(head.encode())
+        where = RunningGateway(Path(cli.host.removeprefix("unix://")), "", self.gateway.process)
+        return where.raw(head.encode())
 
     def authorize_entries(self, start: int, subject: str) -> list[dict[str, Any]]:
         with self.stack.plane.admin() as admin:
@@ -63,9 +67,33 @@ class Scene:
             ]
 
 
-@pytest.fixture(scope="module")
-def scene() -> Iterator[Scene]:
-    with plugin_stack() as stack:
+@pytest.fixture(scope="module", params=["proxy", "authz-plugin"])
+def scene(request: pytest.FixtureRequest) -> Iterator[Scene]:
+    """`proxy`: the callers use the gateway's socket; `authz-plugin`: dockerd's own,
+    with the gateway as its authorization plugin (the same decisions)."""
+    with contextlib.ExitStack() as later:
+        yield from _scene(later, request.param == "authz-plugin")
+
+
+def _scene(later: contextlib.ExitStack, authz: bool) -> Iterator[Scene]:
+    gateways: list[RunningGateway] = []
+    admin_token: list[str] = []
+
+    def authz_plugin(top: Path, plane: RunningControlPlane, plugins: Path) -> tuple[list[str], str]:
+        name = "tpgwvolumes"
+        placeholder = DockerDaemon(socket=top / "d.sock", started_by_us=False)
+        gateway = later.enter_context(
+            contextlib.contextmanager(start_gateway)(
+                top / "gw", plane, placeholder, "--authz-plugin", f"unix://{plugins}/{name}.sock"
+            )
+        )
+        gateways.append(gateway)
+        with plane.client() as login:
+            token = login.login("admin", plane.admin_password).access_token
+        admin_token.append(token)
+        return [f"--authorization-plugin={name}"], token
+
+    with plugin_stack(authz_plugin if authz else None) as stack:
         rules = (
             volume_node_rules(stack.node)
             + """\
@@ -77,6 +105,8 @@ def scene() -> Iterator[Scene]:
         )
         replace_policy(stack.plane, stack.base_policy + rules)
         client = stack.daemon.client()
+        if admin_token:
+            client.api.headers["X-Trustplane-Token"] = admin_token[0]
         try:
             register_local_image(stack.plane, client, TAG)
         finally:
@@ -87,15 +117,22 @@ def scene() -> Iterator[Scene]:
                 created = admin.create_user(name, "operator")
                 with stack.plane.client() as login:
                     tokens[name] = login.login(name, created.password).access_token
-        with contextlib.contextmanager(start_gateway)(
-            stack.top / "gw", stack.plane, stack.daemon
-        ) as gateway:
-            yield Scene(
-                stack,
-                gateway,
-                DockerCli.make(gateway.host, stack.top / "alice", tokens["alice"]),
-                DockerCli.make(gateway.host, stack.top / "mallory", tokens["mallory"]),
+        if not authz:
+            gateways.append(
+                later.enter_context(
+                    contextlib.contextmanager(start_gateway)(
+                        stack.top / "gw", stack.plane, stack.daemon
+                    )
+                )
             )
+        gateway = gateways[0]
+        host = stack.daemon.base_url if authz else gateway.host
+        yield Scene(
+            stack,
+            gateway,
+            DockerCli.make(host, stack.top / "alice", tokens["alice"]),
+            DockerCli.make(host, stack.top / "mallory", tokens["mallory"]),
+        )
 
 
 def test_a_caller_without_volume_attach_cannot_mount_a_trustplane_volume(scene: Scene) -> None:

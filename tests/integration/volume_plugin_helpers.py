@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,8 +231,16 @@ class Stack:
 
 
 @contextlib.contextmanager
-def plugin_stack() -> Iterator[Stack]:
-    """Control plane (file backend, volume type `secure`), the plugin, dockerd, busybox."""
+def plugin_stack(
+    before_dockerd: Callable[[Path, RunningControlPlane, Path], tuple[list[str], str]]
+    | None = None,
+) -> Iterator[Stack]:
+    """Control plane (file backend, volume type `secure`), the plugin, dockerd, busybox.
+
+    `before_dockerd(top, plane, plugin_dir)`, called once the plugin runs,
+    returns more dockerd options (an authorization plugin it started there)
+    and the token the stack's own docker client and CLI send.
+    """
     # Short: dockerd's containerd socket paths under the state dir stay below 108 bytes.
     top = Path(tempfile.mkdtemp(prefix="tpv-", dir="/tmp"))
     volumes, root, plugins = top / "volumes", top / "root", top / "plugins"
@@ -251,17 +259,20 @@ def plugin_stack() -> Iterator[Stack]:
         plugin = PluginProcess(plane, node, key, plugins / "trustplane.sock", root, top / "work")
         plugins.mkdir(mode=0o700)
         plugin.start()  # before dockerd: it asks the plugin for its volumes at start
+        extra, token = before_dockerd(top, plane, plugins) if before_dockerd else ([], None)
         daemon = ensure_dockerd(
             top / "work", socket=top / "d.sock", state_dir=top / "state",
-            private_network=True, plugin_dir=plugins,
+            private_network=True, plugin_dir=plugins, extra_args=extra,
         )  # fmt: skip
         assert daemon.started_by_us
         client = daemon.client()
+        if token is not None:
+            client.api.headers["X-Trustplane-Token"] = token
         try:
             import_busybox_base(client, TAG)
         finally:
             client.close()
-        docker = DockerCli.make(daemon.base_url, top / "cli", None)
+        docker = DockerCli.make(daemon.base_url, top / "cli", token)
         stack = Stack(top, plane, base_policy, node, volumes, root, daemon, docker, plugin)
         yield stack
     finally:

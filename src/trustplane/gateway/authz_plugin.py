@@ -44,6 +44,7 @@ from trustplane.gateway.http1 import (
     serialize_head,
 )
 from trustplane.gateway.request import parse_target
+from trustplane.gateway.volume_access import create_volumes
 
 log = logging.getLogger("trustplane.gateway")
 MAX_BODY = 4 * 1024 * 1024
@@ -192,8 +193,10 @@ class AuthzPlugin:
                     raise MalformedError("a container needs an Image")
                 _, image_id = await gatekeeper.images.for_start(image)
                 verdict = Verdict(True, 200, "", image_id=image_id)
+                # The volumes the request named were checked at AuthZReq (only those).
+                verdict.volumes = set(create_volumes(config))
                 if not await gatekeeper.confirm_created(verdict, _body(document, "ResponseBody")):
-                    return _answer(False, "trustplane: the image changed between check and create")
+                    return _answer(False, verdict.message)
         except TrustplaneError as exc:
             return _answer(False, str(exc))
         except Exception:  # fail closed
