@@ -87,6 +87,8 @@ from trustplane.api.signatures import SignatureEntry, SignatureLogged, Signature
 from trustplane.api.volume_spec import EncryptionSpec
 from trustplane.api.volumes import (
     AttachRequest,
+    CloneRequest,
+    EncryptRequest,
     ExtendRequest,
     NewVolume,
     NewVolumeType,
@@ -500,13 +502,36 @@ class ControlClient:
     def reencrypt_volume(self, name: str) -> VolumeInfo:
         """Copy the detached volume under a new master key and KMS key; the old storage
         and key are destroyed. Waits for the end (no timeout: the copy takes its time)."""
-        path = f"/v1/volumes/{name}/reencryption"
-        return VolumeInfo.model_validate_json(self.request("POST", path, timeout=None).content)
+        return self._copy(Call("POST", f"/v1/volumes/{name}/reencryption", _model(VolumeInfo)))
 
     def reencryption(self, name: str) -> VolumeOperationInfo:
         """The volume's running re-encryption (NotFoundError when none runs)."""
         path = f"/v1/volumes/{name}/reencryption"
         return self.call(Call("GET", path, _model(VolumeOperationInfo)))
+
+    def clone_volume(
+        self, name: str, new: str, volume_type: str | None = None, *, snapshot: bool = False
+    ) -> VolumeInfo:
+        """A copy of detached volume `name` as `new`, under a fresh key of its own."""
+        body = CloneRequest.model_construct(name=new, volume_type=volume_type, snapshot=snapshot)
+        return self._copy(Call("POST", f"/v1/volumes/{name}/clones", _model(VolumeInfo), body))
+
+    def encrypt_volume(self, source: str, name: str, volume_type: str) -> VolumeInfo:
+        """Plaintext storage `source` on the type's backend becomes encrypted volume `name`."""
+        body = EncryptRequest.model_construct(name=name, source=source, volume_type=volume_type)
+        return self._copy(Call("POST", "/v1/volume-encryptions", _model(VolumeInfo), body))
+
+    def _copy(self, call: Call[T]) -> T:
+        """`call` for a request that copies a volume: the answer comes when the data is
+        copied, so no read timeout (connecting and sending keep the client's)."""
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        try:
+            response = self._http.request(
+                call.method, call.path, timeout=timeout, **_arguments(call, self.token)
+            )
+        except httpx.HTTPError as exc:
+            raise _unreachable(self.url, exc) from None
+        return _read(call, _checked(response))
 
     def attach_volume(self, name: str, domain: str) -> VolumeKeyRelease:
         """The volume's record and key for an attach to `domain` (volume.attach; logged).

@@ -28,7 +28,14 @@ MAX_VOLUME_SIZE = 1 << 50
 """1 PiB: more than any backend here makes, and within every database's integers."""
 
 VolumeState = Literal[
-    "creating", "available", "extending", "rotating", "reencrypting", "deleting", "shredded"
+    "creating",
+    "available",
+    "extending",
+    "rotating",
+    "reencrypting",
+    "cloning",
+    "deleting",
+    "shredded",
 ]
 
 
@@ -134,6 +141,28 @@ class OnlineExtendResult(BaseModel):
     size: int = Field(ge=1 << 20, le=MAX_VOLUME_SIZE, description="The size asked at the start")
     grown: bool = Field(description="Whether the domain's disk now has `size` usable bytes")
     reason: str | None = Field(default=None, max_length=500, description="Why not, if not")
+
+
+class CloneRequest(BaseModel):
+    """A clone (or snapshot) of a detached volume, under a fresh key of its own."""
+
+    name: str = Field(pattern=VOLUME_NAME, description="The new volume's name")
+    volume_type: str | None = Field(
+        None, pattern=TYPE_NAME, description="Omitted: the source's type"
+    )
+    snapshot: bool = Field(False, description="Logged as a snapshot (it is a full clone)")
+
+
+class EncryptRequest(BaseModel):
+    """Plaintext storage on a backend becomes an encrypted volume (admins)."""
+
+    name: str = Field(pattern=VOLUME_NAME, description="The encrypted volume's name")
+    source: str = Field(
+        pattern=VOLUME_NAME,
+        description="The plaintext storage's name on the type's backend (file NAME.img in "
+        "its directory, RBD image, iSCSI target suffix); the same as `name` to take its place",
+    )
+    volume_type: str = Field(pattern=TYPE_NAME)
 
 
 CheckName = Literal["luks-header", "header-uuid", "header-digest", "cipher", "payload"]

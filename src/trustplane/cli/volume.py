@@ -1,7 +1,7 @@
 """`trustplane volume …`: encrypted volumes from the block-storage service, attached on a host.
 
-`create|list|show|delete|verify|extend|rotate-key|reencrypt` and `type create|list` talk to the
-control plane.
+`create|list|show|delete|verify|extend|rotate-key|reencrypt|clone|snapshot|encrypt`
+and `type create|list` talk to the control plane.
 `attach|detach` run on the VM's host (the compute side): the volume's key
 comes from the control plane (`volume.attach` in the policy, logged), goes
 into an ephemeral private libvirt secret from bytes, and QEMU decrypts. The
@@ -301,6 +301,75 @@ def reencrypt(name: Name, as_json: AsJson = False, server: Server = None, ca: Ca
     stdout.print(
         f"volume {result.name}: re-encrypted under key {result.key_id} "
         f"(was {before}, destroyed with the old storage)"
+    )
+
+
+@app.command("clone")
+def clone(
+    name: Name,
+    new: Annotated[str, typer.Argument(metavar="NEW", help="The clone's name.")],
+    volume_type: Annotated[
+        str | None, typer.Option("--type", help="The clone's volume type (default: the source's).")
+    ] = None,
+    as_json: AsJson = False,
+    server: Server = None,
+    ca: Ca = None,
+) -> None:
+    """Clone a detached volume under a fresh key: the data re-encrypted under a new
+    master key (QEMU LUKS1 volumes). Neither volume's key opens the other."""
+    with connect(server, ca) as client:
+        volume = client.clone_volume(name, new, volume_type)
+    if as_json:
+        emit_json(volume)
+        return
+    size = _size(volume.size)
+    stdout.print(f"volume {volume.name}: clone of {name}, {size}, key {volume.key_id}")
+
+
+@app.command("snapshot")
+def snapshot(
+    name: Name,
+    snap: Annotated[str, typer.Argument(metavar="SNAP", help="The snapshot's name.")],
+    as_json: AsJson = False,
+    server: Server = None,
+    ca: Ca = None,
+) -> None:
+    """A point-in-time copy of a detached volume: a clone under its own key (a full copy;
+    README, "Clone, snapshot, encrypt in place")."""
+    with connect(server, ca) as client:
+        volume = client.clone_volume(name, snap, snapshot=True)
+    if as_json:
+        emit_json(volume)
+        return
+    stdout.print(f"snapshot {volume.name} of {name}: {_size(volume.size)}, key {volume.key_id}")
+
+
+@app.command("encrypt")
+def encrypt(
+    new: Annotated[str, typer.Argument(metavar="NEW", help="The encrypted volume's name.")],
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="Plaintext storage on the type's backend: file SOURCE.img in its directory, "
+            "RBD image SOURCE, iSCSI target …:SOURCE. NEW = SOURCE takes its place.",
+        ),
+    ],
+    volume_type: Annotated[str, typer.Option("--type", help="The volume type.")],
+    as_json: AsJson = False,
+    server: Server = None,
+    ca: Ca = None,
+) -> None:
+    """Encrypt plaintext storage in place (admins): copied into a new LUKS volume of the
+    same usable size, swapped, then the plaintext storage is destroyed."""
+    with connect(server, ca) as client:
+        volume = client.encrypt_volume(source, new, volume_type)
+    if as_json:
+        emit_json(volume)
+        return
+    stdout.print(
+        f"volume {volume.name}: {source} encrypted, {_size(volume.size)}, key {volume.key_id}; "
+        "the plaintext storage is destroyed"
     )
 
 

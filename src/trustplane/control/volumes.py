@@ -76,6 +76,7 @@ from trustplane.control.models import Secret, Volume, VolumeType
 from trustplane.control.release import Authorize, Gate, Release
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.transparency import TransparencyLog
+from trustplane.control.volume_copies import VolumeCopies
 from trustplane.errors import (
     DecryptionKeyError,
     Forbidden,
@@ -189,6 +190,8 @@ class BlockStorage:
 
         self.reencryption = Reencryption(self)
         """Re-encryption under a new master key (control/volume_reencryption.py)."""
+        self.copies = VolumeCopies(self)
+        """Clone, snapshot and encrypt in place (control/volume_copies.py)."""
 
     # -- backends ---------------------------------------------------------------------
 
@@ -780,6 +783,7 @@ class BlockStorage:
         if row.state in (EXTENDING, REENCRYPTING):
             being = "being extended" if row.state == EXTENDING else "being re-encrypted"
             raise UsageError(f"volume {name} is {being}; delete it after that")
+        self.copies.refuse_busy(row)
         self.log.append(
             "volume.delete",
             {"subject": principal.subject, "volume": name, "id": row.id, "secret": row.key_id},
@@ -827,6 +831,7 @@ class BlockStorage:
     def recover(self) -> int:
         """Finish the deletes a crash interrupted (and creates it left half-done);
         how many were finished. A backend that does not answer is left for later."""
+        self.copies.recover()  # clones and encryptions first: an undo is a delete
         with self.db.session() as session:
             ids = list(
                 session.scalars(select(Volume.id).where(Volume.state.in_((DELETING, SHREDDED))))

@@ -10,6 +10,8 @@ from trustplane.api.volumes import (
     DOMAIN_NAME,
     VOLUME_NAME,
     AttachRequest,
+    CloneRequest,
+    EncryptRequest,
     ExtendRequest,
     NewVolume,
     NewVolumeType,
@@ -134,3 +136,19 @@ def reencryption_progress(name: VolumeName, caller: Caller, plane: Plane) -> Vol
     """The re-encryption running on the volume: its phase and the bytes copied and flushed
     to the new storage (404 when none runs)."""
     return plane.volumes.reencryption.status(caller, name)
+
+
+@router.post(
+    "/volumes/{name}/clones", status_code=status.HTTP_201_CREATED, response_model=VolumeInfo
+)
+def clone_volume(name: VolumeName, body: CloneRequest, caller: Caller, plane: Plane) -> VolumeInfo:
+    """A copy of the detached volume under a fresh KMS key and master key of its own
+    (owner or admin, volume.create on the new name; logged volume.clone)."""
+    return plane.volumes.copies.clone(caller, name, body, snapshot=body.snapshot)
+
+
+@router.post("/volume-encryptions", status_code=status.HTTP_201_CREATED, response_model=VolumeInfo)
+def encrypt_volume(body: EncryptRequest, caller: Caller, plane: Plane) -> VolumeInfo:
+    """Plaintext storage on a backend becomes an encrypted volume; the plaintext storage
+    is destroyed after the copy (admins; logged volume.encrypt)."""
+    return plane.volumes.copies.encrypt(caller, body)
