@@ -105,7 +105,7 @@ def compare_with_luks(
     src = qemu_node(plaintext, credentials, object_prefix="srccephx")
     dst = qemu_node(target, credentials, object_prefix="dstcephx")
     argv: list[Arg] = [
-        "qemu-img", "compare", "-q", "-s", *src.object_args(), *dst.object_args(),
+        "qemu-img", "compare", "-q", *src.object_args(), *dst.object_args(),
         "--object", _key_object(target_key, TARGET_KEY_OBJECT), "--image-opts",
         f"driver=raw,size={size},{src.opts('file.')}",
         f"driver=raw,size={size},file.driver=luks,file.key-secret={TARGET_KEY_OBJECT},"
