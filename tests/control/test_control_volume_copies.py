@@ -198,6 +198,12 @@ def test_a_clone_is_refused_to_strangers_for_attached_volumes_and_taken_names(
     plane.volumes.create(ALICE, NewVolume(name="taken", size=8 * MIB, volume_type="secure"))
     with pytest.raises(UsageError, match="exists already"):
         plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="taken"))
+    stray = volumes_dir / "stray.img"  # storage the service did not make: never touched
+    stray.write_bytes(b"someone else's")
+    with pytest.raises(UsageError, match="exists already"):
+        plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="stray"))
+    assert stray.read_bytes() == b"someone else's"
+    stray.unlink()
     plane.volumes.release(COMPUTE, "data", "vm-1")
     with pytest.raises(UsageError, match="quiesced"):
         plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="live"))

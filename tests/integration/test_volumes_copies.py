@@ -28,23 +28,35 @@ import pytest
 from conftest import start_control_plane_or_fail
 from control_helpers import Cli, assert_fails, entries_since
 from durability_helpers import write_server_config
-from volume_helpers import rbd_backend
+from missing import component_missing
+from volume_helpers import iscsi_backend, rbd_backend
 
 from trustplane.api.volume_location import AnyLocation
 from trustplane.client import ControlClient
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
-from trustplane.errors import DecryptionKeyError, ExitCode, NotFoundError
+from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
+from trustplane.errors import DecryptionKeyError, ExitCode, NotFoundError, TrustplaneError
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node, raw_reader
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
-from trustplane.volumes.backends import Backend, FileBackend
+from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
 
 MIB = 1 << 20
 EXECUTOR = Executor()
+
+
+@pytest.fixture(scope="module")
+def private_tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTgtd]:
+    try:
+        daemon = start_tgtd(tmp_path_factory.mktemp("copies-tgtd"))
+    except TrustplaneError as exc:
+        component_missing("tgtd", str(exc))
+    with daemon:
+        yield daemon
 
 
 @dataclass(frozen=True)
@@ -56,12 +68,15 @@ class Site:
     backends: dict[str, Backend]
     ceph: RunningCeph
     work: Path
+    luns_dir: Path
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph) -> Iterator[Site]:
+def site(
+    tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph, private_tgtd: RunningTgtd
+) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("volcopies")
-    volumes_dir = work / "volumes"
+    volumes_dir, luns_dir = work / "volumes", work / "luns"
     ceph_key_file = work / "ceph.key"
     ceph_key_file.touch(mode=0o600)
     ceph_key_file.write_text(ceph.client.key + "\n")
@@ -70,6 +85,12 @@ def site(tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph) -> Iterato
         work / "data",
         volume_backends={
             "files": {"kind": "file", "directory": str(volumes_dir)},
+            "san": {
+                "kind": "iscsi",
+                "directory": str(luns_dir),
+                "portal": f"127.0.0.1:{private_tgtd.port}",
+                "control_port": private_tgtd.control_port,
+            },
             "ceph": {
                 "kind": "rbd",
                 "pool": ceph.pool,
@@ -88,14 +109,18 @@ def site(tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph) -> Iterato
         admin_cli.login(plane, "admin", plane.admin_password)
         alice = Cli(work / "alice-session.json")
         alice.login(plane, "alice", password)
-        for name, backend in (("files", "files"), ("rbd", "ceph")):
+        for name, backend in (("files", "files"), ("san", "san"), ("rbd", "ceph")):
             created = admin_cli(
                 "volume", "type", "create", name, "--backend", backend,
                 "--provider", "luks", "--control-location", "front-end",
             )  # fmt: skip
             assert created.returncode == 0, created.stderr
-        backends: dict[str, Backend] = {"files": FileBackend(volumes_dir), "rbd": rbd_backend(ceph)}
-        yield Site(plane, admin_cli, alice, volumes_dir, backends, ceph, work)
+        backends: dict[str, Backend] = {
+            "files": FileBackend(volumes_dir),
+            "san": iscsi_backend(private_tgtd, luns_dir),
+            "rbd": rbd_backend(ceph),
+        }
+        yield Site(plane, admin_cli, alice, volumes_dir, backends, ceph, work, luns_dir)
     finally:
         plane.stop()
 
@@ -187,6 +212,14 @@ def test_clone_from_the_command_line_gets_a_master_key_of_its_own(
     assert parent_dump["UUID"] != child_dump["UUID"]
     assert not _opens(parent_location, child_key, credentials)  # the clone's key holder
     assert not _opens(child_location, parent_key, credentials)
+
+    if volume_type == "files":  # onto another backend: a file volume's clone on RBD
+        elsewhere = f"moved-{secrets.token_hex(3)}"
+        moved = _json(site.alice("volume", "clone", parent, elsewhere, "--type", "rbd", "--json"))
+        assert moved["location"]["backend"] == "rbd"
+        moved_key, moved_location = _key(site, elsewhere)
+        assert _has_pattern(moved_location, moved_key, site.backends["rbd"].credentials())
+        assert site.alice("volume", "delete", elsewhere).returncode == 0
 
     snap = f"snap-{secrets.token_hex(3)}"
     shot = site.alice("volume", "snapshot", child, snap)
@@ -400,3 +433,33 @@ def _wait_for_child(parent: int, word: str, request: subprocess.Popen[bytes]) ->
                 return int(entry.name)
         time.sleep(0.01)
     raise AssertionError("no copy started")
+
+
+def test_encrypt_a_plaintext_iscsi_lun_under_another_name(site: Site) -> None:
+    """A LUN cannot be renamed (its IQN is its name): the encrypted volume gets another
+    name, and the plaintext LUN is overwritten, then its target and backing file removed."""
+    source, name = f"lun-{secrets.token_hex(3)}", f"sealed-{secrets.token_hex(3)}"
+    backend = site.backends["san"]
+    assert isinstance(backend, IscsiBackend)
+    location = backend.create(source, 16 * MIB)
+    marker = _plaintext_marker()
+    _write_plaintext(backend.backing_file(location), marker, 16 * MIB)
+    kept = site.work / f"{source}.kept"
+    kept.hardlink_to(backend.backing_file(location))
+    assert_fails(
+        site.admin("volume", "encrypt", source, "--source", source, "--type", "san"),
+        ExitCode.UNSUPPORTED,
+        "give the encrypted volume another name",
+    )
+    info = _json(
+        site.admin("volume", "encrypt", name, "--source", source, "--type", "san", "--json")
+    )
+    assert info["size"] == 16 * MIB
+    assert not backend.exists(source)
+    assert [p.name for p in site.luns_dir.iterdir() if marker in p.read_bytes()] == []
+    assert marker not in kept.read_bytes()
+    kept.unlink()
+    key, encrypted = _key(site, name)
+    out = _qemu_io(encrypted, key, backend.credentials(), f"read -v {16 * MIB - 4096} 16")
+    assert marker[:8].hex(" ") in out
+    assert site.admin("volume", "delete", name).returncode == 0

@@ -156,10 +156,12 @@ class VolumeCopies:
             session.add(row)
             session.flush()
             session.add(op)
+        made = False  # a create refused (storage there after all) removes nothing
         try:
             key_id, key = s._order_key(principal, body.name)
             self._record_key(op.id, row.id, key_id)
             created = create_volume(backend, spec, body.name, src.size, key)
+            made = True
             self._hook(self.after_target, body.name)
             source_key = s._key(src.key_id, source_name)
             copy_into_luks(
@@ -176,7 +178,7 @@ class VolumeCopies:
             self._progress(op.id, src.size)
             self._hook(self.after_copy, body.name)
         except Exception as exc:
-            self._undo(op.id, f"{CLONE} failed", exc)
+            self._undo(op.id, f"{CLONE} failed", exc, storage=made)
             raise
         fingerprint = _fingerprint(created)
         with s.db.write_session() as session:
@@ -287,10 +289,12 @@ class VolumeCopies:
             session.add(row)
             session.flush()
             session.add(op)
+        made = False
         try:
             key_id, key = s._order_key(principal, body.name)
             self._record_key(op.id, row.id, key_id)
             created = create_volume(backend, spec, target_name, size, key)
+            made = True
             self._hook(self.after_target, body.name)
             credentials = backend.credentials()
             copy_into_luks(
@@ -313,7 +317,7 @@ class VolumeCopies:
                     .values(phase=SWAPPING, progress=size, updated=datetime.now(UTC))
                 )
         except Exception as exc:
-            self._undo(op.id, f"{ENCRYPT} failed", exc)
+            self._undo(op.id, f"{ENCRYPT} failed", exc, storage=made)
             raise
         self._hook(self.after_copy, body.name)
         self._finish_encrypt(op.id)
@@ -407,9 +411,15 @@ class VolumeCopies:
                 logger.error("volume operation %s (%s): settling it failed: %s", op_id, kind, exc)
         return done
 
-    def _undo(self, op_id: str, reason: str, cause: BaseException | None) -> None:
+    def _undo(
+        self, op_id: str, reason: str, cause: BaseException | None, *, storage: bool = True
+    ) -> None:
         """The new volume goes (its keys destroyed, its storage removed, its record
-        deleted); the source is left as it was (a clone's is `available` again)."""
+        deleted); the source is left as it was (a clone's is `available` again).
+
+        `storage` False: the new storage was never made by this operation (its create
+        was refused), so none is removed. After a crash it is not known: the record
+        reserved the name before anything was made, so what is there is the copy's."""
         s = self.storage
         with s.db.write_session() as session:
             op = session.get(VolumeOperation, op_id)
@@ -430,7 +440,7 @@ class VolumeCopies:
                 )  # fmt: skip
             session.delete(op)
         try:
-            s._finish_delete(volume_id, reason)
+            s._finish_delete(volume_id, reason, storage=storage)
         except BaseException as exc:
             logger.error("volume %s: undoing its %s failed: %s", name, kind, exc)
             if cause is None:
