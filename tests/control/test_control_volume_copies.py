@@ -141,7 +141,18 @@ def test_a_clone_has_the_data_and_a_master_key_of_its_own(
 ) -> None:
     parent_id, parent_key = _source(plane, volumes_dir)
     start, _ = plane.log.head()
+    plane.volumes.copies.chunk = 3 * MIB  # windows of 3 + 3 + 2 MiB
+    seen = []
+
+    def progress(name: str) -> None:
+        now = plane.volumes.copies.progress(ALICE, name)
+        seen.append((now.kind, now.phase, now.progress, now.total))
+
+    plane.volumes.copies.after_copy = progress
     clone = plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="copy"))
+    assert seen == [("clone", "copying", 8 * MIB, 8 * MIB)]
+    with pytest.raises(NotFoundError, match="not being cloned"):
+        plane.volumes.copies.progress(ALICE, "copy")
     assert clone.state == "available"
     assert clone.owner == "user:alice"
     assert clone.size == 8 * MIB

@@ -254,6 +254,8 @@ def test_clone_refusals_from_the_command_line(site: Site) -> None:
     with site.plane.admin() as admin:
         admin.detach_volume(name, "vm-1")
         assert [v.name for v in admin.volumes() if v.name in ("x", "live")] == []
+        with pytest.raises(NotFoundError, match="not being cloned"):
+            admin.volume_copy(name)
     assert not (site.volumes_dir / "live.img").exists()
     assert site.alice("volume", "delete", name).returncode == 0
 

@@ -165,6 +165,16 @@ class EncryptRequest(BaseModel):
     volume_type: str = Field(pattern=TYPE_NAME)
 
 
+class VolumeCopyProgress(BaseModel):
+    """How far a clone or an encryption in place is (`GET /v1/volumes/NEW/copy`)."""
+
+    volume: str
+    kind: str = Field(description="clone or encrypt")
+    phase: str = Field(description="copying, swapping or destroying")
+    progress: int = Field(description="Bytes copied so far")
+    total: int
+
+
 CheckName = Literal["luks-header", "header-uuid", "header-digest", "cipher", "payload"]
 
 

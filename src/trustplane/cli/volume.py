@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -317,8 +317,9 @@ def clone(
 ) -> None:
     """Clone a detached volume under a fresh key: the data re-encrypted under a new
     master key (QEMU LUKS1 volumes). Neither volume's key opens the other."""
-    with connect(server, ca) as client:
-        volume = client.clone_volume(name, new, volume_type)
+    volume = _copying(
+        server, ca, new, f"clone {name}", lambda c: c.clone_volume(name, new, volume_type)
+    )
     if as_json:
         emit_json(volume)
         return
@@ -336,8 +337,9 @@ def snapshot(
 ) -> None:
     """A point-in-time copy of a detached volume: a clone under its own key (a full copy;
     README, "Clone, snapshot, encrypt in place")."""
-    with connect(server, ca) as client:
-        volume = client.clone_volume(name, snap, snapshot=True)
+    volume = _copying(
+        server, ca, snap, f"snapshot {name}", lambda c: c.clone_volume(name, snap, snapshot=True)
+    )
     if as_json:
         emit_json(volume)
         return
@@ -362,8 +364,9 @@ def encrypt(
 ) -> None:
     """Encrypt plaintext storage in place (admins): copied into a new LUKS volume of the
     same usable size, swapped, then the plaintext storage is destroyed."""
-    with connect(server, ca) as client:
-        volume = client.encrypt_volume(source, new, volume_type)
+    volume = _copying(
+        server, ca, new, f"encrypt {source}", lambda c: c.encrypt_volume(source, new, volume_type)
+    )
     if as_json:
         emit_json(volume)
         return
@@ -431,6 +434,46 @@ def detach(
     with _client(server, ca, node, node_key) as client:
         detach_volume(client, LibvirtAttacher(libvirt_uri), name, domain)
     stdout.print(f"detached volume {name} from {domain}; its secret is gone")
+
+
+def _copying(
+    server: str | None,
+    ca: Path | None,
+    new: str,
+    description: str,
+    request: Callable[[ControlClient], VolumeInfo],
+) -> VolumeInfo:
+    """Send a copying request (clone, encrypt) and, on a terminal, show its progress: the
+    server records it in the operation's row, read here every half second."""
+    with connect(server, ca) as client, Reporter() as reporter:
+        if not reporter.console.is_terminal:
+            return request(client)
+        outcome: list[VolumeInfo | BaseException] = []
+
+        def send() -> None:
+            try:
+                outcome.append(request(client))
+            except BaseException as exc:  # handed to the caller's thread as it is
+                outcome.append(exc)
+
+        worker = threading.Thread(target=send, name="trustplane-copy", daemon=True)
+        worker.start()
+        with connect(server, ca) as poller:
+            advance, shown = None, 0
+            while worker.is_alive():
+                worker.join(0.5)
+                try:
+                    now = poller.volume_copy(new)
+                except TrustplaneError:
+                    continue  # not started yet, or finished meanwhile
+                if advance is None:
+                    advance = reporter.bar(description, now.total)
+                advance(now.progress - shown)
+                shown = now.progress
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
 
 @contextmanager

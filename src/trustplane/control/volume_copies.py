@@ -47,7 +47,13 @@ from sqlalchemy import select, update
 
 from trustplane.api.volume_location import AnyLocation, dump_location, load_location
 from trustplane.api.volume_spec import Engine, VolumeTypeSpec, check_volume_size
-from trustplane.api.volumes import CloneRequest, EncryptRequest, HeaderFingerprint, VolumeInfo
+from trustplane.api.volumes import (
+    CloneRequest,
+    EncryptRequest,
+    HeaderFingerprint,
+    VolumeCopyProgress,
+    VolumeInfo,
+)
 from trustplane.control.identity import Principal
 from trustplane.control.models import Volume, VolumeOperation
 from trustplane.errors import (
@@ -60,6 +66,7 @@ from trustplane.errors import (
 )
 from trustplane.volumes.backends import Backend
 from trustplane.volumes.copier import (
+    COPY_CHUNK,
     can_rename,
     check_destroyable,
     compare_with_luks,
@@ -99,6 +106,8 @@ class VolumeCopies:
         self.after_swap: Hook | None = None
         """Tests only: an encryption's new volume took the plaintext's place (phase
         `destroying`), before the plaintext is destroyed."""
+        self.chunk = COPY_CHUNK
+        """Bytes per `qemu-img convert`: the progress the operation's row records."""
 
     # -- clone ------------------------------------------------------------------------------
 
@@ -173,9 +182,10 @@ class VolumeCopies:
                 src.size,
                 source_credentials=src_backend.credentials(),
                 target_credentials=backend.credentials(),
+                chunk=self.chunk,
+                copied=lambda done: self._progress(op.id, done),
             )
             del source_key, key
-            self._progress(op.id, src.size)
             self._hook(self.after_copy, body.name)
         except Exception as exc:
             self._undo(op.id, f"{CLONE} failed", exc, storage=made)
@@ -300,6 +310,7 @@ class VolumeCopies:
             copy_into_luks(
                 backend.executor, source, None, created.location, key, size,
                 source_credentials=credentials, target_credentials=credentials,
+                chunk=self.chunk, copied=lambda done: self._progress(op.id, done),
             )  # fmt: skip
             # The plaintext is destroyed after this: read both back and compare first.
             compare_with_luks(backend.executor, source, created.location, key, size, credentials)
@@ -451,6 +462,22 @@ class VolumeCopies:
             f"volume.{kind}.failed",
             {"volume": name, "id": volume_id, "reason": why if cause is not None else reason},
         )
+
+    def progress(self, principal: Principal, name: str) -> VolumeCopyProgress:
+        """How far the clone or encryption making volume `name` is (whoever may see it)."""
+        row = self.storage._visible(principal, name)
+        with self.storage.db.session() as session:
+            op = session.scalar(
+                select(VolumeOperation).where(
+                    VolumeOperation.volume_id == row.id,
+                    VolumeOperation.kind.in_((CLONE, ENCRYPT)),
+                )
+            )
+            if op is None:
+                raise NotFoundError(f"volume {name} is not being cloned or encrypted")
+            return VolumeCopyProgress(
+                volume=name, kind=op.kind, phase=op.phase, progress=op.progress, total=op.total
+            )
 
     def refuse_busy(self, row: Volume) -> None:
         """Refuse to delete a volume that a copy reads or writes right now."""

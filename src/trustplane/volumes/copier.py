@@ -1,6 +1,6 @@
 """Storage-side steps of clone and encrypt in place: copy, rename, destroy plaintext.
 
-- `copy_into_luks`: one `qemu-img convert -n` from a source (a LUKS1 volume
+- `copy_into_luks`: `qemu-img convert -n` (window by window) from a source (a LUKS1 volume
   opened with its own key, or plaintext storage read raw) into a LUKS1
   volume that was created and formatted under a *new* key. QEMU decrypts
   with the one and encrypts with the other, so the target has its own
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from trustplane.api.volume_location import AnyLocation, FileLocation, RbdLocation
@@ -46,6 +47,8 @@ from trustplane.volumes.opening import WRONG_KEY
 SOURCE_KEY_OBJECT = "srckey"
 TARGET_KEY_OBJECT = "dstkey"
 _CHUNK = 1 << 20
+COPY_CHUNK = 256 << 20
+"""Bytes per `qemu-img convert` of a copy (each opens both ends once: ~0.1 s)."""
 _MIN_TIMEOUT = 600.0
 _FLOOR_RATE = 10 << 20
 """Bytes per second below which a copy is taken for hung (the timeout's basis)."""
@@ -65,31 +68,47 @@ def copy_into_luks(
     *,
     source_credentials: NodeCredentials | None = None,
     target_credentials: NodeCredentials | None = None,
+    chunk: int = COPY_CHUNK,
+    copied: Callable[[int], object] | None = None,
 ) -> None:
     """Copy `size` bytes of the source into the LUKS1 target (formatted under `target_key`).
 
-    `source_key` None: the source is plaintext, read raw. DecryptionKeyError when a
-    key does not open its end."""
+    `source_key` None: the source is plaintext, read raw. The copy runs in windows
+    of `chunk` bytes (one `qemu-img convert` each, `raw` offset/size windows over
+    both ends); `copied(n)` is told the bytes done after each. DecryptionKeyError
+    when a key does not open its end."""
     if size <= 0 or size % 512:
         raise UsageError(f"a copy is a whole number of sectors, not {size} bytes")
+    if chunk <= 0 or chunk % 512:
+        raise UsageError(f"a copy window is a whole number of sectors, not {chunk} bytes")
     src = qemu_node(source, source_credentials, object_prefix="srccephx")
     dst = qemu_node(target, target_credentials, object_prefix="dstcephx")
-    objects: list[Arg] = [*src.object_args(), *dst.object_args()]
-    if source_key is None:
-        source_opts = f"driver=raw,size={size},{src.opts('file.')}"
-    else:
-        objects += ["--object", _key_object(source_key, SOURCE_KEY_OBJECT)]
-        source_opts = (
-            f"driver=raw,size={size},file.driver=luks,file.key-secret={SOURCE_KEY_OBJECT},"
-            f"{src.opts('file.file.')}"
+    offset = 0
+    while offset < size:
+        length = min(chunk, size - offset)
+        objects: list[Arg] = [*src.object_args(), *dst.object_args()]
+        window = f"driver=raw,offset={offset},size={length}"
+        if source_key is None:
+            source_opts = f"{window},{src.opts('file.')}"
+        else:
+            objects += ["--object", _key_object(source_key, SOURCE_KEY_OBJECT)]
+            source_opts = (
+                f"{window},file.driver=luks,file.key-secret={SOURCE_KEY_OBJECT},"
+                f"{src.opts('file.file.')}"
+            )
+        objects += ["--object", _key_object(target_key, TARGET_KEY_OBJECT)]
+        target_opts = (
+            f"{window},file.driver=luks,file.key-secret={TARGET_KEY_OBJECT},"
+            f"{dst.opts('file.file.')}"
         )
-    objects += ["--object", _key_object(target_key, TARGET_KEY_OBJECT)]
-    target_opts = f"driver=luks,key-secret={TARGET_KEY_OBJECT},{dst.opts('file.')}"
-    argv: list[Arg] = [
-        "qemu-img", "convert", "-q", "-n", *objects,
-        "--image-opts", source_opts, "--target-image-opts", target_opts,
-    ]  # fmt: skip
-    executor.run(argv, failures=WRONG_KEY, timeout=max(_MIN_TIMEOUT, size / _FLOOR_RATE))
+        argv: list[Arg] = [
+            "qemu-img", "convert", "-q", "-n", *objects,
+            "--image-opts", source_opts, "--target-image-opts", target_opts,
+        ]  # fmt: skip
+        executor.run(argv, failures=WRONG_KEY, timeout=max(_MIN_TIMEOUT, length / _FLOOR_RATE))
+        offset += length
+        if copied is not None:
+            copied(offset)
 
 
 def compare_with_luks(

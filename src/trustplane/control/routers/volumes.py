@@ -16,6 +16,7 @@ from trustplane.api.volumes import (
     NewVolume,
     NewVolumeType,
     OnlineExtendResult,
+    VolumeCopyProgress,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeOperationInfo,
@@ -145,6 +146,12 @@ def clone_volume(name: VolumeName, body: CloneRequest, caller: Caller, plane: Pl
     """A copy of the detached volume under a fresh KMS key and master key of its own
     (owner or admin, volume.create on the new name; logged volume.clone)."""
     return plane.volumes.copies.clone(caller, name, body, snapshot=body.snapshot)
+
+
+@router.get("/volumes/{name}/copy", response_model=VolumeCopyProgress)
+def volume_copy_progress(name: VolumeName, caller: Caller, plane: Plane) -> VolumeCopyProgress:
+    """How far the clone or encryption that makes volume `name` is (404 when none runs)."""
+    return plane.volumes.copies.progress(caller, name)
 
 
 @router.post("/volume-encryptions", status_code=status.HTTP_201_CREATED, response_model=VolumeInfo)
