@@ -480,12 +480,16 @@ class VolumeCopies:
             )
 
     def refuse_busy(self, row: Volume) -> None:
-        """Refuse to delete a volume that a copy reads or writes right now."""
+        """Refuse to delete a volume that a clone or an encryption reads or writes right
+        now (other operations' rows are their own business)."""
         if row.state == CLONING:
             raise UsageError(f"volume {row.name} is being cloned; delete it after that")
         with self.storage.db.session() as session:
             op = session.scalar(
-                select(VolumeOperation.kind).where(VolumeOperation.volume_id == row.id)
+                select(VolumeOperation.kind).where(
+                    VolumeOperation.volume_id == row.id,
+                    VolumeOperation.kind.in_((CLONE, ENCRYPT)),
+                )
             )
         if op is not None:
             raise UsageError(
