@@ -28,7 +28,7 @@ from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.volumes import SimulatedCrash
 from trustplane.errors import DecryptionKeyError, Forbidden, NotFoundError, UsageError
-from trustplane.tools import Executor
+from trustplane.tools import Executor, SecretFile
 from trustplane.tools.command import Arg
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
 from trustplane.volumes.encryptors import QemuLuksEncryptor
@@ -110,6 +110,31 @@ def _luks_dump(raw: Path) -> dict[str, str]:
     return {k: fields[k] for k in ("MK digest", "MK salt", "UUID")}
 
 
+def _same_data(first: Path, first_key: bytes, second: Path, second_key: bytes) -> bool:
+    argv: list[Arg] = [
+        "qemu-img", "compare", "-q",
+        "--object", SecretFile(passphrase(first_key), "secret,id=k1,file={}"),
+        "--object", SecretFile(passphrase(second_key), "secret,id=k2,file={}"),
+        "--image-opts",
+        f"driver=luks,key-secret=k1,file.driver=file,file.filename={first}",
+        f"driver=luks,key-secret=k2,file.driver=file,file.filename={second}",
+    ]  # fmt: skip
+    result = EXECUTOR.run(argv, check=False)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
+def _files_holding(root: Path, needle: bytes) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
 def _secret_count(plane: ControlPlane) -> int:
     with plane.db.session() as session:
         return int(session.scalar(select(func.count()).select_from(Secret)) or 0)
@@ -137,7 +162,7 @@ def _source(plane: ControlPlane, volumes_dir: Path, name: str = "data") -> tuple
 
 
 def test_a_clone_has_the_data_and_a_master_key_of_its_own(
-    plane: ControlPlane, volumes_dir: Path
+    plane: ControlPlane, volumes_dir: Path, tmp_path: Path
 ) -> None:
     parent_id, parent_key = _source(plane, volumes_dir)
     start, _ = plane.log.head()
@@ -171,6 +196,14 @@ def test_a_clone_has_the_data_and_a_master_key_of_its_own(
     # the other way round.
     assert not _opens(parent_raw, clone_key)
     assert not _opens(clone_raw, parent_key)
+    # The whole payload is the same (qemu-img compare, each side through its own key).
+    assert _same_data(parent_raw, parent_key, clone_raw, clone_key)
+    _qemu_io(clone_raw, clone_key, "write -P 0x33 4M 4k")  # and the comparison can tell
+    assert not _same_data(parent_raw, parent_key, clone_raw, clone_key)
+    # No key of either is left in a file (the secret objects' files are gone).
+    for root in (Path("/dev/shm"), tmp_path):
+        for key in (parent_key, clone_key):
+            assert _files_holding(root, passphrase(key)) == []
     assert plane.volumes.show(ALICE, "data").state == "available"
     assert plane.volumes.verify(ALICE, "copy").passed
     entries = entries_since(plane, start)
