@@ -442,6 +442,14 @@ def test_encrypt_in_place_refuses_bad_input_and_leaves_nothing(
         refused(ADMIN, "again", "taken")
     with pytest.raises(UsageError, match="whole number of MiB"):
         refused(ADMIN, "odd", "odd")
+    # A link in the directory to a file elsewhere is not the backend's storage.
+    elsewhere = volumes_dir.parent / "elsewhere.raw"
+    elsewhere.write_bytes(bytes(8 * MIB))
+    (volumes_dir / "linked.img").symlink_to(elsewhere)
+    with pytest.raises(UsageError, match="not a regular file"):
+        refused(ADMIN, "linked", "linked")
+    assert elsewhere.read_bytes() == bytes(8 * MIB)
+    (volumes_dir / "linked.img").unlink()
     assert sorted(p.name for p in volumes_dir.iterdir()) == before
     assert {name: (volumes_dir / name).read_bytes() for name in before} == contents
     assert _holding(volumes_dir, marker) == ["legacy.img"]

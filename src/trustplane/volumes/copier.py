@@ -32,11 +32,18 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from trustplane.api.volume_location import AnyLocation, FileLocation, RbdLocation
-from trustplane.errors import IntegrityError, ToolError, UnsupportedError, UsageError
+from trustplane.errors import (
+    IntegrityError,
+    NotFoundError,
+    ToolError,
+    UnsupportedError,
+    UsageError,
+)
 from trustplane.tools import Executor, SecretFile
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
@@ -174,7 +181,18 @@ def check_destroyable(backend: Backend, location: AnyLocation) -> None:
                 "remove them first"
             )
         return
-    if not isinstance(backend, FileBackend | IscsiBackend):
+    if isinstance(backend, FileBackend) and isinstance(location, FileLocation):
+        try:
+            mode = Path(location.path).lstat().st_mode
+        except FileNotFoundError:
+            raise NotFoundError(f"{location.describe()} does not exist") from None
+        if not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{location.describe()} is not a regular file (a symbolic link, a device): "
+                "only a file of the backend's directory is encrypted in place"
+            )
+        return
+    if not isinstance(backend, IscsiBackend):
         raise UnsupportedError(f"encrypting {backend.kind} storage in place is not done")
 
 
