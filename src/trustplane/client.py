@@ -93,7 +93,6 @@ from trustplane.api.volumes import (
     NewVolume,
     NewVolumeType,
     OnlineExtendResult,
-    VolumeCopyProgress,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeOperationInfo,
@@ -522,9 +521,9 @@ class ControlClient:
         body = EncryptRequest.model_construct(name=name, source=source, volume_type=volume_type)
         return self._copy(Call("POST", "/v1/volume-encryptions", _model(VolumeInfo), body))
 
-    def volume_copy(self, name: str) -> VolumeCopyProgress:
+    def volume_copy(self, name: str) -> VolumeOperationInfo:
         """How far the clone or encryption making volume `name` is."""
-        return self.call(Call("GET", f"/v1/volumes/{name}/copy", _model(VolumeCopyProgress)))
+        return self.call(Call("GET", f"/v1/volumes/{name}/copy", _model(VolumeOperationInfo)))
 
     def _copy(self, call: Call[T]) -> T:
         """`call` for a request that copies a volume: the answer comes when the data is

@@ -165,16 +165,6 @@ class EncryptRequest(BaseModel):
     volume_type: str = Field(pattern=TYPE_NAME)
 
 
-class VolumeCopyProgress(BaseModel):
-    """How far a clone or an encryption in place is (`GET /v1/volumes/NEW/copy`)."""
-
-    volume: str
-    kind: str = Field(description="clone or encrypt")
-    phase: str = Field(description="copying, swapping or destroying")
-    progress: int = Field(description="Bytes copied so far")
-    total: int
-
-
 CheckName = Literal["luks-header", "header-uuid", "header-digest", "cipher", "payload"]
 
 
@@ -212,9 +202,9 @@ class VolumeVerification(BaseModel):
 
 
 class VolumeOperationInfo(BaseModel):
-    """A long operation running on a volume (`reencrypt`: the data key itself rotated),
-    as the server records it: `progress` is the bytes copied and flushed to the new
-    storage, out of `total`. No secret in it."""
+    """A long operation running on a volume (`reencrypt`: the data key itself rotated;
+    `clone`, `encrypt`: a copy under a fresh key), as the server records it: `progress`
+    is the bytes copied to the new storage, out of `total`. No secret in it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

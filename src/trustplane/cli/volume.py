@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 
 from trustplane.api.volume_spec import ControlLocation, EncryptionSpec, Provider, parse_size
-from trustplane.api.volumes import VolumeInfo
+from trustplane.api.volumes import VolumeInfo, VolumeOperationInfo
 from trustplane.cli.common import AsJson, emit_json, read_file, stdout
 from trustplane.cli.node_options import check_node_key
 from trustplane.cli.session import Ca, Server, connect, load
@@ -265,36 +265,15 @@ def reencrypt(name: Name, as_json: AsJson = False, server: Server = None, ca: Ca
 
     The server records the bytes copied: after a crash it carries on at its
     next start, or when this is run again. A progress bar shows the copy."""
-    outcome: list[VolumeInfo | BaseException] = []
-
-    def run() -> None:
-        try:
-            with connect(server, ca) as client:
-                outcome.append(client.reencrypt_volume(name))
-        except BaseException as exc:  # handed to the main thread, raised there
-            outcome.append(exc)
-
-    with connect(server, ca) as watcher:
-        before = watcher.volume(name).key_id
-        worker = threading.Thread(target=run, name="reencrypt", daemon=True)
-        worker.start()
-        with Reporter() as reporter:
-            shown, advance = 0, None
-            while worker.is_alive():
-                worker.join(0.5)
-                try:
-                    op = watcher.reencryption(name)
-                except TrustplaneError:
-                    continue  # not started yet, or done
-                if advance is None:
-                    advance = reporter.bar(f"re-encrypting {name}", op.total)
-                if op.progress > shown:
-                    advance(op.progress - shown)
-                    shown = op.progress
-            worker.join()
-            [result] = outcome
-            if isinstance(result, BaseException):
-                raise result
+    with connect(server, ca) as client:
+        before = client.volume(name).key_id
+    result = _copying(
+        server,
+        ca,
+        f"re-encrypting {name}",
+        lambda c: c.reencrypt_volume(name),
+        lambda c: c.reencryption(name),
+    )
     if as_json:
         emit_json(result)
         return
@@ -318,7 +297,11 @@ def clone(
     """Clone a detached volume under a fresh key: the data re-encrypted under a new
     master key (QEMU LUKS1 volumes). Neither volume's key opens the other."""
     volume = _copying(
-        server, ca, new, f"clone {name}", lambda c: c.clone_volume(name, new, volume_type)
+        server,
+        ca,
+        f"clone {name}",
+        lambda c: c.clone_volume(name, new, volume_type),
+        lambda c: c.volume_copy(new),
     )
     if as_json:
         emit_json(volume)
@@ -338,7 +321,11 @@ def snapshot(
     """A point-in-time copy of a detached volume: a clone under its own key (a full copy;
     README, "Clone, snapshot, encrypt in place")."""
     volume = _copying(
-        server, ca, snap, f"snapshot {name}", lambda c: c.clone_volume(name, snap, snapshot=True)
+        server,
+        ca,
+        f"snapshot {name}",
+        lambda c: c.clone_volume(name, snap, snapshot=True),
+        lambda c: c.volume_copy(snap),
     )
     if as_json:
         emit_json(volume)
@@ -365,7 +352,11 @@ def encrypt(
     """Encrypt plaintext storage in place (admins): copied into a new LUKS volume of the
     same usable size, swapped, then the plaintext storage is destroyed."""
     volume = _copying(
-        server, ca, new, f"encrypt {source}", lambda c: c.encrypt_volume(source, new, volume_type)
+        server,
+        ca,
+        f"encrypt {source}",
+        lambda c: c.encrypt_volume(source, new, volume_type),
+        lambda c: c.volume_copy(new),
     )
     if as_json:
         emit_json(volume)
@@ -439,12 +430,13 @@ def detach(
 def _copying(
     server: str | None,
     ca: Path | None,
-    new: str,
     description: str,
     request: Callable[[ControlClient], VolumeInfo],
+    progress: Callable[[ControlClient], VolumeOperationInfo],
 ) -> VolumeInfo:
-    """Send a copying request (clone, encrypt) and, on a terminal, show its progress: the
-    server records it in the operation's row, read here every half second."""
+    """Send a request that copies a volume (re-encrypt, clone, encrypt) and, on a
+    terminal, show its progress: the server records it in the operation's row, read
+    here every half second on a second connection."""
     with connect(server, ca) as client, Reporter() as reporter:
         if not reporter.console.is_terminal:
             return request(client)
@@ -463,7 +455,7 @@ def _copying(
             while worker.is_alive():
                 worker.join(0.5)
                 try:
-                    now = poller.volume_copy(new)
+                    now = progress(poller)
                 except TrustplaneError:
                     continue  # not started yet, or finished meanwhile
                 if advance is None:

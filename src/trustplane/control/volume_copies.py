@@ -51,11 +51,12 @@ from trustplane.api.volumes import (
     CloneRequest,
     EncryptRequest,
     HeaderFingerprint,
-    VolumeCopyProgress,
     VolumeInfo,
+    VolumeOperationInfo,
 )
 from trustplane.control.identity import Principal
 from trustplane.control.models import Volume, VolumeOperation
+from trustplane.control.volume_reencryption import operation_info
 from trustplane.errors import (
     Forbidden,
     IntegrityError,
@@ -463,7 +464,7 @@ class VolumeCopies:
             {"volume": name, "id": volume_id, "reason": why if cause is not None else reason},
         )
 
-    def progress(self, principal: Principal, name: str) -> VolumeCopyProgress:
+    def progress(self, principal: Principal, name: str) -> VolumeOperationInfo:
         """How far the clone or encryption making volume `name` is (whoever may see it)."""
         row = self.storage._visible(principal, name)
         with self.storage.db.session() as session:
@@ -475,9 +476,7 @@ class VolumeCopies:
             )
             if op is None:
                 raise NotFoundError(f"volume {name} is not being cloned or encrypted")
-            return VolumeCopyProgress(
-                volume=name, kind=op.kind, phase=op.phase, progress=op.progress, total=op.total
-            )
+            return operation_info(name, op)
 
     def refuse_busy(self, row: Volume) -> None:
         """Refuse to delete a volume that a clone or an encryption reads or writes right

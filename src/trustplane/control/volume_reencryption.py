@@ -105,6 +105,21 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def operation_info(name: str, op: VolumeOperation) -> VolumeOperationInfo:
+    """What a client sees of a running operation (re-encryption, clone, encryption)."""
+    return VolumeOperationInfo(
+        volume=name,
+        kind=op.kind,
+        phase=op.phase,
+        key_id=op.key_id,
+        progress=op.progress,
+        total=op.total,
+        subject=op.subject,
+        started=_aware(op.started),
+        updated=_aware(op.updated),
+    )
+
+
 class Reencryption:
     """The state machine; BlockStorage holds one (`BlockStorage.reencryption`)."""
 
@@ -191,17 +206,7 @@ class Reencryption:
         op = self._op(row.id)
         if op is None:
             raise NotFoundError(f"volume {name} has no operation running")
-        return VolumeOperationInfo(
-            volume=name,
-            kind=op.kind,
-            phase=op.phase,
-            key_id=op.key_id,
-            progress=op.progress,
-            total=op.total,
-            subject=op.subject,
-            started=_aware(op.started),
-            updated=_aware(op.updated),
-        )
+        return operation_info(name, op)
 
     def resume_all(self) -> int:
         """At start: carry on every re-encryption whose runner is gone; how many finished."""

@@ -16,7 +16,6 @@ from trustplane.api.volumes import (
     NewVolume,
     NewVolumeType,
     OnlineExtendResult,
-    VolumeCopyProgress,
     VolumeInfo,
     VolumeKeyRelease,
     VolumeOperationInfo,
@@ -148,8 +147,8 @@ def clone_volume(name: VolumeName, body: CloneRequest, caller: Caller, plane: Pl
     return plane.volumes.copies.clone(caller, name, body, snapshot=body.snapshot)
 
 
-@router.get("/volumes/{name}/copy", response_model=VolumeCopyProgress)
-def volume_copy_progress(name: VolumeName, caller: Caller, plane: Plane) -> VolumeCopyProgress:
+@router.get("/volumes/{name}/copy", response_model=VolumeOperationInfo)
+def volume_copy_progress(name: VolumeName, caller: Caller, plane: Plane) -> VolumeOperationInfo:
     """How far the clone or encryption that makes volume `name` is (404 when none runs)."""
     return plane.volumes.copies.progress(caller, name)
 
