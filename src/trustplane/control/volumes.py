@@ -6,7 +6,8 @@ What Cinder and Barbican do for an encrypted volume, in one place:
   the record keeps only the key's UUID, then the storage is created and
   LUKS-formatted under it (volumes/volume.py), and the header's UUID and
   digest go on the record. A name that exists is refused; nothing ever
-  formats a volume that exists.
+  formats a volume that exists. A crash mid-create is settled at the next
+  start (control/volume_create_recovery.py).
 - attach: the key is released to a caller the policy allows
   `volume.attach` on `volume:NAME` (through the attestation gate when the
   rule asks for it), and only while the volume is not attached to another
@@ -77,6 +78,7 @@ from trustplane.control.release import Authorize, Gate, Release
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.transparency import TransparencyLog
 from trustplane.control.volume_copies import VolumeCopies
+from trustplane.control.volume_create_recovery import InterruptedCreates
 from trustplane.errors import (
     DecryptionKeyError,
     Forbidden,
@@ -158,7 +160,8 @@ def _endpoint(text: str, where: str) -> Endpoint:
 
 
 class SimulatedCrash(BaseException):
-    """Raised by a test's `after_shred` hook: the process 'dies' right there."""
+    """Raised by a test's hook (`after_shred`, `creates.at_step`, …): the process
+    'dies' right there (nothing is undone)."""
 
 
 class BlockStorage:
@@ -192,6 +195,8 @@ class BlockStorage:
         """Re-encryption under a new master key (control/volume_reencryption.py)."""
         self.copies = VolumeCopies(self)
         """Clone, snapshot and encrypt in place (control/volume_copies.py)."""
+        self.creates = InterruptedCreates(self)
+        """Creates a crash interrupted, settled at the next start (control/volume_create_recovery.py)."""
 
     # -- backends ---------------------------------------------------------------------
 
@@ -277,12 +282,18 @@ class BlockStorage:
                 raise UsageError(f"volume {body.name!r} exists already")
             session.add(row)
         try:
+            self.creates.step("record", body.name)
             key_id, key = self._order_key(principal, body.name)
+            self.creates.step("key", body.name)
             self._set(row.id, key_id=key_id)
-            created = create_volume(backend, spec, body.name, size, key)
+            self.creates.step("key-recorded", body.name)
+            made = self.creates.made(row.id, backend, body.name)
+            created = create_volume(backend, spec, body.name, size, key, made)
             del key
+            self.creates.step("formatted", body.name)
         except BaseException as exc:
-            self._undo_create(row.id, body.name, exc)
+            if not isinstance(exc, SimulatedCrash):  # a crash leaves it to `recover`
+                self._undo_create(row.id, body.name, exc)
             raise
         assert created.fingerprint is not None
         assert created.engine is not None
@@ -794,7 +805,9 @@ class BlockStorage:
         """Take a volume from any state to gone: key first, storage second, record last.
 
         Each step is idempotent and the state is committed after each, so
-        running this again after a crash anywhere finishes the job.
+        running this again after a crash anywhere finishes the job. The storage
+        removed is the one the record names (none for a create that made none:
+        storage of that name is not this record's).
         """
         with self.db.session() as session:
             row = session.get(Volume, volume_id)
@@ -815,10 +828,8 @@ class BlockStorage:
             self._set(volume_id, state=SHREDDED)
             if self.after_shred is not None:
                 self.after_shred(name)
-        if storage:
-            backend = self.backend(backend_name)
-            location = load_location(location_json) if location_json else backend.location(name)
-            delete_volume(backend, location)
+        if storage and location_json is not None:  # only storage the record names
+            delete_volume(self.backend(backend_name), load_location(location_json))
         with self.db.session() as session:
             row = session.get(Volume, volume_id)
             if row is not None:
@@ -855,6 +866,7 @@ class BlockStorage:
             except TrustplaneError as exc:
                 logger.error("volume %s: finishing its delete failed: %s", volume_id, exc)
         self.reencryption.resume_all()  # re-encryptions a crash interrupted carry on
+        done += self.creates.recover()  # creates a crash interrupted: volume_create_recovery
         return done
 
     # -- helpers ----------------------------------------------------------------------------

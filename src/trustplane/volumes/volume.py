@@ -9,10 +9,11 @@ about tools, formats and backends stays in this package.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from trustplane.api.volume_location import Location
+from trustplane.api.volume_location import AnyLocation, Location
 from trustplane.api.volume_spec import Engine, VolumeTypeSpec, check_volume_size
 from trustplane.api.volumes import HeaderFingerprint
 from trustplane.errors import TrustplaneError, UnsupportedError, UsageError
@@ -38,11 +39,13 @@ def create_volume(
     name: str,
     size: int,
     key: bytes | None,
+    made: Callable[[AnyLocation], None] | None = None,
 ) -> CreatedVolume:
     """Create volume `name` of `size` usable bytes on `backend`, encrypted under `key`.
 
     A plain type takes no key. A failure leaves no storage behind; a name
-    that exists is refused (nothing is ever formatted twice).
+    that exists is refused (nothing is ever formatted twice). `made` is told the
+    location once the storage exists (before its format; see `Encryptor.create`).
     """
     if volume_type.backend is not backend.kind:
         raise UsageError(f"the volume type is for {volume_type.backend}, not {backend.kind}")
@@ -52,11 +55,13 @@ def create_volume(
             raise UsageError("a plain volume type takes no key")
         backend.check_name(name)
         location = backend.create(name, check_volume_size(size))
+        if made is not None:
+            made(location)
         return CreatedVolume(location=location, size=size, engine=None, fingerprint=None)
     if key is None:
         raise UsageError("an encrypted volume type needs a key from the KMS")
     encryptor = encryptor_for(engine, backend.executor)
-    location = encryptor.create(backend, name, size, key, volume_type.encryption)
+    location = encryptor.create(backend, name, size, key, volume_type.encryption, made)
     try:
         fingerprint = encryptor.fingerprint(backend.reader(location))
     except BaseException:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 from trustplane.api.volume_location import AnyLocation
@@ -97,11 +98,20 @@ class Encryptor(ABC):
         """Raw bytes the LUKS header takes before the payload (the volume gets size + this)."""
 
     def create(
-        self, backend: Backend, name: str, size: int, key: bytes, spec: EncryptionSpec
+        self,
+        backend: Backend,
+        name: str,
+        size: int,
+        key: bytes,
+        spec: EncryptionSpec,
+        made: Callable[[AnyLocation], None] | None = None,
     ) -> AnyLocation:
         """New storage holding `size` usable bytes, formatted under `key`.
 
-        Refuses a name that exists; a failure removes what it made.
+        Refuses a name that exists; a failure removes what it made. `made` is
+        told the location as soon as the storage exists (before the format), so
+        that a caller can record that this storage is its own (if `made` raises,
+        the storage stays: it is the caller's, who was told where).
         """
         backend.check_name(name)
         check_volume_size(size)
@@ -112,6 +122,8 @@ class Encryptor(ABC):
                 "a volume that exists"
             )
         location = backend.create(name, size + self.header_bytes(spec))
+        if made is not None:
+            made(location)
         try:
             self.format(backend, location, key, spec)
         except BaseException:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -83,11 +84,18 @@ class QemuLuksEncryptor(Encryptor):
         ]  # fmt: skip
 
     def create(
-        self, backend: Backend, name: str, size: int, key: bytes, spec: EncryptionSpec
+        self,
+        backend: Backend,
+        name: str,
+        size: int,
+        key: bytes,
+        spec: EncryptionSpec,
+        made: Callable[[AnyLocation], None] | None = None,
     ) -> AnyLocation:
-        """QEMU creates RBD images itself while formatting; other storage is made first."""
+        """QEMU creates RBD images itself while formatting (`made` is told once it
+        is done); other storage is made first."""
         if not backend.qemu_creates_storage:
-            return super().create(backend, name, size, key, spec)
+            return super().create(backend, name, size, key, spec, made)
         self._check(spec)
         backend.check_name(name)
         check_volume_size(size)
@@ -108,6 +116,8 @@ class QemuLuksEncryptor(Encryptor):
             with contextlib.suppress(TrustplaneError):
                 backend.remove_leftover(location)
             raise
+        if made is not None:
+            made(location)
         return location
 
     def _format(
