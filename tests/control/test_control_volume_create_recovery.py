@@ -157,3 +157,15 @@ def test_with_replicas_possible_only_an_old_creating_record_is_settled(
         assert _keys(second) == []
     finally:
         second.close()
+
+
+def test_a_create_made_since_this_server_started_is_its_own_and_left(
+    first: ControlPlane, tmp_path: Path
+) -> None:
+    """`recover` runs beside the first requests: a `creating` record this process
+    made is a create it runs (here: one stopped by the test), never settled."""
+    _crash_create(first, "formatted")
+    assert first.volumes.recover() == 0
+    assert first.volumes.show(ADMIN, "data").state == "creating"
+    assert (tmp_path / "volumes" / "data.img").exists()
+    assert len(_keys(first)) == 1

@@ -27,8 +27,10 @@ another replica runs right now; destroying it would shred the key under it
 (settled at every start: its leftovers are the volume's own keys), a create's
 record is taken only when its create cannot be running any more:
 
-- on SQLite, one server owns the database, and `recover` runs before it
-  serves a request: every `creating` record is of a process that is gone;
+- never a record made since this server started (`recover` runs beside the
+  first requests, app.py: a create asked right away is this process's own);
+- on SQLite, one server owns the database: every `creating` record from
+  before its start is of a process that is gone;
 - on PostgreSQL, only records older than `MAX_CREATE_AGE`: a create is bounded
   (the key order, the storage, then `qemu-img create` with at most
   `QEMU_PBKDF_CALIBRATION.tries` tries of at most 300 s each, 40 min), plus a
@@ -72,8 +74,10 @@ class InterruptedCreates:
 
     def __init__(self, storage: BlockStorage) -> None:
         self.storage = storage
+        self.started = datetime.now(UTC)
+        """Records made from now on are this process's own creates."""
         self.single_server = is_sqlite(storage.db.engine)
-        """Whether every `creating` record at start is of a dead process (SQLite)."""
+        """Whether every `creating` record from before the start is of a dead process."""
         self.at_step: Callable[[str, str], None] | None = None
         """Tests only (set in-process): called with (step, volume name) at each step
         of a create ("record", "key", "key-recorded", "storage", "formatted"), to
@@ -99,11 +103,11 @@ class InterruptedCreates:
 
     def interrupted(self, created: datetime, now: datetime) -> bool:
         """Whether a `creating` record made at `created` cannot have a create running."""
-        if self.single_server:
-            return True
-        if created.tzinfo is None:  # SQLite and some drivers give naive UTC back
+        if created.tzinfo is None:  # SQLite gives naive UTC back
             created = created.replace(tzinfo=UTC)
-        return now - created > MAX_CREATE_AGE
+        if created >= self.started:
+            return False
+        return self.single_server or now - created > MAX_CREATE_AGE
 
     def recover(self) -> int:
         """Settle every interrupted create (see the module); how many were."""

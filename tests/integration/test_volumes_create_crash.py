@@ -1,0 +1,159 @@
+"""`kill -9` of a real server in the middle of a volume create; the restart settles it.
+
+The server is `trustplane server` (a subprocess) with a file backend. A
+create is asked over HTTP; as soon as the server's database shows the
+record `creating` with its storage recorded (the key ordered, the file made,
+qemu-img formatting it), the server process gets SIGKILL. The restarted
+server settles it at start by itself: no key of the volume in the KMS, no
+file, no record, and the log says "create finished after a crash". A file
+of another name that the service refused to format (it existed) survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import start_control_plane_or_fail
+from control_helpers import entries_since
+from durability_helpers import write_server_config
+
+from trustplane.client import ControlClient
+from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.errors import NotFoundError, TrustplaneError, UsageError
+
+MIB = 1 << 20
+TRIES = 20
+FOREIGN = b"someone else's data".ljust(MIB, b"\0")
+
+
+@dataclass
+class Site:
+    work: Path
+    volumes: Path
+    plane: RunningControlPlane
+    password: str
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    volumes = tmp_path / "volumes"
+    write_server_config(
+        tmp_path / "data",
+        volume_backends={"files": {"kind": "file", "directory": str(volumes)}},
+    )
+    plane = start_control_plane_or_fail(tmp_path, data_dir=tmp_path / "data")
+    password = secrets.token_urlsafe(12)
+    with plane.admin() as admin:
+        admin.create_volume_type("secure", "files")
+        admin.create_user("alice", "user", password)
+    current = Site(tmp_path, volumes, plane, password)
+    try:
+        yield current
+    finally:
+        current.plane.stop()
+
+
+def _row(data_dir: Path, name: str) -> tuple[str, str | None, str | None] | None:
+    """(state, key_id, location) of the volume's record as the server committed it."""
+    with contextlib.closing(sqlite3.connect(data_dir / "trustplane.db", timeout=30)) as db:
+        row = db.execute(
+            "SELECT state, key_id, location FROM volumes WHERE name = ?", (name,)
+        ).fetchone()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _keys(data_dir: Path, name: str) -> int:
+    with contextlib.closing(sqlite3.connect(data_dir / "trustplane.db", timeout=30)) as db:
+        row = db.execute("SELECT count(*) FROM secrets WHERE name = ?", (f"volume:{name}",))
+        return int(row.fetchone()[0])
+
+
+def _kill_mid_create(site: Site) -> tuple[str, str]:
+    """Create volumes until one is caught `creating` with its storage made; SIGKILL
+    the server right then. The name caught and its recorded key's UUID."""
+    plane = site.plane
+    for attempt in range(TRIES):
+        name = f"v{attempt}"
+        done = threading.Event()
+
+        def create(volume: str = name, finished: threading.Event = done) -> None:
+            with (
+                ControlClient(plane.url, plane.ca_file) as client,
+                contextlib.suppress(TrustplaneError),  # the server may be killed under it
+            ):
+                client.login("alice", site.password)
+                client.create_volume(volume, 8 * MIB, "secure")
+            finished.set()
+
+        worker = threading.Thread(target=create, daemon=True)
+        worker.start()
+        while not done.is_set():
+            row = _row(plane.data_dir, name)
+            if row is not None and row[0] == "creating" and row[2] is not None:
+                pid = plane.process.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                worker.join(60)
+                plane.process.stop()  # reaps it; it is dead already
+                assert plane.process.returncode() == -signal.SIGKILL
+                assert row[1] is not None
+                return name, row[1]
+            time.sleep(0.005)
+        worker.join(60)
+    pytest.fail(f"no create of {TRIES} was caught between its storage and its end")
+
+
+def test_kill_9_mid_create_then_the_restart_settles_it(site: Site) -> None:
+    (site.volumes / "theirs.img").parent.mkdir(parents=True, exist_ok=True)
+    (site.volumes / "theirs.img").write_bytes(FOREIGN)
+    with site.plane.client() as alice:
+        alice.login("alice", site.password)
+        with pytest.raises(UsageError, match="exists already"):
+            alice.create_volume("theirs", 8 * MIB, "secure")
+        start = alice.health().log_size
+    name, key_id = _kill_mid_create(site)
+    data_dir = site.plane.data_dir
+    # What the dead server left: the record `creating`, its key, its file.
+    left = _row(data_dir, name)
+    assert left is not None
+    assert left[0] == "creating"
+    assert _keys(data_dir, name) == 1
+    raw = site.volumes / f"{name}.img"
+    assert raw.exists()
+    site.plane = plane = start_control_plane(
+        site.work, data_dir=data_dir, admin_password=site.plane.admin_password
+    )
+    # Settled at start by itself (a task beside the first requests): no request asks.
+    deadline = time.monotonic() + 120
+    while _row(data_dir, name) is not None:
+        assert time.monotonic() < deadline, f"still there: {_row(data_dir, name)}"
+        time.sleep(0.1)
+    assert _keys(data_dir, name) == 0
+    assert not raw.exists()
+    assert (site.volumes / "theirs.img").read_bytes() == FOREIGN
+    with plane.admin() as admin:
+        with pytest.raises(NotFoundError):
+            admin.volume(name)
+        with pytest.raises(NotFoundError):
+            admin.secret(key_id)
+        entries = [e for e in entries_since(admin, start) if e.get("volume") == name]
+    settled = [e for e in entries if e["kind"] == "volume.create.failed"]
+    assert len(settled) == 1
+    assert settled[0]["reason"] == "create finished after a crash"
+    assert settled[0]["storage_left"] is None
+    assert [e["kind"] for e in entries if e["kind"] == "volume.destroyed"] == ["volume.destroyed"]
+    assert "volume.create" not in [e["kind"] for e in entries]
+    # The name is free again.
+    with plane.client() as alice:
+        alice.login("alice", site.password)
+        assert alice.create_volume(name, 8 * MIB, "secure").state == "available"
