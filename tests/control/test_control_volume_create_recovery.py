@@ -99,7 +99,9 @@ def test_a_create_crashed_after_each_step_is_settled_at_the_next_start(
         assert entries[-1]["reason"] == REASON == "create finished after a crash"
         assert entries[-1]["storage_left"] is None
         # The name is free again: a new create of it works.
-        info = second.volumes.create(ALICE, NewVolume(name="data", size=8 * MIB, volume_type="secure"))
+        info = second.volumes.create(
+            ALICE, NewVolume(name="data", size=8 * MIB, volume_type="secure")
+        )
         assert info.state == "available"
         assert second.volumes.recover() == 0  # nothing else to settle
     finally:

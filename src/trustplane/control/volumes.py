@@ -196,7 +196,8 @@ class BlockStorage:
         self.copies = VolumeCopies(self)
         """Clone, snapshot and encrypt in place (control/volume_copies.py)."""
         self.creates = InterruptedCreates(self)
-        """Creates a crash interrupted, settled at the next start (control/volume_create_recovery.py)."""
+        """Creates a crash interrupted, settled at the next start
+        (control/volume_create_recovery.py)."""
 
     # -- backends ---------------------------------------------------------------------
 
