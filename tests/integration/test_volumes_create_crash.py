@@ -7,6 +7,10 @@ qemu-img formatting it), the server process gets SIGKILL. The restarted
 server settles it at start by itself: no key of the volume in the KMS, no
 file, no record, and the log says "create finished after a crash". A file
 of another name that the service refused to format (it existed) survives.
+
+The same settling in-process on an iSCSI LUN (tgtd) and an RBD image (Ceph;
+QEMU makes the image while it formats it): a create stopped after its
+storage was made, and after its format (SimulatedCrash, nothing undone).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +30,23 @@ import pytest
 from conftest import start_control_plane_or_fail
 from control_helpers import entries_since
 from durability_helpers import write_server_config
+from volume_helpers import iscsi_backend, rbd_backend
 
+from trustplane.api.volume_spec import BackendKind
+from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.client import ControlClient
+from trustplane.control.identity import Principal
+from trustplane.control.service import build
+from trustplane.control.settings import ServerSettings, VolumeBackendSettings
+from trustplane.control.volumes import SimulatedCrash
+from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
+from trustplane.embedded.tgtd import RunningTgtd
 from trustplane.errors import NotFoundError, TrustplaneError, UsageError
 
 MIB = 1 << 20
+ADMIN = Principal("user", "admin", "admin", frozenset())
+ALICE = Principal("user", "alice", "user", frozenset())
 TRIES = 20
 FOREIGN = b"someone else's data".ljust(MIB, b"\0")
 
@@ -157,3 +172,67 @@ def test_kill_9_mid_create_then_the_restart_settles_it(site: Site) -> None:
     with plane.client() as alice:
         alice.login("alice", site.password)
         assert alice.create_volume(name, 8 * MIB, "secure").state == "available"
+
+
+def _backend_settings(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[VolumeBackendSettings, Callable[[str], bool]]:
+    """The server's settings for an iSCSI or RBD backend, and whether storage `name` exists."""
+    if kind == "iscsi":
+        tgtd: RunningTgtd = request.getfixturevalue("tgtd")
+        luns = tmp_path / "luns"
+        settings = VolumeBackendSettings(
+            kind=BackendKind.ISCSI,
+            directory=luns,
+            portal=f"127.0.0.1:{tgtd.port}",
+            control_port=tgtd.control_port,
+        )
+        return settings, iscsi_backend(tgtd, luns).exists
+    ceph: RunningCeph = request.getfixturevalue("ceph")
+    key_file = tmp_path / "ceph.key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(ceph.client.key + "\n")
+    settings = VolumeBackendSettings(
+        kind=BackendKind.RBD,
+        pool=ceph.pool,
+        user=ceph.client.user,
+        monitors=[f"{ceph.client.mon_host}:{ceph.client.mon_port}"],
+        key_file=key_file,
+    )
+    return settings, rbd_backend(ceph).exists
+
+
+@pytest.mark.parametrize("at", ["storage", "formatted"])
+@pytest.mark.parametrize("kind", ["iscsi", "rbd"])
+def test_a_create_stopped_on_a_lun_or_an_rbd_image_is_settled_at_the_next_start(
+    tmp_path: Path, request: pytest.FixtureRequest, kind: str, at: str
+) -> None:
+    backend, exists = _backend_settings(kind, tmp_path, request)
+    settings = ServerSettings(data_dir=tmp_path / "data", volume_backends={"b": backend})
+    name = f"cc-{at}-{secrets.token_hex(3)}"
+    first = build(settings, announce=False)
+    try:
+        first.volumes.create_type(ADMIN, NewVolumeType(name="t", backend="b"))
+
+        def crash(step: str, volume: str) -> None:
+            if step == at:
+                raise SimulatedCrash(volume)
+
+        first.volumes.creates.at_step = crash
+        with pytest.raises(SimulatedCrash):
+            first.volumes.create(ALICE, NewVolume(name=name, size=8 * MIB, volume_type="t"))
+        assert first.volumes.show(ADMIN, name).state == "creating"
+        key_id = first.volumes.show(ADMIN, name).key_id
+        assert key_id is not None
+    finally:
+        first.close()
+    assert exists(name)
+    second = build(settings, announce=False)
+    try:
+        assert second.volumes.recover() == 1
+        assert not exists(name)
+        assert second.store.rows.get(key_id) is None
+        with pytest.raises(NotFoundError):
+            second.volumes.show(ADMIN, name)
+    finally:
+        second.close()
