@@ -537,10 +537,13 @@ class ControlClient:
             raise _unreachable(self.url, exc) from None
         return _read(call, _checked(response))
 
-    def attach_volume(self, name: str, domain: str) -> VolumeKeyRelease:
-        """The volume's record and key for an attach to `domain` (volume.attach; logged).
+    def attach_volume(
+        self, name: str, domain: str, transport_key_pem: str | None = None
+    ) -> VolumeKeyRelease:
+        """The volume's record and key for an attach to `domain` (volume.attach; logged),
+        wrapped to `transport_key_pem` when given (nodes must: `key_bytes(private)`).
         The attachment is recorded until `detach_volume`."""
-        body = AttachRequest.model_construct(domain=domain)
+        body = AttachRequest.model_construct(domain=domain, transport_key=transport_key_pem)
         path = f"/v1/volumes/{name}/attachment"
         return self.call(Call("POST", path, _model(VolumeKeyRelease), body))
 

@@ -40,6 +40,7 @@ from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.header import LUKS_MAGIC, verify
+from trustplane.volumes.transport_key import NodeTransport
 
 MIB = 1 << 20
 ADMIN = Principal("user", "admin", "admin", frozenset())
@@ -53,6 +54,8 @@ NODE_RULE = """\
     resources: ["volume:*"]
 """
 ATTESTED_RULE = NODE_RULE + "    require_attestation: true\n"
+TRANSPORT = NodeTransport.ephemeral()
+"""The nodes' transport key pair (never enrolled here: the policy alone decides)."""
 
 
 def _settings(data: Path, volumes: Path) -> ServerSettings:
@@ -166,25 +169,29 @@ def test_the_key_goes_only_to_whom_the_policy_allows_and_every_answer_is_logged(
         plane.volumes.release(ALICE, "data", "vm-1")
     with pytest.raises(NotFoundError):
         plane.volumes.release(BOB, "data", "vm-1")
-    released = plane.volumes.release(COMPUTE, "data", "vm-1")
+    released = plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
     assert released.volume.key_id == key_id
-    assert released.key_bytes() == plane.store.unseal(plane.store.find(key_id))  # type: ignore[arg-type]
+    assert TRANSPORT.open(released) == plane.store.unseal(plane.store.find(key_id))  # type: ignore[arg-type]
     assert "key=" not in repr(released)
     shown = plane.volumes.show(ALICE, "data")
     assert shown.attachment is not None
     assert (shown.attachment.subject, shown.attachment.domain) == ("node:compute-1", "vm-1")
     # Attached: a second domain, or another node, is refused; the same attach may retry.
     with pytest.raises(UsageError, match="attached to domain vm-1 of node:compute-1"):
-        plane.volumes.release(COMPUTE, "data", "vm-2")
+        plane.volumes.release(COMPUTE, "data", "vm-2", TRANSPORT.public_pem)
     with pytest.raises(UsageError, match="attached to"):
-        plane.volumes.release(OTHER, "data", "vm-1")
-    assert plane.volumes.release(COMPUTE, "data", "vm-1").key_bytes() == released.key_bytes()
+        plane.volumes.release(OTHER, "data", "vm-1", TRANSPORT.public_pem)
+    again = plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
+    assert TRANSPORT.open(again) == TRANSPORT.open(released)
     # Deleting an attached volume is refused; detach clears the attachment.
     with pytest.raises(UsageError, match="detach it first"):
         plane.volumes.delete(ALICE, "data")
     plane.volumes.detach(COMPUTE, "data", "vm-1")
     assert plane.volumes.show(ALICE, "data").attachment is None
-    assert plane.volumes.release(OTHER, "data", "vm-9").volume.attachment is not None
+    assert (
+        plane.volumes.release(OTHER, "data", "vm-9", TRANSPORT.public_pem).volume.attachment
+        is not None
+    )
     decisions = [
         (e["subject"], e["decision"], e["domain"], e["secret"])
         for e in entries_since(plane, start)
@@ -207,7 +214,7 @@ def test_a_node_that_is_not_attested_gets_nothing_when_the_policy_asks(
     set_policy(plane, DEFAULT_POLICY + ATTESTED_RULE)
     _create(plane)
     with pytest.raises(Forbidden, match="attestation required"):
-        plane.volumes.release(COMPUTE, "data", "vm-1")
+        plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
     assert plane.volumes.show(ADMIN, "data").attachment is None
     # The verifier's record of a passing, fresh attestation (what a quote leaves):
     # the same node now gets the key; a stale or quarantined one would not.
@@ -222,17 +229,18 @@ def test_a_node_that_is_not_attested_gets_nothing_when_the_policy_asks(
                 measurements=[],
                 last_result="pass",
                 last_at=datetime.now(UTC),
+                transport_key=TRANSPORT.public_pem,
             )
         )
-    released = plane.volumes.release(COMPUTE, "data", "vm-1")
-    assert len(released.key_bytes()) == 32
+    released = plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
+    assert len(TRANSPORT.open(released)) == 32
     with plane.db.session() as session:
         row = session.get(Attestation, COMPUTE.name)
         assert row is not None
         row.quarantine_reason = "measured something wrong"
     plane.volumes.detach(COMPUTE, "data", "vm-1")
     with pytest.raises(Forbidden, match="attestation required"):
-        plane.volumes.release(COMPUTE, "data", "vm-1")
+        plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
 
 
 def test_delete_shreds_the_key_before_the_storage(plane: ControlPlane, volumes_dir: Path) -> None:
@@ -480,7 +488,7 @@ def test_extend_is_refused_while_attached_and_an_interrupted_one_is_put_back(
         _create(first)
         raw = volumes_dir / "data.img"
         before = raw.stat().st_size
-        first.volumes.release(COMPUTE, "data", "vm-1")
+        first.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
         with pytest.raises(UsageError, match="detach it first"):
             first.volumes.extend(ALICE, "data", 16 * MIB)
         assert raw.stat().st_size == before
@@ -491,7 +499,7 @@ def test_extend_is_refused_while_attached_and_an_interrupted_one_is_put_back(
         with first.db.session() as session:
             session.execute(update(Volume).values(state="extending"))
         with pytest.raises(UsageError, match="extending"):
-            first.volumes.release(COMPUTE, "data", "vm-1")
+            first.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
         with pytest.raises(UsageError, match="being extended"):
             first.volumes.delete(ALICE, "data")
     finally:
@@ -514,7 +522,7 @@ def test_online_extend_is_the_attachment_holders_and_the_record_follows_its_repo
     _create(plane)
     raw = volumes_dir / "data.img"
     before = raw.stat().st_size
-    plane.volumes.release(COMPUTE, "data", "vm-1")
+    plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
     start, _ = plane.log.head()
     # Only the holder, for its domain; not the owner, not another node, not shrinking.
     for who, domain in ((OTHER, "vm-1"), (ALICE, "vm-1"), (COMPUTE, "vm-2")):
@@ -654,7 +662,10 @@ def test_rotation_gives_the_volume_a_new_key_and_the_old_one_opens_nothing(
     assert (entries[1]["from"], entries[1]["to"]) == (old_id, new_id)
     assert entries[2]["secret"] == old_id
     # Attached: refused; a stranger does not see it, an attaching node may not rotate it.
-    assert plane.volumes.release(COMPUTE, "data", "vm-1").key_bytes() == new_key
+    assert (
+        TRANSPORT.open(plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem))
+        == new_key
+    )
     with pytest.raises(UsageError, match="detach it first"):
         plane.volumes.rotate(ALICE, "data")
     with pytest.raises(Forbidden, match="only the owner"):
@@ -694,7 +705,7 @@ def test_a_rotation_interrupted_is_settled_at_the_next_start(
         assert _opens(raw, old_key)
         assert _opens(raw, new_key)
         with pytest.raises(UsageError, match="rotating"):
-            first.volumes.release(COMPUTE, "data", "vm-1")
+            first.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
         with pytest.raises(UsageError, match="next start"):
             first.volumes.rotate(ALICE, "data")
         assert _opens(raw, old_key)

@@ -4,8 +4,10 @@ What Nova does for an encrypted volume: ask the block-storage service for
 the volume's key (released by the policy's `volume.attach`, logged, the
 attachment recorded), put it in an ephemeral private libvirt secret and the
 disk into the domain (volumes/attachers/libvirt.py), and let QEMU decrypt.
-The key is held in memory only for the attach and handed to libvirt from
-bytes; it is never written, logged or put on a command line.
+The key comes wrapped to the node's transport key (`transport`: the
+agent's TPM-certified pair, else a throw-away one) and is unwrapped in
+memory, held only for the attach and handed to libvirt from bytes; it is
+never written, logged or put on a command line.
 
 A failed attach leaves nothing: the attacher undefines what it defined, and
 the control plane's attachment record is cleared, so the volume can be
@@ -22,6 +24,7 @@ from trustplane.errors import IntegrityError, TrustplaneError, UsageError
 from trustplane.volumes.access import NodeCredentials
 from trustplane.volumes.attachers.libvirt import LibvirtAttacher, VolumeAttachment, serial_for
 from trustplane.volumes.online import block_resize_bytes
+from trustplane.volumes.transport_key import NodeTransport
 
 
 def attach_volume(
@@ -32,10 +35,12 @@ def attach_volume(
     *,
     live: bool,
     credentials: NodeCredentials | None = None,
+    transport: NodeTransport | None = None,
 ) -> tuple[VolumeInfo, VolumeAttachment]:
     """Fetch the key of volume `name` and attach the volume to `domain` (persistent,
     and hot-plugged when `live`)."""
-    release = client.attach_volume(name, domain)
+    transport = transport or NodeTransport.ephemeral()
+    release = client.attach_volume(name, domain, transport.public_pem)
     volume = release.volume
     try:
         if volume.location is None or volume.header is None or volume.engine is None:
@@ -44,7 +49,7 @@ def attach_volume(
             domain,
             name,
             volume.location,
-            release.key_bytes(),
+            transport.open(release),
             volume.header,
             engine=volume.engine,
             credentials=credentials,

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trustplane.api.volume_location import Location
 from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Engine
+from trustplane.crypto import keywrap
+from trustplane.crypto.keys import UnwrapKey
+from trustplane.errors import IntegrityError, UsageError
 
 VOLUME_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 """A volume name: what the backends can put in paths, IQNs, LVM and RBD names."""
@@ -105,18 +108,51 @@ class VolumeInfo(BaseModel):
     created: datetime
 
 
+MAX_TRANSPORT_KEY_PEM = 16384
+"""A public key PEM (RSA-4096 is under 1 KB); refuse absurd input before parsing."""
+
+
 class AttachRequest(BaseModel):
     domain: str = Field(pattern=DOMAIN_NAME, description="The libvirt domain it goes into")
+    transport_key: str | None = Field(
+        default=None,
+        max_length=MAX_TRANSPORT_KEY_PEM,
+        description="Public key PEM the key is wrapped to (a JWE). Nodes must send one: "
+        "the transport key their TPM certified when they enrolled one",
+    )
 
 
 class VolumeKeyRelease(BaseModel):
-    """What an attach receives: the volume's record and its key (base64)."""
+    """What an attach receives: the volume's record and its key, either wrapped to
+    the transport key the request named (`jwe`; always for nodes) or raw (`key`,
+    base64; only for a user who named none)."""
 
     volume: VolumeInfo
-    key: str = Field(repr=False, description="The volume key (base64), for this attach only")
+    key: str | None = Field(
+        default=None,
+        repr=False,
+        description="The raw volume key (base64), only to a user that sent no transport key",
+    )
+    jwe: str | None = Field(
+        default=None,
+        repr=False,
+        description="The volume key wrapped to the request's transport key (JWE JSON)",
+    )
     log_index: int = Field(description="The release's entry in the transparency log")
 
-    def key_bytes(self) -> bytes:
+    def key_bytes(self, transport: UnwrapKey | None = None) -> bytes:
+        """The key: the raw field, or the JWE opened with the transport private key."""
+        if self.jwe is not None:
+            if transport is None:
+                raise UsageError("the volume key is wrapped: its transport private key opens it")
+            key = keywrap.unwrap(self.jwe, [transport], f"key of volume {self.volume.name}")
+            if key is None:
+                raise IntegrityError(
+                    f"the key of volume {self.volume.name} is not wrapped to our transport key"
+                )
+            return key
+        if self.key is None:
+            raise IntegrityError(f"the release of volume {self.volume.name} holds no key")
         return base64.b64decode(self.key)
 
 

@@ -94,7 +94,7 @@ def agent(
         plugin = plugin_server(
             server_url, node, node_key, ca, socket=plugin_socket, root=plugin_root,
             default_type=default_type, default_size=default_size, ceph_key_file=ceph_key_file,
-            key_lease=key_lease,
+            key_lease=key_lease, state_dir=state_dir,
         )  # fmt: skip
 
     service = Agent(

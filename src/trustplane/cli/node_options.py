@@ -70,6 +70,15 @@ StateDir = Annotated[
         callback=check_state_dir,
     ),
 ]
+TransportStateDir = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        help="The node agent's state: volume keys come wrapped to the transport key its "
+        "TPM certified there (none there: a throw-away key per attach).",
+        callback=check_state_dir,
+    ),
+]
 Pcr = Annotated[
     int,
     typer.Option(

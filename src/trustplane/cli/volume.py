@@ -24,7 +24,7 @@ from rich.table import Table
 from trustplane.api.volume_spec import ControlLocation, EncryptionSpec, Provider, parse_size
 from trustplane.api.volumes import VolumeInfo, VolumeOperationInfo
 from trustplane.cli.common import AsJson, emit_json, read_file, stdout
-from trustplane.cli.node_options import check_node_key
+from trustplane.cli.node_options import DEFAULT_STATE_DIR, TransportStateDir, check_node_key
 from trustplane.cli.session import Ca, Server, connect, load
 from trustplane.client import ControlClient
 from trustplane.errors import IntegrityError, MalformedError, TrustplaneError, UsageError
@@ -378,6 +378,7 @@ def attach(
     node: NodeOption = None,
     node_key: NodeKeyOption = None,
     ceph_key_file: CephKeyFile = None,
+    state_dir: TransportStateDir = DEFAULT_STATE_DIR,
     as_json: AsJson = False,
     server: Server = None,
     ca: Ca = None,
@@ -387,8 +388,11 @@ def attach(
     from trustplane.agent.volume_attach import attach_volume
     from trustplane.volumes.access import NodeCredentials
     from trustplane.volumes.attachers.libvirt import LibvirtAttacher
+    from trustplane.volumes.transport_key import NodeTransport
 
     credentials = NodeCredentials(ceph_key=_ceph_key(ceph_key_file))
+    # A node's key comes wrapped to its certified transport key; a user's to a throw-away one.
+    transport = NodeTransport.of_node(state_dir if node else None)
     with _client(server, ca, node, node_key) as client:
         volume, attachment = attach_volume(
             client,
@@ -397,6 +401,7 @@ def attach(
             domain,
             live=live,
             credentials=credentials,
+            transport=transport,
         )
     if as_json:
         emit_json(attachment)

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from trustplane.cli.common import read_file, stdout
-from trustplane.cli.node_options import DEFAULT_NODE_KEY, NodeKey, NodeName, ServerUrl
+from trustplane.cli.node_options import (
+    DEFAULT_NODE_KEY,
+    DEFAULT_STATE_DIR,
+    NodeKey,
+    NodeName,
+    ServerUrl,
+    TransportStateDir,
+)
 from trustplane.cli.session import Ca
 from trustplane.errors import MalformedError
 
@@ -74,6 +81,7 @@ def plugin_server(
     default_size: str | None,
     ceph_key_file: Path | None,
     key_lease: float | None = None,
+    state_dir: Path | None = None,
 ) -> VolumePluginServer:
     """The plugin server for these options (checked before anything starts)."""
     # Imported here: the server pulls in uvicorn and the volume drivers.
@@ -97,7 +105,7 @@ def plugin_server(
         except (ValueError, binascii.Error):
             raise MalformedError(f"--ceph-key-file {ceph_key_file}: not a cephx key") from None
     service = ControlVolumeService(
-        lambda: connect_as_node(server_url, node, signing, ca), credentials
+        lambda: connect_as_node(server_url, node, signing, ca), credentials, state_dir=state_dir
     )
     driver = VolumeDriver(
         service, root or DEFAULT_ROOT, default_type=default_type, default_size=size,
@@ -117,12 +125,13 @@ def volume_plugin(
     default_size: DefaultSize = None,
     ceph_key_file: CephKeyFile = None,
     key_lease: KeyLeaseSeconds = None,
+    state_dir: TransportStateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Serve Docker's volume plugin protocol: encrypted control-plane volumes for containers."""
     server = plugin_server(
         server_url, node, node_key, ca, socket=plugin_socket, root=plugin_root,
         default_type=default_type, default_size=default_size, ceph_key_file=ceph_key_file,
-        key_lease=key_lease,
+        key_lease=key_lease, state_dir=state_dir,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stdout.print(f"volume plugin for node {node} on unix://{server.socket}", highlight=False)

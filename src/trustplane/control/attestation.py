@@ -549,6 +549,12 @@ class Verifier:
 
     # -- the gate --------------------------------------------------------------------
 
+    def certified_transport_key(self, node: str) -> str | None:
+        """The transport key PEM node `node`'s TPM certified (None: never enrolled)."""
+        with self.db.session() as session:
+            row = session.get(Attestation, node)
+            return row.transport_key if row is not None and row.bound else None
+
     def gate(
         self,
         principal: Principal,

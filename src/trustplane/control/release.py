@@ -10,6 +10,7 @@ gate allows too; without a gate it denies (fail closed).
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -21,6 +22,8 @@ T = TypeVar("T")
 Authorize = Callable[[Principal, str, str, int | None], Decision]
 AttestationGate = Callable[[Principal, str | None, int | None, str | None], Decision]
 """(caller, image repository, layer index, transport key PEM) -> may it have keys?"""
+CertifiedTransport = Callable[[str], str | None]
+"""node name -> the transport key PEM its TPM certified at enrolment (None: not enrolled)."""
 
 
 class Uncached(Exception):
@@ -46,8 +49,11 @@ class Release(Generic[T]):
 class Gate:
     """The attestation gate over policy decisions (control/attestation.py's `Verifier.gate`)."""
 
-    def __init__(self, check: AttestationGate | None) -> None:
+    def __init__(
+        self, check: AttestationGate | None, certified: CertifiedTransport | None = None
+    ) -> None:
         self.check = check
+        self.certified = certified
 
     def __call__(
         self,
@@ -66,3 +72,21 @@ class Gate:
         if not gate.allowed:
             return Decision(False, f"{decision.reason}; {gate.reason}")
         return Decision(True, f"{decision.reason}; {gate.reason}")
+
+    def transport(self, principal: Principal, transport_pem: str) -> Decision:
+        """May key material for `principal` be wrapped to `transport_pem`, whatever
+        the rule says about attestation? A node whose TPM certified a transport key
+        at enrolment gets keys wrapped to that key only (a stolen node token with a
+        key of the thief's own gets nothing); a node never enrolled, and a user, to
+        the key it sends (the answer then opens only in that caller's memory)."""
+        if principal.kind != "node" or self.certified is None:
+            return Decision(True, "transport key of the caller's own")
+        try:
+            certified = self.certified(principal.name)
+        except Exception as exc:  # fail closed, as the gate does
+            return Decision(False, f"transport key check failed ({type(exc).__name__})")
+        if certified is None:
+            return Decision(True, "node not enrolled: transport key of its own")
+        if not hmac.compare_digest(certified.encode(), transport_pem.encode()):
+            return Decision(False, "transport key not certified by the TPM")
+        return Decision(True, "transport key certified by the TPM")

@@ -129,7 +129,7 @@ def build(settings: ServerSettings, announce: bool = True) -> ControlPlane:
         return policy.current().decide(principal, action, resource, layer)
 
     verifier = Verifier(db, transparency, settings.attestation)
-    gate = Gate(verifier.gate)
+    gate = Gate(verifier.gate, verifier.certified_transport_key)
     images = ImageInventory(db, transparency, authorize)
     plane = ControlPlane(
         settings=settings,

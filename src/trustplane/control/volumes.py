@@ -71,6 +71,7 @@ from trustplane.api.volumes import (
     VolumeTypeInfo,
     VolumeVerification,
 )
+from trustplane.control import volume_wrap
 from trustplane.control.db import Database
 from trustplane.control.identity import Principal
 from trustplane.control.models import Secret, Volume, VolumeType
@@ -648,14 +649,19 @@ class BlockStorage:
 
     # -- attach: the key release --------------------------------------------------------
 
-    def release(self, principal: Principal, name: str, domain: str) -> VolumeKeyRelease:
-        """The key of volume `name` for an attach to `domain`; decided, recorded, logged."""
-        release = self._release(principal, name, domain)
+    def release(
+        self, principal: Principal, name: str, domain: str, transport_pem: str | None = None
+    ) -> VolumeKeyRelease:
+        """The key of volume `name` for an attach to `domain`; decided, recorded, logged.
+        Wrapped to `transport_pem` (a node must send its own: control/volume_wrap.py)."""
+        release = self._release(principal, name, domain, transport_pem)
         receipt = self.log.append(release.kind, release.entry)
         value = release.result()
         return value.model_copy(update={"log_index": receipt.index})
 
-    def _release(self, principal: Principal, name: str, domain: str) -> Release[VolumeKeyRelease]:
+    def _release(
+        self, principal: Principal, name: str, domain: str, transport_pem: str | None
+    ) -> Release[VolumeKeyRelease]:
         resource = f"volume:{name}"
         entry: dict[str, Any] = {
             "subject": principal.subject,
@@ -673,7 +679,11 @@ class BlockStorage:
             return refuse("no such volume", NotFoundError(f"volume {name!r} does not exist"))
         entry["secret"] = row.key_id
         decision = self.gate(
-            self.authorize(principal, "volume.attach", resource, None), principal, None, None, None
+            self.authorize(principal, "volume.attach", resource, None),
+            principal,
+            None,
+            None,
+            transport_pem,
         )
         if not decision.allowed:
             if not self._may_see(principal, row):
@@ -682,6 +692,10 @@ class BlockStorage:
                 decision.reason,
                 Forbidden(f"policy refuses volume.attach of {resource}: {decision.reason}"),
             )
+        transport = volume_wrap.transport_for(self.gate, principal, transport_pem)
+        if isinstance(transport, volume_wrap.Refusal):
+            return refuse(transport.reason, transport.error)
+        entry["wrapped_to"] = transport.kid if transport is not None else None
         if row.state != AVAILABLE or row.key_id is None or row.fingerprint is None:
             return refuse(
                 f"volume is {row.state}",
@@ -716,9 +730,14 @@ class BlockStorage:
             )
         claimed = self._row(name)
         assert claimed is not None
-        answer = VolumeKeyRelease(
-            volume=_info(claimed), key=base64.b64encode(key).decode(), log_index=-1
-        )
+        if transport is not None:
+            answer = VolumeKeyRelease(
+                volume=_info(claimed), jwe=volume_wrap.wrap(key, transport), log_index=-1
+            )
+        else:
+            answer = VolumeKeyRelease(
+                volume=_info(claimed), key=base64.b64encode(key).decode(), log_index=-1
+            )
         return Release(
             "volume.attach", {**entry, "decision": "allow", "reason": decision.reason}, answer
         )

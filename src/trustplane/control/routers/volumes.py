@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
+from fastapi.responses import JSONResponse
 
 from trustplane.api.volumes import (
     DOMAIN_NAME,
@@ -68,9 +69,13 @@ def delete_volume(name: VolumeName, caller: Caller, plane: Plane) -> Response:
 @router.post("/volumes/{name}/attachment", response_model=VolumeKeyRelease)
 def attach_volume(
     name: VolumeName, body: AttachRequest, caller: Caller, plane: Plane
-) -> VolumeKeyRelease:
-    """Release the volume's key for an attach to `domain` (volume.attach; logged)."""
-    return plane.volumes.release(caller, name, body.domain)
+) -> VolumeKeyRelease | Response:
+    """Release the volume's key for an attach to `domain` (volume.attach; logged),
+    wrapped to `transport_key` when one is sent (nodes must)."""
+    release = plane.volumes.release(caller, name, body.domain, body.transport_key)
+    if release.jwe is not None:  # no raw-key field at all in a wrapped answer
+        return JSONResponse(release.model_dump(mode="json", exclude={"key"}))
+    return release
 
 
 @router.delete("/volumes/{name}/attachment", response_model=VolumeInfo)
