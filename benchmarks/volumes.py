@@ -384,6 +384,7 @@ def bench_attach(work: Path, volumes_dir: Path, attaches: int, report: list[str]
     from trustplane.embedded.libvirtd import start_libvirtd
     from trustplane.embedded.volume_guest import ScannerGuest, build_scanner_initrd
     from trustplane.volumes.attachers.libvirt import LibvirtAttacher
+    from trustplane.volumes.transport_key import NodeTransport
 
     data = work / "control" / "data"
     data.mkdir(parents=True, mode=0o700)
@@ -416,9 +417,10 @@ def bench_attach(work: Path, volumes_dir: Path, attaches: int, report: list[str]
             guest.start()
             with control.client() as client:
                 client.login_as_node(node, load_node_key(node_key.read_bytes(), str(node_key)))
+                transport = NodeTransport.ephemeral()  # a node's key comes wrapped to it
                 for _ in range(attaches):
                     started = time.perf_counter()
-                    client.attach_volume("bench-attach", "kms-probe")
+                    client.attach_volume("bench-attach", "kms-probe", transport.public_pem)
                     release_s.append(time.perf_counter() - started)
                     client.detach_volume("bench-attach", "kms-probe")
                     started = time.perf_counter()

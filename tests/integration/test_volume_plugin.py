@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from control_helpers import entries_since
 from gateway_helpers import DockerCli, make_people, register_local_image, start_gateway
 from volume_plugin_helpers import (
     MIB,
@@ -36,6 +37,7 @@ from volume_plugin_helpers import (
     running_container,
 )
 
+from trustplane.api.volumes import VolumeKeyRelease
 from trustplane.client import connect_as_node
 from trustplane.crypto.node_assertion import load_node_key
 from trustplane.embedded.process import ManagedProcess, unix_socket_accepts
@@ -45,9 +47,10 @@ from trustplane.embedded.volume_plugin import (
     replace_policy,
     volume_node_rules,
 )
-from trustplane.errors import TrustplaneError, UsageError
+from trustplane.errors import Forbidden, IntegrityError, TrustplaneError, UsageError
 from trustplane.volumes.attachers.docker_plugin.control_service import ControlVolumeService
 from trustplane.volumes.header import LUKS_MAGIC
+from trustplane.volumes.transport_key import NodeTransport
 
 
 @pytest.fixture(scope="module")
@@ -351,9 +354,61 @@ def test_the_agent_serves_the_plugin_and_attestation_gates_the_keys(
             time.sleep(0.2)
         assert _run(stack, "v-attested", "ls /data").split() == ["lost+found"]
         assert stack.nothing_left() == NOTHING
+        _the_release_opens_only_with_the_certified_transport_key(
+            stack, "v-attested", stack.top / "agent-state"
+        )
     finally:
         if agent is not None:
             agent.stop()
         stack.allow_all()
         if stack.plugin.process is None or not stack.plugin.process.running():
             stack.plugin.start()
+
+
+def _the_release_opens_only_with_the_certified_transport_key(
+    stack: Stack, name: str, state_dir: Path
+) -> None:
+    """Attacker: the enrolled node's token (its node key file) without its transport
+    private key, and whoever captured an attach answer (a TLS-terminating proxy, a
+    log of HTTP bodies)."""
+    key = _key_of(stack, name)
+    certified = NodeTransport.of_node(state_dir)
+    thief = NodeTransport.ephemeral()
+    signing = load_node_key(stack.plugin.node_key.read_bytes(), str(stack.plugin.node_key))
+    path = f"/v1/volumes/{name}/attachment"
+    with stack.plane.admin() as admin:
+        start = admin.health().log_size
+    with connect_as_node(stack.plane.url, stack.node, signing, stack.plane.ca_file) as node:
+        with pytest.raises(Forbidden, match="transport key not certified by the TPM"):
+            node.attach_volume(name, "thief-vm", thief.public_pem)
+        with pytest.raises(Forbidden, match="only wrapped to its transport key"):
+            node.attach_volume(name, "thief-vm")
+        answer = node.request(
+            "POST", path, json={"domain": "probe", "transport_key": certified.public_pem}
+        )
+        node.detach_volume(name, "probe")
+    assert answer.status_code == 200, answer.text
+    captured = answer.text
+    # What the wire carried: a JWE, no raw-key field, the key in no encoding.
+    assert '"key"' not in captured
+    assert not any(needle in captured.encode() for needle in _needles(key))
+    release = VolumeKeyRelease.model_validate_json(captured)
+    assert release.key is None
+    assert release.jwe is not None
+    with pytest.raises(IntegrityError, match="not wrapped to our transport key"):
+        release.key_bytes(thief.private)
+    with pytest.raises(UsageError, match="is wrapped"):
+        release.key_bytes()
+    assert certified.open(release) == key
+    with stack.plane.admin() as admin:
+        decisions = [
+            (e["decision"], e["domain"], e["reason"])
+            for e in entries_since(admin, start)
+            if e["kind"] == "volume.attach" and e["subject"] == f"node:{stack.node}"
+        ]
+    assert [(d, domain) for d, domain, _ in decisions] == [
+        ("deny", "thief-vm"),
+        ("deny", "thief-vm"),
+        ("allow", "probe"),
+    ]
+    assert "transport key not certified by the TPM" in decisions[0][2]
