@@ -40,6 +40,7 @@ from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
 from trustplane.volumes.backends import FileBackend
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
+from trustplane.volumes.transport_key import NodeTransport
 
 MIB = 1 << 20
 SIZE_MIB = 8
@@ -47,6 +48,8 @@ ADMIN = Principal("user", "admin", "admin", frozenset())
 ALICE = Principal("user", "alice", "user", frozenset())
 BOB = Principal("user", "bob", "user", frozenset())
 COMPUTE = Principal("node", "compute-1", "node", frozenset())
+TRANSPORT = NodeTransport.ephemeral()
+"""The node's transport key pair: a node's volume key comes wrapped to it."""
 NODE_RULE = """\
   - subjects: ["node:compute-1"]
     actions: [volume.attach]
@@ -187,7 +190,8 @@ def test_reencryption_puts_the_data_under_a_new_key_and_destroys_the_old_storage
     assert (entries[3]["from"], entries[3]["to"]) == (old_id, new_id)
     # It is a volume like any other: attached by the policy with the new key; a second
     # re-encryption works from there.
-    assert plane.volumes.release(COMPUTE, "data", "vm-1").key_bytes() == new_key
+    released = plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
+    assert TRANSPORT.open(released) == new_key
     plane.volumes.detach(COMPUTE, "data", "vm-1")
     again = plane.volumes.reencryption.start(ALICE, "data")
     assert again.key_id not in (old_id, new_id)
@@ -200,7 +204,7 @@ def test_refused_while_attached_for_strangers_and_for_dm_crypt_volumes(
     plane: ControlPlane, volumes_dir: Path
 ) -> None:
     old_id, _, old_raw = _create(plane, volumes_dir)
-    plane.volumes.release(COMPUTE, "data", "vm-1")
+    plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
     with pytest.raises(UsageError, match="detach it first"):
         plane.volumes.reencryption.start(ALICE, "data")
     plane.volumes.detach(COMPUTE, "data", "vm-1")
@@ -278,7 +282,7 @@ def test_a_crash_at_each_step_is_carried_on_at_the_next_start(
         assert left.state == "reencrypting"
         # Meanwhile: no attach, no delete, no passphrase rotation, no extend.
         with pytest.raises(UsageError, match="reencrypting"):
-            first.volumes.release(COMPUTE, "data", "vm-1")
+            first.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
         with pytest.raises(UsageError, match="re-encrypted"):
             first.volumes.delete(ALICE, "data")
         with pytest.raises(UsageError):
