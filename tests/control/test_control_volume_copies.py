@@ -34,12 +34,15 @@ from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
 from trustplane.volumes.header import LUKS_MAGIC
+from trustplane.volumes.transport_key import NodeTransport
 
 MIB = 1 << 20
 ADMIN = Principal("user", "admin", "admin", frozenset())
 ALICE = Principal("user", "alice", "user", frozenset())
 BOB = Principal("user", "bob", "user", frozenset())
 COMPUTE = Principal("node", "compute-1", "node", frozenset())
+TRANSPORT = NodeTransport.ephemeral()
+"""The node's transport key pair: a node's volume key comes wrapped to it."""
 NODE_RULE = """\
   - subjects: ["node:compute-1"]
     actions: [volume.attach]
@@ -248,7 +251,7 @@ def test_a_clone_is_refused_to_strangers_for_attached_volumes_and_taken_names(
         plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="stray"))
     assert stray.read_bytes() == b"someone else's"
     stray.unlink()
-    plane.volumes.release(COMPUTE, "data", "vm-1")
+    plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
     with pytest.raises(UsageError, match="quiesced"):
         plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="live"))
     plane.volumes.detach(COMPUTE, "data", "vm-1")
