@@ -1,4 +1,5 @@
-"""The demo's volumes scene on the session's Ceph and libvirtd: it runs, and proves what it says."""
+"""The demo's volumes scene on the session's Ceph and libvirtd (VMs) and its own dockerd
+(containers through the volume plugin): it runs, and proves what it says."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_volumes_scene(
     )
     mine = [(e["subject"], e["decision"]) for e in releases if e["subject"] == f"node:{NODE}"]
     assert mine == [(f"node:{NODE}", "allow")] * 2
-    assert len(proved) == 5
+    assert len(proved) == 7
+    assert any(text.startswith("a container writes, another reads back") for text in proved)
+    assert any(text.startswith("the last unmount closed it all") for text in proved)
     assert any("the VM reads: trustplane-demo-rbd-" in text for _, text in said)
     assert any("the VM reads: trustplane-demo-file-" in text for _, text in said)
