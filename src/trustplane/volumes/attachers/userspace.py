@@ -8,7 +8,8 @@ the plaintext as a file through FUSE; `losetup` turns it into a block
 device and, when asked, it is mounted. The key reaches the daemon as a
 secret object read from a 0600 file in a private directory, removed as soon
 as the daemon is ready; it is never in argv, the environment or a file
-after that.
+after that. The daemon, its export and the loop device are
+`trustplane.tools.fuse_export`'s; the records and closing policy are here.
 
 Closing undoes everything in reverse order (unmount, loop device, daemon,
 FUSE mount, the private directory); a daemon that died leaves no stale
@@ -44,12 +45,29 @@ from trustplane.tools import (
     unmount,
 )
 from trustplane.tools.command import Arg
+from trustplane.tools.fuse_export import (
+    DAEMON,
+    adopt_daemon,
+    attach_loop,
+    detach_loop,
+    export_argument,
+    loop_backing_file,
+    start_daemon,
+)
 from trustplane.volumes.access import QemuNode
 from trustplane.volumes.opening import WRONG_KEY, OpenVolume
 
-DAEMON = "qemu-storage-daemon"
-READY_TIMEOUT = 60.0
-STOP_GRACE = 10.0
+__all__ = [
+    "DAEMON",
+    "KEY_OBJECT",
+    "UserspaceRecord",
+    "UserspaceVolume",
+    "key_object",
+    "loop_backing_file",
+    "open_userspace",
+    "protocol_blockdev",
+]
+
 KEY_OBJECT = "key0"
 
 
@@ -136,7 +154,7 @@ class UserspaceVolume(OpenVolume):
     def _detach_loop(self, device: str) -> None:
         """Detach the loop device, if it is still the one on our export (numbers are reused)."""
         if loop_backing_file(self.executor, device) == os.fspath(self.export):
-            self.executor.run(["losetup", "--detach", device], timeout=60)
+            detach_loop(self.executor, device, timeout=60)
 
     def keep_past_exit(self) -> UserspaceRecord:
         """Leave the volume open when this process exits; what a later run adopts it by."""
@@ -154,9 +172,7 @@ class UserspaceVolume(OpenVolume):
     def adopt(cls, executor: Executor, record: UserspaceRecord) -> UserspaceVolume:
         """The volume an earlier run left open (or what is left of it: see `intact`)."""
         export = Path(record.export)
-        daemon = AdoptedProcess(
-            executor, record.pid, _export_marker(export), mounts=[export], grace=STOP_GRACE
-        )
+        daemon = adopt_daemon(executor, record.pid, export)
         mountpoint = None if record.mountpoint is None else Path(record.mountpoint)
         return cls(executor, daemon, Path(record.directory), export, record.device, mountpoint)
 
@@ -174,22 +190,6 @@ class UserspaceVolume(OpenVolume):
         if self.mountpoint is None:
             return True
         return os.fspath(self.mountpoint.parent.resolve() / self.mountpoint.name) in mounted
-
-
-def loop_backing_file(executor: Executor, device: str) -> str | None:
-    """The file behind loop device `device` (None when it is detached)."""
-    name = Path(device).name
-    if not name.startswith("loop") or not name[4:].isdigit():
-        return None
-    probe = executor.run(["cat", f"/sys/block/{name}/loop/backing_file"], check=False, timeout=30)
-    if probe.returncode != 0:
-        return None
-    return probe.text.strip().removesuffix(" (deleted)") or None
-
-
-def _export_marker(export: Path) -> str:
-    """What the daemon's command line holds for this export (adoption checks it)."""
-    return f"mountpoint={_opt(export)},"
 
 
 def _unmount_if_mounted(executor: Executor, point: Path) -> None:
@@ -223,28 +223,15 @@ def open_userspace(
     daemon: ToolProcess | None = None
     device: str | None = None
     try:
-        export.touch(mode=0o600)
         argv: list[Arg] = [DAEMON]
         for secret in objects:
             argv += ["--object", secret]
         for node in nodes:
             argv += ["--blockdev", node]
-        argv += [
-            "--export",
-            f"type=fuse,id=e0,node-name={top},{_export_marker(export)}"
-            f"writable={'on' if writable else 'off'}",
-        ]
-        daemon = executor.start(
-            argv,
-            ready=lambda: is_mounted(executor, export),
-            ready_timeout=READY_TIMEOUT,
-            mounts=[export],
-            failures=WRONG_KEY,
-            grace=STOP_GRACE,
-        )
+        argv += ["--export", export_argument(export, top, writable)]
+        daemon = start_daemon(executor, argv, export, failures=WRONG_KEY)
         if loop:
-            losetup = ["losetup", "--find", "--show", *([] if writable else ["--read-only"])]
-            device = executor.run([*losetup, os.fspath(export)], timeout=60).text.strip()
+            device = attach_loop(executor, export, writable=writable, timeout=60)
         if mountpoint is not None:
             assert device is not None
             options = [] if writable else ["-o", "ro"]
@@ -252,7 +239,7 @@ def open_userspace(
     except BaseException:
         with contextlib.suppress(TrustplaneError):
             if device is not None:
-                executor.run(["losetup", "--detach", device], timeout=60)
+                detach_loop(executor, device, timeout=60)
         with contextlib.suppress(TrustplaneError):
             if daemon is not None:
                 daemon.stop()
@@ -261,11 +248,6 @@ def open_userspace(
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return UserspaceVolume(executor, daemon, directory, export, device, mountpoint)
-
-
-def _opt(path: Path) -> str:
-    """A path inside a QEMU option string (commas are doubled)."""
-    return os.fspath(path).replace(",", ",,")
 
 
 def protocol_blockdev(node: QemuNode, name: str, *, writable: bool) -> str:
