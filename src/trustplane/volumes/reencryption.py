@@ -38,7 +38,7 @@ from pathlib import Path
 from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import EncryptionSpec, Engine
 from trustplane.errors import TrustplaneError, UnavailableError, UnsupportedError
-from trustplane.tools import Executor, ToolProcess
+from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
 from trustplane.volumes.attachers.userspace import UserspaceRecord, UserspaceVolume
@@ -138,21 +138,8 @@ def copy(
         _opened(encryptor, target, target_key, credentials, writable=True) as new,
     ):
         if opened is not None:
-            opened([_record(old), _record(new)])
+            opened([old.record(), new.record()])
         copy_exports(Path(old.export), Path(new.export), start, total, flushed, chunk)
-
-
-def _record(volume: UserspaceVolume) -> UserspaceRecord:
-    """How a later run finds this open volume's daemon (it is not kept past our exit)."""
-    daemon = volume.daemon
-    pid = daemon.started.pid if isinstance(daemon, ToolProcess) else daemon.pid
-    return UserspaceRecord(
-        pid=pid,
-        directory=os.fspath(volume.directory),
-        export=os.fspath(volume.export),
-        device=None,
-        mountpoint=None,
-    )
 
 
 def copy_exports(

@@ -158,8 +158,14 @@ class UserspaceVolume(OpenVolume):
 
     def keep_past_exit(self) -> UserspaceRecord:
         """Leave the volume open when this process exits; what a later run adopts it by."""
+        if isinstance(self.daemon, ToolProcess):
+            self.daemon.outlive_this_process()
+        return self.record()
+
+    def record(self) -> UserspaceRecord:
+        """How a later run finds this open volume (it is not kept past our exit by this)."""
         daemon = self.daemon
-        pid = daemon.outlive_this_process() if isinstance(daemon, ToolProcess) else daemon.pid
+        pid = daemon.started.pid if isinstance(daemon, ToolProcess) else daemon.pid
         return UserspaceRecord(
             pid=pid,
             directory=os.fspath(self.directory),
