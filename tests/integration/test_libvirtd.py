@@ -19,6 +19,7 @@ from missing import component_missing
 from trustplane.embedded.guest_kernel import guest_kernel
 from trustplane.embedded.initramfs import GUEST_SETUP, build_initramfs
 from trustplane.embedded.libvirtd import RunningLibvirtd, start_libvirtd
+from trustplane.embedded.volume_guest import tcg_domain_xml
 from trustplane.errors import TrustplaneError
 
 BOOT_TIMEOUT = 60.0
@@ -209,29 +210,13 @@ def test_a_cloud_kernel_boots_under_libvirtd_and_reads_its_disk(
     disk.write_bytes(marker.encode().ljust(1024 * 1024, b"\0"))
     serial = tmp_path / "console.log"
     name = f"kernel-{secrets.token_hex(4)}"
-    xml = f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel.vmlinuz}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
+    disk_xml = f"""    <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-  </devices>
-</domain>"""
+"""
+    xml = tcg_domain_xml(name, kernel, initrd, serial, disk_xml)
     dom = conn.createXML(xml, 0)
     try:
         _wait_for(

@@ -63,20 +63,14 @@ def build_scanner_initrd(out: Path, kernel: GuestKernel) -> Path:
     return build_initramfs(out, SCANNER_INIT, kernel=kernel, modules=("virtio_pci", "virtio_blk"))
 
 
-@dataclass
-class ScannerGuest:
-    """A persistent domain running the scanner (start it, read its console)."""
+def tcg_domain_xml(
+    name: str, kernel: GuestKernel, initrd: Path, console: Path, devices: str = ""
+) -> str:
+    """A TCG domain booting `kernel` with `initrd`, its serial console written to `console`.
 
-    conn: Any
-    name: str
-    console: Path
-    domain: Any
-
-    @classmethod
-    def define(cls, conn: Any, directory: Path, kernel: GuestKernel, initrd: Path) -> ScannerGuest:
-        name = f"volguest-{secrets.token_hex(4)}"
-        console = directory / f"{name}.console"
-        xml = f"""<domain type='qemu'>
+    256 MiB, one vCPU; any power-off, reboot or crash ends it. `devices` is
+    more device XML (disks) placed before the serial port."""
+    return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
@@ -91,9 +85,25 @@ class ScannerGuest:
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+{devices}    <serial type='file'><source path='{console}'/><target port='0'/></serial>
   </devices>
 </domain>"""
+
+
+@dataclass
+class ScannerGuest:
+    """A persistent domain running the scanner (start it, read its console)."""
+
+    conn: Any
+    name: str
+    console: Path
+    domain: Any
+
+    @classmethod
+    def define(cls, conn: Any, directory: Path, kernel: GuestKernel, initrd: Path) -> ScannerGuest:
+        name = f"volguest-{secrets.token_hex(4)}"
+        console = directory / f"{name}.console"
+        xml = tcg_domain_xml(name, kernel, initrd, console)
         return cls(conn, name, console, conn.defineXML(xml))
 
     def start(self) -> None:
