@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -607,6 +608,61 @@ def test_online_extend_is_the_attachment_holders_and_the_record_follows_its_repo
     # Detached, the volume is not extended online.
     with pytest.raises(Forbidden, match="not attached"):
         volume_extend.start(plane.volumes, COMPUTE, "data", 24 * MIB, "vm-1")
+
+
+def test_an_online_extend_never_reported_does_not_block_the_delete_after_a_restart(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """The server restarts while an online extend runs: the start puts the volume back
+    and drops the `extend-online` row, so the late report is refused and the delete
+    finishes (key, storage and record gone; a later start has nothing left to fail on)."""
+    set_policy(plane, DEFAULT_POLICY + NODE_RULE)
+    key_id = _create(plane)
+    plane.volumes.release(COMPUTE, "data", "vm-1", TRANSPORT.public_pem)
+    volume_extend.start(plane.volumes, COMPUTE, "data", 16 * MIB, "vm-1")
+    plane.volumes.recover()  # what the next start of the server does
+    with plane.db.session() as session:
+        assert session.scalars(select(VolumeOperation)).all() == []
+    assert plane.volumes.show(ALICE, "data").state == "available"
+    with pytest.raises(UsageError, match="no online extend"):
+        volume_extend.finish(
+            plane.volumes, COMPUTE, "data",
+            OnlineExtendResult(domain="vm-1", size=16 * MIB, grown=True),
+        )  # fmt: skip
+    plane.volumes.detach(COMPUTE, "data", "vm-1")
+    plane.volumes.delete(ALICE, "data")
+    with pytest.raises(NotFoundError):
+        plane.volumes.show(ADMIN, "data")
+    assert plane.store.rows.get(key_id) is None
+    assert not (volumes_dir / "data.img").exists()
+    assert plane.volumes.recover() == 0
+
+
+def test_a_delete_is_not_stuck_by_an_orphan_operation_row(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """An operation row left for an available volume (here: an `extend-online` one
+    inserted directly) goes with the volume's record instead of keeping it `shredded`."""
+    key_id = _create(plane)
+    volume_id = plane.volumes.show(ADMIN, "data").id
+    now = datetime.now(UTC)
+    with plane.db.session() as session:
+        session.add(
+            VolumeOperation(
+                id=str(uuid.uuid4()), volume_id=volume_id, kind=volume_extend.KIND,
+                phase="resizing", total=16 * MIB, subject="node:compute-1",
+                started=now, updated=now,
+            )
+        )  # fmt: skip
+    plane.volumes.delete(ALICE, "data")
+    with pytest.raises(NotFoundError):
+        plane.volumes.show(ADMIN, "data")
+    with plane.db.session() as session:
+        assert session.scalars(select(VolumeOperation)).all() == []
+        assert session.get(Volume, volume_id) is None
+    assert plane.store.rows.get(key_id) is None
+    assert not (volumes_dir / "data.img").exists()
+    assert plane.volumes.recover() == 0
 
 
 # -- rotate the wrapping passphrase -------------------------------------------------------

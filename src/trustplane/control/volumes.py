@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from trustplane.api.volume_location import Endpoint, dump_location, load_location
 from trustplane.api.volume_spec import (
@@ -74,12 +74,13 @@ from trustplane.api.volumes import (
 from trustplane.control import volume_wrap
 from trustplane.control.db import Database
 from trustplane.control.identity import Principal
-from trustplane.control.models import Secret, Volume, VolumeType
+from trustplane.control.models import Secret, Volume, VolumeOperation, VolumeType
 from trustplane.control.release import Authorize, Gate, Release
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.transparency import TransparencyLog
 from trustplane.control.volume_copies import VolumeCopies
 from trustplane.control.volume_create_recovery import InterruptedCreates
+from trustplane.control.volume_extend import KIND as EXTEND_ONLINE
 from trustplane.errors import (
     DecryptionKeyError,
     Forbidden,
@@ -851,6 +852,9 @@ class BlockStorage:
         if storage and location_json is not None:  # only storage the record names
             delete_volume(self.backend(backend_name), load_location(location_json))
         with self.db.session() as session:
+            # An operation row left behind (an online extend never reported, say) must
+            # not keep the record: it references it, and the key and storage are gone.
+            session.execute(delete(VolumeOperation).where(VolumeOperation.volume_id == volume_id))
             row = session.get(Volume, volume_id)
             if row is not None:
                 session.delete(row)
@@ -868,8 +872,15 @@ class BlockStorage:
                 session.scalars(select(Volume.id).where(Volume.state.in_((DELETING, SHREDDED))))
             )
         # An extend a crash interrupted: the record's size is the old one, and a
-        # grown storage under it is harmless (extending again finishes it).
+        # grown storage under it is harmless (extending again finishes it). An online
+        # extend's row goes with it: the host's late report is refused anyway.
         with self.db.session() as session:
+            extending = select(Volume.id).where(Volume.state == EXTENDING)
+            session.execute(
+                delete(VolumeOperation).where(
+                    VolumeOperation.kind == EXTEND_ONLINE, VolumeOperation.volume_id.in_(extending)
+                )
+            )
             session.execute(update(Volume).where(Volume.state == EXTENDING).values(state=AVAILABLE))
         with self.db.session() as session:
             rotating = list(session.scalars(select(Volume.id).where(Volume.state == ROTATING)))
