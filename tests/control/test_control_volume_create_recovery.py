@@ -27,7 +27,7 @@ from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.volume_create_recovery import MAX_CREATE_AGE, REASON
 from trustplane.control.volumes import SimulatedCrash
-from trustplane.errors import NotFoundError
+from trustplane.errors import NotFoundError, UsageError
 from trustplane.volumes.header import LUKS_MAGIC
 
 MIB = 1 << 20
@@ -171,3 +171,27 @@ def test_a_create_made_since_this_server_started_is_its_own_and_left(
     assert first.volumes.show(ADMIN, "data").state == "creating"
     assert (tmp_path / "volumes" / "data.img").exists()
     assert len(_keys(first)) == 1
+
+
+def test_a_record_deleted_while_its_storage_is_made_leaves_no_storage(
+    first: ControlPlane, tmp_path: Path
+) -> None:
+    """`volume delete` of the `creating` record right before the storage is made: the
+    create cannot record the storage it then makes, so it removes it and fails at once
+    (a crash right after the storage was made would leave it to nobody otherwise)."""
+
+    def delete_record(step: str, volume: str) -> None:
+        if step == "key-recorded":
+            first.volumes.delete(ALICE, volume)
+        if step == "storage":
+            raise SimulatedCrash(f"{volume}: {step}")
+
+    first.volumes.creates.at_step = delete_record
+    with pytest.raises(UsageError, match="volume data was deleted while it was being created"):
+        first.volumes.create(ALICE, NewVolume(name="data", size=8 * MIB, volume_type="secure"))
+    first.volumes.creates.at_step = None
+    assert not (tmp_path / "volumes" / "data.img").exists()
+    assert list((tmp_path / "volumes").iterdir()) == []
+    assert _keys(first) == []
+    with pytest.raises(NotFoundError):
+        first.volumes.show(ADMIN, "data")

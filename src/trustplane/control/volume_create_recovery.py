@@ -53,7 +53,7 @@ from sqlalchemy import select
 from trustplane.api.volume_location import AnyLocation, dump_location
 from trustplane.control.db import is_sqlite
 from trustplane.control.models import Volume, VolumeOperation
-from trustplane.errors import TrustplaneError
+from trustplane.errors import TrustplaneError, UsageError
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.volume import delete_volume
 
@@ -93,7 +93,10 @@ class InterruptedCreates:
 
         def record(location: AnyLocation) -> None:
             try:
-                self.storage._set(volume_id, only_if=CREATING, location=dump_location(location))
+                if not self.storage._set(
+                    volume_id, only_if=CREATING, location=dump_location(location)
+                ):  # `volume delete` of the creating record meanwhile: nothing names it
+                    raise UsageError(f"volume {name} was deleted while it was being created")
             except BaseException:
                 delete_volume(backend, location)  # not recorded: not left behind either
                 raise
