@@ -103,12 +103,16 @@ def host_access(check: BodyCheck, target: Target, body: bytes) -> tuple[set[str]
         return _devices(document), document
     if check == "network":
         # macvlan / ipvlan put containers on the host's own network segment.
-        driver = _string(document, "driver")
-        if driver not in ("", "bridge", "overlay") or "parent" in _mapping(document, "options"):
+        driver = string_field(document, "driver")
+        if driver not in ("", "bridge", "overlay") or "parent" in mapping_field(
+            document, "options"
+        ):
             return {"host-namespace"}, document
         return set(), document
     if check == "volume":
-        confined = _confined(_string(document, "driver"), _mapping(document, "driveropts"))
+        confined = _confined(
+            string_field(document, "driver"), mapping_field(document, "driveropts")
+        )
         return (set() if confined else {"host-bind"}), document
     raise MalformedError(f"unknown body check {check}")
 
@@ -117,18 +121,18 @@ def _create(document: dict[str, Any]) -> set[str]:
     # dockerd's ContainerConfigWrapper still embeds a deprecated *HostConfig:
     # HostConfig fields at the top level of the body are read too (and used
     # whole when there is no "HostConfig" key). Both places are checked.
-    return _host_config(_mapping(document, "hostconfig")) | _host_config(document)
+    return _host_config(mapping_field(document, "hostconfig")) | _host_config(document)
 
 
 def _host_config(host: dict[str, Any]) -> set[str]:
     wanted: set[str] = set()
     if _bool(host, "privileged"):
         wanted.add("privileged")
-    for bind in _strings(host, "binds"):
+    for bind in strings_field(host, "binds"):
         source = bind.split(":", 1)[0]
         if source.startswith("/") or source.startswith(".") or not source:
             wanted.add("host-bind")
-    if _strings(host, "volumesfrom") or not _confined(_string(host, "volumedriver"), {}):
+    if strings_field(host, "volumesfrom") or not _confined(string_field(host, "volumedriver"), {}):
         wanted.add("host-bind")
     mounts = host.get("mounts")
     if mounts is not None:
@@ -137,20 +141,20 @@ def _host_config(host: dict[str, Any]) -> set[str]:
         for mount in mounts:
             if not isinstance(mount, dict):
                 raise MalformedError("HostConfig.Mounts entries must be objects")
-            kind = _string(mount, "type")
+            kind = string_field(mount, "type")
             if kind == "bind" or kind not in ("volume", "tmpfs"):
                 wanted.add("host-bind")
-            volume_options = _mapping(mount, "volumeoptions")
-            driver = _mapping(volume_options, "driverconfig")
-            if not _confined(_string(driver, "name"), _mapping(driver, "options")):
+            volume_options = mapping_field(mount, "volumeoptions")
+            driver = mapping_field(volume_options, "driverconfig")
+            if not _confined(string_field(driver, "name"), mapping_field(driver, "options")):
                 wanted.add("host-bind")
     for mode in _NAMESPACES:
-        value = _string(host, mode).lower()
+        value = string_field(host, mode).lower()
         if value == "host":
             wanted.add("host-namespace")
-    if _strings(host, "capadd") or _strings(host, "capabilities"):
+    if strings_field(host, "capadd") or strings_field(host, "capabilities"):
         wanted.add("capabilities")
-    if _strings(host, "securityopt") or host.get("maskedpaths") is not None:
+    if strings_field(host, "securityopt") or host.get("maskedpaths") is not None:
         wanted.add("security-opt")
     if host.get("readonlypaths") is not None:
         wanted.add("security-opt")
@@ -176,7 +180,8 @@ def _devices(document: dict[str, Any]) -> set[str]:
     return set()
 
 
-def _mapping(document: dict[str, Any], key: str) -> dict[str, Any]:
+def mapping_field(document: dict[str, Any], key: str) -> dict[str, Any]:
+    """The object at `key` of a parsed body (keys lower-cased), {} when absent."""
     value = document.get(key)
     if value is None:
         return {}
@@ -185,7 +190,8 @@ def _mapping(document: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _string(document: dict[str, Any], key: str) -> str:
+def string_field(document: dict[str, Any], key: str) -> str:
+    """The string at `key`, "" when absent; MalformedError for any other type."""
     value = document.get(key)
     if value is None:
         return ""
@@ -203,7 +209,8 @@ def _bool(document: dict[str, Any], key: str) -> bool:
     return value
 
 
-def _strings(document: dict[str, Any], key: str) -> list[str]:
+def strings_field(document: dict[str, Any], key: str) -> list[str]:
+    """The list of strings at `key`, [] when absent; MalformedError otherwise."""
     value = document.get(key)
     if value is None:
         return []

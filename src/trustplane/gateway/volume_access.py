@@ -35,6 +35,7 @@ import re
 from typing import Any
 
 from trustplane.errors import Forbidden, MalformedError
+from trustplane.gateway.host_access import mapping_field, string_field, strings_field
 
 DRIVER = "trustplane"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -56,18 +57,15 @@ def create_volumes(document: dict[str, Any]) -> dict[str, set[str]]:
     as dockerd does. Host paths are host_access's business and skipped here.
     """
     names: dict[str, set[str]] = {}
-    hosts = [h for h in (_mapping(document, "hostconfig"), document) if h]
-    drivers = {_string(h, "volumedriver") or "local" for h in hosts} or {"local"}
-    if DRIVER in drivers and _mapping(document, "volumes"):
+    hosts = [h for h in (mapping_field(document, "hostconfig"), document) if h]
+    drivers = {string_field(h, "volumedriver") or "local" for h in hosts} or {"local"}
+    if DRIVER in drivers and mapping_field(document, "volumes"):
         raise Forbidden(
             "trustplane gateway: anonymous trustplane volumes are refused; "
             "create the volume by name and mount it by name"
         )
     for host in hosts:
-        binds = host.get("binds") or []
-        if not isinstance(binds, list) or not all(isinstance(b, str) for b in binds):
-            raise MalformedError("Binds must be a list of strings")
-        for bind in binds:
+        for bind in strings_field(host, "binds"):
             source = bind.split(":", 1)[0]
             if not source or source.startswith(("/", ".")):
                 continue  # a host path (host_access)
@@ -78,11 +76,11 @@ def create_volumes(document: dict[str, Any]) -> dict[str, set[str]]:
         for mount in mounts:
             if not isinstance(mount, dict):
                 raise MalformedError("HostConfig.Mounts entries must be objects")
-            if _string(mount, "type") != "volume":
+            if string_field(mount, "type") != "volume":
                 continue
-            config = _mapping(_mapping(mount, "volumeoptions"), "driverconfig")
-            wanted = {_string(config, "name") or "local"} | drivers
-            source = _string(mount, "source")
+            config = mapping_field(mapping_field(mount, "volumeoptions"), "driverconfig")
+            wanted = {string_field(config, "name") or "local"} | drivers
+            source = string_field(mount, "source")
             if not source:
                 if DRIVER in wanted:
                     raise Forbidden(
@@ -109,21 +107,3 @@ def container_volumes(container: dict[str, Any]) -> list[str]:
         ):
             found.append(str(mount["Name"]))
     return found
-
-
-def _mapping(document: dict[str, Any], key: str) -> dict[str, Any]:
-    value = document.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise MalformedError(f"{key} must be an object")
-    return value
-
-
-def _string(document: dict[str, Any], key: str) -> str:
-    value = document.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise MalformedError(f"{key} must be a string")
-    return value
