@@ -263,6 +263,48 @@ def test_a_clone_is_refused_to_strangers_for_attached_volumes_and_taken_names(
     assert plane.volumes.show(ALICE, "data").state == "available"
 
 
+ALICE_ATTACHES_PUB = """\
+  - subjects: ["user:alice"]
+    actions: [volume.attach]
+    resources: ["volume:pub-*"]
+"""
+
+
+def test_a_clone_cannot_move_a_volume_to_a_name_its_owner_may_attach(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """The attacker owns `data`, which the policy refuses her to attach, and may attach
+    `pub-*`: a clone to `pub-copy` would hand her data's plaintext. Refused, nothing made."""
+    set_policy(plane, DEFAULT_POLICY + ALICE_ATTACHES_PUB)
+    _source(plane, volumes_dir)
+    secrets_before = _secret_count(plane)
+    with pytest.raises(Forbidden, match="volume.attach on volume:data"):
+        plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="pub-copy"))
+    with pytest.raises(Forbidden, match="volume.attach on volume:data"):
+        plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="pub-snap"), snapshot=True)
+    assert _names(plane) == ["data"]
+    assert _secret_count(plane) == secrets_before
+    assert sorted(p.name for p in volumes_dir.iterdir()) == ["data.img"]
+    assert _operations(plane) == 0
+    assert plane.volumes.show(ALICE, "data").state == "available"
+    # Attestation required on the source but not on the new name: refused as well.
+    set_policy(
+        plane,
+        DEFAULT_POLICY
+        + ALICE_ATTACHES_PUB
+        + ALICE_ATTACHES_PUB.replace("pub-*", "data").replace(
+            '"volume:data"]', '"volume:data"]\n    require_attestation: true'
+        ),
+    )
+    with pytest.raises(Forbidden, match="attested"):
+        plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="pub-copy"))
+    assert _names(plane) == ["data"]
+    # A name she may not attach either: the clone goes through (nothing widened).
+    set_policy(plane, DEFAULT_POLICY + ALICE_ATTACHES_PUB)
+    copy = plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="copy"))
+    assert copy.state == "available"
+
+
 @pytest.mark.parametrize("crash_at", ["after_target", "after_copy"])
 def test_a_clone_interrupted_is_undone_at_the_next_start(
     crash_at: str, tmp_path: Path, volumes_dir: Path

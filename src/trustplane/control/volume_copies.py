@@ -9,7 +9,9 @@ opens nothing of its parent and the parent's nothing of the clone, and
 destroying either key (deleting either volume) leaves the other readable.
 
 - clone SRC NEW [--type T]: the owner of SRC (or an admin) with
-  `volume.create` on `volume:NEW`. SRC must be detached: trustplane cannot
+  `volume.create` on `volume:NEW`; a caller the policy allows `volume.attach`
+  on `volume:NEW` must be allowed it on `volume:SRC` too (and without
+  attestation only if SRC's rule asks none). SRC must be detached: trustplane cannot
   quiesce a running guest's writes, so a copy of an attached volume would
   not be a point in time; SRC is `cloning` meanwhile (no attach, extend,
   rotation or delete). A snapshot is a clone of a detached volume (there is
@@ -119,6 +121,7 @@ class VolumeCopies:
         s = self.storage
         src = s._owned(principal, source_name, "clone")
         s._require(principal, "volume.create", f"volume:{body.name}")
+        self._no_wider_attach(principal, source_name, body.name)
         if src.attached_to is not None:
             raise UsageError(
                 f"volume {source_name} is attached to domain {src.attached_domain} of "
@@ -223,6 +226,23 @@ class VolumeCopies:
         )
         logger.info("volume %s cloned from %s (log %d)", body.name, source_name, receipt.index)
         return s.show(principal, body.name)
+
+    def _no_wider_attach(self, principal: Principal, source_name: str, name: str) -> None:
+        """Refuse a clone that the caller could attach while the source is refused to it
+        (or only to an attested node): the copy would hand out the source's plaintext
+        around the policy's `volume.attach` rules. A caller attaching neither (a user
+        under the default policy) clones as before."""
+        s = self.storage
+        new = s.authorize(principal, "volume.attach", f"volume:{name}", None)
+        if not new.allowed:
+            return
+        s._require(principal, "volume.attach", f"volume:{source_name}")
+        old = s.authorize(principal, "volume.attach", f"volume:{source_name}", None)
+        if old.require_attestation and not new.require_attestation:
+            raise Forbidden(
+                f"policy releases volume:{source_name} only to attested nodes and "
+                f"volume:{name} without attestation; a clone would bypass it"
+            )
 
     # -- encrypt in place ---------------------------------------------------------------------
 
