@@ -3,6 +3,7 @@ key, the comparison that guards the plaintext's destruction, the overwrite, the 
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from trustplane.api.volume_location import FileLocation
 from trustplane.api.volume_spec import EncryptionSpec
+from trustplane.control.volume_copies import VolumeCopies
 from trustplane.errors import DecryptionKeyError, IntegrityError, UsageError
 from trustplane.tools import Executor
 from trustplane.volumes.backends import FileBackend
@@ -83,3 +85,49 @@ def test_rename_never_replaces_a_name_that_exists(tmp_path: Path) -> None:
     assert moved == backend.location("third")
     assert not backend.exists("first")
     assert backend.exists("third")
+
+
+def test_a_rename_a_crash_left_half_done_is_finished(tmp_path: Path) -> None:
+    backend = FileBackend(tmp_path / "volumes")
+    first = backend.create("first", MIB)
+    Path(first.path).write_bytes(b"payload")
+    os.link(first.path, backend.location("second").path)  # linked, crash before the unlink
+    moved = rename_storage(backend, first, "second")
+    assert moved == backend.location("second")
+    assert not backend.exists("first")
+    assert Path(moved.path).read_bytes() == b"payload"
+    # An unrelated file under the new name is still refused, and both are left as they were.
+    third = backend.create("third", MIB)
+    Path(third.path).write_bytes(b"mine")
+    with pytest.raises(UsageError, match="exists already"):
+        rename_storage(backend, third, "second")
+    assert Path(third.path).read_bytes() == b"mine"
+    assert Path(moved.path).read_bytes() == b"payload"
+
+
+@pytest.mark.parametrize("stopped", ["first rename", "second rename"])
+def test_an_encryption_swap_finishes_after_a_crash_inside_a_rename(
+    stopped: str, tmp_path: Path
+) -> None:
+    backend = FileBackend(tmp_path / "volumes")
+    plain = backend.create("data", MIB)
+    Path(plain.path).write_bytes(b"plaintext")
+    key = secrets.token_bytes(32)
+    copy = _luks(backend, "data.enc-1", key)
+    names = {"source_name": "data", "target_name": "data.enc-1", "doomed_name": "data.plain-1"}
+    doomed = backend.location("data.plain-1")
+    assert isinstance(doomed, FileLocation)
+    if stopped == "first rename":
+        os.link(plain.path, doomed.path)
+    else:
+        rename_storage(backend, plain, "data.plain-1")
+        os.link(copy.path, plain.path)
+    final = VolumeCopies._swap(backend, names, "data")
+    assert final == backend.location("data")
+    assert sorted(p.name for p in (tmp_path / "volumes").iterdir()) == [
+        "data.img",
+        "data.plain-1.img",
+    ]
+    assert Path(doomed.path).read_bytes() == b"plaintext"
+    assert os.path.samefile(final.path, tmp_path / "volumes" / "data.img")
+    assert not os.path.samefile(final.path, doomed.path)

@@ -75,6 +75,7 @@ from trustplane.volumes.copier import (
     compare_with_luks,
     copy_into_luks,
     destroy_plaintext,
+    half_renamed,
     rename_storage,
 )
 from trustplane.volumes.header import PROBE_BYTES, is_luks
@@ -410,8 +411,11 @@ class VolumeCopies:
         if target == final_name:  # no swap: the copy was made under its own name
             return backend.location(final_name)
         if backend.exists(target):
-            if backend.exists(source) and not backend.exists(doomed):
-                rename_storage(backend, backend.location(source), doomed)
+            plain = backend.location(source)
+            if backend.exists(source) and (
+                not backend.exists(doomed) or half_renamed(backend, plain, doomed)
+            ):
+                rename_storage(backend, plain, doomed)
             rename_storage(backend, backend.location(target), final_name)
         final = backend.location(final_name)
         if not is_luks(backend.reader(final).read(0, PROBE_BYTES)):

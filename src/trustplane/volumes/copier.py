@@ -153,14 +153,19 @@ def can_rename(backend: Backend) -> bool:
 
 
 def rename_storage(backend: Backend, location: AnyLocation, name: str) -> AnyLocation:
-    """Give the storage at `location` the name `name` (which must be free); its new location."""
+    """Give the storage at `location` the name `name` (which must be free); its new location.
+
+    A file is renamed by hard link + unlink: a crash between them leaves both names on
+    one inode, and the next call finishes that rename (unlinks the old name) instead of
+    refusing forever; another file under `name` is still refused and left alone."""
     target = backend.location(backend.check_name(name))
     if isinstance(backend, FileBackend) and isinstance(location, FileLocation):
         assert isinstance(target, FileLocation)
         try:
             os.link(location.path, target.path)  # never replaces a name that exists
         except FileExistsError:
-            raise UsageError(f"file volume {name} exists already") from None
+            if not half_renamed(backend, location, name):
+                raise UsageError(f"file volume {name} exists already") from None
         Path(location.path).unlink()
         _fsync_directory(Path(target.path).parent)
         return target
@@ -169,6 +174,21 @@ def rename_storage(backend: Backend, location: AnyLocation, name: str) -> AnyLoc
         backend.rbd("rename", location.spec, target.spec)
         return target
     raise UnsupportedError(f"renaming {backend.kind} storage is not done")
+
+
+def half_renamed(backend: Backend, location: AnyLocation, name: str) -> bool:
+    """Whether a file rename of `location` to `name` stopped between its link and its
+    unlink: two different names on the same inode (RBD renames are atomic: never)."""
+    if not (isinstance(backend, FileBackend) and isinstance(location, FileLocation)):
+        return False
+    target = backend.location(backend.check_name(name))
+    assert isinstance(target, FileLocation)
+    if Path(location.path) == Path(target.path):
+        return False
+    try:
+        return os.path.samefile(location.path, target.path)
+    except FileNotFoundError:
+        return False
 
 
 def check_destroyable(backend: Backend, location: AnyLocation) -> None:
