@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from plane_helpers import entries_since, set_policy
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from trustplane.api.volume_location import FileLocation
 from trustplane.api.volume_spec import BackendKind
@@ -278,9 +279,9 @@ def test_a_clone_cannot_move_a_volume_to_a_name_its_owner_may_attach(
     set_policy(plane, DEFAULT_POLICY + ALICE_ATTACHES_PUB)
     _source(plane, volumes_dir)
     secrets_before = _secret_count(plane)
-    with pytest.raises(Forbidden, match="volume.attach on volume:data"):
+    with pytest.raises(Forbidden, match=r"volume\.attach on volume:data"):
         plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="pub-copy"))
-    with pytest.raises(Forbidden, match="volume.attach on volume:data"):
+    with pytest.raises(Forbidden, match=r"volume\.attach on volume:data"):
         plane.volumes.copies.clone(ALICE, "data", CloneRequest(name="pub-snap"), snapshot=True)
     assert _names(plane) == ["data"]
     assert _secret_count(plane) == secrets_before
@@ -349,6 +350,38 @@ def test_a_clone_interrupted_is_undone_at_the_next_start(
         assert "volume.destroyed" in kinds
     finally:
         second.close()
+
+
+def test_recover_leaves_alone_a_clone_started_since_the_server_started(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """recover() runs beside the first requests: a copy started since the start may be
+    running right now and must not be undone; one from before the start is."""
+    _source(plane, volumes_dir, "data")
+    _source(plane, volumes_dir, "old")
+
+    def crash(name: str) -> None:
+        raise SimulatedCrash(name)
+
+    plane.volumes.copies.after_target = crash
+    for source, name in (("data", "copy"), ("old", "old-copy")):
+        with pytest.raises(SimulatedCrash):
+            plane.volumes.copies.clone(ALICE, source, CloneRequest(name=name))
+    with plane.db.session() as session:
+        old_row = session.scalar(select(Volume.id).where(Volume.name == "old-copy"))
+        session.execute(
+            update(VolumeOperation)
+            .where(VolumeOperation.volume_id == old_row)
+            .values(started=plane.volumes.creates.started - timedelta(minutes=1))
+        )
+    assert plane.volumes.copies.recover() == 1
+    assert _names(plane) == ["copy", "data", "old"]
+    assert not (volumes_dir / "old-copy.img").exists()
+    assert (volumes_dir / "copy.img").exists()
+    assert plane.volumes.show(ALICE, "copy").state == "creating"
+    assert plane.volumes.show(ALICE, "data").state == "cloning"
+    assert plane.volumes.show(ALICE, "old").state == "available"
+    assert _operations(plane) == 1
 
 
 # -- encrypt in place ---------------------------------------------------------------------------

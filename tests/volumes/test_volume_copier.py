@@ -22,6 +22,7 @@ from trustplane.volumes.copier import (
     rename_storage,
 )
 from trustplane.volumes.encryptors import QemuLuksEncryptor
+from trustplane.volumes.header import PROBE_BYTES, is_luks
 
 MIB = 1 << 20
 EXECUTOR = Executor()
@@ -129,5 +130,6 @@ def test_an_encryption_swap_finishes_after_a_crash_inside_a_rename(
         "data.plain-1.img",
     ]
     assert Path(doomed.path).read_bytes() == b"plaintext"
-    assert os.path.samefile(final.path, tmp_path / "volumes" / "data.img")
-    assert not os.path.samefile(final.path, doomed.path)
+    assert isinstance(final, FileLocation)
+    assert is_luks(Path(final.path).read_bytes()[:PROBE_BYTES])
+    assert not Path(final.path).samefile(doomed.path)

@@ -33,8 +33,9 @@ the next start: the new key(s) and storage are destroyed, the record goes,
 the source is untouched (and a clone's source is `available` again). Once
 an encryption's copy is complete and checked (`swapping`), the next start
 finishes it forward: the swap, the record, the plaintext's destruction
-(`destroying`). Like the rotation's recovery, this assumes no other replica
-is copying the same volume while a server starts.
+(`destroying`). Rows started since this server started are left alone (copies
+running beside the recovery); like the rotation's recovery, this assumes no other
+replica started a copy before this server started and is still running it.
 """
 
 from __future__ import annotations
@@ -426,14 +427,20 @@ class VolumeCopies:
 
     def recover(self) -> int:
         """Settle the copies a crash interrupted: undo those still copying, finish the
-        encryptions past their copy. How many were settled."""
+        encryptions past their copy. How many were settled.
+
+        Only rows started before this server started (`creates.started`): recover runs
+        beside the first requests, so a row started since is a copy running right now
+        in this process (undoing it would destroy its key and storage under it)."""
         s = self.storage
+        started = s.creates.started
         with s.db.session() as session:
             ops = [
                 (op.id, op.kind, op.phase)
                 for op in session.scalars(
                     select(VolumeOperation).where(VolumeOperation.kind.in_((CLONE, ENCRYPT)))
                 )
+                if _aware(op.started) < started
             ]
         done = 0
         for op_id, kind, phase in ops:
@@ -564,6 +571,11 @@ class VolumeCopies:
     def _hook(hook: Hook | None, name: str) -> None:
         if hook is not None:
             hook(name)
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives naive UTC back."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _require_qemu(spec: VolumeTypeSpec, what: str) -> None:

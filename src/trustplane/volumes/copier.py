@@ -186,7 +186,7 @@ def half_renamed(backend: Backend, location: AnyLocation, name: str) -> bool:
     if Path(location.path) == Path(target.path):
         return False
     try:
-        return os.path.samefile(location.path, target.path)
+        return Path(location.path).samefile(target.path)
     except FileNotFoundError:
         return False
 
