@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trustplane.api.volume_location import AnyLocation, FileLocation, RbdLocation
+from trustplane.atomic import fsync_dir
 from trustplane.errors import (
     IntegrityError,
     NotFoundError,
@@ -167,7 +168,7 @@ def rename_storage(backend: Backend, location: AnyLocation, name: str) -> AnyLoc
             if not half_renamed(backend, location, name):
                 raise UsageError(f"file volume {name} exists already") from None
         Path(location.path).unlink()
-        _fsync_directory(Path(target.path).parent)
+        fsync_dir(Path(target.path).parent)
         return target
     if isinstance(backend, RbdBackend) and isinstance(location, RbdLocation):
         assert isinstance(target, RbdLocation)
@@ -249,14 +250,6 @@ def overwrite_file(path: Path) -> None:
                 written = os.pwrite(fd, zeros[:step], position)
                 position += written
             offset = end
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
