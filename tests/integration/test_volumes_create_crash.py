@@ -114,7 +114,10 @@ def _kill_mid_create(site: Site) -> tuple[str, str]:
         worker.start()
         while not done.is_set():
             row = _row(plane.data_dir, name)
-            if row is not None and row[0] == "creating" and row[2] is not None:
+            # The file too: a PBKDF calibration that fails under load makes QEMU delete
+            # it, and the retry makes it again (backends/file.py, before_format_retry).
+            made = (site.volumes / f"{name}.img").exists()
+            if row is not None and row[0] == "creating" and row[2] is not None and made:
                 pid = plane.process.pid
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
