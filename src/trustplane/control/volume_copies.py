@@ -60,6 +60,7 @@ from trustplane.api.volumes import (
 from trustplane.control.identity import Principal
 from trustplane.control.models import Volume, VolumeOperation
 from trustplane.control.volume_reencryption import operation_info
+from trustplane.control.volume_states import AVAILABLE, CLONING, CREATING, DELETING, SHREDDED
 from trustplane.errors import (
     Forbidden,
     IntegrityError,
@@ -90,9 +91,6 @@ logger = logging.getLogger("trustplane.volumes")
 CLONE, ENCRYPT = "clone", "encrypt"
 COPYING, SWAPPING, DESTROYING = "copying", "swapping", "destroying"
 """Phases: `copying` is undone after a crash; `swapping` and `destroying` are finished."""
-CLONING = "cloning"
-"""The state of a clone's source while it is copied."""
-_CREATING, _AVAILABLE, _DELETING = "creating", "available", "deleting"
 MIB = 1 << 20
 
 Hook = Callable[[str], None]
@@ -130,7 +128,7 @@ class VolumeCopies:
                 f"{src.attached_to}; detach it first (a running guest's writes cannot be "
                 "quiesced from here, so its copy would not be a point in time)"
             )
-        if src.state != _AVAILABLE or src.key_id is None or src.location is None:
+        if src.state != AVAILABLE or src.key_id is None or src.location is None:
             raise UsageError(f"volume {source_name} is {src.state}, not available")
         _, src_spec = s._type(src.type_name)
         type_row, spec = s._type(body.volume_type or src.type_name)
@@ -158,9 +156,7 @@ class VolumeCopies:
                 raise UsageError(f"volume {body.name!r} exists already")
             claimed = session.execute(
                 update(Volume)
-                .where(
-                    Volume.id == src.id, Volume.state == _AVAILABLE, Volume.attached_to.is_(None)
-                )
+                .where(Volume.id == src.id, Volume.state == AVAILABLE, Volume.attached_to.is_(None))
                 .values(state=CLONING)
             ).rowcount  # type: ignore[attr-defined]
             if not claimed:
@@ -200,12 +196,12 @@ class VolumeCopies:
         with s.db.write_session() as session:
             session.execute(
                 update(Volume)
-                .where(Volume.id == row.id, Volume.state == _CREATING)
-                .values(state=_AVAILABLE, **_recorded(created, fingerprint))
+                .where(Volume.id == row.id, Volume.state == CREATING)
+                .values(state=AVAILABLE, **_recorded(created, fingerprint))
             )
             session.execute(
                 update(Volume).where(Volume.id == src.id, Volume.state == CLONING)
-                .values(state=_AVAILABLE)
+                .values(state=AVAILABLE)
             )  # fmt: skip
             session.delete(session.get(VolumeOperation, op.id))
         receipt = s.log.append(
@@ -376,8 +372,8 @@ class VolumeCopies:
             with s.db.write_session() as session:
                 session.execute(
                     update(Volume)
-                    .where(Volume.id == volume_id, Volume.state == _CREATING)
-                    .values(state=_AVAILABLE, location=dump_location(final))
+                    .where(Volume.id == volume_id, Volume.state == CREATING)
+                    .values(state=AVAILABLE, location=dump_location(final))
                 )
                 session.execute(
                     update(VolumeOperation)
@@ -471,15 +467,15 @@ class VolumeCopies:
             row = session.get(Volume, op.volume_id)
             volume_id, name, kind = op.volume_id, row.name if row else "?", op.kind
             if row is not None:
-                if row.state not in (_DELETING, "shredded"):
-                    row.state = _DELETING
+                if row.state not in (DELETING, SHREDDED):
+                    row.state = DELETING
                 row.key_id = row.key_id or op.key_id
                 row.location = op.target  # never the plaintext's: its own new storage
             source_id = (op.source or {}).get("volume_id")
             if kind == CLONE and isinstance(source_id, str):
                 session.execute(
                     update(Volume).where(Volume.id == source_id, Volume.state == CLONING)
-                    .values(state=_AVAILABLE)
+                    .values(state=AVAILABLE)
                 )  # fmt: skip
             session.delete(op)
         try:
@@ -546,7 +542,7 @@ class VolumeCopies:
             type_name=type_name,
             backend=backend_name,
             size=size,
-            state=_CREATING,
+            state=CREATING,
             owner=principal.subject,
             created=datetime.now(UTC),
             location=dump_location(location),

@@ -53,6 +53,7 @@ from sqlalchemy import select
 from trustplane.api.volume_location import AnyLocation, dump_location
 from trustplane.control.db import is_sqlite
 from trustplane.control.models import Volume, VolumeOperation
+from trustplane.control.volume_states import CREATING, DELETING
 from trustplane.errors import TrustplaneError, UsageError
 from trustplane.volumes.backends.base import Backend
 from trustplane.volumes.volume import delete_volume
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trustplane.volumes")
 
-CREATING, DELETING = "creating", "deleting"
 MAX_CREATE_AGE = timedelta(hours=1)
 """How long a create may still be running on another replica (PostgreSQL only)."""
 REASON = "create finished after a crash"

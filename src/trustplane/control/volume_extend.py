@@ -38,6 +38,7 @@ from trustplane.api.volume_spec import check_volume_size
 from trustplane.api.volumes import OnlineExtendResult, VolumeInfo
 from trustplane.control.identity import Principal
 from trustplane.control.models import Volume, VolumeOperation
+from trustplane.control.volume_states import AVAILABLE, EXTENDING
 from trustplane.errors import Forbidden, UsageError
 from trustplane.volumes.online import check_online
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from trustplane.control.volumes import BlockStorage
 
 KIND = "extend-online"
-AVAILABLE, EXTENDING = "available", "extending"
 
 
 def _holder(storage: BlockStorage, principal: Principal, name: str, domain: str) -> Volume:

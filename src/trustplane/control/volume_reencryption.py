@@ -58,6 +58,7 @@ from trustplane.api.volume_spec import Engine, VolumeTypeSpec
 from trustplane.api.volumes import HeaderFingerprint, VolumeInfo, VolumeOperationInfo
 from trustplane.control.identity import Principal
 from trustplane.control.models import Volume, VolumeOperation
+from trustplane.control.volume_states import AVAILABLE, REENCRYPTING
 from trustplane.errors import NotFoundError, TrustplaneError, UnsupportedError, UsageError
 from trustplane.volumes.attachers.userspace import UserspaceRecord
 from trustplane.volumes.backends import Backend
@@ -76,8 +77,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trustplane.volumes")
 
 KIND = "reencrypt"
-REENCRYPTING = "reencrypting"
-AVAILABLE = "available"
 ORDERING, CREATING, COPYING, DESTROYING = "ordering", "creating", "copying", "destroying"
 STALE = timedelta(minutes=5)
 """A runner on another host that has not advanced the row for this long is taken over."""

@@ -81,6 +81,15 @@ from trustplane.control.transparency import TransparencyLog
 from trustplane.control.volume_copies import VolumeCopies
 from trustplane.control.volume_create_recovery import InterruptedCreates
 from trustplane.control.volume_extend import KIND as EXTEND_ONLINE
+from trustplane.control.volume_states import (
+    AVAILABLE,
+    CREATING,
+    DELETING,
+    EXTENDING,
+    REENCRYPTING,
+    ROTATING,
+    SHREDDED,
+)
 from trustplane.errors import (
     DecryptionKeyError,
     Forbidden,
@@ -103,9 +112,6 @@ from trustplane.volumes.verification import DEFAULT_SAMPLES, verify_encryption
 from trustplane.volumes.volume import create_volume, delete_volume, extend_volume, key_slots
 
 logger = logging.getLogger("trustplane.volumes")
-
-CREATING, AVAILABLE, DELETING, SHREDDED = "creating", "available", "deleting", "shredded"
-EXTENDING, ROTATING, REENCRYPTING = "extending", "rotating", "reencrypting"
 
 
 @dataclass(frozen=True)
