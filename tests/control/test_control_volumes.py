@@ -34,7 +34,7 @@ from trustplane.errors import (
     NotFoundError,
     UsageError,
 )
-from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor
+from trustplane.tools import QEMU_LUKS_PBKDF_HASH, QEMU_PBKDF_CALIBRATION, Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import FileRawReader
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
@@ -378,7 +378,8 @@ def test_a_header_reformatted_behind_the_service_fails_naming_the_checks(
     theirs = key_object(passphrase(secrets.token_bytes(32)))
     argv: list[Arg] = [
         "qemu-img", "create", "-q", "-f", "luks", "--object", theirs,
-        "-o", f"key-secret={KEY_OBJECT},iter-time=10", str(raw), str(8 * MIB),
+        "-o", f"key-secret={KEY_OBJECT},hash-alg={QEMU_LUKS_PBKDF_HASH},iter-time=10",
+        str(raw), str(8 * MIB),
     ]  # fmt: skip
     EXECUTOR.run(argv, retry=QEMU_PBKDF_CALIBRATION)
     report = plane.volumes.verify(ALICE, "data")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFile
+from trustplane.tools import QEMU_LUKS_PBKDF_HASH, QEMU_PBKDF_CALIBRATION, Executor, SecretFile
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 # Keys are random 256-bit values: a slow PBKDF buys nothing, and it is paid on every open.
@@ -43,7 +43,7 @@ def qemu_img_create_luks(
     argv = [
         "qemu-img", "create", "-q", "-f", "luks",
         "--object", key_object(key),
-        "-o", f"key-secret=s0,iter-time={ITER_TIME_MS}",
+        "-o", f"key-secret=s0,hash-alg={QEMU_LUKS_PBKDF_HASH},iter-time={ITER_TIME_MS}",
         target, size,
     ]  # fmt: skip
     EXECUTOR.run(argv, retry=retry)

@@ -4,7 +4,7 @@ Layer *k* is a qcow2 file encrypted with LUKS under key *k* whose backing
 file is layer *k-1* (DESIGN.md, "Layer store: qcow2 + LUKS chain"):
 
     qemu-img create -f qcow2 -o encrypt.format=luks,encrypt.key-secret=s0,
-        encrypt.iter-time=10 -b PARENT.qcow2 -F qcow2 LAYER.prep.qcow2 SIZE
+        encrypt.hash-alg=sha512,encrypt.iter-time=10 -b PARENT.qcow2 -F qcow2 LAYER.prep.qcow2 SIZE
 
 It holds only the clusters its own writes changed. A chain is opened by one
 `qemu-storage-daemon` (a secret, a `file` and a `qcow2` node per layer,
@@ -47,7 +47,13 @@ from trustplane.layerstore.fuse_loop import (
     option_path,
 )
 from trustplane.layerstore.leases import Lease, orphans, sweep_hidden
-from trustplane.tools import QEMU_PBKDF_CALIBRATION, Executor, SecretFd, SecretFile
+from trustplane.tools import (
+    QEMU_LUKS_PBKDF_HASH,
+    QEMU_PBKDF_CALIBRATION,
+    Executor,
+    SecretFd,
+    SecretFile,
+)
 from trustplane.tools.command import Arg
 
 COMMITTED = ".qcow2"
@@ -98,7 +104,10 @@ class Qcow2Backend(LayerBackend):
             raise UsageError(f"layer {layer} exists already")
         if size <= 0 or size % 512:
             raise UsageError("a layer's size is a positive multiple of 512 bytes")
-        options = f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={self.iter_time_ms}"
+        options = (
+            "encrypt.format=luks,encrypt.key-secret=s0,"
+            f"encrypt.hash-alg={QEMU_LUKS_PBKDF_HASH},encrypt.iter-time={self.iter_time_ms}"
+        )
         argv: list[Arg] = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if parent is not None:
             argv.append("-u")  # the parent may not be made yet: its name is all it takes

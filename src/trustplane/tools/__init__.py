@@ -18,10 +18,11 @@ from trustplane.tools.command import Command, SecretArg, SecretFd, SecretFile
 from trustplane.tools.executor import Executor, ToolResult
 from trustplane.tools.failure import FailureMap
 from trustplane.tools.local import LocalRunner
-from trustplane.tools.retry import QEMU_PBKDF_CALIBRATION, Retry
+from trustplane.tools.retry import QEMU_LUKS_PBKDF_HASH, QEMU_PBKDF_CALIBRATION, Retry
 from trustplane.tools.runner import Completed, Runner, Started
 
 __all__ = [
+    "QEMU_LUKS_PBKDF_HASH",
     "QEMU_PBKDF_CALIBRATION",
     "AdoptedProcess",
     "Command",

@@ -40,7 +40,15 @@ class Retry:
 
 QEMU_PBKDF_CALIBRATION = Retry(("Unable to get accurate CPU usage",), tries=8)
 """`qemu-img create -f luks` (and qcow2 with LUKS encryption) calibrates its
-PBKDF on thread CPU time, which some kernels count in 4 ms ticks; it then
-fails in 1 of 5 to 1 of 2 creates, more under load, and `iter-time` does not
-prevent it (DESIGN.md, "QEMU LUKS"). A failed try returns in ~20 ms; 8 tries
-were always enough."""
+PBKDF on thread CPU time, which some kernels count in 4 ms ticks, starting
+with 2^15 iterations: it fails when that round ends inside one tick. With a
+SHA-256 header hash (SHA-NI, ~3 ms a round) that was 28 of 100 creates here,
+and 8 tries once were not enough in CI; `iter-time` does not prevent it
+(DESIGN.md, "QEMU LUKS"). New headers use `QEMU_LUKS_PBKDF_HASH`, on which
+it did not fail once in 200; the retry stays for headers made before. A
+failed try returns in ~20 ms."""
+
+QEMU_LUKS_PBKDF_HASH = "sha512"
+"""The hash of every LUKS header QEMU writes for trustplane: a 2^15-iteration
+PBKDF2-SHA-512 round takes ~25 ms here (no SHA-NI for SHA-512), so qemu-img's
+calibration always sees CPU time pass."""

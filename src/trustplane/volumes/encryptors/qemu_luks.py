@@ -8,13 +8,18 @@ creates the image itself). The same volume opens in a VM through libvirt's
 `qemu-storage-daemon` (`attachers.userspace`).
 
 Create options: `cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,
-hash-alg=sha256` (cryptsetup's and Cinder's default cipher spelled out, so
+hash-alg=sha512` (cryptsetup's and Cinder's default cipher spelled out, so
 a changed QEMU default cannot change new volumes) and a 10 ms PBKDF
 (`iter-time`), paid at every open. qemu-img calibrates its PBKDF on thread
-CPU time, which this kernel counts in 4 ms ticks; it then fails with
-`Unable to get accurate CPU usage` in 1 of 5 to 1 of 2 creates: retried on
-that message only (`QEMU_PBKDF_CALIBRATION`), an empty RBD image left by a
-failed try removed first (DESIGN.md, "QEMU LUKS").
+CPU time, which this kernel counts in 4 ms ticks, starting with 2^15
+iterations; it fails with `Unable to get accurate CPU usage` when that first
+round ends inside one tick. With SHA-256 (SHA-NI) the round takes ~3 ms and
+failed 28 of 100 creates here, idle or loaded, and 8 tries were not always
+enough; with SHA-512 (no SHA-NI) it takes ~25 ms and failed 0 of 200, so the
+PBKDF hash is SHA-512. The retry on that message (`QEMU_PBKDF_CALIBRATION`,
+an empty RBD image left by a failed try removed first) stays for volumes
+made with SHA-256 before, whose key-slot changes calibrate on their header's
+hash (DESIGN.md, "QEMU LUKS").
 
 Speed: QEMU's cipher backend on Debian 12 is nettle (libnettle 3.8), whose
 XTS runs one 16-byte block per call, without the pipelining or VAES that
@@ -37,7 +42,7 @@ from trustplane.errors import (
     UnavailableError,
     UsageError,
 )
-from trustplane.tools import QEMU_PBKDF_CALIBRATION, SecretFile
+from trustplane.tools import QEMU_LUKS_PBKDF_HASH, QEMU_PBKDF_CALIBRATION, SecretFile
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node
 from trustplane.volumes.attachers.userspace import (
@@ -75,7 +80,7 @@ class QemuLuksEncryptor(Encryptor):
     def _create_argv(self, key: bytes, spec: EncryptionSpec, target: Arg, size: int) -> list[Arg]:
         options = (
             f"key-secret={KEY_OBJECT},cipher-alg=aes-{spec.aes_bits},cipher-mode=xts,"
-            f"ivgen-alg=plain64,hash-alg=sha256,iter-time={self.iter_time_ms}"
+            f"ivgen-alg=plain64,hash-alg={QEMU_LUKS_PBKDF_HASH},iter-time={self.iter_time_ms}"
         )
         return [
             "qemu-img", "create", "-q", "-f", "luks",
@@ -226,7 +231,10 @@ class QemuLuksEncryptor(Encryptor):
             "qemu-img", "amend", "-q", "--object", key_object(passphrase(opener)),
             "--object", other_object, *objects, "--image-opts", opts, "-o", options,
         ]  # fmt: skip
-        self.executor.run(argv, failures=WRONG_KEY, timeout=_CREATE_TIMEOUT)
+        # A new slot calibrates the PBKDF on the header's hash (SHA-256 on older volumes).
+        self.executor.run(
+            argv, failures=WRONG_KEY, timeout=_CREATE_TIMEOUT, retry=QEMU_PBKDF_CALIBRATION
+        )
 
     def add_key(
         self,
