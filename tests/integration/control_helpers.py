@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,27 @@ def entries_since(
         entry["index"] = index
         found.append(entry)
     return found
+
+
+def wait_for_entry(
+    client: ControlClient,
+    start: int,
+    wanted: Callable[[dict[str, Any]], bool],
+    timeout: float = 300,
+) -> list[dict[str, Any]]:
+    """Log entries from `start` on, once one of them is `wanted`.
+
+    The server appends an entry after it commits the state the entry reports
+    (a volume `available`, a record gone), so a test that saw the state may
+    still read the log without it: it waits for the entry itself."""
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any]] = []
+    while True:
+        found += entries_since(client, start + len(found))
+        if any(wanted(entry) for entry in found):
+            return found
+        assert time.monotonic() < deadline, f"no such entry in the log since {start}: {found}"
+        time.sleep(0.1)
 
 
 def add_policy_rule(plane: RunningControlPlane, rule: str) -> None:
