@@ -4,7 +4,8 @@ The server is `trustplane server` (a subprocess) with a file backend; a
 256 MiB volume carries a pattern over its whole payload (written through
 QEMU's LUKS driver with the key an attach released). The re-encryption is
 asked over HTTP; once the server has recorded some bytes copied and flushed
-(and not all), the server process alone gets SIGKILL: its
+(and not all), the server process alone gets SIGKILL (frozen first, and
+killed only if its row still says so: kill_helpers): its
 qemu-storage-daemons live on (their own sessions), as after a real crash.
 The restarted server carries on by itself from the recorded progress
 (logged: `volume.reencrypt` stage `resume` with it), stops the dead run's
@@ -28,11 +29,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import start_control_plane_or_fail
-from control_helpers import Cli, assert_fails, entries_since
+from control_helpers import Cli, assert_fails, wait_for_entry
 from durability_helpers import write_server_config
+from kill_helpers import freeze, thaw
 
 from trustplane.api.volume_location import AnyLocation, FileLocation
 from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Engine
@@ -55,6 +58,7 @@ from trustplane.volumes.encryptors.base import passphrase
 MIB = 1 << 20
 BIG_MIB = 256
 SMALL_MIB = 8
+TRIES = 5
 EXECUTOR = Executor()
 
 
@@ -130,9 +134,9 @@ def _opens(path: str, key: bytes) -> bool:
     return True
 
 
-def _operation_row(data_dir: Path) -> tuple[str, int, int, dict[str, object]] | None:
-    """The re-encryption row as the (dead) server left it in its database."""
-    with sqlite3.connect(data_dir / "trustplane.db") as db:
+def _operation_row(data_dir: Path) -> tuple[str, int, int, dict[str, Any]] | None:
+    """The re-encryption row as the server (frozen or dead) left it in its database."""
+    with contextlib.closing(sqlite3.connect(data_dir / "trustplane.db", timeout=30)) as db:
         row = db.execute("SELECT phase, progress, total, source FROM volume_operations").fetchone()
     if row is None:
         return None
@@ -148,83 +152,113 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@dataclass(frozen=True)
+class Caught:
+    """A re-encryption of `big` the server was killed in, and the volume before it."""
+
+    old_id: str
+    old_path: str
+    old_key: bytes
+    log_start: int
+    progress: int
+    daemons: list[int]
+
+
+def _kill_mid_copy(site: Site) -> Caught:
+    """Re-encrypt `big` until its copy is caught with some bytes recorded and not all;
+    SIGKILL the server right then.
+
+    Seen in the status a client reads, the server is frozen and its row looked at
+    again (the copy went on meanwhile): SIGKILL only if it is still so, else it
+    goes on, finishes, and the next try re-encrypts the volume again."""
+    plane = site.plane
+    pid = plane.process.pid
+    assert pid is not None
+    watcher = ControlClient(plane.url, plane.ca_file)
+    watcher.login("alice", site.alice_password)
+    for _ in range(TRIES):
+        with plane.admin() as admin:
+            log_start = admin.health().log_size
+            old_id = admin.volume("big").key_id
+        assert old_id is not None
+        old_path, old_key = _with_key(plane, "big")
+
+        def reencrypt() -> None:
+            client = ControlClient(plane.url, plane.ca_file)
+            client.login("alice", site.alice_password)
+            with contextlib.suppress(TrustplaneError):  # the server is killed under it
+                client.reencrypt_volume("big")
+
+        worker = threading.Thread(target=reencrypt, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            try:
+                op = watcher.reencryption("big")
+            except NotFoundError:  # not started yet, or over
+                time.sleep(0.02)
+                continue
+            if 0 < op.progress < op.total:
+                freeze(pid, plane.data_dir / "trustplane.db")
+                left = _operation_row(plane.data_dir)
+                if left is not None and left[0] == "copying" and 0 < left[1] < left[2]:
+                    os.kill(pid, signal.SIGKILL)
+                    worker.join(60)
+                    plane.process.stop()  # reaps it; it is dead already
+                    assert plane.process.returncode() == -signal.SIGKILL
+                    daemons = [int(d["pid"]) for d in left[3]["daemons"]]
+                    return Caught(old_id, old_path, old_key, log_start, left[1], daemons)
+                thaw(pid)
+                break
+        worker.join(600)
+        assert not worker.is_alive(), "the re-encryption did not end"
+    pytest.fail(f"no copy of {TRIES} was caught between its first and its last chunk")
+
+
 def test_kill_9_mid_copy_then_the_restarted_server_resumes_from_the_recorded_progress(
     site: Site,
 ) -> None:
     plane = site.plane
     with plane.client() as alice:
         alice.login("alice", site.alice_password)
-        created = alice.create_volume("big", BIG_MIB * MIB, "secure")
-    old_id = created.key_id
-    assert old_id is not None
+        alice.create_volume("big", BIG_MIB * MIB, "secure")
     _write_pattern(plane, "big", BIG_MIB)
-    old_path, old_key = _with_key(plane, "big")
-    with plane.admin() as admin:
-        start = admin.health().log_size
-
-    def reencrypt() -> None:
-        client = ControlClient(plane.url, plane.ca_file)
-        client.login("alice", site.alice_password)
-        with contextlib.suppress(TrustplaneError):  # the server is killed under it
-            client.reencrypt_volume("big")
-
-    worker = threading.Thread(target=reencrypt, daemon=True)
-    worker.start()
-    # Wait until some chunks are flushed and recorded (not all), then kill -9 the server.
-    watcher = ControlClient(plane.url, plane.ca_file)
-    watcher.login("alice", site.alice_password)
-    deadline = time.monotonic() + 300
-    while True:
-        assert time.monotonic() < deadline, "the copy never started"
-        try:
-            op = watcher.reencryption("big")
-        except NotFoundError:
-            time.sleep(0.02)
-            continue
-        if op.progress > 0:
-            assert op.progress < op.total, "the copy ended before the kill"
-            break
-    pid = plane.process.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    worker.join(60)
-    plane.process.stop()  # reaps it; it is dead already
-    assert plane.process.returncode() == -signal.SIGKILL
+    caught = _kill_mid_copy(site)
     # What the dead server left: the row in `copying` with progress > 0, its daemons.
     left = _operation_row(plane.data_dir)
     assert left is not None
-    phase, progress, total, source = left
+    phase, progress, total, _ = left
     assert phase == "copying"
     assert 0 < progress < total == BIG_MIB * MIB
-    daemons = source["daemons"]
-    assert isinstance(daemons, list)
-    assert len(daemons) == 2
-    pids = [int(d["pid"]) for d in daemons]
-    assert any(_alive(p) for p in pids)
+    assert progress == caught.progress
+    assert len(caught.daemons) == 2
+    assert any(_alive(p) for p in caught.daemons)
     # Restart: it carries on by itself from the recorded progress.
     site.plane = plane = start_control_plane(
         site.work, data_dir=plane.data_dir, admin_password=plane.admin_password
     )
     with plane.admin() as admin:
-        deadline = time.monotonic() + 600
-        while admin.volume("big").state != "available":
-            assert time.monotonic() < deadline, "the re-encryption was not finished"
-            time.sleep(0.2)
+        # Waited for by its log entry, which comes after the volume is `available`.
+        logged = wait_for_entry(
+            admin,
+            caught.log_start,
+            lambda e: e["kind"] == "volume.reencrypt" and e["stage"] == "finish",
+            timeout=600,
+        )
         done = admin.volume("big")
-        entries = [e for e in entries_since(admin, start) if e["kind"] == "volume.reencrypt"]
         with pytest.raises(NotFoundError):
-            admin.secret(old_id)  # the old KMS key is destroyed
-    stages = [(e["stage"], e.get("progress")) for e in entries]
+            admin.secret(caught.old_id)  # the old KMS key is destroyed
+    assert done.state == "available"
+    stages = [(e["stage"], e.get("progress")) for e in logged if e["kind"] == "volume.reencrypt"]
     assert stages[0] == ("start", None)
     assert ("resume", progress) in stages  # from the recorded bytes, not from 0
     assert stages[-1] == ("finish", None)
-    assert done.key_id not in (None, old_id)
+    assert done.key_id not in (None, caught.old_id)
     new_path, new_key = _with_key(plane, "big")
-    assert new_path != old_path
-    assert not Path(old_path).exists()
+    assert new_path != caught.old_path
+    assert not Path(caught.old_path).exists()
     assert _holds_pattern(new_path, new_key, BIG_MIB)
-    assert not _opens(new_path, old_key)
-    assert not any(_alive(p) for p in pids)  # the dead run's daemons were stopped
+    assert not _opens(new_path, caught.old_key)
+    assert not any(_alive(p) for p in caught.daemons)  # the dead run's daemons were stopped
 
 
 def test_the_cli_reencrypts_and_refuses_attached_volumes_and_stolen_tokens(site: Site) -> None:
