@@ -3,10 +3,11 @@
 The server is `trustplane server` (a subprocess) with a file backend. A
 create is asked over HTTP; as soon as the server's database shows the
 record `creating` with its storage recorded (the key ordered, the file made,
-qemu-img formatting it), the server process gets SIGKILL. The restarted
-server settles it at start by itself: no key of the volume in the KMS, no
-file, no record, and the log says "create finished after a crash". A file
-of another name that the service refused to format (it existed) survives.
+qemu-img formatting it), the server process gets SIGKILL (frozen first, and
+killed only if it still is so once its qemu-img has ended: kill_helpers). The
+restarted server settles it at start by itself: no key of the volume in the
+KMS, no file, no record, and the log says "create finished after a crash". A
+file of another name that the service refused to format (it existed) survives.
 
 The same settling in-process on an iSCSI LUN (tgtd) and an RBD image (Ceph;
 QEMU makes the image while it formats it): a create stopped after its
@@ -28,8 +29,9 @@ from pathlib import Path
 
 import pytest
 from conftest import start_control_plane_or_fail
-from control_helpers import entries_since
+from control_helpers import wait_for_entry
 from durability_helpers import write_server_config
+from kill_helpers import freeze, live_children, thaw
 from volume_helpers import iscsi_backend, rbd_backend
 
 from trustplane.api.volume_spec import BackendKind
@@ -93,10 +95,28 @@ def _keys(data_dir: Path, name: str) -> int:
         return int(row.fetchone()[0])
 
 
+def _killable(site: Site, name: str) -> tuple[str, str | None, str | None] | None:
+    """The record, when it is `creating` with its storage recorded and the file there."""
+    row = _row(site.plane.data_dir, name)
+    # The file too: a PBKDF calibration that fails under load makes QEMU delete
+    # it, and the retry makes it again (backends/file.py, before_format_retry).
+    made = (site.volumes / f"{name}.img").exists()
+    if row is not None and row[0] == "creating" and row[2] is not None and made:
+        return row
+    return None
+
+
 def _kill_mid_create(site: Site) -> tuple[str, str]:
     """Create volumes until one is caught `creating` with its storage made; SIGKILL
-    the server right then. The name caught and its recorded key's UUID."""
+    the server right then. The name caught and its recorded key's UUID.
+
+    Seen, the server is frozen and looked at again (it may have gone on since):
+    SIGKILL only if it is still so once its `qemu-img` (if any) has ended (it runs
+    in a session of its own: the kill would not stop it, and a failed try of it
+    deletes the file), else it goes on."""
     plane = site.plane
+    pid = plane.process.pid
+    assert pid is not None
     for attempt in range(TRIES):
         name = f"v{attempt}"
         done = threading.Event()
@@ -113,19 +133,21 @@ def _kill_mid_create(site: Site) -> tuple[str, str]:
         worker = threading.Thread(target=create, daemon=True)
         worker.start()
         while not done.is_set():
-            row = _row(plane.data_dir, name)
-            # The file too: a PBKDF calibration that fails under load makes QEMU delete
-            # it, and the retry makes it again (backends/file.py, before_format_retry).
-            made = (site.volumes / f"{name}.img").exists()
-            if row is not None and row[0] == "creating" and row[2] is not None and made:
-                pid = plane.process.pid
-                assert pid is not None
-                os.kill(pid, signal.SIGKILL)
-                worker.join(60)
-                plane.process.stop()  # reaps it; it is dead already
-                assert plane.process.returncode() == -signal.SIGKILL
-                assert row[1] is not None
-                return name, row[1]
+            if _killable(site, name) is not None:
+                freeze(pid, plane.data_dir / "trustplane.db")
+                deadline = time.monotonic() + 60
+                while live_children(pid):
+                    assert time.monotonic() < deadline, "the server's qemu-img never ended"
+                    time.sleep(0.005)
+                row = _killable(site, name)
+                if row is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    worker.join(60)
+                    plane.process.stop()  # reaps it; it is dead already
+                    assert plane.process.returncode() == -signal.SIGKILL
+                    assert row[1] is not None
+                    return name, row[1]
+                thaw(pid)
             time.sleep(0.005)
         worker.join(60)
     pytest.fail(f"no create of {TRIES} was caught between its storage and its end")
@@ -152,19 +174,20 @@ def test_kill_9_mid_create_then_the_restart_settles_it(site: Site) -> None:
         site.work, data_dir=data_dir, admin_password=site.plane.admin_password
     )
     # Settled at start by itself (a task beside the first requests): no request asks.
-    deadline = time.monotonic() + 120
-    while _row(data_dir, name) is not None:
-        assert time.monotonic() < deadline, f"still there: {_row(data_dir, name)}"
-        time.sleep(0.1)
-    assert _keys(data_dir, name) == 0
-    assert not raw.exists()
-    assert (site.volumes / "theirs.img").read_bytes() == FOREIGN
+    # Waited for by its log entry, which comes after the record is gone.
     with plane.admin() as admin:
+        logged = wait_for_entry(
+            admin, start, lambda e: e["kind"] == "volume.create.failed" and e.get("volume") == name
+        )
         with pytest.raises(NotFoundError):
             admin.volume(name)
         with pytest.raises(NotFoundError):
             admin.secret(key_id)
-        entries = [e for e in entries_since(admin, start) if e.get("volume") == name]
+    assert _row(data_dir, name) is None
+    assert _keys(data_dir, name) == 0
+    assert not raw.exists()
+    assert (site.volumes / "theirs.img").read_bytes() == FOREIGN
+    entries = [e for e in logged if e.get("volume") == name]
     settled = [e for e in entries if e["kind"] == "volume.create.failed"]
     assert len(settled) == 1
     assert settled[0]["reason"] == "create finished after a crash"
