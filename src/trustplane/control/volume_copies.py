@@ -24,7 +24,10 @@ destroying either key (deleting either volume) leaves the other readable.
   NEW is STORAGE and the backend can rename: the plaintext moves to a
   doomed name, the encrypted copy to its name); then the plaintext storage
   is destroyed (volumes/copier.py says what that does and does not erase).
-  Logged `volume.encrypt`.
+  Refused while the source is in use (`Backend.in_use`: a process or VM
+  holding the file, an RBD watcher, a logged-in initiator), before the copy
+  and again right before the swap (a writer that came during the copy: the
+  copy is undone, the plaintext left as it is). Logged `volume.encrypt`.
 
 Crash safety: a `volume_operations` row is written with the new volume's
 record (`creating`, its location the new storage's) before the key or the
@@ -62,6 +65,7 @@ from trustplane.control.models import Volume, VolumeOperation
 from trustplane.control.volume_reencryption import operation_info
 from trustplane.control.volume_states import AVAILABLE, CLONING, CREATING, DELETING, SHREDDED
 from trustplane.errors import (
+    ConflictError,
     Forbidden,
     IntegrityError,
     NotFoundError,
@@ -274,6 +278,7 @@ class VolumeCopies:
         if is_luks(backend.reader(source).read(0, PROBE_BYTES)):
             raise UsageError(f"{source.describe()} starts with a LUKS header; it is encrypted")
         check_destroyable(backend, source)
+        _refuse_in_use(backend, source, "")
         size = backend.size(source)
         if size % MIB:
             raise UsageError(
@@ -334,6 +339,8 @@ class VolumeCopies:
             # The plaintext is destroyed after this: read both back and compare first.
             compare_with_luks(backend.executor, source, created.location, key, size, credentials)
             del key
+            # A writer that came during the copy wrote past what was copied: undone.
+            _refuse_in_use(backend, source, " during the copy (the copy is undone)")
             fingerprint = _fingerprint(created)
             with s.db.write_session() as session:
                 session.execute(
@@ -579,6 +586,17 @@ def _require_qemu(spec: VolumeTypeSpec, what: str) -> None:
         raise UnsupportedError(
             f"{what}: clone and encrypt in place copy through QEMU's LUKS1 driver; "
             f"{spec.engine} volumes are not done"
+        )
+
+
+def _refuse_in_use(backend: Backend, source: AnyLocation, when: str) -> None:
+    """ConflictError when something uses the plaintext: its writes would be lost when the
+    plaintext is destroyed (asked before the copy and again right before the swap)."""
+    who = backend.in_use(source)
+    if who is not None:
+        raise ConflictError(
+            f"{source.describe()} is in use{when}: {who}; stop it and encrypt again "
+            "(the plaintext is left as it is)"
         )
 
 
