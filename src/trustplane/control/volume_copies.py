@@ -69,6 +69,7 @@ from trustplane.errors import (
     Forbidden,
     IntegrityError,
     NotFoundError,
+    ToolError,
     TrustplaneError,
     UnsupportedError,
     UsageError,
@@ -331,16 +332,24 @@ class VolumeCopies:
             made = True
             self._hook(self.after_target, body.name)
             credentials = backend.credentials()
-            copy_into_luks(
-                backend.executor, source, None, created.location, key, size,
-                source_credentials=credentials, target_credentials=credentials,
-                chunk=self.chunk, copied=lambda done: self._progress(op.id, done),
-            )  # fmt: skip
-            # The plaintext is destroyed after this: read both back and compare first.
-            compare_with_luks(backend.executor, source, created.location, key, size, credentials)
+            during = " during the copy (the copy is undone)"
+            try:
+                copy_into_luks(
+                    backend.executor, source, None, created.location, key, size,
+                    source_credentials=credentials, target_credentials=credentials,
+                    chunk=self.chunk, copied=lambda done: self._progress(op.id, done),
+                )  # fmt: skip
+                # The plaintext is destroyed after this: read both back and compare first.
+                compare_with_luks(
+                    backend.executor, source, created.location, key, size, credentials
+                )
+            except ToolError:
+                # QEMU's image locking fails the copy of a file a QEMU writes: say who.
+                _refuse_in_use(backend, source, during)
+                raise
             del key
             # A writer that came during the copy wrote past what was copied: undone.
-            _refuse_in_use(backend, source, " during the copy (the copy is undone)")
+            _refuse_in_use(backend, source, during)
             fingerprint = _fingerprint(created)
             with s.db.write_session() as session:
                 session.execute(
