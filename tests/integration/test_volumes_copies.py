@@ -10,9 +10,11 @@ finds no plaintext.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -41,7 +43,7 @@ from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node, raw_reader
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
-from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend
+from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
 
@@ -464,4 +466,104 @@ def test_encrypt_a_plaintext_iscsi_lun_under_another_name(site: Site) -> None:
     key, encrypted = _key(site, name)
     out = _qemu_io(encrypted, key, backend.credentials(), f"read -v {16 * MIB - 4096} 16")
     assert marker[:8].hex(" ") in out
+    assert site.admin("volume", "delete", name).returncode == 0
+
+
+WRITTEN = 4 * MIB
+"""Where the holder of the in-use test writes (between the plaintext's markers)."""
+
+
+@contextlib.contextmanager
+def _qemu_writer(filename: str) -> Iterator[None]:
+    """`qemu-io` with the plaintext open read-write, as a VM's QEMU holds its disk (a file
+    open, an RBD watch, an iSCSI login), having written 4 KiB of 0x77 at WRITTEN."""
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "raw", filename],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        holder.stdin.write(f"write -P 0x77 {WRITTEN} 4k\n")
+        holder.stdin.flush()
+        answer = holder.stdout.readline()
+        assert "wrote 4096/4096" in answer, answer + holder.stdout.read()
+        yield
+    finally:
+        holder.stdin.close()  # qemu-io quits: closes the image, logs out
+        holder.wait()
+
+
+def _storage(site: Site, volume_type: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The backend's storage names that start with one of `prefixes` (a copy's included)."""
+    if volume_type == "files":
+        names = [p.name.removesuffix(".img") for p in site.volumes_dir.iterdir()]
+    elif volume_type == "rbd":
+        rbd = site.backends["rbd"]
+        assert isinstance(rbd, RbdBackend)
+        names = rbd.rbd("ls", site.ceph.pool).split()
+    else:
+        names = [p.name.removesuffix(".lun") for p in site.luns_dir.iterdir()]
+    return sorted(n for n in names if n.startswith(prefixes))
+
+
+@pytest.mark.parametrize(
+    ("volume_type", "who"),
+    [
+        ("files", r"open by QEMU \(pid \d+, qemu-io\)"),
+        ("rbd", r"watched by client\.\d+ at \S+"),
+        ("san", r"initiator iqn\.\S+ at \S+ logged in to iqn\.\S+"),
+    ],
+)
+def test_encrypt_in_place_refuses_a_plaintext_a_vm_writes(
+    volume_type: str, who: str, site: Site
+) -> None:
+    """Attacker/accident: a QEMU writes to the plaintext (a file, an RBD image, a LUN); its
+    writes during the copy would go with the plaintext. Refused with who it is, nothing
+    made, the plaintext with its write; once QEMU is gone encrypt goes through and the
+    encrypted volume holds that write."""
+    source = f"busy-{secrets.token_hex(3)}"
+    name = f"sealed-{secrets.token_hex(3)}" if volume_type == "san" else source
+    marker = _plaintext_marker()
+    backend = site.backends[volume_type]
+    if volume_type == "files":
+        _write_plaintext(site.volumes_dir / f"{source}.img", marker, 16 * MIB)
+        filename = str(site.volumes_dir / f"{source}.img")
+    elif volume_type == "rbd":
+        plain = site.work / f"{source}.raw"
+        _write_plaintext(plain, marker, 16 * MIB)
+        site.ceph.run_as_client(
+            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
+        )
+        plain.unlink()
+        filename = site.ceph.qemu_rbd_uri(source)
+    else:
+        assert isinstance(backend, IscsiBackend)
+        lun = backend.create(source, 16 * MIB)
+        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
+        filename = backend.location(source).url
+    encrypt = ("volume", "encrypt", name, "--source", source, "--type", volume_type)
+    with site.plane.admin() as admin:
+        start = admin.health().log_size
+    with _qemu_writer(filename):
+        refused = site.admin(*encrypt)
+    assert_fails(refused, ExitCode.USAGE, "is in use: ")
+    assert re.search(who, refused.stderr), refused.stderr
+    assert _storage(site, volume_type, (source, name)) == [source]
+    kept = EXECUTOR.run(
+        ["qemu-io", "-r", "-f", "raw", filename,
+         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
+    ).text  # fmt: skip
+    assert "Pattern verification failed" not in kept
+    assert marker[:8].hex(" ") in kept
+    with site.plane.admin() as admin:
+        assert name not in [v.name for v in admin.volumes()]
+        kinds = [e["kind"] for e in entries_since(admin, start)]
+        assert [k for k in kinds if k.startswith(("kms.", "volume."))] == []
+    info = _json(site.admin(*encrypt, "--json"))
+    assert info["state"] == "available"
+    key, location = _key(site, name)
+    out = _qemu_io(location, key, backend.credentials(), f"read -P 0x77 {WRITTEN} 4k")
+    assert "Pattern verification failed" not in out
+    assert not backend.exists(source) or name == source
     assert site.admin("volume", "delete", name).returncode == 0
