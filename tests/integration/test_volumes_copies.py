@@ -34,11 +34,22 @@ from missing import component_missing
 from volume_helpers import iscsi_backend, rbd_backend
 
 from trustplane.api.volume_location import AnyLocation
+from trustplane.api.volume_spec import BackendKind, ControlLocation, EncryptionSpec, Provider
+from trustplane.api.volumes import EncryptRequest, NewVolumeType
 from trustplane.client import ControlClient
+from trustplane.control.identity import Principal
+from trustplane.control.service import ControlPlane, build
+from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
-from trustplane.errors import DecryptionKeyError, ExitCode, NotFoundError, TrustplaneError
+from trustplane.errors import (
+    ConflictError,
+    DecryptionKeyError,
+    ExitCode,
+    NotFoundError,
+    TrustplaneError,
+)
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node, raw_reader
@@ -567,3 +578,99 @@ def test_encrypt_in_place_refuses_a_plaintext_a_vm_writes(
     assert "Pattern verification failed" not in out
     assert not backend.exists(source) or name == source
     assert site.admin("volume", "delete", name).returncode == 0
+
+
+# -- in-process, with the copy's hooks: a writer that comes during the copy ------------------
+
+ADMIN = Principal("user", "admin", "admin", frozenset())
+
+
+@pytest.fixture(scope="module")
+def hooked_plane(
+    tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph, private_tgtd: RunningTgtd
+) -> Iterator[ControlPlane]:
+    """The service in this process (so a test can hook the copy) on the same tgtd and Ceph."""
+    work = tmp_path_factory.mktemp("copies-hooked")
+    key_file = work / "ceph.key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(ceph.client.key + "\n")
+    client = ceph.client
+    backends = {
+        "san": VolumeBackendSettings(
+            kind=BackendKind.ISCSI, directory=work / "luns",
+            portal=f"127.0.0.1:{private_tgtd.port}", control_port=private_tgtd.control_port,
+        ),
+        "ceph": VolumeBackendSettings(
+            kind=BackendKind.RBD, pool=ceph.pool, user=client.user,
+            monitors=[f"{client.mon_host}:{client.mon_port}"], key_file=key_file,
+        ),
+    }  # fmt: skip
+    plane = build(ServerSettings(data_dir=work / "data", volume_backends=backends), announce=False)
+    front_end = EncryptionSpec(provider=Provider.LUKS, control_location=ControlLocation.FRONT_END)
+    plane.volumes.create_type(ADMIN, NewVolumeType(name="san", backend="san"))
+    plane.volumes.create_type(
+        ADMIN, NewVolumeType(name="rbd", backend="ceph", encryption=front_end)
+    )
+    yield plane
+    plane.close()
+
+
+@pytest.mark.parametrize("volume_type", ["rbd", "san"])
+def test_a_vm_that_starts_writing_during_the_copy_aborts_it(
+    volume_type: str, hooked_plane: ControlPlane, site: Site
+) -> None:
+    """A QEMU opens the plaintext RBD image (or logs in to the LUN) once the encrypted copy
+    is made, after the first look, and writes while it is copied: the look before the
+    swap sees it; the copy and its key go, the plaintext stays, with the write."""
+    plane = hooked_plane
+    source = f"late-{secrets.token_hex(3)}"
+    name = f"sealed-{secrets.token_hex(3)}" if volume_type == "san" else source
+    backend = plane.volumes.backend("san" if volume_type == "san" else "ceph")
+    marker = _plaintext_marker()
+    if volume_type == "rbd":
+        plain = site.work / f"{source}.raw"
+        _write_plaintext(plain, marker, 16 * MIB)
+        site.ceph.run_as_client(
+            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
+        )
+        plain.unlink()
+        filename = site.ceph.qemu_rbd_uri(source)
+    else:
+        assert isinstance(backend, IscsiBackend)
+        lun = backend.create(source, 16 * MIB)
+        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
+        filename = backend.location(source).url
+    start, _ = plane.log.head()
+    with contextlib.ExitStack() as stack:
+        plane.volumes.copies.after_target = lambda _: stack.enter_context(_qemu_writer(filename))
+        try:
+            with pytest.raises(
+                ConflictError, match=r"in use during the copy \(the copy is undone\)"
+            ):
+                plane.volumes.copies.encrypt(
+                    ADMIN, EncryptRequest(name=name, source=source, volume_type=volume_type)
+                )
+        finally:
+            plane.volumes.copies.after_target = None
+    assert backend.exists(source)
+    found = [n for n in _names_on(backend) if n.startswith((source, name))]
+    assert found == [source]
+    kept = EXECUTOR.run(
+        ["qemu-io", "-r", "-f", "raw", filename,
+         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
+    ).text  # fmt: skip
+    assert "Pattern verification failed" not in kept
+    assert marker[:8].hex(" ") in kept
+    assert name not in [v.name for v in plane.volumes.volumes(ADMIN)]
+    size, _ = plane.log.head()
+    kinds = [json.loads(plane.log.entry(i))["kind"] for i in range(start, size)]
+    assert "volume.encrypt.failed" in kinds
+    assert "volume.encrypt" not in kinds
+    backend.delete(backend.location(source))
+
+
+def _names_on(backend: Backend) -> list[str]:
+    if isinstance(backend, RbdBackend):
+        return backend.rbd("ls", backend.pool).split()
+    assert isinstance(backend, IscsiBackend)
+    return [p.name.removesuffix(".lun") for p in backend.store.iterdir()]
