@@ -586,7 +586,11 @@ def _writer(path: Path, kind: str = "qemu-io") -> Iterator[int]:
         yield holder.pid
     finally:
         holder.stdin.close()
-        holder.wait()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # a failed test: QEMU retrying storage now gone
+            holder.kill()
+            holder.wait()
 
 
 def _kept(path: Path, marker: bytes) -> bool:

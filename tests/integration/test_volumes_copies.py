@@ -502,7 +502,11 @@ def _qemu_writer(filename: str) -> Iterator[None]:
         yield
     finally:
         holder.stdin.close()  # qemu-io quits: closes the image, logs out
-        holder.wait()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # a failed test: QEMU retrying storage now gone
+            holder.kill()
+            holder.wait()
 
 
 def _storage(site: Site, volume_type: str, prefixes: tuple[str, ...]) -> list[str]:
