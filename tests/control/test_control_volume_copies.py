@@ -662,3 +662,45 @@ def test_a_writer_that_comes_during_the_copy_aborts_it_and_the_copy_is_undone(
     kinds = [e["kind"] for e in entries_since(plane, start)]
     assert "volume.encrypt.failed" in kinds
     assert "volume.encrypt" not in kinds
+
+
+def test_a_writer_that_comes_while_the_server_is_down_undoes_the_encryption(
+    tmp_path: Path, volumes_dir: Path
+) -> None:
+    """A crash after the copy and its last look (`swapping`), then a writer opens the
+    plaintext before the next start: the start undoes the encryption instead of
+    finishing it (the swap had not begun), so the writer's data stays."""
+    settings = _settings(tmp_path / "data", volumes_dir)
+    marker = _plaintext(volumes_dir, "legacy")
+    source = volumes_dir / "legacy.img"
+    first = build(settings, announce=False)
+    try:
+        first.volumes.create_type(ADMIN, NewVolumeType(name="secure", backend="files"))
+
+        def crash(name: str) -> None:
+            raise SimulatedCrash(name)
+
+        first.volumes.copies.after_copy = crash
+        with pytest.raises(SimulatedCrash):
+            first.volumes.copies.encrypt(
+                ADMIN, EncryptRequest(name="legacy", source="legacy", volume_type="secure")
+            )
+        key_id = first.volumes.show(ADMIN, "legacy").key_id
+        assert key_id is not None
+    finally:
+        first.close()
+    with _writer(source, "python"):
+        second = build(settings, announce=False)
+        try:
+            start, _ = second.log.head()
+            assert second.volumes.copies.recover() == 1
+            assert _operations(second) == 0
+            assert sorted(p.name for p in volumes_dir.iterdir()) == ["legacy.img"]
+            assert _names(second) == []
+            assert second.store.rows.get(key_id) is None
+            failed = [e for e in entries_since(second, start) if e["kind"].endswith(".failed")]
+            assert [e["kind"] for e in failed] == ["volume.encrypt.failed"]
+            assert "source in use: open by pid" in failed[0]["reason"]
+        finally:
+            second.close()
+    assert _kept(source, marker)

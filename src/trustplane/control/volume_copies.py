@@ -36,8 +36,10 @@ the next start: the new key(s) and storage are destroyed, the record goes,
 the source is untouched (and a clone's source is `available` again). Once
 an encryption's copy is complete and checked (`swapping`), the next start
 finishes it forward: the swap, the record, the plaintext's destruction
-(`destroying`). Rows started since this server started are left alone (copies
-running beside the recovery); like the rotation's recovery, this assumes no other
+(`destroying`); unless the swap has not begun and the source is in use
+again (a writer that came while the server was down): then it is undone.
+Rows started since this server started are left alone (copies running
+beside the recovery); like the rotation's recovery, this assumes no other
 replica started a copy before this server started and is still running it.
 """
 
@@ -457,14 +459,34 @@ class VolumeCopies:
         done = 0
         for op_id, kind, phase in ops:
             try:
+                who = self._source_in_use(op_id) if phase == SWAPPING else None
                 if phase == COPYING:
                     self._undo(op_id, f"{kind} interrupted by a crash", None)
+                elif who is not None:  # a writer came while the server was down
+                    self._undo(op_id, f"{kind} interrupted by a crash; source in use: {who}", None)
                 else:
                     self._finish_encrypt(op_id)
                 done += 1
             except TrustplaneError as exc:
                 logger.error("volume operation %s (%s): settling it failed: %s", op_id, kind, exc)
         return done
+
+    def _source_in_use(self, op_id: str) -> str | None:
+        """Who uses the plaintext of an encryption a crash left in `swapping`, while its
+        swap has not begun (so undoing it leaves the plaintext whole); None otherwise,
+        and it is finished forward as before."""
+        s = self.storage
+        with s.db.session() as session:
+            op = session.get(VolumeOperation, op_id)
+            row = session.get(Volume, op.volume_id) if op is not None else None
+            if op is None or row is None:
+                return None
+            source_info, backend_name = dict(op.source or {}), row.backend
+        backend = s.backend(backend_name)
+        source, doomed = str(source_info["source_name"]), str(source_info["doomed_name"])
+        if not backend.exists(source) or (doomed != source and backend.exists(doomed)):
+            return None  # the swap began: only forward is safe
+        return backend.in_use(backend.location(source))
 
     def _undo(
         self, op_id: str, reason: str, cause: BaseException | None, *, storage: bool = True
