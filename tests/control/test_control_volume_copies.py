@@ -9,8 +9,11 @@ someone kept a hard link to.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +31,13 @@ from trustplane.control.policy import DEFAULT_POLICY
 from trustplane.control.service import ControlPlane, build
 from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.control.volumes import SimulatedCrash
-from trustplane.errors import DecryptionKeyError, Forbidden, NotFoundError, UsageError
+from trustplane.errors import (
+    ConflictError,
+    DecryptionKeyError,
+    Forbidden,
+    NotFoundError,
+    UsageError,
+)
 from trustplane.tools import Executor, SecretFile
 from trustplane.tools.command import Arg
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
@@ -534,3 +543,164 @@ def test_encrypt_in_place_refuses_bad_input_and_leaves_nothing(
     assert _names(plane) == ["taken"]
     assert _secret_count(plane) == secrets_before
     assert _operations(plane) == 0
+
+
+# -- encrypt in place: a source in use ------------------------------------------------------
+
+WRITTEN = 4 * MIB
+"""Where the writer of the in-use tests writes (between the markers at both ends)."""
+
+
+_PYTHON_WRITER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, bytes([0x77]) * 4096, int(sys.argv[2]))
+os.fsync(fd)
+print("wrote 4096/4096", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _writer(path: Path, kind: str = "qemu-io") -> Iterator[int]:
+    """A process with the plaintext open read-write (`qemu-io`, as a VM's QEMU holds a
+    disk; or a plain `python` process, which takes no lock), which has written 4 KiB of
+    0x77 at WRITTEN: a write encrypt must not lose. Yields its pid; it exits when the
+    block ends."""
+    argv = (
+        ["qemu-io", "-f", "raw", str(path)]
+        if kind == "qemu-io"
+        else [sys.executable, "-c", _PYTHON_WRITER, str(path), str(WRITTEN)]
+    )
+    holder = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        if kind == "qemu-io":
+            holder.stdin.write(f"write -P 0x77 {WRITTEN} 4k\n")
+            holder.stdin.flush()
+        answer = holder.stdout.readline()
+        assert "wrote 4096/4096" in answer, answer
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # a failed test: QEMU retrying storage now gone
+            holder.kill()
+            holder.wait()
+
+
+def _kept(path: Path, marker: bytes) -> bool:
+    """The plaintext is there, with its markers and the writer's write."""
+    data = path.read_bytes()
+    return data[WRITTEN : WRITTEN + 4096] == b"\x77" * 4096 and data.count(marker) >= 128
+
+
+def test_encrypt_in_place_refuses_a_plaintext_someone_writes_and_leaves_nothing(
+    plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """Attacker/accident: a writer holds the plaintext open; its writes during the copy
+    would be lost with the plaintext. Refused before anything is made; once it is gone
+    the same request goes through and the encrypted volume has its write."""
+    marker = _plaintext(volumes_dir, "legacy")
+    source = volumes_dir / "legacy.img"
+    secrets_before = _secret_count(plane)
+    start, _ = plane.log.head()
+    request = EncryptRequest(name="legacy", source="legacy", volume_type="secure")
+    with _writer(source) as pid:
+        with pytest.raises(ConflictError) as refused:
+            plane.volumes.copies.encrypt(ADMIN, request)
+        assert str(refused.value) == (
+            f"file {source} is in use: open by QEMU (pid {pid}, qemu-io); stop it and "
+            "encrypt again (the plaintext is left as it is)"
+        )
+    assert sorted(p.name for p in volumes_dir.iterdir()) == ["legacy.img"]
+    assert _kept(source, marker)
+    assert _names(plane) == []
+    assert _secret_count(plane) == secrets_before
+    assert _operations(plane) == 0
+    assert entries_since(plane, start) == []
+    info = plane.volumes.copies.encrypt(ADMIN, request)
+    assert info.state == "available"
+    key = _key(plane, info.key_id)
+    assert "Pattern verification failed" not in _qemu_io(source, key, f"read -P 0x77 {WRITTEN} 4k")
+    assert _holding(volumes_dir, marker) == []
+
+
+@pytest.mark.parametrize("kind", ["python", "qemu-io"])
+def test_a_writer_that_comes_during_the_copy_aborts_it_and_the_copy_is_undone(
+    kind: str, plane: ControlPlane, volumes_dir: Path
+) -> None:
+    """The writer opens the plaintext once the encrypted copy is made (after the first
+    look) and writes while it is copied. A process that takes no lock: the look before
+    the swap sees it. A QEMU: its image lock fails the copy itself, and the refusal says
+    who. Either way the copy and its key go, the plaintext stays with the write."""
+    marker = _plaintext(volumes_dir, "legacy")
+    source = volumes_dir / "legacy.img"
+    secrets_before = _secret_count(plane)
+    start, _ = plane.log.head()
+    with contextlib.ExitStack() as stack:
+        pids: list[int] = []
+        plane.volumes.copies.after_target = lambda _: pids.append(
+            stack.enter_context(_writer(source, kind))
+        )
+        with pytest.raises(ConflictError) as refused:
+            plane.volumes.copies.encrypt(
+                ADMIN, EncryptRequest(name="legacy", source="legacy", volume_type="secure")
+            )
+        assert len(pids) == 1
+        assert "in use during the copy (the copy is undone): open by " in str(refused.value)
+        assert f"pid {pids[0]}" in str(refused.value)
+    assert sorted(p.name for p in volumes_dir.iterdir()) == ["legacy.img"]
+    assert _kept(source, marker)
+    assert _names(plane) == []
+    assert _secret_count(plane) == secrets_before
+    assert _operations(plane) == 0
+    kinds = [e["kind"] for e in entries_since(plane, start)]
+    assert "volume.encrypt.failed" in kinds
+    assert "volume.encrypt" not in kinds
+
+
+def test_a_writer_that_comes_while_the_server_is_down_undoes_the_encryption(
+    tmp_path: Path, volumes_dir: Path
+) -> None:
+    """A crash after the copy and its last look (`swapping`), then a writer opens the
+    plaintext before the next start: the start undoes the encryption instead of
+    finishing it (the swap had not begun), so the writer's data stays."""
+    settings = _settings(tmp_path / "data", volumes_dir)
+    marker = _plaintext(volumes_dir, "legacy")
+    source = volumes_dir / "legacy.img"
+    first = build(settings, announce=False)
+    try:
+        first.volumes.create_type(ADMIN, NewVolumeType(name="secure", backend="files"))
+
+        def crash(name: str) -> None:
+            raise SimulatedCrash(name)
+
+        first.volumes.copies.after_copy = crash
+        with pytest.raises(SimulatedCrash):
+            first.volumes.copies.encrypt(
+                ADMIN, EncryptRequest(name="legacy", source="legacy", volume_type="secure")
+            )
+        key_id = first.volumes.show(ADMIN, "legacy").key_id
+        assert key_id is not None
+    finally:
+        first.close()
+    with _writer(source, "python"):
+        second = build(settings, announce=False)
+        try:
+            start, _ = second.log.head()
+            assert second.volumes.copies.recover() == 1
+            assert _operations(second) == 0
+            assert sorted(p.name for p in volumes_dir.iterdir()) == ["legacy.img"]
+            assert _names(second) == []
+            assert second.store.rows.get(key_id) is None
+            failed = [e for e in entries_since(second, start) if e["kind"].endswith(".failed")]
+            assert [e["kind"] for e in failed] == ["volume.encrypt.failed"]
+            assert "source in use: open by pid" in failed[0]["reason"]
+        finally:
+            second.close()
+    assert _kept(source, marker)

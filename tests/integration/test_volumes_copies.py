@@ -10,9 +10,11 @@ finds no plaintext.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -32,16 +34,27 @@ from missing import component_missing
 from volume_helpers import iscsi_backend, rbd_backend
 
 from trustplane.api.volume_location import AnyLocation
+from trustplane.api.volume_spec import BackendKind, ControlLocation, EncryptionSpec, Provider
+from trustplane.api.volumes import EncryptRequest, NewVolumeType
 from trustplane.client import ControlClient
+from trustplane.control.identity import Principal
+from trustplane.control.service import ControlPlane, build
+from trustplane.control.settings import ServerSettings, VolumeBackendSettings
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
-from trustplane.errors import DecryptionKeyError, ExitCode, NotFoundError, TrustplaneError
+from trustplane.errors import (
+    ConflictError,
+    DecryptionKeyError,
+    ExitCode,
+    NotFoundError,
+    TrustplaneError,
+)
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.access import NodeCredentials, qemu_node, raw_reader
 from trustplane.volumes.attachers.userspace import KEY_OBJECT, key_object
-from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend
+from trustplane.volumes.backends import Backend, FileBackend, IscsiBackend, RbdBackend
 from trustplane.volumes.encryptors import QemuLuksEncryptor
 from trustplane.volumes.encryptors.base import passphrase
 
@@ -465,3 +478,203 @@ def test_encrypt_a_plaintext_iscsi_lun_under_another_name(site: Site) -> None:
     out = _qemu_io(encrypted, key, backend.credentials(), f"read -v {16 * MIB - 4096} 16")
     assert marker[:8].hex(" ") in out
     assert site.admin("volume", "delete", name).returncode == 0
+
+
+WRITTEN = 4 * MIB
+"""Where the holder of the in-use test writes (between the plaintext's markers)."""
+
+
+@contextlib.contextmanager
+def _qemu_writer(filename: str) -> Iterator[None]:
+    """`qemu-io` with the plaintext open read-write, as a VM's QEMU holds its disk (a file
+    open, an RBD watch, an iSCSI login), having written 4 KiB of 0x77 at WRITTEN."""
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "raw", filename],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        holder.stdin.write(f"write -P 0x77 {WRITTEN} 4k\n")
+        holder.stdin.flush()
+        answer = holder.stdout.readline()
+        assert "wrote 4096/4096" in answer, answer + holder.stdout.read()
+        yield
+    finally:
+        holder.stdin.close()  # qemu-io quits: closes the image, logs out
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # a failed test: QEMU retrying storage now gone
+            holder.kill()
+            holder.wait()
+
+
+def _storage(site: Site, volume_type: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The backend's storage names that start with one of `prefixes` (a copy's included)."""
+    if volume_type == "files":
+        names = [p.name.removesuffix(".img") for p in site.volumes_dir.iterdir()]
+    elif volume_type == "rbd":
+        rbd = site.backends["rbd"]
+        assert isinstance(rbd, RbdBackend)
+        names = rbd.rbd("ls", site.ceph.pool).split()
+    else:
+        names = [p.name.removesuffix(".lun") for p in site.luns_dir.iterdir()]
+    return sorted(n for n in names if n.startswith(prefixes))
+
+
+@pytest.mark.parametrize(
+    ("volume_type", "who"),
+    [
+        ("files", r"open by QEMU \(pid \d+, qemu-io\)"),
+        ("rbd", r"watched by client\.\d+ at \S+"),
+        ("san", r"initiator iqn\.\S+ at \S+ logged in to iqn\.\S+"),
+    ],
+)
+def test_encrypt_in_place_refuses_a_plaintext_a_vm_writes(
+    volume_type: str, who: str, site: Site
+) -> None:
+    """Attacker/accident: a QEMU writes to the plaintext (a file, an RBD image, a LUN); its
+    writes during the copy would go with the plaintext. Refused with who it is, nothing
+    made, the plaintext with its write; once QEMU is gone encrypt goes through and the
+    encrypted volume holds that write."""
+    source = f"busy-{secrets.token_hex(3)}"
+    name = f"sealed-{secrets.token_hex(3)}" if volume_type == "san" else source
+    marker = _plaintext_marker()
+    backend = site.backends[volume_type]
+    if volume_type == "files":
+        _write_plaintext(site.volumes_dir / f"{source}.img", marker, 16 * MIB)
+        filename = str(site.volumes_dir / f"{source}.img")
+    elif volume_type == "rbd":
+        plain = site.work / f"{source}.raw"
+        _write_plaintext(plain, marker, 16 * MIB)
+        site.ceph.run_as_client(
+            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
+        )
+        plain.unlink()
+        filename = site.ceph.qemu_rbd_uri(source)
+    else:
+        assert isinstance(backend, IscsiBackend)
+        lun = backend.create(source, 16 * MIB)
+        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
+        filename = backend.location(source).url
+    encrypt = ("volume", "encrypt", name, "--source", source, "--type", volume_type)
+    with site.plane.admin() as admin:
+        start = admin.health().log_size
+    with _qemu_writer(filename):
+        refused = site.admin(*encrypt)
+    assert_fails(refused, ExitCode.USAGE, "is in use: ")
+    assert re.search(who, refused.stderr), refused.stderr
+    assert _storage(site, volume_type, (source, name)) == [source]
+    kept = EXECUTOR.run(
+        ["qemu-io", "-r", "-f", "raw", filename,
+         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
+    ).text  # fmt: skip
+    assert "Pattern verification failed" not in kept
+    assert marker[:8].hex(" ") in kept
+    with site.plane.admin() as admin:
+        assert name not in [v.name for v in admin.volumes()]
+        kinds = [e["kind"] for e in entries_since(admin, start)]
+        assert [k for k in kinds if k.startswith(("kms.", "volume."))] == []
+    info = _json(site.admin(*encrypt, "--json"))
+    assert info["state"] == "available"
+    key, location = _key(site, name)
+    out = _qemu_io(location, key, backend.credentials(), f"read -P 0x77 {WRITTEN} 4k")
+    assert "Pattern verification failed" not in out
+    assert not backend.exists(source) or name == source
+    assert site.admin("volume", "delete", name).returncode == 0
+
+
+# -- in-process, with the copy's hooks: a writer that comes during the copy ------------------
+
+ADMIN = Principal("user", "admin", "admin", frozenset())
+
+
+@pytest.fixture(scope="module")
+def hooked_plane(
+    tmp_path_factory: pytest.TempPathFactory, ceph: RunningCeph, private_tgtd: RunningTgtd
+) -> Iterator[ControlPlane]:
+    """The service in this process (so a test can hook the copy) on the same tgtd and Ceph."""
+    work = tmp_path_factory.mktemp("copies-hooked")
+    key_file = work / "ceph.key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(ceph.client.key + "\n")
+    client = ceph.client
+    backends = {
+        "san": VolumeBackendSettings(
+            kind=BackendKind.ISCSI, directory=work / "luns",
+            portal=f"127.0.0.1:{private_tgtd.port}", control_port=private_tgtd.control_port,
+        ),
+        "ceph": VolumeBackendSettings(
+            kind=BackendKind.RBD, pool=ceph.pool, user=client.user,
+            monitors=[f"{client.mon_host}:{client.mon_port}"], key_file=key_file,
+        ),
+    }  # fmt: skip
+    plane = build(ServerSettings(data_dir=work / "data", volume_backends=backends), announce=False)
+    front_end = EncryptionSpec(provider=Provider.LUKS, control_location=ControlLocation.FRONT_END)
+    plane.volumes.create_type(ADMIN, NewVolumeType(name="san", backend="san"))
+    plane.volumes.create_type(
+        ADMIN, NewVolumeType(name="rbd", backend="ceph", encryption=front_end)
+    )
+    yield plane
+    plane.close()
+
+
+@pytest.mark.parametrize("volume_type", ["rbd", "san"])
+def test_a_vm_that_starts_writing_during_the_copy_aborts_it(
+    volume_type: str, hooked_plane: ControlPlane, site: Site
+) -> None:
+    """A QEMU opens the plaintext RBD image (or logs in to the LUN) once the encrypted copy
+    is made, after the first look, and writes while it is copied: the look before the
+    swap sees it; the copy and its key go, the plaintext stays, with the write."""
+    plane = hooked_plane
+    source = f"late-{secrets.token_hex(3)}"
+    name = f"sealed-{secrets.token_hex(3)}" if volume_type == "san" else source
+    backend = plane.volumes.backend("san" if volume_type == "san" else "ceph")
+    marker = _plaintext_marker()
+    if volume_type == "rbd":
+        plain = site.work / f"{source}.raw"
+        _write_plaintext(plain, marker, 16 * MIB)
+        site.ceph.run_as_client(
+            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
+        )
+        plain.unlink()
+        filename = site.ceph.qemu_rbd_uri(source)
+    else:
+        assert isinstance(backend, IscsiBackend)
+        lun = backend.create(source, 16 * MIB)
+        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
+        filename = backend.location(source).url
+    start, _ = plane.log.head()
+    with contextlib.ExitStack() as stack:
+        plane.volumes.copies.after_target = lambda _: stack.enter_context(_qemu_writer(filename))
+        try:
+            with pytest.raises(
+                ConflictError, match=r"in use during the copy \(the copy is undone\)"
+            ):
+                plane.volumes.copies.encrypt(
+                    ADMIN, EncryptRequest(name=name, source=source, volume_type=volume_type)
+                )
+        finally:
+            plane.volumes.copies.after_target = None
+    assert backend.exists(source)
+    found = [n for n in _names_on(backend) if n.startswith((source, name))]
+    assert found == [source]
+    kept = EXECUTOR.run(
+        ["qemu-io", "-r", "-f", "raw", filename,
+         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
+    ).text  # fmt: skip
+    assert "Pattern verification failed" not in kept
+    assert marker[:8].hex(" ") in kept
+    assert name not in [v.name for v in plane.volumes.volumes(ADMIN)]
+    size, _ = plane.log.head()
+    kinds = [json.loads(plane.log.entry(i))["kind"] for i in range(start, size)]
+    assert "volume.encrypt.failed" in kinds
+    assert "volume.encrypt" not in kinds
+    backend.delete(backend.location(source))
+
+
+def _names_on(backend: Backend) -> list[str]:
+    if isinstance(backend, RbdBackend):
+        return backend.rbd("ls", backend.pool).split()
+    assert isinstance(backend, IscsiBackend)
+    return [p.name.removesuffix(".lun") for p in backend.store.iterdir()]

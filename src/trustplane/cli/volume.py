@@ -350,7 +350,8 @@ def encrypt(
     ca: Ca = None,
 ) -> None:
     """Encrypt plaintext storage in place (admins): copied into a new LUKS volume of the
-    same usable size, swapped, then the plaintext storage is destroyed."""
+    same usable size, swapped, then the plaintext storage is destroyed. Refused while
+    the storage is in use (a process or VM has it open, an RBD watcher, an initiator)."""
     volume = _copying(
         server,
         ca,

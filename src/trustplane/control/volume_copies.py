@@ -24,7 +24,10 @@ destroying either key (deleting either volume) leaves the other readable.
   NEW is STORAGE and the backend can rename: the plaintext moves to a
   doomed name, the encrypted copy to its name); then the plaintext storage
   is destroyed (volumes/copier.py says what that does and does not erase).
-  Logged `volume.encrypt`.
+  Refused while the source is in use (`Backend.in_use`: a process or VM
+  holding the file, an RBD watcher, a logged-in initiator), before the copy
+  and again right before the swap (a writer that came during the copy: the
+  copy is undone, the plaintext left as it is). Logged `volume.encrypt`.
 
 Crash safety: a `volume_operations` row is written with the new volume's
 record (`creating`, its location the new storage's) before the key or the
@@ -33,8 +36,10 @@ the next start: the new key(s) and storage are destroyed, the record goes,
 the source is untouched (and a clone's source is `available` again). Once
 an encryption's copy is complete and checked (`swapping`), the next start
 finishes it forward: the swap, the record, the plaintext's destruction
-(`destroying`). Rows started since this server started are left alone (copies
-running beside the recovery); like the rotation's recovery, this assumes no other
+(`destroying`); unless the swap has not begun and the source is in use
+again (a writer that came while the server was down): then it is undone.
+Rows started since this server started are left alone (copies running
+beside the recovery); like the rotation's recovery, this assumes no other
 replica started a copy before this server started and is still running it.
 """
 
@@ -62,9 +67,11 @@ from trustplane.control.models import Volume, VolumeOperation
 from trustplane.control.volume_reencryption import operation_info
 from trustplane.control.volume_states import AVAILABLE, CLONING, CREATING, DELETING, SHREDDED
 from trustplane.errors import (
+    ConflictError,
     Forbidden,
     IntegrityError,
     NotFoundError,
+    ToolError,
     TrustplaneError,
     UnsupportedError,
     UsageError,
@@ -274,6 +281,7 @@ class VolumeCopies:
         if is_luks(backend.reader(source).read(0, PROBE_BYTES)):
             raise UsageError(f"{source.describe()} starts with a LUKS header; it is encrypted")
         check_destroyable(backend, source)
+        _refuse_in_use(backend, source, "")
         size = backend.size(source)
         if size % MIB:
             raise UsageError(
@@ -326,14 +334,24 @@ class VolumeCopies:
             made = True
             self._hook(self.after_target, body.name)
             credentials = backend.credentials()
-            copy_into_luks(
-                backend.executor, source, None, created.location, key, size,
-                source_credentials=credentials, target_credentials=credentials,
-                chunk=self.chunk, copied=lambda done: self._progress(op.id, done),
-            )  # fmt: skip
-            # The plaintext is destroyed after this: read both back and compare first.
-            compare_with_luks(backend.executor, source, created.location, key, size, credentials)
+            during = " during the copy (the copy is undone)"
+            try:
+                copy_into_luks(
+                    backend.executor, source, None, created.location, key, size,
+                    source_credentials=credentials, target_credentials=credentials,
+                    chunk=self.chunk, copied=lambda done: self._progress(op.id, done),
+                )  # fmt: skip
+                # The plaintext is destroyed after this: read both back and compare first.
+                compare_with_luks(
+                    backend.executor, source, created.location, key, size, credentials
+                )
+            except ToolError:
+                # QEMU's image locking fails the copy of a file a QEMU writes: say who.
+                _refuse_in_use(backend, source, during)
+                raise
             del key
+            # A writer that came during the copy wrote past what was copied: undone.
+            _refuse_in_use(backend, source, during)
             fingerprint = _fingerprint(created)
             with s.db.write_session() as session:
                 session.execute(
@@ -441,14 +459,34 @@ class VolumeCopies:
         done = 0
         for op_id, kind, phase in ops:
             try:
+                who = self._source_in_use(op_id) if phase == SWAPPING else None
                 if phase == COPYING:
                     self._undo(op_id, f"{kind} interrupted by a crash", None)
+                elif who is not None:  # a writer came while the server was down
+                    self._undo(op_id, f"{kind} interrupted by a crash; source in use: {who}", None)
                 else:
                     self._finish_encrypt(op_id)
                 done += 1
             except TrustplaneError as exc:
                 logger.error("volume operation %s (%s): settling it failed: %s", op_id, kind, exc)
         return done
+
+    def _source_in_use(self, op_id: str) -> str | None:
+        """Who uses the plaintext of an encryption a crash left in `swapping`, while its
+        swap has not begun (so undoing it leaves the plaintext whole); None otherwise,
+        and it is finished forward as before."""
+        s = self.storage
+        with s.db.session() as session:
+            op = session.get(VolumeOperation, op_id)
+            row = session.get(Volume, op.volume_id) if op is not None else None
+            if op is None or row is None:
+                return None
+            source_info, backend_name = dict(op.source or {}), row.backend
+        backend = s.backend(backend_name)
+        source, doomed = str(source_info["source_name"]), str(source_info["doomed_name"])
+        if not backend.exists(source) or (doomed != source and backend.exists(doomed)):
+            return None  # the swap began: only forward is safe
+        return backend.in_use(backend.location(source))
 
     def _undo(
         self, op_id: str, reason: str, cause: BaseException | None, *, storage: bool = True
@@ -579,6 +617,17 @@ def _require_qemu(spec: VolumeTypeSpec, what: str) -> None:
         raise UnsupportedError(
             f"{what}: clone and encrypt in place copy through QEMU's LUKS1 driver; "
             f"{spec.engine} volumes are not done"
+        )
+
+
+def _refuse_in_use(backend: Backend, source: AnyLocation, when: str) -> None:
+    """ConflictError when something uses the plaintext: its writes would be lost when the
+    plaintext is destroyed (asked before the copy and again right before the swap)."""
+    who = backend.in_use(source)
+    if who is not None:
+        raise ConflictError(
+            f"{source.describe()} is in use{when}: {who}; stop it and encrypt again "
+            "(the plaintext is left as it is)"
         )
 
 

@@ -6,7 +6,9 @@ need to reach it). It knows nothing about encryption; an encryptor formats
 what a backend created (`trustplane.volumes.encryptors`).
 
 `grow` makes the raw storage larger for an extend (the encryptor checks
-what the LUKS layer then reads: `Encryptor.extend`).
+what the LUKS layer then reads: `Encryptor.extend`). `in_use` says who uses
+storage right now (a process, a VM, an initiator, a Ceph client), asked before
+storage the service did not make is adopted and destroyed (encrypt in place).
 
 Some storage is made by QEMU itself while it writes the LUKS header
 (`qemu-img create -f luks` onto `rbd:pool/image` creates the image;
@@ -83,6 +85,14 @@ class Backend(ABC):
         Storage of `size` bytes or more is left as it is (a retry after a crash,
         or an allocation rounded up); nothing ever shrinks. Default: not done."""
         raise UnsupportedError(f"growing {self.kind} volumes is not done")
+
+    def in_use(self, location: AnyLocation) -> str | None:
+        """Who uses the storage right now, in a few words (None: nobody seen).
+
+        A look, not a lock: what starts using it afterwards is not seen, so callers
+        look again right before an irreversible step. Default: not known, which is
+        refused rather than taken for unused."""
+        raise UnsupportedError(f"telling whether {self.kind} storage is in use is not done")
 
     def locate(self, name: str) -> AnyLocation:
         """Where volume `name` is; NotFoundError when there is no such storage."""

@@ -20,6 +20,7 @@ from trustplane.errors import UsageError, from_os_error
 from trustplane.tools import Executor
 from trustplane.tools.command import Arg
 from trustplane.volumes.backends.base import Backend
+from trustplane.volumes.backends.holders import file_holders
 
 SUFFIX = ".img"
 
@@ -86,6 +87,11 @@ class FileBackend(Backend):
             raise _os_error(exc, path) from None
         finally:
             os.close(fd)
+
+    def in_use(self, location: AnyLocation) -> str | None:
+        """Processes here holding the file open or mapped, a loop device on it, or
+        QEMU's image lock from any host sharing the directory (`holders`)."""
+        return file_holders(Path(_file(location).path))
 
     def qemu_format_target(self, location: AnyLocation) -> Arg:
         return _file(location).path

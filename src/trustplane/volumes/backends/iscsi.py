@@ -156,7 +156,7 @@ class IscsiBackend(Backend):
             if tid is None:
                 raise NotFoundError(f"iSCSI target {lun.iqn} does not exist")
             section = _section(self._tgtadm("--mode", "target", "--op", "show"), tid)
-            if _NEXUS_LINE.search(section):
+            if _logged_in(section):
                 raise UsageError(
                     f"an initiator is logged in to {lun.iqn}; tgtd cannot grow a LUN in use "
                     "(detach the volume first)"
@@ -181,6 +181,22 @@ class IscsiBackend(Backend):
                 "--lun", str(LUN), "--backing-store", os.fspath(backing),
             )  # fmt: skip
 
+    def in_use(self, location: AnyLocation) -> str | None:
+        """The initiators logged in to the target (its I_T nexuses, as `grow` refuses
+        them): a VM's QEMU, a kernel initiator, anything that reads or writes the LUN.
+
+        The backing file is not looked at: tgtd holds it open for every LUN, and it
+        lives in the backend's private directory."""
+        lun = _lun(location)
+        with self._lock:
+            tid = self._targets().get(lun.iqn)
+            if tid is None:
+                return None
+            nexuses = _logged_in(_section(self._tgtadm("--mode", "target", "--op", "show"), tid))
+        if not nexuses:
+            return None
+        return f"initiator {', '.join(nexuses[:3])} logged in to {lun.iqn}"
+
     def qemu_format_target(self, location: AnyLocation) -> Arg:
         return _lun(location).url
 
@@ -193,6 +209,17 @@ def _section(shown: str, tid: int) -> str:
             end = starts[i + 1][1] if i + 1 < len(starts) else len(shown)
             return shown[start:end]
     raise NotFoundError(f"tgtd shows no target {tid}")
+
+
+def _logged_in(section: str) -> list[str]:
+    """The initiators of a target's I_T nexuses (`INITIATOR-NAME at IP`), from its section
+    of `tgtadm --op show`; one entry per nexus even where a line is missing."""
+    found = []
+    for nexus in _NEXUS_LINE.split(section)[1:]:
+        name = re.search(r"^\s+Initiator: (\S+)", nexus, re.MULTILINE)
+        address = re.search(r"^\s+IP Address: (\S+)", nexus, re.MULTILINE)
+        found.append(f"{name.group(1) if name else '?'} at {address.group(1) if address else '?'}")
+    return found
 
 
 def _lun(location: AnyLocation) -> IscsiLocation:

@@ -114,6 +114,19 @@ class RbdBackend(Backend):
         if self.size(image) < size:
             self.rbd("resize", "--no-progress", image.spec, "--size", f"{size}B")
 
+    def in_use(self, location: AnyLocation) -> str | None:
+        """The image's watchers (`rbd status`): every client that has it open (QEMU's
+        librbd, `rbd map`, `rbd watch`) watches its header object until it closes it."""
+        status = json.loads(self.rbd("status", _image(location).spec, "--format", "json"))
+        watchers = status.get("watchers") or []
+        if not watchers:
+            return None
+        who = ", ".join(
+            f"client.{w.get('client', '?')} at {w.get('address', '?')}" for w in watchers[:3]
+        )
+        more = f" and {len(watchers) - 3} more" if len(watchers) > 3 else ""
+        return f"watched by {who}{more}"
+
     def qemu_create_target(self, location: AnyLocation) -> Arg:
         """`rbd:POOL/IMAGE:id=…:mon_host=…:keyfile=F` (librados reads the key from F)."""
         image = _image(location)
