@@ -179,6 +179,14 @@ class ResourceMonitor:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def looked_up(self) -> None:
+        """Wait until the lookups of the containers `watch()` was given so far are done.
+
+        For tests: a lookup is an inspect on dockerd, which under load can take
+        longer than any fixed wait.
+        """
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
     async def _add(self, name: str, started: float) -> None:
         try:
             container = await self.docker.inspect("containers", name)
