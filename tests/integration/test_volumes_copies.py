@@ -31,7 +31,7 @@ from conftest import start_control_plane_or_fail
 from control_helpers import Cli, assert_fails, entries_since
 from durability_helpers import write_server_config
 from missing import component_missing
-from volume_helpers import iscsi_backend, rbd_backend
+from volume_helpers import config_entry, iscsi_backend, iscsi_settings, rbd_backend, rbd_settings
 
 from trustplane.api.volume_location import AnyLocation
 from trustplane.api.volume_spec import BackendKind, ControlLocation, EncryptionSpec, Provider
@@ -39,7 +39,7 @@ from trustplane.api.volumes import EncryptRequest, NewVolumeType
 from trustplane.client import ControlClient
 from trustplane.control.identity import Principal
 from trustplane.control.service import ControlPlane, build
-from trustplane.control.settings import ServerSettings, VolumeBackendSettings
+from trustplane.control.settings import ServerSettings
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tgtd import RunningTgtd, start_tgtd
@@ -90,27 +90,12 @@ def site(
 ) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("volcopies")
     volumes_dir, luns_dir = work / "volumes", work / "luns"
-    ceph_key_file = work / "ceph.key"
-    ceph_key_file.touch(mode=0o600)
-    ceph_key_file.write_text(ceph.client.key + "\n")
-    client = ceph.client
     write_server_config(
         work / "data",
         volume_backends={
             "files": {"kind": "file", "directory": str(volumes_dir)},
-            "san": {
-                "kind": "iscsi",
-                "directory": str(luns_dir),
-                "portal": f"127.0.0.1:{private_tgtd.port}",
-                "control_port": private_tgtd.control_port,
-            },
-            "ceph": {
-                "kind": "rbd",
-                "pool": ceph.pool,
-                "user": client.user,
-                "monitors": [f"{client.mon_host}:{client.mon_port}"],
-                "key_file": str(ceph_key_file),
-            },
+            "san": config_entry(iscsi_settings(private_tgtd, luns_dir)),
+            "ceph": config_entry(rbd_settings(ceph, work)),
         },
     )
     plane = start_control_plane_or_fail(work, data_dir=work / "data")
@@ -283,6 +268,36 @@ def _write_plaintext(path: Path, marker: bytes, size: int) -> None:
         handle.write(marker * 64)
         handle.seek(size - 4096)
         handle.write(marker.ljust(4096, b"."))
+
+
+def _assert_plaintext_kept(filename: str, marker: bytes) -> None:
+    """The plaintext (as QEMU opens it) still holds the writer's write and its end marker."""
+    kept = EXECUTOR.run(
+        ["qemu-io", "-r", "-f", "raw", filename,
+         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
+    ).text  # fmt: skip
+    assert "Pattern verification failed" not in kept
+    assert marker[:8].hex(" ") in kept
+
+
+def _plaintext_storage(site: Site, backend: Backend, source: str, marker: bytes) -> str:
+    """Plaintext storage named `source` on `backend` (a file, an RBD image or a LUN), 16 MiB
+    with `marker` at both ends; returns the filename QEMU opens it by."""
+    if isinstance(backend, IscsiBackend):
+        lun = backend.create(source, 16 * MIB)
+        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
+        return backend.location(source).url
+    if backend.kind is BackendKind.RBD:
+        plain = site.work / f"{source}.raw"
+        _write_plaintext(plain, marker, 16 * MIB)
+        site.ceph.run_as_client(
+            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
+        )
+        plain.unlink()
+        return site.ceph.qemu_rbd_uri(source)
+    path = site.volumes_dir / f"{source}.img"
+    _write_plaintext(path, marker, 16 * MIB)
+    return str(path)
 
 
 def _pool_holds(ceph: RunningCeph, needle: bytes) -> list[str]:
@@ -541,22 +556,7 @@ def test_encrypt_in_place_refuses_a_plaintext_a_vm_writes(
     name = f"sealed-{secrets.token_hex(3)}" if volume_type == "san" else source
     marker = _plaintext_marker()
     backend = site.backends[volume_type]
-    if volume_type == "files":
-        _write_plaintext(site.volumes_dir / f"{source}.img", marker, 16 * MIB)
-        filename = str(site.volumes_dir / f"{source}.img")
-    elif volume_type == "rbd":
-        plain = site.work / f"{source}.raw"
-        _write_plaintext(plain, marker, 16 * MIB)
-        site.ceph.run_as_client(
-            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
-        )
-        plain.unlink()
-        filename = site.ceph.qemu_rbd_uri(source)
-    else:
-        assert isinstance(backend, IscsiBackend)
-        lun = backend.create(source, 16 * MIB)
-        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
-        filename = backend.location(source).url
+    filename = _plaintext_storage(site, backend, source, marker)
     encrypt = ("volume", "encrypt", name, "--source", source, "--type", volume_type)
     with site.plane.admin() as admin:
         start = admin.health().log_size
@@ -565,12 +565,7 @@ def test_encrypt_in_place_refuses_a_plaintext_a_vm_writes(
     assert_fails(refused, ExitCode.USAGE, "is in use: ")
     assert re.search(who, refused.stderr), refused.stderr
     assert _storage(site, volume_type, (source, name)) == [source]
-    kept = EXECUTOR.run(
-        ["qemu-io", "-r", "-f", "raw", filename,
-         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
-    ).text  # fmt: skip
-    assert "Pattern verification failed" not in kept
-    assert marker[:8].hex(" ") in kept
+    _assert_plaintext_kept(filename, marker)
     with site.plane.admin() as admin:
         assert name not in [v.name for v in admin.volumes()]
         kinds = [e["kind"] for e in entries_since(admin, start)]
@@ -595,20 +590,10 @@ def hooked_plane(
 ) -> Iterator[ControlPlane]:
     """The service in this process (so a test can hook the copy) on the same tgtd and Ceph."""
     work = tmp_path_factory.mktemp("copies-hooked")
-    key_file = work / "ceph.key"
-    key_file.touch(mode=0o600)
-    key_file.write_text(ceph.client.key + "\n")
-    client = ceph.client
     backends = {
-        "san": VolumeBackendSettings(
-            kind=BackendKind.ISCSI, directory=work / "luns",
-            portal=f"127.0.0.1:{private_tgtd.port}", control_port=private_tgtd.control_port,
-        ),
-        "ceph": VolumeBackendSettings(
-            kind=BackendKind.RBD, pool=ceph.pool, user=client.user,
-            monitors=[f"{client.mon_host}:{client.mon_port}"], key_file=key_file,
-        ),
-    }  # fmt: skip
+        "san": iscsi_settings(private_tgtd, work / "luns"),
+        "ceph": rbd_settings(ceph, work),
+    }
     plane = build(ServerSettings(data_dir=work / "data", volume_backends=backends), announce=False)
     front_end = EncryptionSpec(provider=Provider.LUKS, control_location=ControlLocation.FRONT_END)
     plane.volumes.create_type(ADMIN, NewVolumeType(name="san", backend="san"))
@@ -631,19 +616,7 @@ def test_a_vm_that_starts_writing_during_the_copy_aborts_it(
     name = f"sealed-{secrets.token_hex(3)}" if volume_type == "san" else source
     backend = plane.volumes.backend("san" if volume_type == "san" else "ceph")
     marker = _plaintext_marker()
-    if volume_type == "rbd":
-        plain = site.work / f"{source}.raw"
-        _write_plaintext(plain, marker, 16 * MIB)
-        site.ceph.run_as_client(
-            "rbd", "import", "--no-progress", str(plain), f"{site.ceph.pool}/{source}"
-        )
-        plain.unlink()
-        filename = site.ceph.qemu_rbd_uri(source)
-    else:
-        assert isinstance(backend, IscsiBackend)
-        lun = backend.create(source, 16 * MIB)
-        _write_plaintext(backend.backing_file(lun), marker, 16 * MIB)
-        filename = backend.location(source).url
+    filename = _plaintext_storage(site, backend, source, marker)
     start, _ = plane.log.head()
     with contextlib.ExitStack() as stack:
         plane.volumes.copies.after_target = lambda _: stack.enter_context(_qemu_writer(filename))
@@ -659,12 +632,7 @@ def test_a_vm_that_starts_writing_during_the_copy_aborts_it(
     assert backend.exists(source)
     found = [n for n in _names_on(backend) if n.startswith((source, name))]
     assert found == [source]
-    kept = EXECUTOR.run(
-        ["qemu-io", "-r", "-f", "raw", filename,
-         "-c", f"read -P 0x77 {WRITTEN} 4k", "-c", f"read -v {16 * MIB - 4096} 16"]
-    ).text  # fmt: skip
-    assert "Pattern verification failed" not in kept
-    assert marker[:8].hex(" ") in kept
+    _assert_plaintext_kept(filename, marker)
     assert name not in [v.name for v in plane.volumes.volumes(ADMIN)]
     size, _ = plane.log.head()
     kinds = [json.loads(plane.log.entry(i))["kind"] for i in range(start, size)]

@@ -32,9 +32,8 @@ from conftest import start_control_plane_or_fail
 from control_helpers import wait_for_entry
 from durability_helpers import write_server_config
 from kill_helpers import freeze, live_children, thaw
-from volume_helpers import iscsi_backend, rbd_backend
+from volume_helpers import iscsi_backend, iscsi_settings, rbd_backend, rbd_settings
 
-from trustplane.api.volume_spec import BackendKind
 from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.client import ControlClient
 from trustplane.control.identity import Principal
@@ -207,24 +206,9 @@ def _backend_settings(
     if kind == "iscsi":
         tgtd: RunningTgtd = request.getfixturevalue("tgtd")
         luns = tmp_path / "luns"
-        settings = VolumeBackendSettings(
-            kind=BackendKind.ISCSI,
-            directory=luns,
-            portal=f"127.0.0.1:{tgtd.port}",
-            control_port=tgtd.control_port,
-        )
-        return settings, iscsi_backend(tgtd, luns).exists
+        return iscsi_settings(tgtd, luns), iscsi_backend(tgtd, luns).exists
     ceph: RunningCeph = request.getfixturevalue("ceph")
-    key_file = tmp_path / "ceph.key"
-    key_file.touch(mode=0o600)
-    key_file.write_text(ceph.client.key + "\n")
-    settings = VolumeBackendSettings(
-        kind=BackendKind.RBD,
-        pool=ceph.pool,
-        user=ceph.client.user,
-        monitors=[f"{ceph.client.mon_host}:{ceph.client.mon_port}"],
-        key_file=key_file,
-    )
+    settings = rbd_settings(ceph, tmp_path)
     return settings, rbd_backend(ceph).exists
 
 

@@ -36,14 +36,15 @@ from conftest import start_control_plane_or_fail
 from control_helpers import Cli, assert_fails, wait_for_entry
 from durability_helpers import write_server_config
 from kill_helpers import freeze, thaw
+from volume_helpers import iscsi_settings, rbd_settings
 
 from trustplane.api.volume_location import AnyLocation, FileLocation
-from trustplane.api.volume_spec import BackendKind, EncryptionSpec, Engine
+from trustplane.api.volume_spec import EncryptionSpec, Engine
 from trustplane.api.volumes import NewVolume, NewVolumeType
 from trustplane.client import ControlClient
 from trustplane.control.identity import Principal
 from trustplane.control.service import ControlPlane, build
-from trustplane.control.settings import ServerSettings, VolumeBackendSettings
+from trustplane.control.settings import ServerSettings
 from trustplane.embedded.ceph import RunningCeph
 from trustplane.embedded.control_plane import RunningControlPlane, start_control_plane
 from trustplane.embedded.tgtd import RunningTgtd
@@ -302,20 +303,7 @@ def remote_plane(
     tmp_path_factory: pytest.TempPathFactory, tgtd: RunningTgtd, ceph: RunningCeph
 ) -> Iterator[ControlPlane]:
     work = tmp_path_factory.mktemp("reencrypt-remote")
-    key_file = work / "ceph.key"
-    key_file.touch(mode=0o600)
-    key_file.write_text(ceph.client.key + "\n")
-    client = ceph.client
-    backends = {
-        "san": VolumeBackendSettings(
-            kind=BackendKind.ISCSI, directory=work / "luns", portal=f"127.0.0.1:{tgtd.port}",
-            control_port=tgtd.control_port,
-        ),
-        "ceph": VolumeBackendSettings(
-            kind=BackendKind.RBD, pool=ceph.pool, user=client.user,
-            monitors=[f"{client.mon_host}:{client.mon_port}"], key_file=key_file,
-        ),
-    }  # fmt: skip
+    backends = {"san": iscsi_settings(tgtd, work / "luns"), "ceph": rbd_settings(ceph, work)}
     plane = build(ServerSettings(data_dir=work / "data", volume_backends=backends), announce=False)
     for name, encryption in KINDS.items():
         spec = None if encryption is None else EncryptionSpec.model_validate(encryption)

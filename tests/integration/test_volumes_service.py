@@ -30,7 +30,15 @@ from conftest import start_control_plane_or_fail
 from control_helpers import Cli, add_policy_rule, assert_fails, entries_since
 from durability_helpers import write_server_config
 from missing import component_missing
-from volume_helpers import files_holding, iscsi_backend, raw_holds, rbd_backend
+from volume_helpers import (
+    config_entry,
+    files_holding,
+    iscsi_backend,
+    iscsi_settings,
+    raw_holds,
+    rbd_backend,
+    rbd_settings,
+)
 
 from trustplane.atomic import atomic_write
 from trustplane.client import ControlClient
@@ -95,27 +103,15 @@ def site(
 ) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("volsvc")
     volumes_dir, luns = work / "volumes", work / "luns"
-    ceph_key_file = work / "ceph.key"
-    ceph_key_file.touch(mode=0o600)
-    ceph_key_file.write_text(ceph.client.key + "\n")
-    client = ceph.client
+    rbd = rbd_settings(ceph, work)
+    assert rbd.key_file is not None
+    ceph_key_file = rbd.key_file
     write_server_config(
         work / "data",
         volume_backends={
             "files": {"kind": "file", "directory": str(volumes_dir)},
-            "san": {
-                "kind": "iscsi",
-                "directory": str(luns),
-                "portal": f"127.0.0.1:{private_tgtd.port}",
-                "control_port": private_tgtd.control_port,
-            },
-            "ceph": {
-                "kind": "rbd",
-                "pool": ceph.pool,
-                "user": client.user,
-                "monitors": [f"{client.mon_host}:{client.mon_port}"],
-                "key_file": str(ceph_key_file),
-            },
+            "san": config_entry(iscsi_settings(private_tgtd, luns)),
+            "ceph": config_entry(rbd),
         },
     )
     plane = start_control_plane_or_fail(work, data_dir=work / "data")
