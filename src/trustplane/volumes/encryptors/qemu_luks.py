@@ -9,7 +9,8 @@ creates the image itself). The same volume opens in a VM through libvirt's
 
 Create options: `cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,
 hash-alg=sha512` (cryptsetup's and Cinder's default cipher spelled out, so
-a changed QEMU default cannot change new volumes) and a 10 ms PBKDF
+a changed QEMU default cannot change new volumes; the hash is not their
+SHA-256, for the reason below) and a 10 ms PBKDF
 (`iter-time`), paid at every open. qemu-img calibrates its PBKDF on thread
 CPU time, which this kernel counts in 4 ms ticks, starting with 2^15
 iterations; it fails with `Unable to get accurate CPU usage` when that first
